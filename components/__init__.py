@@ -1,0 +1,1 @@
+"""visiontune building blocks: data, augmentation, models, training, tuning, evaluation, registry."""

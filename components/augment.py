@@ -1,0 +1,97 @@
+"""albumentations pipelines from config: random augmentation for training, deterministic
+resize + normalise for evaluation (images arrive already resized by `load_image`)."""
+
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import torch
+
+# The transforms a config may name; each maps to the albumentations class of the same name.
+AUGMENTATIONS = {
+    "RandomResizedCrop": A.RandomResizedCrop,
+    "HorizontalFlip": A.HorizontalFlip,
+    "VerticalFlip": A.VerticalFlip,
+    "Affine": A.Affine,
+    "Rotate": A.Rotate,
+    "ColorJitter": A.ColorJitter,
+    "GaussianBlur": A.GaussianBlur,
+    "CoarseDropout": A.CoarseDropout,
+}
+
+
+class _ToTensor(A.ImageOnlyTransform):
+    """HWC float -> CHW torch tensor (albumentations.pytorch.ToTensorV2 minus the import cost)."""
+
+    def __init__(self):
+        super().__init__(p=1.0)
+
+    def apply(self, img, **params):
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+def _broadcast(values: list[float], channels: int) -> list[float]:
+    return list(values) * channels if len(values) == 1 else list(values)
+
+
+def _normalize(mean, std, channels):
+    return A.Normalize(mean=_broadcast(mean, channels), std=_broadcast(std, channels),
+                       max_pixel_value=255.0)
+
+
+def build_augmentation(spec: dict, image_size: int) -> A.BasicTransform:
+    """One transform from {name: ..., <its parameters>}; unknown names list the valid ones."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; valid: {', '.join(AUGMENTATIONS)}")
+    if name == "RandomResizedCrop":
+        spec.setdefault("size", (image_size, image_size))
+    try:
+        return AUGMENTATIONS[name](**spec)
+    except TypeError as e:
+        raise ValueError(f"bad parameters for augmentation {name}: {e}") from None
+
+
+def build_train_transform(specs: list[dict], image_size: int, channels: int,
+                          mean: list[float], std: list[float]) -> A.Compose:
+    steps = [build_augmentation(s, image_size) for s in specs]
+    return A.Compose([*steps, _normalize(mean, std, channels), _ToTensor()])
+
+
+def build_eval_transform(channels: int, mean: list[float], std: list[float]) -> A.Compose:
+    return A.Compose([_normalize(mean, std, channels), _ToTensor()])
+
+
+def normalize_batch(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW, the eval transform for a whole batch (used at inference)."""
+    c = images.shape[-1]
+    m = np.asarray(_broadcast(mean, c), np.float32)
+    s = np.asarray(_broadcast(std, c), np.float32)
+    x = (images.astype(np.float32) / 255.0 - m) / s
+    return x.transpose(0, 3, 1, 2).copy()
+
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def eval_preprocessing(data_cfg, model_cfg) -> dict:
+    """The eval-time preprocessing as plain data: logged with the model so anyone can
+    reproduce it with PIL and numpy. Pretrained backbones get the statistics they were
+    trained with (ImageNet's); everything else the configured data.mean/std."""
+    c = data_cfg.channels
+    if model_cfg.pretrained:
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ([0.449], [0.226])
+    else:
+        mean, std = _broadcast(data_cfg.mean, c), _broadcast(data_cfg.std, c)
+    return {
+        "image_size": data_cfg.image_size,
+        "channels": c,
+        "color_mode": "L" if c == 1 else "RGB",
+        "resize": "bilinear, to image_size x image_size (aspect ratio not kept)",
+        "scale": "pixel / 255",
+        "mean": list(mean),
+        "std": list(std),
+        "layout": "NCHW float32",
+    }

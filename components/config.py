@@ -1,0 +1,290 @@
+"""The typed configuration: one dataclass per section, validated before anything starts.
+
+Components take the section they need (a `ModelConfig`, a `TrainConfig`); only the CLI sees the
+whole `Config`. Validation turns a nested dict (YAML + overrides) into these objects and fails
+with one line naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from components.models.cnn import ACTIVATIONS, POOLINGS
+from components.models.initializers import INITIALIZER_NAMES
+from components.training.optim import OPTIMIZER_NAMES, SCHEDULER_NAMES
+
+
+class ConfigError(ValueError):
+    """A bad key or value in the configuration (the CLI exits with code 2)."""
+
+
+def _choices(*values, doc: str = "") -> dict:
+    return {"choices": values, "doc": doc}
+
+
+def _check(fn, rule: str, doc: str = "") -> dict:
+    return {"check": fn, "rule": rule, "doc": doc}
+
+
+def _positive(doc=""):
+    return _check(lambda v: v > 0, "must be > 0", doc)
+
+
+def _fraction(doc=""):
+    return _check(lambda v: 0 <= v < 1, "must be in [0, 1)", doc)
+
+
+def _model_names() -> tuple[str, ...]:
+    # Imported lazily: listing torchvision's registry imports every model module.
+    from components.models.transfer import backbone_names
+
+    return ("cnn", *backbone_names())
+
+
+@dataclass
+class DataConfig:
+    path: str | None = field(default=None, metadata={
+        "doc": "image folder root/<class>/<files>; empty = built-in digits dataset"})
+    image_size: int = field(default=32, metadata=_positive("images are resized to this square"))
+    channels: int = field(default=3, metadata=_choices(1, 3, doc="1 = grey, 3 = RGB"))
+    on_bad_image: str = field(default="skip", metadata=_choices(
+        "skip", "fail", doc="what to do with unreadable/corrupt images"))
+    val_fraction: float = field(default=0.15, metadata=_fraction())
+    test_fraction: float = field(default=0.15, metadata=_fraction())
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5], metadata={
+        "doc": "normalisation mean per channel (ImageNet's when model.pretrained)"})
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5], metadata={"doc": "per channel"})
+    cache_dir: str | None = field(default=None, metadata={
+        "doc": "where the built-in dataset is written; default ~/.cache/visiontune"})
+    loader_workers: int = field(default=0, metadata=_check(
+        lambda v: v >= 0, "must be >= 0", "DataLoader worker processes per training worker"))
+
+
+@dataclass
+class AugmentConfig:
+    train: list[dict] = field(default_factory=list, metadata={
+        "doc": "albumentations transforms for the train split: [{name: Affine, rotate: 10}, ...]"})
+
+
+@dataclass
+class CnnConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64], metadata={
+        "doc": "output channels of each conv block"})
+    kernel_size: int = field(default=3, metadata=_positive())
+    batch_norm: bool = True
+    pooling: str = field(default="max", metadata=_choices(*POOLINGS))
+    block_dropout: float = field(default=0.0, metadata=_fraction("Dropout2d after each block"))
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="cnn", metadata={
+        "choices": _model_names, "doc": "cnn, or a torchvision backbone (resnet18, ...)"})
+    dropout: float = field(default=0.2, metadata=_fraction("before the classifier"))
+    initializer: str = field(default="kaiming_normal", metadata=_choices(*INITIALIZER_NAMES))
+    activation: str = field(default="relu", metadata=_choices(*ACTIVATIONS, doc="CNN only"))
+    pretrained: bool = field(default=False, metadata={
+        "doc": "ImageNet weights from weights_path or the torch hub cache (never downloaded)"})
+    weights_path: str | None = None
+    freeze: str = field(default="none", metadata=_choices("none", "backbone"))
+    cnn: CnnConfig = field(default_factory=CnnConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=5, metadata=_positive())
+    batch_size: int = field(default=32, metadata=_positive("per worker"))
+    optimizer: str = field(default="adam", metadata=_choices(*OPTIMIZER_NAMES))
+    lr: float = field(default=1e-3, metadata=_positive())
+    momentum: float = field(default=0.9, metadata=_fraction("SGD family"))
+    weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    scheduler: str = field(default="none", metadata=_choices(*SCHEDULER_NAMES))
+    patience: int = field(default=3, metadata=_check(
+        lambda v: v >= 0, "must be >= 0", "early stopping: epochs without val_f1 gain; 0 = off"))
+    num_workers: int = field(default=2, metadata=_positive("DDP workers per trial"))
+    use_gpu: bool = field(default=False, metadata={"doc": "NCCL + one GPU per worker"})
+    cpus_per_worker: float = field(default=1.0, metadata=_positive())
+    amp: bool = field(default=True, metadata={"doc": "mixed precision (GPU only)"})
+    max_failures: int = field(default=1, metadata=_check(
+        lambda v: v >= -1, "must be >= -1", "worker-group restarts from the last checkpoint"))
+
+
+@dataclass
+class SearchConfig:
+    mode: str = field(default="grid+random", metadata=_choices("grid", "random", "grid+random"))
+    num_samples: int = field(default=1, metadata=_positive(
+        "random draws (per grid point in grid+random)"))
+    metric: str = field(default="val_f1", metadata=_choices("val_f1", doc="selection metric"))
+    max_concurrent_trials: int | None = field(default=None, metadata={
+        "doc": "cap on parallel trials; default: as many as the cluster fits"})
+    space: dict = field(default_factory=dict, metadata={
+        "doc": "dotted config key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | "
+               "{loguniform: [lo, hi]} | {randint: [lo, hi]}"})
+
+
+@dataclass
+class EvaluationConfig:
+    average: str = field(default="auto", metadata=_choices(
+        "auto", "binary", "macro", "weighted", doc="F1 averaging; auto = binary for 2 classes"))
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = field(default=None, metadata={
+        "doc": "MLflow tracking URI; default sqlite:///<cwd>/mlflow.db"})
+    experiment_name: str = "visiontune"
+    artifact_location: str | None = field(default=None, metadata={
+        "doc": "artifact root for a new experiment; default <cwd>/mlruns"})
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "visiontune-classifier"
+
+
+@dataclass
+class RayConfig:
+    address: str | None = field(default=None, metadata={
+        "doc": "existing cluster (auto, ray://...); default: start a local Ray"})
+    num_cpus: int | None = field(default=None, metadata={"doc": "local Ray only"})
+    storage_path: str | None = field(default=None, metadata={
+        "doc": "Tune/Train checkpoints; default <cwd>/ray_results (shared storage on a cluster)"})
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[1,2]")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def from_dict(cls: type, data: dict | None, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, checking keys, types, choices and ranges."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys: "
+                          f"{', '.join(prefix + n for n in fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        value = _coerce(data[name], hints[name], key)
+        meta = f.metadata
+        choices = meta.get("choices")
+        if choices is not None and value is not None:
+            valid = choices() if callable(choices) else choices
+            if value not in valid:
+                shown = ", ".join(map(str, valid[:30])) + (", ..." if len(valid) > 30 else "")
+                raise ConfigError(f"{key}={value!r} is not valid; choose one of: {shown}")
+        if "check" in meta and value is not None and not meta["check"](value):
+            raise ConfigError(f"{key}={value!r} {meta['rule']}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def validate_config(cfg: Config) -> Config:
+    """Cross-field rules that one key's metadata cannot express."""
+    d = cfg.data
+    if d.val_fraction + d.test_fraction >= 0.9:
+        raise ConfigError("data.val_fraction + data.test_fraction must leave >= 10% for training")
+    if d.val_fraction <= 0 or d.test_fraction <= 0:
+        raise ConfigError("data.val_fraction and data.test_fraction must be > 0")
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        if len(values) not in (1, d.channels):
+            raise ConfigError(f"data.{key} needs 1 or data.channels={d.channels} values, "
+                              f"got {len(values)}")
+    from components.augment import build_augmentation
+
+    for spec in cfg.augment.train:
+        try:
+            build_augmentation(spec, d.image_size)
+        except ValueError as e:
+            raise ConfigError(f"augment.train: {e}") from None
+    if cfg.model.pretrained and cfg.model.name == "cnn":
+        raise ConfigError("model.pretrained=true needs a torchvision backbone, not model.name=cnn")
+    return cfg
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf key: what `visiontune run --help` prints."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += field_docs(tp, key + ".")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        choices = f.metadata.get("choices")
+        text = f.metadata.get("doc", "")
+        if choices is not None and not callable(choices):
+            text = (text + "; " if text else "") + "one of " + "|".join(map(str, choices))
+        rows.append((key, "" if key == "search.space" else repr(default), text))
+    return rows

@@ -1,0 +1,40 @@
+"""Index an image folder laid out as root/<class>/<files> (Kaggle Cats vs Dogs layout)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    root: str
+    paths: list[str]       # absolute paths
+    labels: list[int]      # index into classes
+    classes: list[str]     # sorted class-folder names
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def index_image_folder(root: str | Path) -> ImageIndex:
+    """Every image under root/<class>/ (sub-folders of a class included), sorted for
+    reproducibility. Hidden files and folders, files at the root and non-image files are
+    ignored; extensions match in any letter case."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path={root} is not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and _visible(f, root):
+                paths.append(str(f))
+                labels.append(label)
+    return ImageIndex(str(root), paths, labels, classes)

@@ -1,0 +1,75 @@
+"""Stratified, seeded train/val/test split; the manifest and the data fingerprint."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sklearn.model_selection import train_test_split
+
+from components.data.validate import ValidatedImages
+
+SPLITS = ("train", "val", "test")
+
+
+def min_images_per_class(val_fraction: float, test_fraction: float) -> int:
+    """Images a class needs so a stratified split can put at least one in val and in test."""
+    return max(3, math.ceil(1 / min(val_fraction, test_fraction)))
+
+
+@dataclass(frozen=True)
+class SplitManifest:
+    root: str
+    paths: list[str]
+    labels: list[int]
+    splits: list[str]       # "train" | "val" | "test", aligned with paths
+    classes: list[str]
+    fingerprint: str
+
+    def subset(self, split: str) -> tuple[list[str], list[int]]:
+        rows = [(p, y) for p, y, s in zip(self.paths, self.labels, self.splits) if s == split]
+        return [p for p, _ in rows], [y for _, y in rows]
+
+    def counts(self) -> dict[str, int]:
+        return {s: self.splits.count(s) for s in SPLITS}
+
+    def save_csv(self, path: str | Path) -> Path:
+        """Columns path,label,split with the label as the class name."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "split"])
+            for p, y, s in zip(self.paths, self.labels, self.splits):
+                w.writerow([p, self.classes[y], s])
+        return path
+
+
+def compute_fingerprint(root: str, paths, digests, labels, splits, classes) -> str:
+    """sha256 over (path relative to the root, file-bytes hash, class name, split), sorted:
+    the same images, labels and split give the same fingerprint wherever the data is mounted."""
+    h = hashlib.sha256()
+    rows = sorted((os.path.relpath(p, root), d, classes[y], s)
+                  for p, d, y, s in zip(paths, digests, labels, splits))
+    for row in rows:
+        h.update("\t".join(row).encode() + b"\n")
+    return h.hexdigest()
+
+
+def split_dataset(images: ValidatedImages, val_fraction: float, test_fraction: float,
+                  seed: int) -> SplitManifest:
+    idx = images.index
+    order = list(range(len(idx)))
+    rest, test = train_test_split(order, test_size=test_fraction, random_state=seed,
+                                  stratify=idx.labels)
+    rest_labels = [idx.labels[i] for i in rest]
+    train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
+                                  random_state=seed, stratify=rest_labels)
+    split_of = {i: "train" for i in train} | {i: "val" for i in val} | {i: "test" for i in test}
+    splits = [split_of[i] for i in order]
+    fp = compute_fingerprint(idx.root, idx.paths, images.digests, idx.labels, splits, idx.classes)
+    return SplitManifest(idx.root, list(idx.paths), list(idx.labels), splits, list(idx.classes), fp)

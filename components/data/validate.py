@@ -1,0 +1,69 @@
+"""Check that every indexed image decodes; skip (and count) or fail on bad ones."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import Counter
+from dataclasses import dataclass
+
+from PIL import Image
+
+from components.data.ingest import ImageIndex
+
+
+class DataError(ValueError):
+    """The data cannot make a valid train/val/test split (too few classes or images)."""
+
+
+@dataclass(frozen=True)
+class ValidatedImages:
+    index: ImageIndex                      # only readable images, classes unchanged
+    digests: list[str]                     # sha256 of each kept file's bytes (fingerprint)
+    skipped: list[tuple[str, str]]         # (path, reason)
+
+
+def check_image(path: str) -> tuple[str | None, str | None]:
+    """(sha256 of the bytes, None) if the file fully decodes, else (None, reason).
+
+    The file is read once: its hash feeds the data fingerprint without a second pass.
+    """
+    try:
+        data = open(path, "rb").read()
+        if not data:
+            return None, "empty file"
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decodes every byte: catches truncated files that verify() lets pass
+    except Exception as e:  # PIL raises many types for broken files
+        return None, f"{type(e).__name__}: {e}"
+    return hashlib.sha256(data).hexdigest(), None
+
+
+def validate_images(index: ImageIndex, on_bad_image: str = "skip",
+                    min_per_class: int = 3) -> ValidatedImages:
+    """`min_per_class` is how many images a class needs to appear in every split."""
+    keep_paths, keep_labels, digests, skipped = [], [], [], []
+    for path, label in zip(index.paths, index.labels):
+        digest, reason = check_image(path)
+        if reason is None:
+            keep_paths.append(path)
+            keep_labels.append(label)
+            digests.append(digest)
+            continue
+        if on_bad_image == "fail":
+            raise DataError(f"unreadable image {path} ({reason}); "
+                            "use data.on_bad_image=skip to skip such files")
+        skipped.append((path, reason))
+    counts = Counter(keep_labels)
+    present = [c for i, c in enumerate(index.classes) if counts[i] > 0]
+    if len(present) < 2:
+        raise DataError(f"need at least 2 classes with readable images under {index.root}, "
+                        f"found {len(present)} ({', '.join(present) or 'none'}); expected "
+                        "root/<class>/<images>")
+    small = [f"{index.classes[i]} ({counts[i]})" for i in range(len(index.classes))
+             if counts[i] < min_per_class]
+    if small:
+        raise DataError(f"classes too small to appear in train, val and test (need >= "
+                        f"{min_per_class} readable images each): {', '.join(small)}")
+    return ValidatedImages(
+        ImageIndex(index.root, keep_paths, keep_labels, index.classes), digests, skipped)

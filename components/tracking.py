@@ -1,0 +1,188 @@
+"""The one MLflow adapter: experiment and run tree, rank-0 epoch logging, artifacts, models.
+
+Everything goes through an explicit tracking URI and `MlflowClient`, never MLflow's global
+"active run", so the driver, Tune trials and Ray Train workers (other processes, other working
+directories) all write to the same place and the same runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+
+PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+ROLE_TAG = "visiontune.role"
+TRIAL_ID_TAG = "visiontune.trial_id"
+_MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "space":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """A tracking URI plus a lazily built client; cheap to pickle into Ray tasks."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self):
+        return {"uri": self.uri, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    # ------------------------------------------------------------------ experiments and runs
+    def ensure_experiment(self, name: str, artifact_location: str | None = None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        # Explicit: MLflow's default artifact root is ./mlruns of whichever process creates
+        # the experiment, e.g. a temporary directory under `ray job submit`.
+        location = Path(artifact_location).as_uri() if artifact_location and "://" not in \
+            artifact_location else artifact_location
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str],
+                   parent_run_id: str | None = None) -> str:
+        tags = dict(tags)
+        if parent_run_id:
+            tags[PARENT_RUN_ID_TAG] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        return run.info.run_id
+
+    def get_or_create_trial_run(self, experiment_id: str, parent_run_id: str, trial_id: str,
+                                run_name: str, params: dict[str, Any]) -> str:
+        """The child run of one Tune trial. A retried trial (same trial id) continues its run
+        instead of creating a second one."""
+        existing = self.find_trial_run(experiment_id, parent_run_id, trial_id)
+        if existing is not None:
+            self.client.update_run(existing, status="RUNNING")
+            return existing
+        run_id = self.create_run(experiment_id, run_name,
+                                 {ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id}, parent_run_id)
+        self.log_params(run_id, params)
+        return run_id
+
+    def find_trial_run(self, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_RUN_ID_TAG}` = '{parent_run_id}' and "
+                          f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+            max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def child_runs(self, experiment_id: str, parent_run_id: str):
+        return self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{PARENT_RUN_ID_TAG}` = '{parent_run_id}'",
+            max_results=10000)
+
+    def run_status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def end_run_if_running(self, run_id: str, status: str) -> bool:
+        """Close a run that its own process could not close (killed by the scheduler, crashed)."""
+        if self.run_status(run_id) == RunStatus.to_string(RunStatus.RUNNING):
+            self.end_run(run_id, status)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ logging
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None):
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None):
+        self.client.log_artifact(run_id, str(local_path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, run_id: str, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(run_id, data, artifact_file)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def download_artifact(self, run_id: str, path: str, dst: str | Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+
+    def metric_history(self, run_id: str, key: str) -> list[Metric]:
+        return self.client.get_metric_history(run_id, key)
+
+    # ------------------------------------------------------------------ models
+    def log_pytorch_model(self, run_id: str, model, input_example, metadata: dict,
+                          name: str = "model") -> str:
+        """Log `model` (torch.export'ed, MLflow's pt2 format: it loads without this
+        repository's classes) with its signature, input example and metadata; returns the
+        model URI."""
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model, name=name, input_example=input_example, metadata=metadata)
+        # start_run(run_id=...) ends the run on exit; the pipeline decides its final status.
+        self.client.update_run(run_id, status="RUNNING")
+        return info.model_uri
+
+
+class EpochLogger:
+    """Rank 0's view of a trial's child run: logs each epoch's metrics once.
+
+    After a worker-group restart, epochs already in the run's history (up to the checkpoint
+    the workers resumed from, or beyond it if they crashed after logging) are not logged again.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, key: str = "val_f1"):
+        self.tracker, self.run_id = tracker, run_id
+        history = tracker.metric_history(run_id, key)
+        self.last_logged_epoch = max((m.step for m in history), default=0)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
+        if epoch <= self.last_logged_epoch:
+            return False
+        self.tracker.log_metrics(self.run_id, metrics, step=epoch)
+        self.last_logged_epoch = epoch
+        return True
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return path
+
+
+def temp_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="visiontune-")

@@ -1,0 +1,71 @@
+"""The epoch loop: plain torch, no Ray and no MLflow, so it runs in a unit test in
+milliseconds and the Ray worker adapter stays thin."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    loss_fn: nn.Module, device: torch.device, *, scaler=None,
+                    amp: bool = False, batch_scheduler=None, grad_clip: float | None = None,
+                    l1: float = 0.0) -> tuple[float, int]:
+    """One pass over `loader`; returns (sum of per-sample losses, number of samples) so the
+    caller can average across DDP ranks exactly."""
+    model.train()
+    total, count = 0.0, 0
+    for x, y, _ in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp):
+            loss = loss_fn(model(x), y)
+            if l1 > 0:
+                loss = loss + l1 * sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        total += loss.item() * len(y)
+        count += len(y)
+    return total, count
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, *, amp: bool = False):
+    """Run `model` over `loader`; returns (indices, labels, probabilities, per-sample losses) as
+    CPU tensors. Uses cross-entropy without smoothing: val_loss must not depend on the
+    training-time label smoothing of a trial."""
+    model.eval()
+    idx, labels, probs, losses = [], [], [], []
+    for x, y, i in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        losses.append(nn.functional.cross_entropy(logits, y, reduction="none").cpu())
+        probs.append(logits.softmax(dim=1).cpu())
+        labels.append(y.cpu())
+        idx.append(i.cpu() if torch.is_tensor(i) else torch.as_tensor(i))
+    if not idx:
+        empty = torch.empty(0)
+        return empty.long(), empty.long(), empty, empty
+    return torch.cat(idx), torch.cat(labels), torch.cat(probs), torch.cat(losses)

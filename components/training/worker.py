@@ -1,0 +1,190 @@
+"""The Ray Train worker adapter: every Ray touch point of training sits here (get_context,
+prepare_model, get_checkpoint, report) around the plain loop in `components.training.loop`."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from components.augment import build_eval_transform, build_train_transform, eval_preprocessing
+from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
+from components.data.dataset import ImageDataset
+from components.models import build_model
+from components.training.loop import predict, train_one_epoch
+from components.training.metrics import classification_metrics
+from components.training.optim import build_optimizer, build_scheduler
+
+MODEL_FILE, BEST_MODEL_FILE, STATE_FILE = "model.pt", "best_model.pt", "state.json"
+
+
+@dataclass
+class TrainJob:
+    """Everything one Ray Train run needs: the config sections of one trial, the data rows,
+    and where rank 0 logs (an MLflow run the trial driver created)."""
+
+    data: DataConfig
+    augment: AugmentConfig
+    model: ModelConfig
+    train: TrainConfig
+    average: str
+    seed: int
+    train_rows: tuple[list[str], list[int]]
+    val_rows: tuple[list[str], list[int]]
+    num_classes: int
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+
+
+def _gather(obj):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def evaluate_split(model: nn.Module, loader, device, num_classes: int, average: str,
+                   amp: bool = False) -> dict[str, float]:
+    """Loss and metrics over the *whole* split: each rank predicts its own disjoint shard,
+    then all predictions are gathered so every rank computes identical numbers."""
+    idx, y, probs, losses = predict(model, loader, device, amp=amp)
+    local = (idx.tolist(), y.tolist(), probs.argmax(1).tolist() if len(idx) else [],
+             losses.tolist())
+    rows = {}
+    for part in _gather(local):
+        for i, label, pred, loss in zip(*part):
+            rows[i] = (label, pred, loss)
+    labels = [rows[i][0] for i in sorted(rows)]
+    preds = [rows[i][1] for i in sorted(rows)]
+    metrics = classification_metrics(labels, preds, num_classes, average)
+    metrics["loss"] = sum(r[2] for r in rows.values()) / max(len(rows), 1)
+    return metrics
+
+
+def _all_reduce_mean(total: float, count: int, device) -> float:
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return (t[0] / t[1].clamp(min=1)).item()
+
+
+def _state_dict(model: nn.Module) -> dict:
+    m = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    job: TrainJob = config["job"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(job.seed)  # same initial weights everywhere; DDP also broadcasts rank 0's
+    device = ray.train.torch.get_device()
+    tc = job.train
+    prep = eval_preprocessing(job.data, job.model)
+    size, channels = job.data.image_size, job.data.channels
+
+    train_ds = ImageDataset(*job.train_rows, channels, size, build_train_transform(
+        job.augment.train, size, channels, prep["mean"], prep["std"]))
+    # Validation: disjoint shards (no DistributedSampler padding, which would count some
+    # images twice), run through the unwrapped model so no DDP collective runs per batch.
+    val_full = ImageDataset(*job.val_rows, channels, size,
+                            build_eval_transform(channels, prep["mean"], prep["std"]))
+    val_ds = Subset(val_full, range(rank, len(val_full), world))
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=job.seed)
+    pin = device.type == "cuda"
+    train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler,
+                              num_workers=job.data.loader_workers, pin_memory=pin)
+    val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 256),
+                            num_workers=job.data.loader_workers, pin_memory=pin)
+
+    model = build_model(job.model, job.num_classes, channels)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(tc.optimizer, params, tc.lr, tc.weight_decay, tc.momentum)
+    scheduler, when = build_scheduler(tc.scheduler, optimizer, tc.epochs, len(train_loader))
+    model = ray.train.torch.prepare_model(model)
+    amp = tc.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    loss_fn = nn.CrossEntropyLoss()
+
+    state = {"epoch": 0, "best_val_f1": -1.0, "best_val_loss": float("inf"), "best_epoch": 0,
+             "epochs_without_gain": 0}
+    best_weights = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group continues where it stopped
+        with checkpoint.as_directory() as d:
+            saved = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+            (model.module if hasattr(model, "module") else model).load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if scheduler is not None and saved.get("scheduler"):
+                scheduler.load_state_dict(saved["scheduler"])
+            best_weights = torch.load(Path(d) / BEST_MODEL_FILE, map_location="cpu",
+                                      weights_only=True)
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+
+    logger = None
+    if rank == 0 and job.mlflow_run_id:
+        from components.tracking import EpochLogger, Tracker  # MLflow is rank 0's business
+
+        logger = EpochLogger(Tracker(job.tracking_uri), job.mlflow_run_id)
+
+    for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+        sampler.set_epoch(epoch)
+        total, count = train_one_epoch(
+            model, train_loader, optimizer, loss_fn, device, scaler=scaler, amp=amp,
+            batch_scheduler=scheduler if when == "batch" else None)
+        train_loss = _all_reduce_mean(total, count, device)
+        unwrapped = model.module if hasattr(model, "module") else model
+        val = evaluate_split(unwrapped, val_loader, device, job.num_classes, job.average, amp)
+        if when == "epoch":
+            scheduler.step()
+        elif when == "plateau":
+            scheduler.step(val["f1"])
+
+        improved = val["f1"] > state["best_val_f1"]
+        if improved:
+            state.update(best_val_f1=val["f1"], best_val_loss=val["loss"], best_epoch=epoch,
+                         epochs_without_gain=0)
+            best_weights = _state_dict(model) if rank == 0 else None
+        else:
+            state["epochs_without_gain"] += 1
+        state["epoch"] = epoch
+        stop = tc.patience > 0 and state["epochs_without_gain"] >= tc.patience
+
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+                   "val_accuracy": val["accuracy"], "val_precision": val["precision"],
+                   "val_recall": val["recall"], "val_f1": val["f1"],
+                   "lr": optimizer.param_groups[-1]["lr"],
+                   "best_val_f1": state["best_val_f1"], "best_val_loss": state["best_val_loss"],
+                   "best_epoch": state["best_epoch"], "early_stopped": int(stop)}
+        if rank == 0:
+            if logger is not None:
+                logger.log_epoch(epoch, {k: v for k, v in metrics.items()
+                                         if k not in ("epoch", "early_stopped")})
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": _state_dict(model), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler else None},
+                           Path(d) / MODEL_FILE)
+                torch.save(best_weights, Path(d) / BEST_MODEL_FILE)
+                (Path(d) / STATE_FILE).write_text(json.dumps(state))
+                (Path(d) / "preprocessing.json").write_text(json.dumps(prep))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+        if stop:
+            break
+
+
+def load_best_weights(checkpoint_dir: str | Path) -> dict:
+    return torch.load(Path(checkpoint_dir) / BEST_MODEL_FILE, map_location="cpu",
+                      weights_only=True)
+

@@ -1,0 +1,195 @@
+"""The Tune driver: a function trainable per trial that creates the trial's MLflow child run,
+builds the trial's `TorchTrainer` (the same builder a single training run uses) and fits it.
+
+Current Ray (Train V2) does not accept `Tuner(trainer)`: Tune launches Train from inside a
+function trainable, and Train's `TuneReportCallback` forwards rank 0's metrics to Tune.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from components.tracking import Tracker
+from components.training.trainer import build_trainer
+from components.training.worker import TrainJob
+from components.tuning.plan import TRIAL_SLOT, ResourcePlan
+from components.tuning.space import Axis, set_params, to_tune_space
+
+SECTIONS = ("data", "augment", "model", "train")
+
+
+@dataclass
+class TrialResult:
+    trial_id: str
+    params: dict[str, Any]
+    status: str                      # FINISHED | KILLED (stopped early) | FAILED
+    run_id: str | None               # the trial's MLflow child run
+    best_val_f1: float | None = None
+    best_val_loss: float | None = None
+    best_epoch: int | None = None
+    epochs: int = 0
+    checkpoint_path: str | None = None
+    error: str | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class TrackingTarget:
+    tracker: Tracker
+    experiment_id: str
+    parent_run_id: str
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None = None):
+    """Connect to `address`, or start a local Ray; shut down only what this process started.
+
+    A local Ray gets the custom TRAIN_DRIVER resource that trials hold instead of a CPU.
+    """
+    if ray.is_initialized():
+        yield ray.cluster_resources()
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Train V2's controller collects worker reports once per health-check interval (2 s by
+    # default) and a worker waits for its report to be collected: short epochs were paced
+    # at 2 s each. A local Ray's processes inherit this environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        resources = ray.cluster_resources()
+        if TRIAL_SLOT not in resources:
+            ray.shutdown()
+            raise RuntimeError(
+                f"the Ray cluster at {address} has no '{TRIAL_SLOT}' resource. Trials hold it "
+                f"instead of a CPU their workers need: start nodes with "
+                f"ray start ... --resources='{{\"{TRIAL_SLOT}\": 8}}' (see infra/)")
+    else:
+        cpus = num_cpus or os.cpu_count() or 1
+        ray.init(num_cpus=cpus, resources={TRIAL_SLOT: cpus},
+                 log_to_driver=True)
+    try:
+        yield ray.cluster_resources()
+    finally:
+        ray.shutdown()
+
+
+def vt_trial(config: dict, job: TrainJob, target: TrackingTarget | None, storage_path: str):
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    sections = set_params({s: getattr(job, s) for s in SECTIONS}, config)
+    run_id = None
+    if target is not None:
+        run_id = target.tracker.get_or_create_trial_run(
+            target.experiment_id, target.parent_run_id, trial_id, ctx.get_trial_name(),
+            params=config)
+    trial_job = TrainJob(**{**job.__dict__, **sections, "mlflow_run_id": run_id})
+    trainer = build_trainer(trial_job, name=trial_id, storage_path=storage_path,
+                            callbacks=[TuneReportCallback()])
+    try:
+        trainer.fit()
+    except BaseException:
+        if target is not None:
+            target.tracker.end_run_if_running(run_id, "FAILED")
+        raise
+    if target is not None:
+        target.tracker.end_run(run_id, "FINISHED")
+
+
+class TrialRunCloser(Callback):
+    """Closes child runs their trial could not close: a trial stopped by the scheduler is
+    killed mid-epoch (KILLED), a crashed trial's process may be gone (FAILED)."""
+
+    def __init__(self, target: TrackingTarget):
+        self.target = target
+
+    def _close(self, trial, status: str) -> None:
+        t = self.target
+        run_id = t.tracker.find_trial_run(t.experiment_id, t.parent_run_id, trial.trial_id)
+        if run_id:
+            t.tracker.end_run_if_running(run_id, status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, "KILLED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        for trial in trials:
+            self._close(trial, "KILLED")
+
+
+def _result_of(result, planned_epochs: int, run_ids: dict[str, str]) -> TrialResult:
+    m = result.metrics or {}
+    config = result.config or {}
+    trial_id = m.get("trial_id") or Path(result.path).name
+    df = result.metrics_dataframe
+    history = {}
+    if df is not None and "val_f1" in df:
+        history = {k: df[k].tolist() for k in ("val_f1", "val_loss", "train_loss") if k in df}
+    epochs = int(m.get("epoch", 0) or 0)
+    if result.error is not None:
+        status = "FAILED"
+    elif epochs < planned_epochs and not m.get("early_stopped"):
+        status = "KILLED"
+    else:
+        status = "FINISHED"
+    return TrialResult(
+        trial_id=trial_id, params=dict(config), status=status, run_id=run_ids.get(trial_id),
+        best_val_f1=m.get("best_val_f1"), best_val_loss=m.get("best_val_loss"),
+        best_epoch=m.get("best_epoch"), epochs=epochs, checkpoint_path=m.get("checkpoint_path"),
+        error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
+        history=history)
+
+
+def run_search(job: TrainJob, axes: list[Axis], mode: str, num_samples: int, *,
+               plan: ResourcePlan, storage_path: str, experiment_name: str, seed: int,
+               target: TrackingTarget | None = None, resume: bool = False,
+               scheduler=None, metric: str = "best_val_f1") -> list[TrialResult]:
+    """Run (or, with `resume`, continue) the search; returns one result per trial."""
+    train_storage = str(Path(storage_path) / experiment_name / "train")
+    trainable = tune.with_resources(
+        tune.with_parameters(vt_trial, job=job, target=target, storage_path=train_storage),
+        {TRIAL_SLOT: 1})
+    exp_path = str(Path(storage_path) / experiment_name)
+    if resume and tune.Tuner.can_restore(exp_path):
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_tune_space(axes, mode),
+            tune_config=tune.TuneConfig(
+                num_samples=num_samples,
+                max_concurrent_trials=plan.concurrent_trials,
+                scheduler=scheduler,
+                metric=metric if scheduler is not None else None,
+                mode="max" if scheduler is not None else None,
+                search_alg=tune.search.BasicVariantGenerator(
+                    random_state=seed, max_concurrent=plan.concurrent_trials),
+            ),
+            run_config=tune.RunConfig(
+                name=experiment_name,
+                storage_path=storage_path,
+                callbacks=[TrialRunCloser(target)] if target is not None else [],
+                # A trial's own failures are retried by Ray Train from checkpoints; here we
+                # only want the sweep to go on when one trial fails.
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    run_ids: dict[str, str] = {}
+    if target is not None:
+        for run in target.tracker.child_runs(target.experiment_id, target.parent_run_id):
+            run_ids[run.data.tags.get("visiontune.trial_id", "")] = run.info.run_id
+    return [_result_of(grid[i], job.train.epochs, run_ids) for i in range(len(grid))]

@@ -1,0 +1,1 @@
+"""visiontune pipelines: composition of components, the CLI and job submission."""

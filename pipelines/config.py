@@ -1,0 +1,162 @@
+"""Compose conf/ YAML groups, an experiment file and CLI overrides into a validated `Config`.
+
+Precedence, lowest first: group files chosen by conf/config.yaml's `defaults`, the body of
+conf/config.yaml, the experiment file (`--config`, whose own `defaults` may pick other group
+options), CLI group picks (`model=resnet18`), CLI dotted overrides (`train.epochs=3`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.config import Config, ConfigError, from_dict, validate_config
+
+# Groups whose files hold one section's keys; `cluster` files hold top-level keys.
+SECTION_GROUPS = ("data", "augment", "model", "train", "search")
+TOP_LEVEL_GROUPS = ("cluster",)
+GROUPS = SECTION_GROUPS + TOP_LEVEL_GROUPS
+# Mappings replaced wholesale rather than merged key by key: an experiment's search space
+# replaces the default one instead of adding axes to it.
+_REPLACED_MAPPINGS = {"space"}
+
+
+def conf_dir() -> Path:
+    """conf/ of this checkout (editable install, Ray job working_dir) or $VISIONTUNE_CONF_DIR."""
+    env = os.environ.get("VISIONTUNE_CONF_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[1] / "conf", Path.cwd() / "conf"]
+    for c in candidates:
+        if (c / "config.yaml").is_file():
+            return c
+    raise ConfigError(f"cannot find conf/config.yaml (looked in {', '.join(map(str, candidates))});"
+                      " set VISIONTUNE_CONF_DIR")
+
+
+def group_options(group: str, root: Path | None = None) -> list[str]:
+    root = root or conf_dir()
+    return sorted(p.stem for p in (root / group).glob("*.yaml"))
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _REPLACED_MAPPINGS:
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], parsed YAML value). Keys under search.space keep
+    their dots: `search.space.train.lr={loguniform: [1e-4, 1e-2]}`."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.epochs=3)")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    if key.startswith("search.space."):
+        return ["search", "space", key[len("search.space."):]], value
+    return key.split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def _load_group(root: Path, group: str, option: str) -> dict:
+    path = root / group / f"{option}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{group}={option!r} is not valid; choose one of: "
+                          f"{', '.join(group_options(group, root))}")
+    body = load_yaml(path)
+    body.pop("defaults", None)
+    return {group: body} if group in SECTION_GROUPS else body
+
+
+def compose(overrides: list[str] | None = None, config_file: str | Path | None = None,
+            root: Path | None = None) -> dict:
+    """Return the merged config as a nested dict (not yet validated)."""
+    root = root or conf_dir()
+    base = load_yaml(root / "config.yaml")
+    choices: dict[str, str] = dict(base.pop("defaults", {}) or {})
+    experiment = load_yaml(Path(config_file)) if config_file else {}
+    choices.update(experiment.pop("defaults", {}) or {})
+    dotted = []
+    for text in overrides or []:
+        path, value = parse_override(text)
+        if len(path) == 1 and path[0] in GROUPS:
+            choices[path[0]] = str(value)
+        else:
+            dotted.append((path, value))
+    for group in choices:
+        if group not in GROUPS:
+            raise ConfigError(f"unknown config group {group!r}; groups: {', '.join(GROUPS)}")
+    merged: dict = {}
+    for group, option in choices.items():
+        if option not in (None, "null", "None"):
+            merged = deep_merge(merged, _load_group(root, group, option))
+    merged = deep_merge(merged, base)
+    merged = deep_merge(merged, experiment)
+    for path, value in dotted:
+        _set_path(merged, path, value)
+    return merged
+
+
+def load_config(overrides: list[str] | None = None, config_file: str | Path | None = None,
+                root: Path | None = None, resolve: bool = True) -> Config:
+    cfg = validate_config(from_dict(Config, compose(overrides, config_file, root)))
+    return resolve_paths(cfg) if resolve else cfg
+
+
+def _absolute(path: str | None, base: Path) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return str((base / Path(path).expanduser()).resolve())
+
+
+def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
+    """Make every path and the tracking URI absolute: Ray workers run in other directories."""
+    base = base or Path.cwd()
+    cfg = copy.deepcopy(cfg)
+    cfg.data.path = _absolute(cfg.data.path, base)
+    cfg.data.cache_dir = _absolute(cfg.data.cache_dir, base)
+    cfg.model.weights_path = _absolute(cfg.model.weights_path, base)
+    cfg.ray.storage_path = _absolute(cfg.ray.storage_path or "ray_results", base)
+    uri = cfg.tracking.uri
+    if uri is None:
+        uri = f"sqlite:///{(base / 'mlflow.db').resolve()}"
+    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
+    elif "://" not in uri:  # a plain folder: MLflow's file store
+        uri = str((base / uri).resolve())
+    cfg.tracking.uri = uri
+    if cfg.tracking.artifact_location is None and not uri.startswith(("http://", "https://")):
+        cfg.tracking.artifact_location = str((base / "mlruns").resolve())
+    else:
+        cfg.tracking.artifact_location = _absolute(cfg.tracking.artifact_location, base)
+    return cfg

@@ -1,0 +1,73 @@
+"""Shared fixtures: small generated image folders (no downloads) and a local Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
+
+
+def _shape_image(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A class-dependent pattern (bright square in one quadrant) with noise: learnable in a
+    couple of epochs, so integration tests check the pipeline, not the patience of SGD."""
+    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    half = size // 2
+    r, c = divmod(label % 4, 2)
+    img[r * half:(r + 1) * half, c * half:(c + 1) * half] += np.uint8(150)
+    return img
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 20, size: int = 24,
+                      seed: int = 0, corrupt: bool = True) -> Path:
+    """root/<class>/*.png|jpg with mixed modes and sizes; with `corrupt`, a truncated PNG, a
+    zero-byte JPG, a text file named .png, plus files every indexer must ignore."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            s = size + (i % 3) * 8   # sizes vary: the pipeline must resize
+            arr = _shape_image(label, rng, s)
+            img = Image.fromarray(arr)
+            if i % 4 == 1:
+                img.convert("L").save(folder / f"{i:03d}.PNG")
+            elif i % 4 == 2:
+                img.save(folder / f"{i:03d}.jpg", quality=95)
+            elif i % 4 == 3:
+                img.convert("RGBA").save(folder / f"{i:03d}.png")
+            else:
+                img.save(folder / f"{i:03d}.png")
+    if corrupt:
+        good = (root / classes[0] / "000.png").read_bytes()
+        (root / classes[0] / "truncated.png").write_bytes(good[: len(good) // 2])
+        (root / classes[1] / "empty.jpg").write_bytes(b"")
+        (root / classes[1] / "not_an_image.png").write_text("hello")
+        (root / classes[0] / "notes.txt").write_text("ignored: not an image extension")
+        (root / classes[0] / ".hidden.png").write_bytes(good)
+        (root / "at_root.png").write_bytes(good)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with 2 CPUs and the trial-slot resource; shut down after the module."""
+    import ray
+
+    from components.tuning.plan import TRIAL_SLOT
+
+    ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, include_dashboard=False,
+             configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

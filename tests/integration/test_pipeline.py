@@ -1,0 +1,106 @@
+"""The whole training pipeline on a local Ray (2 CPUs) with a SQLite MLflow in a temp dir."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from sklearn.metrics import f1_score
+
+from pipelines.config import load_config
+from pipelines.training import run_training_pipeline
+from tests.conftest import make_image_folder
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, local_ray):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data = make_image_folder(tmp / "images", classes=("cat", "dog"), per_class=24)
+    cfg = load_config([
+        f"data.path={data}", "data=folder", "data.image_size=16", "augment=none",
+        "search=quick", f"train.epochs={EPOCHS}", "train.num_workers=2", "train.batch_size=8",
+        "train.patience=0", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.artifact_location={tmp}/mlruns", f"ray.storage_path={tmp}/ray_results",
+        "registry.model_name=it-model", "model.cnn.channels=[8,16]",
+    ])
+    result = run_training_pipeline(cfg)
+    return result, cfg, MlflowClient(cfg.tracking.uri), tmp
+
+
+def test_run_tree(pipeline_run):
+    result, cfg, client, _ = pipeline_run
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["visiontune.role"] == "pipeline"
+    exp = parent.info.experiment_id
+    runs = client.search_runs([exp], max_results=100)
+    assert len([r for r in runs if r.data.tags.get("visiontune.role") == "pipeline"]) == 1
+    children = client.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["visiontune.role"] == "trial"
+        assert child.data.params["train.optimizer"] in ("adam", "sgd_momentum")
+        history = client.get_metric_history(child.info.run_id, "val_f1")
+        assert [m.step for m in history] == list(range(1, EPOCHS + 1))
+        for key in ("train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall"):
+            assert len(client.get_metric_history(child.info.run_id, key)) == EPOCHS
+
+
+def test_parent_run_record(pipeline_run):
+    result, cfg, client, tmp = pipeline_run
+    run = client.get_run(result.parent_run_id)
+    m, p = run.data.metrics, run.data.params
+    assert m["data_num_images"] == 48 and m["data_num_skipped"] == 3
+    assert p["train.epochs"] == str(EPOCHS) and p["registry.model_name"] == "it-model"
+    assert len(p["data_fingerprint"]) == 64
+    for key in ("test_f1", "test_accuracy", "test_precision", "test_recall"):
+        assert 0 <= m[key] <= 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/test_predictions.csv", "evaluation/confusion_matrix.png",
+            "evaluation/leaderboard.csv"} <= artifacts
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_test_f1_recomputes_from_predictions_on_exactly_the_test_rows(pipeline_run):
+    result, cfg, client, tmp = pipeline_run
+    run_id = result.parent_run_id
+    preds = pd.read_csv(client.download_artifacts(run_id, "evaluation/test_predictions.csv",
+                                                  str(tmp)))
+    manifest = pd.read_csv(client.download_artifacts(run_id, "data/split_manifest.csv",
+                                                     str(tmp)))
+    assert list(preds.columns[:3]) == ["path", "label", "prediction"]
+    test_rows = manifest[manifest.split == "test"]
+    assert sorted(preds.path) == sorted(test_rows.path)
+    assert dict(zip(preds.path, preds.label)) == dict(zip(test_rows.path, test_rows.label))
+    # two classes -> binary F1 with the second class ("dog") as positive
+    expected = f1_score(preds.label, preds.prediction, pos_label="dog", average="binary")
+    assert client.get_run(run_id).data.metrics["test_f1"] == pytest.approx(expected)
+
+
+def test_registered_version_with_alias(pipeline_run):
+    result, cfg, client, _ = pipeline_run
+    mv = client.get_model_version_by_alias("it-model", "challenger")
+    assert mv.version == result.registered_version
+    assert client.get_model_version_by_alias("it-model", "champion").version == mv.version
+    assert mv.tags["data_fingerprint"] == client.get_run(
+        result.parent_run_id).data.params["data_fingerprint"]
+
+
+def test_registered_model_classifies_without_repo_code(pipeline_run):
+    import mlflow
+    import numpy as np
+
+    result, cfg, client, _ = pipeline_run
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pyfunc.load_model("models:/it-model@champion")
+    meta = model.metadata.metadata
+    assert meta["class_names"] == ["cat", "dog"]
+    size = meta["preprocessing"]["image_size"]
+    out = model.predict(np.zeros((3, 3, size, size), dtype=np.float32))
+    assert np.asarray(out).shape == (3, 2)

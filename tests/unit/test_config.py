@@ -1,0 +1,113 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.config import Config, ConfigError
+from pipelines.cli import main
+from pipelines.config import GROUPS, compose, conf_dir, group_options, load_config
+
+CONF = conf_dir()
+
+
+def test_default_config_loads_and_paths_are_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config([])
+    assert isinstance(cfg, Config)
+    assert cfg.data.path is None and cfg.data.channels == 1
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cfg.tracking.artifact_location == str(tmp_path / "mlruns")
+    assert cfg.ray.storage_path == str(tmp_path / "ray_results")
+    assert "model.name" in cfg.search.space
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_group_option_loads(group, option):
+    load_config([f"{group}={option}"], resolve=False)
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_loads_and_its_search_space_is_valid(path):
+    from components.tuning.space import check_space, parse_space
+
+    cfg = load_config([], config_file=path, resolve=False)
+    check_space(parse_space(cfg.search.space),
+                {s: getattr(cfg, s) for s in ("data", "augment", "model", "train")})
+
+
+def test_public_override_keys():
+    cfg = load_config([
+        "data.path=/data/cats", "data.image_size=64", "search.mode=random",
+        "search.num_samples=4", "train.epochs=7", "train.num_workers=1", "train.use_gpu=true",
+        "tracking.uri=http://mlflow:5000", "registry.model_name=cats", "ray.address=auto",
+        "seed=3"])
+    assert (cfg.data.path, cfg.data.image_size, cfg.search.mode, cfg.search.num_samples) == \
+        ("/data/cats", 64, "random", 4)
+    assert (cfg.train.epochs, cfg.train.num_workers, cfg.train.use_gpu) == (7, 1, True)
+    assert cfg.tracking.uri == "http://mlflow:5000" and cfg.tracking.artifact_location is None
+    assert (cfg.registry.model_name, cfg.ray.address, cfg.seed) == ("cats", "auto", 3)
+
+
+def test_group_pick_and_experiment_precedence(tmp_path):
+    exp = tmp_path / "e.yaml"
+    exp.write_text("defaults:\n  model: resnet18\ntrain:\n  epochs: 9\n")
+    cfg = load_config(["train.epochs=4"], config_file=exp, resolve=False)
+    assert cfg.model.name == "resnet18" and cfg.train.epochs == 4
+    assert load_config([], config_file=exp, resolve=False).train.epochs == 9
+    assert load_config(["search=quick"], resolve=False).search.mode == "grid"
+
+
+def test_experiment_search_space_replaces_the_default_one():
+    merged = compose(["search=quick"])
+    assert list(merged["search"]["space"]) == ["train.optimizer"]
+
+
+@pytest.mark.parametrize("override,message", [
+    (["train.epoch=3"], "unknown key train.epoch; valid keys: train.epochs"),
+    (["train.optimizer=adamx"], "train.optimizer='adamx' is not valid; choose one of: sgd"),
+    (["train.epochs=three"], "train.epochs='three' must be an integer"),
+    (["train.epochs=0"], "train.epochs=0 must be > 0"),
+    (["search.mode=bayes"], "search.mode='bayes' is not valid; choose one of: grid, random"),
+    (["model=transformer"], "model='transformer' is not valid; choose one of: cnn, resnet18"),
+    (["model.name=resnet19"], "model.name='resnet19' is not valid"),
+    (["bogus.key=1"], "unknown key bogus; valid keys: data, augment"),
+    (["data.val_fraction=0.5", "data.test_fraction=0.45"], "must leave >= 10% for training"),
+    (["augment.train=[{name: Sharpen}]"], "unknown augmentation 'Sharpen'"),
+    (["train.epochs"], "must look like key=value"),
+])
+def test_bad_config_is_a_one_line_error(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(override, resolve=False)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("space,message", [
+    ({"train.lr": {"loguniform": [0, 1]}}, "loguniform needs low > 0"),
+    ({"train.lr": {"gaussian": [0, 1]}}, "unknown distribution 'gaussian'"),
+    ({"train.optimizer": {"grid": ["adam", "adamx"]}}, "train.optimizer='adamx' is not valid"),
+    ({"train.nope": {"grid": [1]}}, "search.space.train.nope: unknown key"),
+    ({"seed": {"grid": [1, 2]}}, "not a tunable key"),
+])
+def test_bad_search_space_is_refused_before_launch(space, message):
+    from components.tuning.space import check_space, parse_space
+
+    cfg = Config()
+    with pytest.raises(ConfigError, match=message):
+        check_space(parse_space(space), {s: getattr(cfg, s) for s in ("data", "augment",
+                                                                       "model", "train")})
+
+
+def test_cli_exit_code_2_and_one_line(capsys):
+    assert main(["run", "train.optimizer=adamx", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("visiontune: config error: train.optimizer='adamx'")
+    assert len(err.splitlines()) == 1
+
+
+def test_cli_help_lists_groups_and_keys():
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--help"],
+                         capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
+    for text in ("config groups", "search ", "default | quick", "train.epochs", "data.path",
+                 "search.num_samples", "registry.model_name", "ray.address", "seed"):
+        assert text in out.stdout

@@ -1,0 +1,119 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.data import (
+    DataError,
+    index_image_folder,
+    load_image,
+    split_dataset,
+    validate_images,
+    write_digits_folder,
+)
+from components.data.split import compute_fingerprint, min_images_per_class
+from tests.conftest import make_image_folder
+
+
+def test_index_ignores_hidden_root_and_non_image_files(image_folder):
+    index = index_image_folder(image_folder)
+    assert index.classes == ["cat", "dog"]
+    names = {Path(p).name for p in index.paths}
+    assert "notes.txt" not in names and ".hidden.png" not in names
+    assert not any(Path(p).parent == image_folder for p in index.paths)
+    # upper-case extension is found; corrupt files are still *indexed* (validate skips them)
+    assert "001.PNG" in names and "truncated.png" in names and "empty.jpg" in names
+    assert len(index) == 20 + 20 + 3
+
+
+def test_index_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        index_image_folder(tmp_path / "nope")
+
+
+def test_validate_skips_and_counts_bad_images(image_folder):
+    v = validate_images(index_image_folder(image_folder), "skip")
+    skipped = {Path(p).name for p, _ in v.skipped}
+    assert skipped == {"truncated.png", "empty.jpg", "not_an_image.png"}
+    assert len(v.index) == 40 and len(v.digests) == 40
+
+
+def test_validate_fail_mode_raises(image_folder):
+    with pytest.raises(DataError, match="unreadable image"):
+        validate_images(index_image_folder(image_folder), "fail")
+
+
+def test_fewer_than_two_classes_is_an_error(tmp_path):
+    root = make_image_folder(tmp_path / "one", classes=("only",), corrupt=False)
+    with pytest.raises(DataError, match="at least 2 classes"):
+        validate_images(index_image_folder(root))
+
+
+def test_class_too_small_for_every_split_is_an_error(tmp_path):
+    root = make_image_folder(tmp_path / "small", per_class=20, corrupt=False)
+    for f in sorted((root / "dog").iterdir())[2:]:
+        f.unlink()
+    with pytest.raises(DataError, match=r"dog \(2\)"):
+        validate_images(index_image_folder(root), min_per_class=min_images_per_class(.15, .15))
+
+
+def test_split_is_stratified_disjoint_and_seeded(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=40,
+                             corrupt=False)
+    v = validate_images(index_image_folder(root))
+    m1 = split_dataset(v, 0.2, 0.2, seed=1)
+    m2 = split_dataset(v, 0.2, 0.2, seed=1)
+    m3 = split_dataset(v, 0.2, 0.2, seed=2)
+    assert m1.splits == m2.splits and m1.fingerprint == m2.fingerprint
+    assert m1.splits != m3.splits and m1.fingerprint != m3.fingerprint
+    assert m1.counts() == {"train": 72, "val": 24, "test": 24}
+    for split in ("train", "val", "test"):
+        _, labels = m1.subset(split)
+        assert sorted(set(labels)) == [0, 1, 2]
+        assert max(labels.count(c) for c in range(3)) - min(labels.count(c) for c in range(3)) <= 1
+
+
+def test_manifest_csv_has_path_label_split(tmp_path, image_folder):
+    m = split_dataset(validate_images(index_image_folder(image_folder)), .15, .15, 0)
+    lines = m.save_csv(tmp_path / "m.csv").read_text().splitlines()
+    assert lines[0] == "path,label,split"
+    assert len(lines) == 41
+    assert lines[1].split(",")[1] in ("cat", "dog")
+
+
+def test_fingerprint_depends_on_bytes_labels_and_split_not_location():
+    base = dict(root="/data", paths=["/data/a/1.png", "/data/b/2.png"], digests=["x", "y"],
+                labels=[0, 1], splits=["train", "test"], classes=["a", "b"])
+    fp = compute_fingerprint(**base)
+    assert fp == compute_fingerprint(**{**base, "root": "/mnt", "paths": ["/mnt/a/1.png",
+                                                                         "/mnt/b/2.png"]})
+    assert fp != compute_fingerprint(**{**base, "digests": ["x", "z"]})
+    assert fp != compute_fingerprint(**{**base, "labels": [1, 0]})
+    assert fp != compute_fingerprint(**{**base, "splits": ["test", "train"]})
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "1"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_load_image_any_mode_and_size(tmp_path, mode, channels):
+    arr = (np.arange(30 * 50) % 256).reshape(30, 50).astype(np.uint8)
+    img = Image.fromarray(arr).convert(mode) if mode != "I;16" else \
+        Image.fromarray(arr.astype(np.uint16) * 200)
+    ext = "tiff" if mode in ("CMYK", "I;16") else "png"
+    path = tmp_path / f"x.{ext}"
+    img.save(path)
+    out = load_image(str(path), channels, 16)
+    assert out.shape == (16, 16, channels) and out.dtype == np.uint8
+    if mode in ("L", "I;16"):
+        assert out.max() > 200  # 16-bit grey is rescaled, not clipped to white/black
+
+
+def test_builtin_digits_written_once(tmp_path):
+    root = write_digits_folder(tmp_path)
+    index = index_image_folder(root)
+    assert len(index) == 1797 and index.classes == [str(i) for i in range(10)]
+    first = Path(index.paths[0]).stat().st_mtime_ns
+    assert write_digits_folder(tmp_path) == root
+    assert Path(index.paths[0]).stat().st_mtime_ns == first
+    with Image.open(index.paths[0]) as img:
+        assert img.size == (8, 8) and img.mode == "L"

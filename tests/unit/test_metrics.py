@@ -1,0 +1,41 @@
+import pytest
+
+from components.training.metrics import classification_metrics, resolve_average
+
+
+def test_macro_metrics_match_hand_computed_values():
+    y_true = [0, 0, 1, 1, 2, 2]
+    y_pred = [0, 1, 1, 1, 2, 0]
+    # class 0: tp=1 fp=1 fn=1 -> p=1/2 r=1/2 f1=1/2
+    # class 1: tp=2 fp=1 fn=0 -> p=2/3 r=1   f1=4/5
+    # class 2: tp=1 fp=0 fn=1 -> p=1   r=1/2 f1=2/3
+    m = classification_metrics(y_true, y_pred, 3, "macro")
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert m["recall"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    assert m["f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+
+
+def test_binary_f1_uses_the_second_class_as_positive():
+    y_true = [1, 1, 1, 0, 0]
+    y_pred = [1, 0, 1, 1, 0]
+    # positive=1: tp=2 fp=1 fn=1 -> p=r=f1=2/3
+    m = classification_metrics(y_true, y_pred, 2, "auto")
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["precision"] == pytest.approx(2 / 3)
+
+
+def test_weighted_and_missing_class_counts_as_zero():
+    # class 2 never appears in truth or prediction: macro counts its F1 as 0
+    m = classification_metrics([0, 1], [0, 1], 3, "macro")
+    assert m["f1"] == pytest.approx(2 / 3)
+    w = classification_metrics([0, 0, 0, 1], [0, 0, 1, 1], 2, "weighted")
+    # class 0: p=1 r=2/3 f1=0.8 (support 3); class 1: p=1/2 r=1 f1=2/3 (support 1)
+    assert w["f1"] == pytest.approx((3 * 0.8 + 2 / 3) / 4)
+
+
+def test_average_resolution():
+    assert resolve_average("auto", 2) == "binary"
+    assert resolve_average("auto", 10) == "macro"
+    with pytest.raises(ValueError, match="2 classes"):
+        resolve_average("binary", 3)

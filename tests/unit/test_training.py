@@ -1,0 +1,76 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from components.training.loop import predict, train_one_epoch
+from components.training.optim import (
+    OPTIMIZER_NAMES,
+    SCHEDULER_NAMES,
+    build_optimizer,
+    build_scheduler,
+)
+from components.training.worker import evaluate_split
+
+
+class Blobs(Dataset):
+    def __init__(self, n=64):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.arange(n) % 2
+        self.x = torch.randn(n, 4, generator=g) + self.y[:, None] * 3.0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
+def test_train_one_epoch_lowers_the_loss():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = build_optimizer("adam", model.parameters(), 0.05)
+    loader = DataLoader(Blobs(), batch_size=16, shuffle=True)
+    first, n = train_one_epoch(model, loader, opt, nn.CrossEntropyLoss(), torch.device("cpu"))
+    for _ in range(5):
+        last, _ = train_one_epoch(model, loader, opt, nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert n == 64 and last < first
+
+
+def test_predict_returns_every_row_once_and_evaluate_split_scores_the_whole_split():
+    model = nn.Linear(4, 2)
+    loader = DataLoader(Blobs(10), batch_size=3)
+    idx, y, probs, losses = predict(model, loader, torch.device("cpu"))
+    assert sorted(idx.tolist()) == list(range(10)) and probs.shape == (10, 2)
+    assert torch.allclose(probs.sum(1), torch.ones(10))
+    metrics = evaluate_split(model, loader, torch.device("cpu"), 2, "macro")
+    assert set(metrics) == {"accuracy", "precision", "recall", "f1", "loss"}
+    assert metrics["loss"] == pytest.approx(losses.mean().item())
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_every_optimizer_takes_a_step(name):
+    model = nn.Linear(4, 2)
+    before = model.weight.clone()
+    opt = build_optimizer(name, model.parameters(), 0.1)
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, model.weight)
+
+
+def test_optimizer_variants():
+    params = [nn.Parameter(torch.zeros(1))]
+    assert build_optimizer("sgd", params, 0.1).defaults["momentum"] == 0
+    assert build_optimizer("sgd_momentum", params, 0.1, momentum=0.8).defaults["momentum"] == 0.8
+    assert build_optimizer("nesterov", params, 0.1).defaults["nesterov"] is True
+    with pytest.raises(ValueError, match="adamw"):
+        build_optimizer("adamx", params, 0.1)
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_schedulers_build(name):
+    opt = build_optimizer("sgd", [nn.Parameter(torch.zeros(1))], 0.1)
+    sched, when = build_scheduler(name, opt, epochs=3, steps_per_epoch=4)
+    assert (sched is None) == (name == "none")
+    assert when in (None, "batch", "epoch", "plateau")
