@@ -111,12 +111,14 @@ def plot_trial_curves(trials, metric: str = "val_f1"):
     for t in trials:
         values = t.history.get(metric)
         if values:
-            label = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else
-                              f"{k.split('.')[-1]}={v}" for k, v in t.params.items())
-            ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label[:60])
+            label = " ".join(f"{v:.2g}" if isinstance(v, float) else str(v)
+                             for v in t.params.values()) or t.trial_id
+            ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label[:70])
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per epoch, all trials")
+    keys = ", ".join(k.split(".")[-1] for k in (trials[0].params if trials else {}))
+    ax.set_title(f"{metric} per epoch, all trials" + (f"\n({keys})" if keys else ""),
+                 fontsize=10)
     ax.grid(alpha=0.3)
     if len(trials) <= 16:
         ax.legend(fontsize=6, loc="lower right")

@@ -170,12 +170,16 @@ def run_search(job: TrainJob, axes: list[Axis], mode: str, num_samples: int, *,
             param_space=to_tune_space(axes, mode),
             tune_config=tune.TuneConfig(
                 num_samples=num_samples,
-                max_concurrent_trials=plan.concurrent_trials,
                 scheduler=scheduler,
                 metric=metric if scheduler is not None else None,
                 mode="max" if scheduler is not None else None,
+                # The generator caps concurrency itself (Tune ignores max_concurrent_trials
+                # next to a generator): trials never wait on each other's workers.
                 search_alg=tune.search.BasicVariantGenerator(
                     random_state=seed, max_concurrent=plan.concurrent_trials),
+                # The trial actor only drives a Train run; reusing it saves a process start
+                # per trial.
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=experiment_name,

@@ -86,7 +86,7 @@ def test_test_f1_recomputes_from_predictions_on_exactly_the_test_rows(pipeline_r
 def test_registered_version_with_alias(pipeline_run):
     result, cfg, client, _ = pipeline_run
     mv = client.get_model_version_by_alias("it-model", "challenger")
-    assert mv.version == result.registered_version
+    assert str(mv.version) == result.registered_version
     assert client.get_model_version_by_alias("it-model", "champion").version == mv.version
     assert mv.tags["data_fingerprint"] == client.get_run(
         result.parent_run_id).data.params["data_fingerprint"]
