@@ -3,6 +3,8 @@ resize + normalise for evaluation (images arrive already resized by `load_image`
 
 from __future__ import annotations
 
+import inspect
+
 import albumentations as A
 import numpy as np
 import torch
@@ -47,6 +49,13 @@ def build_augmentation(spec: dict, image_size: int) -> A.BasicTransform:
         raise ValueError(f"unknown augmentation {name!r}; valid: {', '.join(AUGMENTATIONS)}")
     if name == "RandomResizedCrop":
         spec.setdefault("size", (image_size, image_size))
+    # albumentations only warns about unknown arguments; a typo in conf/ must be an error.
+    accepted = {n for n, p in inspect.signature(AUGMENTATIONS[name].__init__).parameters.items()
+                if p.kind is not inspect.Parameter.VAR_KEYWORD} - {"self"}
+    unknown = sorted(set(spec) - accepted)
+    if unknown:
+        raise ValueError(f"bad parameters for augmentation {name}: {', '.join(unknown)} "
+                         f"(valid: {', '.join(sorted(accepted))})")
     try:
         return AUGMENTATIONS[name](**spec)
     except TypeError as e:
@@ -95,3 +104,30 @@ def eval_preprocessing(data_cfg, model_cfg) -> dict:
         "std": list(std),
         "layout": "NCHW float32",
     }
+
+
+def plot_augmented_samples(images: list[np.ndarray], transform: A.Compose, mean: list[float],
+                           std: list[float], n: int = 16, seed: int = 0):
+    """A grid of `n` training images as the model sees them (augmented, then un-normalised
+    for display): the quickest way to spot an augmentation that destroys the label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(images), size=min(n, len(images)), replace=False)
+    cols = 4
+    rows = -(-len(picks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 1.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, picks):
+        x = transform(image=images[i])["image"].numpy().transpose(1, 2, 0)
+        c = x.shape[2]
+        x = x * np.asarray(_broadcast(std, c)) + np.asarray(_broadcast(mean, c))
+        x = np.clip(x, 0, 1)
+        ax.imshow(x[:, :, 0] if c == 1 else x, cmap="gray" if c == 1 else None)
+    fig.suptitle("augmented training samples", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -48,7 +48,8 @@ def _model_names() -> tuple[str, ...]:
 @dataclass
 class DataConfig:
     path: str | None = field(default=None, metadata={
-        "doc": "image folder root/<class>/<files>; empty = built-in digits dataset"})
+        "doc": "image folder root/<class>/<files>, or a CSV manifest (path,label); "
+               "empty = built-in digits dataset"})
     image_size: int = field(default=32, metadata=_positive("images are resized to this square"))
     channels: int = field(default=3, metadata=_choices(1, 3, doc="1 = grey, 3 = RGB"))
     on_bad_image: str = field(default="skip", metadata=_choices(
@@ -60,6 +61,9 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5], metadata={"doc": "per channel"})
     cache_dir: str | None = field(default=None, metadata={
         "doc": "where the built-in dataset is written; default ~/.cache/visiontune"})
+    cv_folds: int = field(default=0, metadata=_check(
+        lambda v: v == 0 or v >= 2, "must be 0 (off) or >= 2",
+        "k-fold CV on train+val: a trial scores the mean val F1 over folds"))
     loader_workers: int = field(default=0, metadata=_check(
         lambda v: v >= 0, "must be >= 0", "DataLoader worker processes per training worker"))
 
@@ -90,7 +94,15 @@ class ModelConfig:
     pretrained: bool = field(default=False, metadata={
         "doc": "ImageNet weights from weights_path or the torch hub cache (never downloaded)"})
     weights_path: str | None = None
-    freeze: str = field(default="none", metadata=_choices("none", "backbone"))
+    freeze: str = field(default="none", metadata=_choices(
+        "none", "backbone", "stage", doc="transfer models: what starts frozen; stage = the "
+        "backbone up to and including model.freeze_stage"))
+    freeze_stage: str | None = field(default=None, metadata={
+        "doc": "module name for freeze=stage, e.g. layer2 (resnet) or features.3"})
+    unfreeze_epoch: int | None = field(default=None, metadata={
+        "doc": "epoch from which the frozen part trains too (gradual unfreezing)"})
+    backbone_lr_mult: float = field(default=1.0, metadata=_check(
+        lambda v: 0 < v <= 1, "must be in (0, 1]", "backbone lr = train.lr x this"))
     cnn: CnnConfig = field(default_factory=CnnConfig)
 
 
@@ -101,8 +113,20 @@ class TrainConfig:
     optimizer: str = field(default="adam", metadata=_choices(*OPTIMIZER_NAMES))
     lr: float = field(default=1e-3, metadata=_positive())
     momentum: float = field(default=0.9, metadata=_fraction("SGD family"))
-    weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_check(
+        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)",
+        "Adam family"))
+    eps: float = field(default=1e-8, metadata=_positive("Adam family, RMSprop, Adagrad, Adadelta"))
+    weight_decay: float = field(default=0.0, metadata=_check(
+        lambda v: v >= 0, "must be >= 0", "L2 penalty (decoupled for adamw)"))
+    l1: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "must be >= 0",
+                                                    "L1 penalty on trainable weights"))
+    grad_clip: float | None = field(default=None, metadata=_positive("max gradient norm"))
+    label_smoothing: float = field(default=0.0, metadata=_fraction())
     scheduler: str = field(default="none", metadata=_choices(*SCHEDULER_NAMES))
+    step_size: int = field(default=3, metadata=_positive("step scheduler: epochs per step"))
+    gamma: float = field(default=0.1, metadata=_check(
+        lambda v: 0 < v < 1, "must be in (0, 1)", "step and plateau schedulers: lr factor"))
     patience: int = field(default=3, metadata=_check(
         lambda v: v >= 0, "must be >= 0", "early stopping: epochs without val_f1 gain; 0 = off"))
     num_workers: int = field(default=2, metadata=_positive("DDP workers per trial"))
@@ -116,6 +140,15 @@ class TrainConfig:
 @dataclass
 class SearchConfig:
     mode: str = field(default="grid+random", metadata=_choices("grid", "random", "grid+random"))
+    algorithm: str = field(default="basic", metadata=_choices(
+        "basic", "optuna", doc="basic = Tune's grid/random generator; optuna = TPE (no grid axes)"))
+    scheduler: str = field(default="none", metadata=_choices(
+        "none", "asha", doc="asha stops weak trials early (they end KILLED)"))
+    grace_period: int = field(default=1, metadata=_positive("asha: epochs before stopping"))
+    reduction_factor: int = field(default=2, metadata=_check(lambda v: v >= 2, "must be >= 2"))
+    max_trials: int | None = field(default=None, metadata=_positive("cap on trials launched"))
+    time_budget_s: float | None = field(default=None, metadata=_positive(
+        "stop launching and stop running trials after this many seconds"))
     num_samples: int = field(default=1, metadata=_positive(
         "random draws (per grid point in grid+random)"))
     metric: str = field(default="val_f1", metadata=_choices("val_f1", doc="selection metric"))
@@ -123,7 +156,8 @@ class SearchConfig:
         "doc": "cap on parallel trials; default: as many as the cluster fits"})
     space: dict = field(default_factory=dict, metadata={
         "doc": "dotted config key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | "
-               "{loguniform: [lo, hi]} | {randint: [lo, hi]}"})
+               "{loguniform: [lo, hi]} | {randint: [lo, hi]} | {quniform: [lo, hi, q]}, "
+               "optionally with when: {key: [values]}"})
 
 
 @dataclass
@@ -267,21 +301,42 @@ def validate_config(cfg: Config) -> Config:
             build_augmentation(spec, d.image_size)
         except ValueError as e:
             raise ConfigError(f"augment.train: {e}") from None
-    if cfg.model.pretrained and cfg.model.name == "cnn":
-        raise ConfigError("model.pretrained=true needs a torchvision backbone, not model.name=cnn")
+    check_model(cfg.model)
+    se = cfg.search
+    if se.scheduler == "asha" and d.cv_folds:
+        raise ConfigError("search.scheduler=asha needs per-epoch scores; it cannot run with "
+                          "data.cv_folds (a trial's score is known only after every fold)")
     return cfg
 
 
-def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every leaf key: what `visiontune run --help` prints."""
+def check_model(m: ModelConfig) -> ModelConfig:
+    """Rules across model keys; also run on every trial's combination of search values."""
+    if m.name == "cnn" and (m.freeze != "none" or m.backbone_lr_mult != 1.0 or m.pretrained):
+        raise ConfigError("model.pretrained, model.freeze and model.backbone_lr_mult apply to "
+                          "transfer models, not model.name=cnn")
+    if m.freeze == "stage" and not m.freeze_stage:
+        raise ConfigError("model.freeze=stage needs model.freeze_stage (e.g. layer2)")
+    if m.unfreeze_epoch is not None and m.freeze == "none":
+        raise ConfigError("model.unfreeze_epoch needs model.freeze=backbone or stage")
+    return m
+
+
+def field_docs(cls: type = Config, prefix: str = "", values=None) -> list[tuple[str, str, str]]:
+    """(dotted key, value, help) for every leaf key: what `visiontune run --help` prints.
+    `values` (a config object) supplies the values shown; default: the dataclass defaults."""
     rows = []
     for f in dataclasses.fields(cls):
         key = prefix + f.name
         tp = typing.get_type_hints(cls)[f.name]
+        sub = getattr(values, f.name) if values is not None else None
         if dataclasses.is_dataclass(tp):
-            rows += field_docs(tp, key + ".")
+            rows += field_docs(tp, key + ".", sub)
             continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if values is not None:
+            default = sub
+        else:
+            default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                       else f.default)
         choices = f.metadata.get("choices")
         text = f.metadata.get("doc", "")
         if choices is not None and not callable(choices):

@@ -7,9 +7,7 @@ directories) all write to the same place and the same runs.
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -178,11 +176,3 @@ class EpochLogger:
         self.last_logged_epoch = epoch
         return True
 
-
-def write_json(path: Path, data: dict) -> Path:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
-    return path
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="visiontune-")

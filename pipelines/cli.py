@@ -12,7 +12,7 @@ EXIT_CONFIG = 2
 
 def _config_help() -> str:
     from components.config import field_docs
-    from pipelines.config import GROUPS, conf_dir, group_options
+    from pipelines.config import GROUPS, conf_dir, group_options, load_config
 
     lines = ["config groups (pick one with group=option):"]
     try:
@@ -22,8 +22,14 @@ def _config_help() -> str:
         lines.append(f"  experiment files: {root / 'experiment'}/*.yaml (use --config)")
     except ConfigError as e:
         lines.append(f"  ({e})")
-    lines.append("\nconfig keys (override with key=value, e.g. train.epochs=3):")
-    for key, default, doc in field_docs():
+    try:
+        values = load_config([], resolve=False)
+        lines.append("\nconfig keys with the default config's values (override with key=value, "
+                     "e.g. train.epochs=3):")
+    except ConfigError:
+        values = None
+        lines.append("\nconfig keys (override with key=value, e.g. train.epochs=3):")
+    for key, default, doc in field_docs(values=values):
         lines.append(f"  {key:<28} {default:<22} {doc}")
     return "\n".join(lines)
 

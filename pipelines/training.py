@@ -91,7 +91,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     import torch
 
     from components.data import (
-        index_image_folder,
+        index_images,
         split_dataset,
         validate_images,
         write_digits_folder,
@@ -110,14 +110,22 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     from components.training.worker import TrainJob, load_best_weights
     from components.tuning.driver import TrackingTarget, ray_session, run_search
     from components.tuning.plan import plan_resources
-    from components.tuning.space import check_space, count_trials, parse_space, set_params
+    from components.tuning.space import (
+        check_search,
+        check_space,
+        count_trials,
+        parse_space,
+        set_params,
+    )
 
     started = time.time()
     # Validate the search space against the config before touching data, Ray or MLflow.
     axes = parse_space(cfg.search.space)
     base_sections = {s: getattr(cfg, s) for s in ("data", "augment", "model", "train")}
-    check_space(axes, base_sections)
-    num_trials = count_trials(axes, cfg.search.mode, cfg.search.num_samples)
+    check_space(axes, base_sections, cfg.search.mode)
+    check_search(cfg.search, axes)
+    num_trials = count_trials(axes, cfg.search.mode, cfg.search.num_samples, base_sections,
+                              cfg.search.max_trials)
 
     pipeline_id = resume or new_pipeline_id()
     tracker = Tracker(cfg.tracking.uri)
@@ -148,7 +156,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     try:
         with step("ingest"):
             root = cfg.data.path or str(write_digits_folder(cfg.data.cache_dir))
-            index = index_image_folder(root)
+            index = index_images(root)
             echo(f"  {len(index)} image files in {len(index.classes)} classes under {root}")
         with step("validate"):
             images = validate_images(index, cfg.data.on_bad_image, min_images_per_class(
@@ -184,9 +192,11 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                 plan = plan_resources(resources, num_trials, cfg.train.num_workers,
                                       cfg.train.cpus_per_worker, cfg.train.use_gpu,
                                       cfg.search.max_concurrent_trials)
-                echo("  " + plan.describe(cfg.train.epochs))
-                trials = run_search(job, axes, cfg.search.mode, cfg.search.num_samples,
-                                    plan=plan, storage_path=cfg.ray.storage_path,
+                echo("  " + plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
+                echo(f"  search: {cfg.search.mode} with {cfg.search.algorithm}, scheduler "
+                     f"{cfg.search.scheduler}" + (f", {cfg.data.cv_folds}-fold CV per trial"
+                                                  if cfg.data.cv_folds else ""))
+                trials = run_search(job, axes, cfg.search, plan=plan, storage_path=cfg.ray.storage_path,
                                     experiment_name=pipeline_id, seed=cfg.seed, target=target,
                                     resume=bool(resume))
             counts = {s: sum(t.status == s for t in trials) for s in ("FINISHED", "KILLED",

@@ -38,3 +38,30 @@ def index_image_folder(root: str | Path) -> ImageIndex:
                 paths.append(str(f))
                 labels.append(label)
     return ImageIndex(str(root), paths, labels, classes)
+
+
+def index_csv_manifest(csv_path: str | Path) -> ImageIndex:
+    """A CSV with columns path,label (any other columns are ignored). Relative paths are
+    relative to the CSV's folder; a missing file is left for validation to skip and count."""
+    import csv
+
+    csv_path = Path(csv_path).expanduser().resolve()
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"data.path={csv_path} does not exist")
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{csv_path} needs the columns path,label; missing "
+                             f"{', '.join(sorted(missing))} (has {reader.fieldnames})")
+        rows = [(r["path"].strip(), r["label"].strip()) for r in reader if r["path"].strip()]
+    classes = sorted({label for _, label in rows})
+    lookup = {c: i for i, c in enumerate(classes)}
+    paths = [str((csv_path.parent / p).resolve()) for p, _ in rows]
+    return ImageIndex(str(csv_path.parent), paths, [lookup[y] for _, y in rows], classes)
+
+
+def index_images(path: str | Path) -> ImageIndex:
+    """`path` is an image folder or a .csv manifest."""
+    return index_csv_manifest(path) if str(path).lower().endswith(".csv") else \
+        index_image_folder(path)

@@ -73,3 +73,18 @@ def split_dataset(images: ValidatedImages, val_fraction: float, test_fraction: f
     splits = [split_of[i] for i in order]
     fp = compute_fingerprint(idx.root, idx.paths, images.digests, idx.labels, splits, idx.classes)
     return SplitManifest(idx.root, list(idx.paths), list(idx.labels), splits, list(idx.classes), fp)
+
+
+def kfold_rows(train_rows: tuple[list[str], list[int]], val_rows: tuple[list[str], list[int]],
+               k: int, seed: int) -> list[tuple[tuple[list[str], list[int]],
+                                             tuple[list[str], list[int]]]]:
+    """Stratified k folds over train+val (the test split stays untouched): [(train, val)]."""
+    from sklearn.model_selection import StratifiedKFold
+
+    paths = list(train_rows[0]) + list(val_rows[0])
+    labels = list(train_rows[1]) + list(val_rows[1])
+    folds = []
+    for tr, va in StratifiedKFold(k, shuffle=True, random_state=seed).split(paths, labels):
+        folds.append((([paths[i] for i in tr], [labels[i] for i in tr]),
+                      ([paths[i] for i in va], [labels[i] for i in va])))
+    return folds

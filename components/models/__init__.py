@@ -20,7 +20,8 @@ __all__ = [
 
 
 def build_model(model_cfg, num_classes: int, in_channels: int) -> nn.Module:
-    """Build the model a `ModelConfig` describes: `cnn` or any torchvision backbone name."""
+    """Build the model a `ModelConfig` describes: `cnn` or any torchvision backbone name.
+    Freezing is the optimizer's business (`components.models.freezing.build_param_groups`)."""
     if model_cfg.name == "cnn":
         cnn = model_cfg.cnn
         model = SmallCNN(
@@ -30,5 +31,5 @@ def build_model(model_cfg, num_classes: int, in_channels: int) -> nn.Module:
         return apply_initializer(model, model_cfg.initializer)
     return build_transfer_model(
         model_cfg.name, num_classes, in_channels, model_cfg.dropout, model_cfg.initializer,
-        model_cfg.pretrained, model_cfg.weights_path, model_cfg.freeze,
+        model_cfg.pretrained, model_cfg.weights_path,
     )

@@ -107,7 +107,6 @@ def build_transfer_model(
     initializer: str = "default",
     pretrained: bool = False,
     weights_path: str | None = None,
-    freeze: str = "none",
 ) -> TransferModel:
     if arch not in backbone_names():
         raise ValueError(f"unknown backbone {arch!r}; torchvision has e.g. resnet18, resnet50, "
@@ -125,10 +124,4 @@ def build_transfer_model(
     head = nn.Linear(in_features, num_classes)
     apply_initializer(head, initializer)
     setattr(parent, child, nn.Sequential(nn.Dropout(dropout), head))
-    model = TransferModel(net, head_name)
-    if freeze == "backbone":
-        for p in model.backbone_parameters():
-            p.requires_grad_(False)
-    elif freeze != "none":
-        raise ValueError(f"unknown freeze strategy {freeze!r}; valid: none, backbone")
-    return model
+    return TransferModel(net, head_name)

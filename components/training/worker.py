@@ -15,10 +15,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from components.augment import build_eval_transform, build_train_transform, eval_preprocessing
+from components.augment import (
+    build_eval_transform,
+    build_train_transform,
+    eval_preprocessing,
+    plot_augmented_samples,
+)
 from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
 from components.data.dataset import ImageDataset
 from components.models import build_model
+from components.models.freezing import build_param_groups, unfreeze
 from components.training.loop import predict, train_one_epoch
 from components.training.metrics import classification_metrics
 from components.training.optim import build_optimizer, build_scheduler
@@ -42,6 +48,7 @@ class TrainJob:
     num_classes: int
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    metric_prefix: str = ""   # "fold2/" when the run is one fold of a cross-validation
 
 
 def _gather(obj):
@@ -107,14 +114,20 @@ def train_loop_per_worker(config: dict) -> None:
     val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 256),
                             num_workers=job.data.loader_workers, pin_memory=pin)
 
-    model = build_model(job.model, job.num_classes, channels)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(tc.optimizer, params, tc.lr, tc.weight_decay, tc.momentum)
-    scheduler, when = build_scheduler(tc.scheduler, optimizer, tc.epochs, len(train_loader))
+    mc = job.model
+    model = build_model(mc, job.num_classes, channels)
+    # Before DDP wraps the model: parameters frozen for good must already be excluded.
+    groups = build_param_groups(model, tc.lr, freeze=mc.freeze, stage=mc.freeze_stage,
+                                unfreeze_epoch=mc.unfreeze_epoch,
+                                backbone_lr_mult=mc.backbone_lr_mult)
+    optimizer = build_optimizer(tc.optimizer, groups, tc.lr, tc.weight_decay, tc.momentum,
+                                tuple(tc.betas), tc.eps)
+    scheduler, when = build_scheduler(tc.scheduler, optimizer, tc.epochs, len(train_loader),
+                                      tc.step_size, tc.gamma)
     model = ray.train.torch.prepare_model(model)
     amp = tc.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
     state = {"epoch": 0, "best_val_f1": -1.0, "best_val_loss": float("inf"), "best_epoch": 0,
              "epochs_without_gain": 0}
@@ -135,13 +148,24 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and job.mlflow_run_id:
         from components.tracking import EpochLogger, Tracker  # MLflow is rank 0's business
 
-        logger = EpochLogger(Tracker(job.tracking_uri), job.mlflow_run_id)
+        tracker = Tracker(job.tracking_uri)
+        logger = EpochLogger(tracker, job.mlflow_run_id, key=job.metric_prefix + "val_f1")
+        if checkpoint is None and job.metric_prefix in ("", "fold0/"):
+            import matplotlib.pyplot as plt
+
+            fig = plot_augmented_samples(train_ds.images, train_ds.transform, prep["mean"],
+                                         prep["std"], seed=job.seed)
+            tracker.log_figure(job.mlflow_run_id, fig, "augmented_samples.png")
+            plt.close(fig)
 
     for epoch in range(state["epoch"] + 1, tc.epochs + 1):
         sampler.set_epoch(epoch)
+        if mc.unfreeze_epoch is not None and epoch >= mc.unfreeze_epoch:
+            unfreeze(optimizer, scheduler)
         total, count = train_one_epoch(
             model, train_loader, optimizer, loss_fn, device, scaler=scaler, amp=amp,
-            batch_scheduler=scheduler if when == "batch" else None)
+            batch_scheduler=scheduler if when == "batch" else None, grad_clip=tc.grad_clip,
+            l1=tc.l1)
         train_loss = _all_reduce_mean(total, count, device)
         unwrapped = model.module if hasattr(model, "module") else model
         val = evaluate_split(unwrapped, val_loader, device, job.num_classes, job.average, amp)
@@ -163,12 +187,12 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "val_precision": val["precision"],
                    "val_recall": val["recall"], "val_f1": val["f1"],
-                   "lr": optimizer.param_groups[-1]["lr"],
+                   "lr": optimizer.param_groups[0]["lr"],
                    "best_val_f1": state["best_val_f1"], "best_val_loss": state["best_val_loss"],
                    "best_epoch": state["best_epoch"], "early_stopped": int(stop)}
         if rank == 0:
             if logger is not None:
-                logger.log_epoch(epoch, {k: v for k, v in metrics.items()
+                logger.log_epoch(epoch, {job.metric_prefix + k: v for k, v in metrics.items()
                                          if k not in ("epoch", "early_stopped")})
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": _state_dict(model), "optimizer": optimizer.state_dict(),

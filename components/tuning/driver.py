@@ -8,6 +8,7 @@ function trainable, and Train's `TuneReportCallback` forwards rank 0's metrics t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,13 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from components.config import SearchConfig
+from components.data.split import kfold_rows
 from components.tracking import Tracker
 from components.training.trainer import build_trainer
 from components.training.worker import TrainJob
 from components.tuning.plan import TRIAL_SLOT, ResourcePlan
-from components.tuning.space import Axis, set_params, to_tune_space
+from components.tuning.space import Axis, resolve_params, set_params, to_tune_space
 
 SECTIONS = ("data", "augment", "model", "train")
 
@@ -82,20 +85,57 @@ def ray_session(address: str | None, num_cpus: int | None = None):
         ray.shutdown()
 
 
-def vt_trial(config: dict, job: TrainJob, target: TrackingTarget | None, storage_path: str):
+def _fit(job: TrainJob, name: str, storage_path: str, callbacks: list):
+    return build_trainer(job, name=name, storage_path=storage_path, callbacks=callbacks).fit()
+
+
+def _cross_validate(job: TrainJob, trial_id: str, storage_path: str,
+                    target: TrackingTarget | None, run_id: str | None) -> None:
+    """k folds over train+val, one Train run each; the trial reports the folds' mean best
+    val F1 to Tune, and the best fold's checkpoint for evaluation."""
+    from statistics import mean, pstdev
+
+    folds = kfold_rows(job.train_rows, job.val_rows, job.data.cv_folds, job.seed)
+    scores = []
+    for i, (train_rows, val_rows) in enumerate(folds):
+        fold_job = dataclasses.replace(job, train_rows=train_rows, val_rows=val_rows,
+                                       metric_prefix=f"fold{i}/")
+        result = _fit(fold_job, f"{trial_id}-fold{i}", storage_path, [])
+        m = result.metrics or {}
+        scores.append({"f1": m["best_val_f1"], "loss": m["best_val_loss"],
+                       "epoch": m["epoch"], "best_epoch": m["best_epoch"],
+                       "checkpoint_path": result.checkpoint.path})
+    f1s = [s["f1"] for s in scores]
+    best = max(scores, key=lambda s: (s["f1"], -s["loss"]))
+    summary = {"best_val_f1": mean(f1s), "best_val_loss": mean(s["loss"] for s in scores),
+               "cv_val_f1_std": pstdev(f1s), "epoch": max(s["epoch"] for s in scores),
+               "best_epoch": best["best_epoch"], "early_stopped": 0}
+    if target is not None:
+        target.tracker.log_metrics(run_id, {"cv_mean_val_f1": summary["best_val_f1"],
+                                            "cv_std_val_f1": summary["cv_val_f1_std"],
+                                            **{f"fold{i}/best_val_f1": f for i, f in
+                                               enumerate(f1s)}})
+    tune.report({**summary, "checkpoint_path": best["checkpoint_path"]})
+
+
+def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarget | None,
+             storage_path: str):
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
-    sections = set_params({s: getattr(job, s) for s in SECTIONS}, config)
+    base = {s: getattr(job, s) for s in SECTIONS}
+    params = resolve_params(config, axes, base)
+    sections = set_params(base, params)
     run_id = None
     if target is not None:
         run_id = target.tracker.get_or_create_trial_run(
             target.experiment_id, target.parent_run_id, trial_id, ctx.get_trial_name(),
-            params=config)
-    trial_job = TrainJob(**{**job.__dict__, **sections, "mlflow_run_id": run_id})
-    trainer = build_trainer(trial_job, name=trial_id, storage_path=storage_path,
-                            callbacks=[TuneReportCallback()])
+            params=params)
+    trial_job = dataclasses.replace(job, **sections, mlflow_run_id=run_id)
     try:
-        trainer.fit()
+        if job.data.cv_folds:
+            _cross_validate(trial_job, trial_id, storage_path, target, run_id)
+        else:
+            _fit(trial_job, trial_id, storage_path, [TuneReportCallback()])
     except BaseException:
         if target is not None:
             target.tracker.end_run_if_running(run_id, "FAILED")
@@ -128,9 +168,10 @@ class TrialRunCloser(Callback):
             self._close(trial, "KILLED")
 
 
-def _result_of(result, planned_epochs: int, run_ids: dict[str, str]) -> TrialResult:
+def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[Axis],
+               sections: dict) -> TrialResult:
     m = result.metrics or {}
-    config = result.config or {}
+    config = resolve_params(result.config or {}, axes, sections)
     trial_id = m.get("trial_id") or Path(result.path).name
     df = result.metrics_dataframe
     history = {}
@@ -151,35 +192,63 @@ def _result_of(result, planned_epochs: int, run_ids: dict[str, str]) -> TrialRes
         history=history)
 
 
-def run_search(job: TrainJob, axes: list[Axis], mode: str, num_samples: int, *,
-               plan: ResourcePlan, storage_path: str, experiment_name: str, seed: int,
-               target: TrackingTarget | None = None, resume: bool = False,
-               scheduler=None, metric: str = "best_val_f1") -> list[TrialResult]:
+def build_search_alg(search: SearchConfig, axes: list[Axis], plan: ResourcePlan, seed: int):
+    if search.algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(metric="best_val_f1", mode="max", seed=seed),
+                                  max_concurrent=plan.concurrent_trials)
+    # The generator caps concurrency itself (Tune ignores max_concurrent_trials next to a
+    # generator): trials never wait on each other's workers.
+    return tune.search.BasicVariantGenerator(random_state=seed,
+                                             max_concurrent=plan.concurrent_trials)
+
+
+def build_scheduler(search: SearchConfig, epochs: int):
+    if search.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # Rungs are counted in our own epoch counter: Tune's training_iteration restarts at 0
+    # when a trial resumes from a checkpoint.
+    return ASHAScheduler(time_attr="epoch", metric="val_f1", mode="max", max_t=epochs,
+                         grace_period=min(search.grace_period, epochs),
+                         reduction_factor=search.reduction_factor)
+
+
+def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: ResourcePlan,
+               storage_path: str, experiment_name: str, seed: int,
+               target: TrackingTarget | None = None, resume: bool = False) -> list[TrialResult]:
     """Run (or, with `resume`, continue) the search; returns one result per trial."""
+    sections = {s: getattr(job, s) for s in SECTIONS}
     train_storage = str(Path(storage_path) / experiment_name / "train")
     trainable = tune.with_resources(
-        tune.with_parameters(vt_trial, job=job, target=target, storage_path=train_storage),
+        tune.with_parameters(vt_trial, job=job, axes=axes, target=target,
+                             storage_path=train_storage),
         {TRIAL_SLOT: 1})
     exp_path = str(Path(storage_path) / experiment_name)
     if resume and tune.Tuner.can_restore(exp_path):
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
+        scheduler = build_scheduler(search, job.train.epochs)
+        param_space, num_samples = to_tune_space(axes, search.mode, sections,
+                                                 search.num_samples, search.max_trials)
+        if search.algorithm == "optuna":
+            param_space.pop("grid_point", None)
         tuner = tune.Tuner(
             trainable,
-            param_space=to_tune_space(axes, mode),
+            param_space=param_space,
             tune_config=tune.TuneConfig(
                 num_samples=num_samples,
                 scheduler=scheduler,
-                metric=metric if scheduler is not None else None,
-                mode="max" if scheduler is not None else None,
-                # The generator caps concurrency itself (Tune ignores max_concurrent_trials
-                # next to a generator): trials never wait on each other's workers.
-                search_alg=tune.search.BasicVariantGenerator(
-                    random_state=seed, max_concurrent=plan.concurrent_trials),
+                search_alg=build_search_alg(search, axes, plan, seed),
+                time_budget_s=search.time_budget_s,
                 # The trial actor only drives a Train run; reusing it saves a process start
-                # per trial.
-                reuse_actors=True,
+                # per trial. Not with a scheduler that stops trials: a reused actor would
+                # keep the stopped trial's Train run (and its CPUs) alive.
+                reuse_actors=scheduler is None,
             ),
             run_config=tune.RunConfig(
                 name=experiment_name,
@@ -196,4 +265,5 @@ def run_search(job: TrainJob, axes: list[Axis], mode: str, num_samples: int, *,
     if target is not None:
         for run in target.tracker.child_runs(target.experiment_id, target.parent_run_id):
             run_ids[run.data.tags.get("visiontune.trial_id", "")] = run.info.run_id
-    return [_result_of(grid[i], job.train.epochs, run_ids) for i in range(len(grid))]
+    return [_result_of(grid[i], job.train.epochs, run_ids, axes, sections)
+            for i in range(len(grid))]

@@ -29,11 +29,24 @@ def test_every_group_option_loads(group, option):
 
 @pytest.mark.parametrize("path", sorted((CONF / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_experiment_loads_and_its_search_space_is_valid(path):
-    from components.tuning.space import check_space, parse_space
+    from components.tuning.space import check_search, check_space, parse_space
 
     cfg = load_config([], config_file=path, resolve=False)
-    check_space(parse_space(cfg.search.space),
-                {s: getattr(cfg, s) for s in ("data", "augment", "model", "train")})
+    axes = parse_space(cfg.search.space)
+    check_space(axes, {s: getattr(cfg, s) for s in ("data", "augment", "model", "train")},
+                cfg.search.mode)
+    check_search(cfg.search, axes)
+
+
+@pytest.mark.parametrize("option", group_options("search"))
+def test_every_search_space_is_valid(option):
+    from components.tuning.space import check_search, check_space, parse_space
+
+    cfg = load_config([f"search={option}"], resolve=False)
+    axes = parse_space(cfg.search.space)
+    check_space(axes, {s: getattr(cfg, s) for s in ("data", "augment", "model", "train")},
+                cfg.search.mode)
+    check_search(cfg.search, axes)
 
 
 def test_public_override_keys():
@@ -108,6 +121,6 @@ def test_cli_exit_code_2_and_one_line(capsys):
 def test_cli_help_lists_groups_and_keys():
     out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--help"],
                          capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
-    for text in ("config groups", "search ", "default | quick", "train.epochs", "data.path",
+    for text in ("config groups", "search ", "default | optuna | quick", "train.epochs", "data.path",
                  "search.num_samples", "registry.model_name", "ray.address", "seed"):
         assert text in out.stdout

@@ -117,3 +117,35 @@ def test_builtin_digits_written_once(tmp_path):
     assert Path(index.paths[0]).stat().st_mtime_ns == first
     with Image.open(index.paths[0]) as img:
         assert img.size == (8, 8) and img.mode == "L"
+
+
+def test_csv_manifest_with_relative_and_missing_paths(tmp_path, image_folder):
+    from components.data import index_csv_manifest, index_images
+
+    csv = tmp_path / "manifest.csv"
+    rows = ["path,label,extra", "images/cat/000.png,cat,x", f"{image_folder}/dog/000.png,dog,y",
+            "images/cat/missing.png,cat,z", "images/dog/001.PNG,dog,w"]
+    csv.write_text("\n".join(rows) + "\n")
+    index = index_images(csv)
+    assert index.classes == ["cat", "dog"] and index.labels == [0, 1, 0, 1]
+    assert index.paths[0] == str(image_folder / "cat" / "000.png")
+    v = validate_images(index, min_per_class=1)
+    assert [Path(p).name for p, _ in v.skipped] == ["missing.png"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,class\na.png,x\n")
+    with pytest.raises(ValueError, match="needs the columns path,label"):
+        index_csv_manifest(bad)
+
+
+def test_kfold_rows_cover_train_and_val_once_each():
+    from components.data.split import kfold_rows
+
+    train = ([f"t{i}" for i in range(12)], [i % 2 for i in range(12)])
+    val = ([f"v{i}" for i in range(4)], [i % 2 for i in range(4)])
+    folds = kfold_rows(train, val, 4, seed=0)
+    assert len(folds) == 4
+    seen = sorted(p for _, (paths, _) in folds for p in paths)
+    assert seen == sorted(train[0] + val[0])
+    for (tr_paths, tr_labels), (va_paths, va_labels) in folds:
+        assert not set(tr_paths) & set(va_paths) and len(va_paths) == 4
+        assert sorted(va_labels) == [0, 0, 1, 1]

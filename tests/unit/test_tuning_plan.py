@@ -1,7 +1,20 @@
 import pytest
 
+from components.config import Config, ConfigError, SearchConfig
 from components.tuning.plan import ResourceError, plan_resources
-from components.tuning.space import count_trials, parse_space, to_tune_space
+from components.tuning.space import (
+    GRID_POINT,
+    check_search,
+    check_space,
+    count_trials,
+    grid_points,
+    parse_space,
+    resolve_params,
+    to_tune_space,
+)
+
+CFG = Config()
+SECTIONS = {s: getattr(CFG, s) for s in ("data", "augment", "model", "train")}
 
 SPACE = {
     "train.optimizer": {"grid": ["sgd_momentum", "adam", "rmsprop"]},
@@ -15,20 +28,86 @@ SPACE = {
 @pytest.mark.parametrize("mode,samples,expected", [
     ("grid", 1, 12), ("grid", 2, 24), ("grid+random", 3, 36), ("random", 5, 5)])
 def test_count_trials(mode, samples, expected):
-    assert count_trials(parse_space(SPACE), mode, samples) == expected
+    assert count_trials(parse_space(SPACE), mode, samples, SECTIONS) == expected
+    assert count_trials(parse_space(SPACE), mode, samples, SECTIONS, max_trials=4) == 4
 
 
 def test_tune_space_per_mode():
     from ray.tune.search.sample import Categorical, Float
 
     axes = parse_space(SPACE)
-    grid = to_tune_space(axes, "grid")
-    assert set(grid) == {"train.optimizer", "model.initializer", "model.name"}
-    assert all(v == {"grid_search": list(SPACE[k]["grid"])} for k, v in grid.items())
-    both = to_tune_space(axes, "grid+random")
-    assert isinstance(both["train.lr"], Float) and "grid_search" in both["model.name"]
-    rnd = to_tune_space(axes, "random")
-    assert isinstance(rnd["model.name"], Categorical)
+    grid, n = to_tune_space(axes, "grid", SECTIONS, 2)
+    assert set(grid) == {GRID_POINT} and n == 1
+    points = grid[GRID_POINT]["grid_search"]
+    assert len(points) == 24 and points[0] == points[12]  # the grid repeated num_samples times
+    assert set(points[0]) == {"train.optimizer", "model.initializer", "model.name"}
+    both, _ = to_tune_space(axes, "grid+random", SECTIONS, 1)
+    assert isinstance(both["train.lr"], Float) and len(both[GRID_POINT]["grid_search"]) == 12
+    rnd, n = to_tune_space(axes, "random", SECTIONS, 5)
+    assert isinstance(rnd["model.name"], Categorical) and n == 5
+    capped, _ = to_tune_space(axes, "grid", SECTIONS, 1, max_trials=5)
+    assert len(capped[GRID_POINT]["grid_search"]) == 5
+
+
+CONDITIONAL = {
+    "train.optimizer": {"grid": ["adam", "sgd_momentum", "nesterov"]},
+    "train.momentum": {"grid": [0.8, 0.95], "when": {"train.optimizer": ["sgd_momentum",
+                                                                         "nesterov"]}},
+    "train.betas": {"choice": [[0.9, 0.999], [0.5, 0.9]], "when": {"train.optimizer": ["adam"]}},
+    "model.name": {"grid": ["cnn", "resnet18"]},
+    "model.freeze": {"grid": ["none", "backbone"], "when": {"model.name": ["resnet18"]}},
+}
+
+
+def test_conditional_grid_never_launches_invalid_or_duplicate_combinations():
+    axes = parse_space(CONDITIONAL)
+    points = grid_points(axes, "grid", SECTIONS)
+    # optimizer: adam (1) + sgd_momentum x 2 + nesterov x 2 = 5; model: cnn (1) + resnet x 2 = 3
+    assert len(points) == 15
+    assert all("train.momentum" not in p for p in points if p["train.optimizer"] == "adam")
+    assert all("model.freeze" not in p for p in points if p["model.name"] == "cnn")
+    check_space(axes, SECTIONS, "grid")  # cnn never meets freeze=backbone
+
+
+def test_conditional_random_parameter_is_dropped_where_it_does_not_apply():
+    axes = parse_space(CONDITIONAL)
+    sgd = resolve_params({GRID_POINT: {"train.optimizer": "sgd_momentum", "model.name": "cnn"},
+                          "train.betas": [0.5, 0.9]}, axes, SECTIONS)
+    assert sgd == {"train.optimizer": "sgd_momentum", "model.name": "cnn"}
+    adam = resolve_params({GRID_POINT: {"train.optimizer": "adam", "model.name": "cnn"},
+                           "train.betas": [0.5, 0.9]}, axes, SECTIONS)
+    assert adam["train.betas"] == [0.5, 0.9]
+
+
+def test_condition_on_a_fixed_config_key():
+    axes = parse_space({"model.freeze": {"choice": ["backbone"],
+                                         "when": {"model.name": ["resnet18"]}}})
+    assert resolve_params({"model.freeze": "backbone"}, axes, SECTIONS) == {}  # config: cnn
+
+
+def test_unconditional_invalid_combination_is_refused_before_launch():
+    axes = parse_space({"model.name": {"grid": ["cnn", "resnet18"]},
+                        "model.freeze": {"grid": ["backbone"]}})
+    with pytest.raises(ConfigError, match="transfer models"):
+        check_space(axes, SECTIONS, "grid")
+
+
+def test_optuna_with_a_grid_is_a_clear_error():
+    axes = parse_space(SPACE)
+    with pytest.raises(ConfigError, match="optuna .* cannot search grid axes"):
+        check_search(SearchConfig(algorithm="optuna", mode="random"), axes)
+    check_search(SearchConfig(algorithm="optuna", mode="random"),
+                 parse_space({"train.lr": {"loguniform": [1e-4, 1e-2]}}))
+
+
+def test_quniform_and_randint():
+    from ray.tune.search.sample import Float, Integer
+
+    space, _ = to_tune_space(parse_space({"train.batch_size": {"randint": [8, 64]},
+                                          "model.dropout": {"quniform": [0.0, 0.5, 0.1]}}),
+                             "random", SECTIONS, 3)
+    assert isinstance(space["train.batch_size"], Integer)
+    assert isinstance(space["model.dropout"], Float)
 
 
 def test_plan_fits_many_trials():

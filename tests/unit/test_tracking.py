@@ -1,0 +1,66 @@
+"""The MLflow adapter on a SQLite store in a temp dir (no server, no Ray)."""
+
+import pytest
+
+from components.tracking import EpochLogger, Tracker, flatten
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    t = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = t.ensure_experiment("unit", str(tmp_path / "artifacts"))
+    parent = t.create_run(exp, "pipeline", {"visiontune.role": "pipeline"})
+    return t, exp, parent
+
+
+def test_retried_trial_continues_its_child_run(tracker):
+    t, exp, parent = tracker
+    first = t.get_or_create_trial_run(exp, parent, "trial_1", "vt_trial_1", {"train.lr": 0.1})
+    t.end_run(first, "FAILED")
+    again = t.get_or_create_trial_run(exp, parent, "trial_1", "vt_trial_1", {"train.lr": 0.1})
+    assert again == first and t.run_status(first) == "RUNNING"
+    other = t.get_or_create_trial_run(exp, parent, "trial_2", "vt_trial_2", {"train.lr": 0.2})
+    assert other != first
+    runs = t.child_runs(exp, parent)
+    assert {r.info.run_id for r in runs} == {first, other}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in runs)
+    assert t.client.get_run(first).data.params == {"train.lr": "0.1"}
+
+
+def test_epoch_logger_never_logs_an_epoch_twice(tracker):
+    t, exp, parent = tracker
+    run = t.get_or_create_trial_run(exp, parent, "trial", "trial", {})
+    logger = EpochLogger(t, run)
+    assert logger.log_epoch(1, {"val_f1": 0.5}) and logger.log_epoch(2, {"val_f1": 0.6})
+    # a restarted worker group resumes from the epoch-1 checkpoint and replays epoch 2
+    restarted = EpochLogger(t, run)
+    assert restarted.last_logged_epoch == 2
+    assert not restarted.log_epoch(2, {"val_f1": 0.61})
+    assert restarted.log_epoch(3, {"val_f1": 0.7})
+    history = t.metric_history(run, "val_f1")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.6), (3, 0.7)]
+
+
+def test_closing_only_runs_left_running(tracker):
+    t, exp, parent = tracker
+    finished = t.get_or_create_trial_run(exp, parent, "a", "a", {})
+    t.end_run(finished, "FINISHED")
+    stopped = t.get_or_create_trial_run(exp, parent, "b", "b", {})
+    assert not t.end_run_if_running(finished, "KILLED")
+    assert t.end_run_if_running(stopped, "KILLED")
+    assert t.run_status(finished) == "FINISHED" and t.run_status(stopped) == "KILLED"
+
+
+def test_params_are_flattened_and_batched(tracker):
+    t, exp, parent = tracker
+    params = {f"k{i}": i for i in range(250)} | {"nested": {"a": 1, "b": {"c": 2}}}
+    t.log_params(parent, params)
+    logged = t.client.get_run(parent).data.params
+    assert len(logged) == 252 and logged["nested.b.c"] == "2"
+    assert flatten({"search": {"space": {"train.lr": {"grid": [1]}}}}) == \
+        {"search.space": {"train.lr": {"grid": [1]}}}
+
+
+def test_artifact_location_is_absolute(tracker, tmp_path):
+    t, exp, _ = tracker
+    assert t.client.get_experiment(exp).artifact_location == (tmp_path / "artifacts").as_uri()
