@@ -169,7 +169,7 @@ class EvaluationConfig:
 @dataclass
 class TrackingConfig:
     uri: str | None = field(default=None, metadata={
-        "doc": "MLflow tracking URI; default sqlite:///<cwd>/mlflow.db"})
+        "doc": "MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db"})
     experiment_name: str = "visiontune"
     artifact_location: str | None = field(default=None, metadata={
         "doc": "artifact root for a new experiment; default <cwd>/mlruns"})

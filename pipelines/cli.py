@@ -94,14 +94,25 @@ def cmd_run(args) -> int:
     return 0
 
 
+COMMANDS = {"run": cmd_run}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from components.data.validate import DataError
+    from components.models.transfer import WeightsNotFoundError
+    from components.tuning.plan import ResourceError
+
     try:
-        return {"run": cmd_run}[args.command](args)
+        return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"visiontune: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except (DataError, WeightsNotFoundError, ResourceError, FileNotFoundError) as e:
+        # What the user can fix gets one clear line, not a traceback.
+        print(f"visiontune: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

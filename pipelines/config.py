@@ -147,7 +147,9 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     cfg.data.cache_dir = _absolute(cfg.data.cache_dir, base)
     cfg.model.weights_path = _absolute(cfg.model.weights_path, base)
     cfg.ray.storage_path = _absolute(cfg.ray.storage_path or "ray_results", base)
-    uri = cfg.tracking.uri
+    # MLflow's own convention: MLFLOW_TRACKING_URI names the server when the config does not
+    # (a cluster image sets it once for every job).
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri is None:
         uri = f"sqlite:///{(base / 'mlflow.db').resolve()}"
     elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

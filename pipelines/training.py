@@ -110,10 +110,12 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     from components.training.worker import TrainJob, load_best_weights
     from components.tuning.driver import TrackingTarget, ray_session, run_search
     from components.tuning.plan import plan_resources
+    from components.models.transfer import pretrained_weights_file
     from components.tuning.space import (
         check_search,
         check_space,
         count_trials,
+        grid_points,
         parse_space,
         set_params,
     )
@@ -124,6 +126,12 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     base_sections = {s: getattr(cfg, s) for s in ("data", "augment", "model", "train")}
     check_space(axes, base_sections, cfg.search.mode)
     check_search(cfg.search, axes)
+    # Pretrained weights are needed on every worker: a missing file fails here, not in
+    # every trial.
+    for point in grid_points(axes, cfg.search.mode, base_sections) or [{}]:
+        m = set_params(base_sections, point)["model"]
+        if m.pretrained:
+            pretrained_weights_file(m.name, m.weights_path)
     num_trials = count_trials(axes, cfg.search.mode, cfg.search.num_samples, base_sections,
                               cfg.search.max_trials)
 

@@ -10,6 +10,13 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own stores
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_from_env(monkeypatch):
+    # mlflow.set_tracking_uri() (model logging) exports MLFLOW_TRACKING_URI to the process.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def _shape_image(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -60,12 +67,15 @@ def image_folder(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray with 2 CPUs and the trial-slot resource; shut down after the module."""
+    """A local Ray with 2 CPUs and the trial-slot resource; shut down after the module.
+
+    With the dashboard: Train V2's placement-group cleaner asks the State API whether a
+    controller died; without it, the workers of a trial stopped by ASHA keep their CPUs."""
     import ray
 
     from components.tuning.plan import TRIAL_SLOT
 
-    ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, include_dashboard=False,
+    ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, include_dashboard=True,
              configure_logging=False)
     try:
         yield ray

@@ -31,7 +31,8 @@ def hub_weights_path(arch: str) -> Path:
     return hub_dir / "checkpoints" / Path(weights.url).name
 
 
-def load_pretrained_state(arch: str, weights_path: str | None) -> dict[str, torch.Tensor]:
+def pretrained_weights_file(arch: str, weights_path: str | None) -> Path:
+    """The local file the ImageNet weights of `arch` load from; a clear error if absent."""
     path = Path(weights_path).expanduser() if weights_path else hub_weights_path(arch)
     if not path.is_file():
         url = torchvision.models.get_model_weights(arch).DEFAULT.url
@@ -41,7 +42,12 @@ def load_pretrained_state(arch: str, weights_path: str | None) -> dict[str, torc
             f"($TORCH_HOME/hub/checkpoints/) or set model.weights_path=/path/to/file.pth "
             f"(or use model.pretrained=false)"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return path
+
+
+def load_pretrained_state(arch: str, weights_path: str | None) -> dict[str, torch.Tensor]:
+    return torch.load(pretrained_weights_file(arch, weights_path), map_location="cpu",
+                      weights_only=True)
 
 
 def _parent_and_name(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:

@@ -109,7 +109,10 @@ def train_loop_per_worker(config: dict) -> None:
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                  seed=job.seed)
     pin = device.type == "cuda"
+    # A last batch of one image breaks batch norm in training mode; drop the remainder
+    # whenever a shard holds more than one batch.
     train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler,
+                              drop_last=len(sampler) > tc.batch_size,
                               num_workers=job.data.loader_workers, pin_memory=pin)
     val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 256),
                             num_workers=job.data.loader_workers, pin_memory=pin)

@@ -144,12 +144,22 @@ def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarg
         target.tracker.end_run(run_id, "FINISHED")
 
 
-class TrialRunCloser(Callback):
-    """Closes child runs their trial could not close: a trial stopped by the scheduler is
-    killed mid-epoch (KILLED), a crashed trial's process may be gone (FAILED)."""
+def ended_status(metrics: dict | None, planned_epochs: int) -> str:
+    """FINISHED when a trial ran all its epochs or stopped itself (patience); KILLED when
+    something else (the scheduler) stopped it earlier."""
+    m = metrics or {}
+    done = int(m.get("epoch", 0) or 0) >= planned_epochs or bool(m.get("early_stopped"))
+    return "FINISHED" if done else "KILLED"
 
-    def __init__(self, target: TrackingTarget):
+
+class TrialRunCloser(Callback):
+    """Closes child runs their trial could not close. A trial the scheduler stops is killed
+    before its own code can end the run, also at its last epoch (ASHA stops at max_t);
+    a crashed trial's process may be gone."""
+
+    def __init__(self, target: TrackingTarget, planned_epochs: int):
         self.target = target
+        self.planned_epochs = planned_epochs
 
     def _close(self, trial, status: str) -> None:
         t = self.target
@@ -158,7 +168,7 @@ class TrialRunCloser(Callback):
             t.tracker.end_run_if_running(run_id, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._close(trial, "KILLED")
+        self._close(trial, ended_status(trial.last_result, self.planned_epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED")
@@ -178,12 +188,7 @@ def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[
     if df is not None and "val_f1" in df:
         history = {k: df[k].tolist() for k in ("val_f1", "val_loss", "train_loss") if k in df}
     epochs = int(m.get("epoch", 0) or 0)
-    if result.error is not None:
-        status = "FAILED"
-    elif epochs < planned_epochs and not m.get("early_stopped"):
-        status = "KILLED"
-    else:
-        status = "FINISHED"
+    status = "FAILED" if result.error is not None else ended_status(m, planned_epochs)
     return TrialResult(
         trial_id=trial_id, params=dict(config), status=status, run_id=run_ids.get(trial_id),
         best_val_f1=m.get("best_val_f1"), best_val_loss=m.get("best_val_loss"),
@@ -253,7 +258,8 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
             run_config=tune.RunConfig(
                 name=experiment_name,
                 storage_path=storage_path,
-                callbacks=[TrialRunCloser(target)] if target is not None else [],
+                callbacks=([TrialRunCloser(target, job.train.epochs)] if target is not None
+                           else []),
                 # A trial's own failures are retried by Ray Train from checkpoints; here we
                 # only want the sweep to go on when one trial fails.
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),

@@ -124,3 +124,11 @@ def test_cli_help_lists_groups_and_keys():
     for text in ("config groups", "search ", "default | optuna | quick", "train.epochs", "data.path",
                  "search.num_samples", "registry.model_name", "ray.address", "seed"):
         assert text in out.stdout
+
+
+def test_tracking_uri_falls_back_to_mlflow_env(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert load_config([]).tracking.uri == "http://mlflow:5000"
+    assert load_config(["tracking.uri=sqlite:///x.db"]).tracking.uri == \
+        f"sqlite:///{tmp_path / 'x.db'}"
