@@ -132,6 +132,8 @@ class TrainConfig:
     num_workers: int = field(default=2, metadata=_positive("DDP workers per trial"))
     use_gpu: bool = field(default=False, metadata={"doc": "NCCL + one GPU per worker"})
     cpus_per_worker: float = field(default=1.0, metadata=_positive())
+    resources_per_worker: dict = field(default_factory=dict, metadata={
+        "doc": "extra or overriding Ray resources per worker, e.g. {CPU: 4, GPU: 1, memory: 8e9}"})
     amp: bool = field(default=True, metadata={"doc": "mixed precision (GPU only)"})
     max_failures: int = field(default=1, metadata=_check(
         lambda v: v >= -1, "must be >= -1", "worker-group restarts from the last checkpoint"))
@@ -178,6 +180,9 @@ class TrackingConfig:
 @dataclass
 class RegistryConfig:
     model_name: str = "visiontune-classifier"
+    min_f1_gain: float = field(default=0.0, metadata=_check(
+        lambda v: v >= 0, "must be >= 0",
+        "promote: test F1 gain the challenger needs over the champion (and always > 0)"))
 
 
 @dataclass

@@ -56,6 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted run (its id is printed at the start)")
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config and exit")
+
+    sb = sub.add_parser("submit", help="submit the pipeline to a Ray cluster as a Ray job")
+    sb.add_argument("--address", required=True,
+                    help="the cluster's dashboard / job server, e.g. http://HOST:8265")
+    sb.add_argument("--follow", action="store_true",
+                    help="stream the job's logs; exit code 0 only if the job succeeded")
+    sb.add_argument("--token", help="Ray auth token (default: RAY_AUTH_TOKEN or "
+                                    "~/.ray/auth_token when present)")
+    _add_config_args(sb)
+
+    jobs = sub.add_parser("jobs", help="list this cluster's visiontune jobs")
+    jobs.add_argument("--address", required=True)
+    jobs.add_argument("--token")
+    st = sub.add_parser("status", help="a job's status (and --logs)")
+    st.add_argument("job_id")
+    st.add_argument("--address", required=True)
+    st.add_argument("--token")
+    st.add_argument("--logs", action="store_true")
+
+    pr = sub.add_parser("promote", help="move the champion alias to the challenger if it wins")
+    pr.add_argument("--model", required=True, help="registered model name")
+    pr.add_argument("--version", help="challenger version (default: alias challenger)")
+    pr.add_argument("--dry-run", action="store_true", help="decide and print, change nothing")
+    pr.add_argument("--force", action="store_true",
+                    help="promote even when worse or on other test data")
+    _add_config_args(pr)
+    rb = sub.add_parser("rollback", help="move champion back to previous-champion")
+    rb.add_argument("--model", required=True)
+    _add_config_args(rb)
+
+    pd = sub.add_parser("predict", help="classify images with a registered model")
+    pd.add_argument("--model", required=True, help="e.g. models:/NAME@champion")
+    pd.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    pd.add_argument("--output", "-o", help="CSV file (default: stdout)")
+    pd.add_argument("--tracking-uri", help="default: tracking.uri of the config")
     return parser
 
 
@@ -94,7 +129,117 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run}
+def _tracking(args):
+    from components.tracking import Tracker
+    from pipelines.config import load_config
+
+    cfg = load_config(args.overrides, args.config)
+    return cfg, Tracker(cfg.tracking.uri)
+
+
+def cmd_submit(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.jobs import dashboard_url, follow, submit
+
+    # Fail fast on a bad config, here rather than in a job minutes later.
+    cfg = load_config(args.overrides, args.config, resolve=False)
+    path = cfg.data.path
+    if path and "://" not in path and not path.startswith("/"):
+        raise ConfigError(f"data.path={path} is relative: on a cluster it must be a path every "
+                          "node sees (absolute, on shared storage) or a URL")
+    if cfg.tracking.uri is None or not cfg.tracking.uri.startswith(("http://", "https://")):
+        print("visiontune: warning: no tracking.uri=http://... given: the job logs to a "
+              "SQLite file in its own working directory on the cluster", file=sys.stderr)
+    job_id, client = submit(args.address, args.overrides, args.config, args.token)
+    print(f"submitted job {job_id}\n  dashboard: {dashboard_url(args.address)}/#/jobs/{job_id}"
+          f"\n  status:    visiontune status {job_id} --address {args.address}", flush=True)
+    if not args.follow:
+        return 0
+    status = follow(client, job_id, lambda *a, **k: print(*a, **k, flush=True))
+    print(f"job {job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from pipelines.jobs import job_client
+
+    client = job_client(args.address, args.token)
+    for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+        if job.submission_id and job.submission_id.startswith("visiontune-"):
+            print(f"{job.submission_id}  {job.status.value:<10} {job.entrypoint}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipelines.jobs import job_client
+
+    client = job_client(args.address, args.token)
+    info = client.get_job_info(args.job_id)
+    print(f"{args.job_id}  {info.status.value}  {info.message or ''}")
+    if args.logs:
+        print(client.get_job_logs(args.job_id))
+    return 0
+
+
+EXIT_NOT_PROMOTED = 3
+
+
+def cmd_promote(args) -> int:
+    from components.registry import promote
+
+    cfg, tracker = _tracking(args)
+    r = promote(tracker, args.model, args.version, min_gain=cfg.registry.min_f1_gain,
+                force=args.force, dry_run=args.dry_run)
+    champ = f"v{r.champion.version} (test F1 {r.champion.test_f1})" if r.champion else "none"
+    verdict = "promote" if r.decision.promote else "keep the champion"
+    print(f"challenger v{r.challenger.version} (test F1 {r.challenger.test_f1}) vs champion "
+          f"{champ}: {verdict}: {r.decision.reason}"
+          + (" [dry run: nothing changed]" if args.dry_run else ""))
+    if r.applied:
+        print(f"models:/{args.model}@champion -> version {r.challenger.version}"
+              + (f" (previous-champion -> {r.champion.version})" if r.champion else ""))
+    return 0 if r.decision.promote else EXIT_NOT_PROMOTED
+
+
+def cmd_rollback(args) -> int:
+    from components.registry import rollback
+
+    _, tracker = _tracking(args)
+    new, old = rollback(tracker, args.model)
+    print(f"models:/{args.model}@champion -> version {new}"
+          + (f" (previous-champion -> {old})" if old else ""))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import csv
+
+    import mlflow
+
+    from components.inference import classify, expand_paths
+    from pipelines.config import load_config
+
+    uri = args.tracking_uri or load_config([]).tracking.uri
+    mlflow.set_tracking_uri(uri)
+    paths = expand_paths(args.paths)
+    model = mlflow.pyfunc.load_model(args.model)
+    rows = classify(model, paths)
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        w = csv.writer(out)
+        w.writerow(["path", "prediction", "probability"])
+        for path, (label, p) in zip(paths, rows):
+            w.writerow([path, label, f"{p:.6f}"])
+    finally:
+        if args.output:
+            out.close()
+    if args.output:
+        print(f"{len(rows)} predictions -> {args.output}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "jobs": cmd_jobs, "status": cmd_status,
+            "promote": cmd_promote, "rollback": cmd_rollback, "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"visiontune: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (DataError, WeightsNotFoundError, ResourceError, FileNotFoundError) as e:
+    except (DataError, WeightsNotFoundError, ResourceError, FileNotFoundError,
+            LookupError) as e:
         # What the user can fix gets one clear line, not a traceback.
         print(f"visiontune: error: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ module wires them, records each step on the MLflow parent run and prints progres
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     from components.tracking import ROLE_TAG, Tracker
     from components.training.worker import TrainJob, load_best_weights
     from components.tuning.driver import TrackingTarget, ray_session, run_search
+    from components.training.trainer import worker_resources
     from components.tuning.plan import plan_resources
     from components.models.transfer import pretrained_weights_file
     from components.tuning.space import (
@@ -149,8 +151,13 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
             tracker.client.update_run(parent, status="RUNNING")
             echo(f"[visiontune] resuming pipeline {pipeline_id} (MLflow run {parent})")
     if parent is None:
+        from pipelines.jobs import CLUSTER_ENV, JOB_ID_ENV
+
         tags = {ROLE_TAG: "pipeline", "visiontune.pipeline_id": pipeline_id,
                 **(extra_tags or {})}
+        if os.environ.get(JOB_ID_ENV):  # submitted with `visiontune submit`
+            tags["visiontune.ray_job_id"] = os.environ[JOB_ID_ENV]
+            tags["visiontune.ray_cluster_address"] = os.environ.get(CLUSTER_ENV, "")
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -197,9 +204,11 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                 num_classes=len(manifest.classes), tracking_uri=cfg.tracking.uri)
             target = TrackingTarget(tracker, experiment_id, parent)
             with ray_session(cfg.ray.address, cfg.ray.num_cpus) as resources:
-                plan = plan_resources(resources, num_trials, cfg.train.num_workers,
-                                      cfg.train.cpus_per_worker, cfg.train.use_gpu,
-                                      cfg.search.max_concurrent_trials)
+                plan = plan_resources(
+                    resources, num_trials, cfg.train.num_workers,
+                    worker_resources(cfg.train.cpus_per_worker, cfg.train.use_gpu,
+                                     cfg.train.resources_per_worker),
+                    cfg.search.max_concurrent_trials)
                 echo("  " + plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
                 echo(f"  search: {cfg.search.mode} with {cfg.search.algorithm}, scheduler "
                      f"{cfg.search.scheduler}" + (f", {cfg.data.cv_folds}-fold CV per trial"

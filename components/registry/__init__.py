@@ -8,5 +8,14 @@ from components.registry.registry import (
     register_challenger,
 )
 
-__all__ = ["CHALLENGER", "CHAMPION", "RegisteredVersion", "get_alias_version",
-           "register_challenger"]
+from components.registry.promotion import (  # noqa: E402
+    PREVIOUS,
+    Candidate,
+    Decision,
+    decide,
+    promote,
+    rollback,
+)
+
+__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "Candidate", "Decision", "RegisteredVersion",
+           "decide", "get_alias_version", "promote", "register_challenger", "rollback"]

@@ -9,12 +9,20 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from components.training.worker import TrainJob, train_loop_per_worker
 
 
+def worker_resources(num_cpus: float, use_gpu: bool, extra: dict | None = None) -> dict:
+    """What one Train worker asks Ray for: CPU (+1 GPU with use_gpu), then `extra` on top."""
+    res = {"CPU": float(num_cpus)}
+    if use_gpu:
+        res["GPU"] = 1.0
+    for k, v in (extra or {}).items():
+        res[str(k)] = float(v)
+    return {k: v for k, v in res.items() if v > 0}
+
+
 def build_trainer(job: TrainJob, *, name: str, storage_path: str,
                   callbacks: list | None = None) -> TorchTrainer:
     tc = job.train
-    resources = {"CPU": tc.cpus_per_worker}
-    if tc.use_gpu:
-        resources["GPU"] = 1
+    resources = worker_resources(tc.cpus_per_worker, tc.use_gpu, tc.resources_per_worker)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},

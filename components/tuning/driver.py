@@ -62,11 +62,15 @@ def ray_session(address: str | None, num_cpus: int | None = None):
         yield ray.cluster_resources()
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Inside a Ray job (visiontune submit) the job's cluster is the one to use.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     # Train V2's controller collects worker reports once per health-check interval (2 s by
     # default) and a worker waits for its report to be collected: short epochs were paced
     # at 2 s each. A local Ray's processes inherit this environment.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if address:
+        # On a cluster the report interval comes from the nodes' environment (infra/) or the
+        # job's runtime_env (visiontune submit sets it).
         ray.init(address=address, log_to_driver=True)
         resources = ray.cluster_resources()
         if TRIAL_SLOT not in resources:

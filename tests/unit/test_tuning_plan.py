@@ -110,25 +110,42 @@ def test_quniform_and_randint():
     assert isinstance(space["model.dropout"], Float)
 
 
+CPU1 = {"CPU": 1.0}
+
+
 def test_plan_fits_many_trials():
     plan = plan_resources({"CPU": 16, "TRAIN_DRIVER": 16}, num_trials=12, num_workers=2,
-                          cpus_per_worker=1, use_gpu=False)
-    assert plan.concurrent_trials == 8
+                          per_worker=CPU1)
+    assert plan.concurrent_trials == 8 and plan.cpus_per_trial == 2
 
 
 def test_plan_partially_fits_and_respects_caps():
-    plan = plan_resources({"CPU": 2, "TRAIN_DRIVER": 2}, 12, 2, 1, False)
+    plan = plan_resources({"CPU": 2, "TRAIN_DRIVER": 2}, 12, 2, CPU1)
     assert plan.concurrent_trials == 1
     assert "12 trials" in plan.describe(5) and "12 wave(s)" in plan.describe(5)
-    assert plan_resources({"CPU": 64, "GPU": 4}, 12, 2, 1, True).concurrent_trials == 2
-    assert plan_resources({"CPU": 64}, 3, 1, 1, False).concurrent_trials == 3
-    assert plan_resources({"CPU": 64}, 30, 1, 1, False, max_concurrent=4).concurrent_trials == 4
+    gpu = {"CPU": 1.0, "GPU": 1.0}
+    assert plan_resources({"CPU": 64, "GPU": 4}, 12, 2, gpu).concurrent_trials == 2
+    assert plan_resources({"CPU": 64}, 3, 1, CPU1).concurrent_trials == 3
+    assert plan_resources({"CPU": 64}, 30, 1, CPU1, max_concurrent=4).concurrent_trials == 4
+    assert plan_resources({"CPU": 64, "TRAIN_DRIVER": 2}, 30, 1, CPU1).concurrent_trials == 2
+    big = {"CPU": 4.0, "memory": 8e9}
+    assert plan_resources({"CPU": 64, "memory": 40e9}, 30, 2, big).concurrent_trials == 2
 
 
-@pytest.mark.parametrize("cluster,workers,gpu,missing", [
-    ({"CPU": 2}, 4, False, "4 CPUs (cluster has 2)"),
-    ({"CPU": 8, "GPU": 0}, 2, True, "2 GPUs (cluster has 0)"),
+@pytest.mark.parametrize("cluster,workers,per_worker,missing", [
+    ({"CPU": 2}, 4, {"CPU": 1.0}, "4 CPU (cluster has 2)"),
+    ({"CPU": 8, "GPU": 0}, 2, {"CPU": 1.0, "GPU": 1.0}, "2 GPU (cluster has 0)"),
+    ({"CPU": 8}, 2, {"CPU": 1.0, "accelerator_type:A100": 1.0},
+     "2 accelerator_type:A100 (cluster has 0)"),
 ])
-def test_plan_never_fits_says_what_is_missing(cluster, workers, gpu, missing):
+def test_plan_never_fits_says_what_is_missing(cluster, workers, per_worker, missing):
     with pytest.raises(ResourceError, match=missing.replace("(", r"\(").replace(")", r"\)")):
-        plan_resources(cluster, 4, workers, 1, gpu)
+        plan_resources(cluster, 4, workers, per_worker)
+
+
+def test_worker_resources():
+    from components.training.trainer import worker_resources
+
+    assert worker_resources(1, False) == {"CPU": 1.0}
+    assert worker_resources(2, True, {"memory": 4e9}) == {"CPU": 2.0, "GPU": 1.0, "memory": 4e9}
+    assert worker_resources(1, True, {"GPU": 0.5}) == {"CPU": 1.0, "GPU": 0.5}
