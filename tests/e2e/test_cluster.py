@@ -1,0 +1,184 @@
+"""End to end against real servers: a `ray start --head` (dashboard and job server on) and an
+`mlflow server` (SQLite backend, served artifacts), both on 127.0.0.1; the pipeline goes in
+through `visiontune submit --follow`; promote, rollback and predict run through the CLI.
+Every process started here is stopped, also when a test fails."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import make_image_folder
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+MODEL = "e2e-model"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    """Until the server answers at all (the dashboard answers 401 without the token)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    # The job's `python`/`visiontune` come from the PATH of the shell that started the head.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash, mlflow_port = _free_port(), _free_port(), _free_port()
+    mlflow_proc = None
+    try:
+        subprocess.run(
+            [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+             f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", "--num-cpus=2", '--resources={"TRAIN_DRIVER": 2}',
+             "--disable-usage-stats"],
+            env=env, check=True, capture_output=True, text=True, timeout=120)
+        # Own process group: mlflow server forks web workers that must go down with it.
+        mlflow_proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+             "--backend-store-uri", f"sqlite:///{tmp}/mlflow-server.db",
+             "--artifacts-destination", str(tmp / "artifacts"), "--serve-artifacts",
+             "--workers", "1"],
+            env=env, start_new_session=True, stdout=open(tmp / "mlflow.log", "w"),
+            stderr=subprocess.STDOUT)
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 90)
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", 60)
+        yield {"tmp": tmp, "env": env, "dashboard": f"http://127.0.0.1:{dash}",
+               "tracking": f"http://127.0.0.1:{mlflow_port}"}
+    finally:
+        if mlflow_proc is not None:
+            try:
+                os.killpg(mlflow_proc.pid, signal.SIGTERM)
+                mlflow_proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(mlflow_proc.pid, signal.SIGKILL)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True,
+                       timeout=120)
+
+
+def _cli(servers, *args, timeout=900):
+    return subprocess.run([str(BIN / "visiontune"), *args], env=servers["env"],
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=servers["tmp"])
+
+
+@pytest.fixture(scope="module")
+def submitted(servers):
+    data = make_image_folder(servers["tmp"] / "images", per_class=24)
+    common = [f"data.path={data}", "data=folder", "data.image_size=16", "augment=none",
+              "search=quick", "train.epochs=2", "train.num_workers=2", "train.batch_size=8",
+              "train.patience=0", f"tracking.uri={servers['tracking']}",
+              f"registry.model_name={MODEL}", f"ray.storage_path={servers['tmp']}/ray_results",
+              "model.cnn.channels=[8,16]"]
+    first = _cli(servers, "submit", "--address", servers["dashboard"], "--follow", *common)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # A second run on the same data that cannot learn: it must not take the champion.
+    worse = _cli(servers, "submit", "--address", servers["dashboard"], "--follow", *common,
+                 "train.lr=1.0e-9", "train.epochs=1")
+    assert worse.returncode == 0, worse.stdout[-3000:] + worse.stderr[-3000:]
+    return {"data": data, "first": first.stdout, "worse": worse.stdout}
+
+
+def test_submit_prints_job_and_records_run_tree_on_the_server(servers, submitted):
+    assert "submitted job visiontune-" in submitted["first"]
+    assert f"{servers['dashboard']}/#/jobs/visiontune-" in submitted["first"]
+    client = MlflowClient(servers["tracking"])
+    exp = client.get_experiment_by_name("visiontune")
+    parents = client.search_runs([exp.experiment_id], "tags.`visiontune.role` = 'pipeline'",
+                                 order_by=["attributes.start_time ASC"])
+    assert len(parents) == 2
+    for parent in parents:
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["visiontune.ray_job_id"].startswith("visiontune-")
+        assert parent.data.tags["visiontune.ray_cluster_address"] == servers["dashboard"]
+        children = client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    # artifacts are served by the tracking server, not a shared disk
+    assert exp.artifact_location.startswith("mlflow-artifacts:")
+    jobs = _cli(servers, "jobs", "--address", servers["dashboard"])
+    assert jobs.returncode == 0 and jobs.stdout.count("SUCCEEDED") == 2
+
+
+def test_registry_promote_rollback_and_predict(servers, submitted, tmp_path):
+    client = MlflowClient(servers["tracking"])
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    challenger = client.get_model_version_by_alias(MODEL, "challenger")
+    assert (str(champion.version), str(challenger.version)) == ("1", "2")
+    assert float(challenger.tags["test_f1"]) < float(champion.tags["test_f1"])
+
+    tracking = f"tracking.uri={servers['tracking']}"
+    refused = _cli(servers, "promote", "--model", MODEL, tracking)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "keep the champion" in refused.stdout
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+
+    forced = _cli(servers, "promote", "--model", MODEL, "--force", tracking)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(MODEL, "previous-champion").version) == "1"
+
+    back = _cli(servers, "rollback", "--model", MODEL, tracking)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+
+    # predict with the champion reproduces its run's test predictions
+    run_id = client.get_model_version(MODEL, "1").run_id
+    expected = pd.read_csv(client.download_artifacts(run_id, "evaluation/test_predictions.csv",
+                                                     str(tmp_path)))
+    out = tmp_path / "predictions.csv"
+    pred = _cli(servers, "predict", "--model", f"models:/{MODEL}@champion",
+                *expected.path.tolist(), "-o", str(out), "--tracking-uri", servers["tracking"])
+    assert pred.returncode == 0, pred.stdout + pred.stderr
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == expected.path.tolist()
+    assert [r["prediction"] for r in rows] == expected.prediction.tolist()
+    assert all(0 < float(r["probability"]) <= 1 for r in rows)
+
+
+def test_pyfunc_classifies_raw_images_of_any_size_and_mode(servers, submitted):
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    from components.inference import classify
+
+    mlflow.set_tracking_uri(servers["tracking"])
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    images = [Image.new("RGB", (40, 25), (200, 10, 10)), Image.new("L", (7, 7), 128),
+              Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA")]
+    results = classify(model, images)
+    assert len(results) == 3
+    assert all(label in ("cat", "dog") and 0 < p <= 1 for label, p in results)
