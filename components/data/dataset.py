@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 import numpy as np
@@ -18,7 +19,15 @@ def load_image(path_or_image, channels: int, image_size: int) -> np.ndarray:
     This is what the logged model's preprocessing describes: EXIF rotation applied, converted to
     L or RGB, bilinear resize to a square.
     """
-    img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    if isinstance(path_or_image, Image.Image):
+        img = path_or_image
+    elif "://" in str(path_or_image):  # object storage through fsspec
+        from components.data.ingest import open_file
+
+        with open_file(str(path_or_image)) as f:
+            img = Image.open(io.BytesIO(f.read()))
+    else:
+        img = Image.open(path_or_image)
     with img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

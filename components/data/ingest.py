@@ -23,10 +23,47 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def _index_url_folder(url: str) -> ImageIndex:
+    """The same layout in object storage (s3://, gs://, ...) through fsspec: every node
+    reads the images from there, none travels with the job."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"data.path={url} is not a directory")
+    classes = sorted(Path(d).name for d in fs.ls(root, detail=False)
+                     if fs.isdir(d) and not Path(d).name.startswith("."))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted(fs.find(f"{root}/{name}")):
+            rel = Path(f).relative_to(root)
+            if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not any(
+                    part.startswith(".") for part in rel.parts):
+                paths.append(fs.unstrip_protocol(f))
+                labels.append(label)
+    return ImageIndex(fs.unstrip_protocol(root), paths, labels, classes)
+
+
+def open_file(path: str):
+    """A binary file object for a local path or an fsspec URL."""
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
 def index_image_folder(root: str | Path) -> ImageIndex:
     """Every image under root/<class>/ (sub-folders of a class included), sorted for
     reproducibility. Hidden files and folders, files at the root and non-image files are
-    ignored; extensions match in any letter case."""
+    ignored; extensions match in any letter case. `root` may be an fsspec URL (s3://...)."""
+    if is_url(root):
+        return _index_url_folder(str(root))
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data.path={root} is not a directory")

@@ -53,7 +53,8 @@ def compute_fingerprint(root: str, paths, digests, labels, splits, classes) -> s
     """sha256 over (path relative to the root, file-bytes hash, class name, split), sorted:
     the same images, labels and split give the same fingerprint wherever the data is mounted."""
     h = hashlib.sha256()
-    rows = sorted((os.path.relpath(p, root), d, classes[y], s)
+    rows = sorted((os.path.relpath(p.split("://", 1)[-1], root.split("://", 1)[-1]), d,
+                   classes[y], s)
                   for p, d, y, s in zip(paths, digests, labels, splits))
     for row in rows:
         h.update("\t".join(row).encode() + b"\n")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from components.data.ingest import ImageIndex
+from components.data.ingest import ImageIndex, open_file
 
 
 class DataError(ValueError):
@@ -29,7 +29,8 @@ def check_image(path: str) -> tuple[str | None, str | None]:
     The file is read once: its hash feeds the data fingerprint without a second pass.
     """
     try:
-        data = open(path, "rb").read()
+        with open_file(path) as f:
+            data = f.read()
         if not data:
             return None, "empty file"
         with Image.open(io.BytesIO(data)) as img:

@@ -149,3 +149,22 @@ def test_kfold_rows_cover_train_and_val_once_each():
     for (tr_paths, tr_labels), (va_paths, va_labels) in folds:
         assert not set(tr_paths) & set(va_paths) and len(va_paths) == 4
         assert sorted(va_labels) == [0, 0, 1, 1]
+
+
+def test_object_storage_folder_through_fsspec(image_folder):
+    """memory:// stands in for s3:// or gs://: the same fsspec code path, no network."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in image_folder.rglob("*"):
+        if f.is_file():
+            fs.pipe(f"/bucket/imgs/{f.relative_to(image_folder)}", f.read_bytes())
+    index = index_image_folder("memory://bucket/imgs")
+    local = index_image_folder(image_folder)
+    assert index.classes == local.classes and len(index) == len(local)
+    assert all(p.startswith("memory://") and "bucket/imgs/" in p for p in index.paths)
+    v = validate_images(index)
+    assert len(v.skipped) == 3 and len(v.index) == 40
+    m = split_dataset(v, .15, .15, 0)
+    assert m.fingerprint == split_dataset(validate_images(local), .15, .15, 0).fingerprint
+    assert load_image(v.index.paths[0], 3, 8).shape == (8, 8, 3)
