@@ -1,1 +1,2 @@
-"""visiontune building blocks: data, augmentation, models, training, tuning, evaluation, registry."""
+"""visiontune building blocks: data, augmentation, models, training, tuning, evaluation,
+registry, tracking."""

@@ -58,7 +58,8 @@ class DataConfig:
     test_fraction: float = field(default=0.15, metadata=_fraction())
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5], metadata={
         "doc": "normalisation mean per channel (ImageNet's when model.pretrained)"})
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5], metadata={"doc": "per channel"})
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5],
+                             metadata={"doc": "per channel"})
     cache_dir: str | None = field(default=None, metadata={
         "doc": "where the built-in dataset is written; default ~/.cache/visiontune"})
     cv_folds: int = field(default=0, metadata=_check(

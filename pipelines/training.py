@@ -89,8 +89,10 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                           echo: Callable[[str], None] = print,
                           extra_tags: dict[str, str] | None = None) -> PipelineResult:
     # Heavy imports here, not at module import: `visiontune --help` stays fast.
+    import matplotlib.pyplot as plt
     import torch
 
+    from components.augment import eval_preprocessing
     from components.data import (
         index_images,
         split_dataset,
@@ -106,13 +108,13 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
         select_best_trial,
     )
     from components.models import build_model
+    from components.models.transfer import pretrained_weights_file
     from components.registry import register_challenger
     from components.tracking import ROLE_TAG, Tracker
+    from components.training.trainer import worker_resources
     from components.training.worker import TrainJob, load_best_weights
     from components.tuning.driver import TrackingTarget, ray_session, run_search
-    from components.training.trainer import worker_resources
     from components.tuning.plan import plan_resources
-    from components.models.transfer import pretrained_weights_file
     from components.tuning.space import (
         check_search,
         check_space,
@@ -213,7 +215,8 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                 echo(f"  search: {cfg.search.mode} with {cfg.search.algorithm}, scheduler "
                      f"{cfg.search.scheduler}" + (f", {cfg.data.cv_folds}-fold CV per trial"
                                                   if cfg.data.cv_folds else ""))
-                trials = run_search(job, axes, cfg.search, plan=plan, storage_path=cfg.ray.storage_path,
+                trials = run_search(job, axes, cfg.search, plan=plan,
+                                    storage_path=cfg.ray.storage_path,
                                     experiment_name=pipeline_id, seed=cfg.seed, target=target,
                                     resume=bool(resume))
             counts = {s: sum(t.status == s for t in trials) for s in ("FINISHED", "KILLED",
@@ -228,8 +231,6 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                                 sections["data"].channels)
             model.load_state_dict(load_best_weights(best.checkpoint_path))
             model.eval()
-            from components.augment import eval_preprocessing
-
             prep = eval_preprocessing(sections["data"], sections["model"])
             test_paths, test_labels = manifest.subset("test")
             report = evaluate_on_test(model, test_paths, test_labels, manifest.classes, prep,
@@ -248,8 +249,6 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                 leaderboard(trials).to_csv(board, index=False)
                 tracker.log_artifact(parent, board, "evaluation")
             tracker.log_text(parent, report.report, "evaluation/classification_report.txt")
-            import matplotlib.pyplot as plt
-
             for fig, name in ((plot_confusion_matrix(report.confusion, manifest.classes),
                                "evaluation/confusion_matrix.png"),
                               (plot_trial_curves(trials), "evaluation/val_f1_curves.png")):

@@ -14,6 +14,7 @@ from components.data.validate import DataError, ValidatedImages, validate_images
 
 __all__ = [
     "IMAGE_EXTENSIONS", "DataError", "ImageDataset", "ImageIndex", "SplitManifest",
-    "ValidatedImages", "index_csv_manifest", "index_image_folder", "index_images", "load_image", "split_dataset", "validate_images",
+    "ValidatedImages", "index_csv_manifest", "index_image_folder", "index_images", "load_image",
+    "split_dataset", "validate_images",
     "write_digits_folder",
 ]

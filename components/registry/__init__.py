@@ -1,13 +1,5 @@
 """The MLflow model registry: register a new version, aliases (stages are deprecated)."""
 
-from components.registry.registry import (
-    CHALLENGER,
-    CHAMPION,
-    RegisteredVersion,
-    get_alias_version,
-    register_challenger,
-)
-
 from components.registry.promotion import (  # noqa: E402
     PREVIOUS,
     Candidate,
@@ -15,6 +7,13 @@ from components.registry.promotion import (  # noqa: E402
     decide,
     promote,
     rollback,
+)
+from components.registry.registry import (
+    CHALLENGER,
+    CHAMPION,
+    RegisteredVersion,
+    get_alias_version,
+    register_challenger,
 )
 
 __all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "Candidate", "Decision", "RegisteredVersion",

@@ -121,8 +121,8 @@ def test_cli_exit_code_2_and_one_line(capsys):
 def test_cli_help_lists_groups_and_keys():
     out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--help"],
                          capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
-    for text in ("config groups", "search ", "default | optuna | quick", "train.epochs", "data.path",
-                 "search.num_samples", "registry.model_name", "ray.address", "seed"):
+    for text in ("config groups", "search ", "default | optuna | quick", "train.epochs",
+                 "data.path", "search.num_samples", "registry.model_name", "ray.address", "seed"):
         assert text in out.stdout
 
 
