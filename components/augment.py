@@ -63,9 +63,11 @@ def build_augmentation(spec: dict, image_size: int) -> A.BasicTransform:
 
 
 def build_train_transform(specs: list[dict], image_size: int, channels: int,
-                          mean: list[float], std: list[float]) -> A.Compose:
+                          mean: list[float], std: list[float], seed: int | None = None
+                          ) -> A.Compose:
+    """`seed` makes the random augmentations reproducible (albumentations keeps its own RNG)."""
     steps = [build_augmentation(s, image_size) for s in specs]
-    return A.Compose([*steps, _normalize(mean, std, channels), _ToTensor()])
+    return A.Compose([*steps, _normalize(mean, std, channels), _ToTensor()], seed=seed)
 
 
 def build_eval_transform(channels: int, mean: list[float], std: list[float]) -> A.Compose:

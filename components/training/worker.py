@@ -100,7 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
     size, channels = job.data.image_size, job.data.channels
 
     train_ds = ImageDataset(*job.train_rows, channels, size, build_train_transform(
-        job.augment.train, size, channels, prep["mean"], prep["std"]))
+        job.augment.train, size, channels, prep["mean"], prep["std"], seed=job.seed + rank))
     # Validation: disjoint shards (no DistributedSampler padding, which would count some
     # images twice), run through the unwrapped model so no DDP collective runs per batch.
     val_full = ImageDataset(*job.val_rows, channels, size,

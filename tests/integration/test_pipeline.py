@@ -104,3 +104,20 @@ def test_registered_model_classifies_without_repo_code(pipeline_run):
     size = meta["preprocessing"]["image_size"]
     out = model.predict(np.zeros((3, 3, size, size), dtype=np.float32))
     assert np.asarray(out).shape == (3, 2)
+
+
+def test_resume_continues_the_same_pipeline_run(pipeline_run):
+    """`--resume ID` restores the Tune experiment (here already complete: nothing retrains),
+    continues the same MLflow parent run and trial runs, and registers the result again."""
+    result, cfg, client, _ = pipeline_run
+    again = run_training_pipeline(cfg, resume=result.pipeline_id)
+    assert again.pipeline_id == result.pipeline_id
+    assert again.parent_run_id == result.parent_run_id
+    assert again.best_val_f1 == pytest.approx(result.best_val_f1)
+    exp = client.get_run(result.parent_run_id).info.experiment_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_f1")]
+        assert steps == list(range(1, EPOCHS + 1))  # no epoch logged twice
+    assert int(again.registered_version) == int(result.registered_version) + 1

@@ -194,3 +194,12 @@ def test_augmented_samples_grid_is_a_figure():
     t = build_train_transform([{"name": "HorizontalFlip", "p": 1.0}], 8, 1, [0.5], [0.5])
     fig = plot_augmented_samples(images, t, [0.5], [0.5], n=16)
     assert len([ax for ax in fig.axes if ax.images]) == 16
+
+
+def test_seeded_train_transform_is_reproducible():
+    spec = [{"name": "Affine", "rotate": [-30, 30], "translate_percent": [-0.2, 0.2], "p": 1.0}]
+    image = np.random.default_rng(0).integers(0, 255, (16, 16, 1), dtype=np.uint8)
+    a = build_train_transform(spec, 16, 1, [0.5], [0.5], seed=3)(image=image)["image"]
+    b = build_train_transform(spec, 16, 1, [0.5], [0.5], seed=3)(image=image)["image"]
+    c = build_train_transform(spec, 16, 1, [0.5], [0.5], seed=4)(image=image)["image"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
