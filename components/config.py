@@ -77,7 +77,7 @@ class AugmentConfig:
 
 @dataclass
 class CnnConfig:
-    channels: list[int] = field(default_factory=lambda: [32, 64], metadata={
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128], metadata={
         "doc": "output channels of each conv block"})
     kernel_size: int = field(default=3, metadata=_positive())
     batch_norm: bool = True
