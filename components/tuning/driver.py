@@ -136,7 +136,7 @@ def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarg
             params=params)
     trial_job = dataclasses.replace(job, **sections, mlflow_run_id=run_id)
     try:
-        if job.data.cv_folds:
+        if trial_job.data.cv_folds:  # may itself be a searched parameter
             _cross_validate(trial_job, trial_id, storage_path, target, run_id)
         else:
             _fit(trial_job, trial_id, storage_path, [TuneReportCallback()])

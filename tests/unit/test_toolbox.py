@@ -34,7 +34,7 @@ def _step(model, optimizer, **kw):
 def test_cnn_shapes_build_and_train(shape):
     model = build_model(ModelConfig(cnn=CnnConfig(**shape), dropout=0.5), 2, 3)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert len(convs) == len(shape.get("channels", [32, 64]))
+    assert len(convs) == len(shape.get("channels", CnnConfig().channels))
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == \
         shape.get("batch_norm", True)
     assert convs[0].kernel_size == (shape.get("kernel_size", 3),) * 2
