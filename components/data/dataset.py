@@ -46,8 +46,12 @@ class ImageDataset(Dataset):
     from every DDP rank and put each one back on its row, with no duplicates."""
 
     def __init__(self, paths: list[str], labels: list[int], channels: int, image_size: int,
-                 transform: Callable[..., dict], preload: bool = True):
+                 transform: Callable[..., dict], preload: bool = True,
+                 ids: list[int] | None = None):
+        """`ids`: the index each row reports (default its position), e.g. its row number in
+        the whole split when this dataset holds one rank's shard."""
         self.paths, self.labels = list(paths), list(labels)
+        self.ids = list(ids) if ids is not None else list(range(len(self.paths)))
         self.channels, self.image_size = channels, image_size
         self.transform = transform
         # Decoding once per worker beats decoding every epoch for the small images this
@@ -63,4 +67,4 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         image = self.images[i] if self.images is not None else self._load(i)
         x = self.transform(image=image)["image"]
-        return x, torch.tensor(self.labels[i]), i
+        return x, torch.tensor(self.labels[i]), self.ids[i]

@@ -13,7 +13,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from components.augment import (
     build_eval_transform,
@@ -103,9 +103,11 @@ def train_loop_per_worker(config: dict) -> None:
         job.augment.train, size, channels, prep["mean"], prep["std"], seed=job.seed + rank))
     # Validation: disjoint shards (no DistributedSampler padding, which would count some
     # images twice), run through the unwrapped model so no DDP collective runs per batch.
-    val_full = ImageDataset(*job.val_rows, channels, size,
-                            build_eval_transform(channels, prep["mean"], prep["std"]))
-    val_ds = Subset(val_full, range(rank, len(val_full), world))
+    # Each rank decodes only its shard; rows keep their index in the whole split.
+    shard = range(rank, len(job.val_rows[0]), world)
+    val_ds = ImageDataset([job.val_rows[0][i] for i in shard], [job.val_rows[1][i] for i in shard],
+                          channels, size, build_eval_transform(channels, prep["mean"], prep["std"]),
+                          ids=list(shard))
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                  seed=job.seed)
     pin = device.type == "cuda"

@@ -74,3 +74,35 @@ def test_schedulers_build(name):
     sched, when = build_scheduler(name, opt, epochs=3, steps_per_epoch=4)
     assert (sched is None) == (name == "none")
     assert when in (None, "batch", "epoch", "plateau")
+
+
+def test_sharded_evaluation_reassembles_the_whole_split(monkeypatch, tmp_path):
+    """Two ranks' shards, gathered, give the same metrics as the whole split on one rank."""
+    from PIL import Image
+
+    from components.augment import build_eval_transform
+    from components.data.dataset import ImageDataset
+    from components.training import worker
+
+    paths, labels = [], []
+    for i in range(7):
+        p = tmp_path / f"{i}.png"
+        Image.new("L", (4, 4), 30 * i).save(p)
+        paths.append(str(p))
+        labels.append(i % 2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    t = build_eval_transform(1, [0.5], [0.5])
+
+    def shard(rank):
+        ids = list(range(rank, 7, 2))
+        ds = ImageDataset([paths[i] for i in ids], [labels[i] for i in ids], 1, 4, t, ids=ids)
+        idx, y, probs, losses = predict(model, DataLoader(ds, batch_size=2),
+                                        torch.device("cpu"))
+        return (idx.tolist(), y.tolist(), probs.argmax(1).tolist(), losses.tolist())
+
+    monkeypatch.setattr(worker, "_gather", lambda local: [shard(0), shard(1)])
+    whole = ImageDataset(paths, labels, 1, 4, t)
+    gathered = worker.evaluate_split(model, DataLoader(whole), torch.device("cpu"), 2, "macro")
+    monkeypatch.setattr(worker, "_gather", lambda local: [local])
+    single = worker.evaluate_split(model, DataLoader(whole), torch.device("cpu"), 2, "macro")
+    assert gathered == pytest.approx(single)
