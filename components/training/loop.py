@@ -49,6 +49,21 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     return total, count
 
 
+def track_best(state: dict, epoch: int, val_f1: float, val_loss: float,
+               patience: int) -> tuple[bool, bool]:
+    """Update the best-epoch record in `state` (best_val_f1, best_val_loss, best_epoch,
+    epochs_without_gain, epoch); returns (improved, stop). Only a strictly higher val F1
+    counts as a gain; `patience` epochs without one stop training (0 = never)."""
+    improved = val_f1 > state["best_val_f1"]
+    if improved:
+        state.update(best_val_f1=val_f1, best_val_loss=val_loss, best_epoch=epoch,
+                     epochs_without_gain=0)
+    else:
+        state["epochs_without_gain"] += 1
+    state["epoch"] = epoch
+    return improved, patience > 0 and state["epochs_without_gain"] >= patience
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, *, amp: bool = False):
     """Run `model` over `loader`; returns (indices, labels, probabilities, per-sample losses) as

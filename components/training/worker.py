@@ -25,7 +25,7 @@ from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfi
 from components.data.dataset import ImageDataset
 from components.models import build_model
 from components.models.freezing import build_param_groups, unfreeze
-from components.training.loop import predict, train_one_epoch
+from components.training.loop import predict, track_best, train_one_epoch
 from components.training.metrics import classification_metrics
 from components.training.optim import build_optimizer, build_scheduler
 
@@ -179,15 +179,9 @@ def train_loop_per_worker(config: dict) -> None:
         elif when == "plateau":
             scheduler.step(val["f1"])
 
-        improved = val["f1"] > state["best_val_f1"]
+        improved, stop = track_best(state, epoch, val["f1"], val["loss"], tc.patience)
         if improved:
-            state.update(best_val_f1=val["f1"], best_val_loss=val["loss"], best_epoch=epoch,
-                         epochs_without_gain=0)
             best_weights = _state_dict(model) if rank == 0 else None
-        else:
-            state["epochs_without_gain"] += 1
-        state["epoch"] = epoch
-        stop = tc.patience > 0 and state["epochs_without_gain"] >= tc.patience
 
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "val_precision": val["precision"],

@@ -106,3 +106,44 @@ def test_sharded_evaluation_reassembles_the_whole_split(monkeypatch, tmp_path):
     monkeypatch.setattr(worker, "_gather", lambda local: [local])
     single = worker.evaluate_split(model, DataLoader(whole), torch.device("cpu"), 2, "macro")
     assert gathered == pytest.approx(single)
+
+
+@pytest.mark.parametrize("patience,f1s,stop_at,best", [
+    (2, [0.5, 0.6, 0.6, 0.55, 0.9], 4, (0.6, 2)),   # equal is not a gain
+    (0, [0.5, 0.4, 0.3, 0.2], None, (0.5, 1)),      # 0 = never stop
+    (1, [0.5, 0.7, 0.6], 3, (0.7, 2)),
+])
+def test_early_stopping_with_patience(patience, f1s, stop_at, best):
+    from components.training.loop import track_best
+
+    state = {"epoch": 0, "best_val_f1": -1.0, "best_val_loss": float("inf"), "best_epoch": 0,
+             "epochs_without_gain": 0}
+    stopped = None
+    for epoch, f1 in enumerate(f1s, start=1):
+        improved, stop = track_best(state, epoch, f1, 1.0 - f1, patience)
+        assert improved == (f1 == state["best_val_f1"] and state["best_epoch"] == epoch)
+        if stop:
+            stopped = epoch
+            break
+    assert stopped == stop_at
+    assert (state["best_val_f1"], state["best_epoch"]) == best
+
+
+def test_optuna_searcher_suggests_from_the_space():
+    from components.config import Config, SearchConfig
+    from components.tuning.driver import build_search_alg
+    from components.tuning.plan import ResourcePlan
+    from components.tuning.space import parse_space, to_tune_space
+
+    cfg = Config()
+    sections = {s: getattr(cfg, s) for s in ("data", "augment", "model", "train")}
+    axes = parse_space({"train.optimizer": {"choice": ["adam", "sgd_momentum"]},
+                        "train.lr": {"loguniform": [1e-4, 1e-2]}})
+    space, n = to_tune_space(axes, "random", sections, 5)
+    search = SearchConfig(algorithm="optuna", mode="random")
+    alg = build_search_alg(search, axes, ResourcePlan(5, 1, {"CPU": 1.0}, 2, {"CPU": 2}), 0)
+    assert alg.set_search_properties("best_val_f1", "max", space)
+    suggested = [alg.suggest(f"t{i}") for i in range(2)]
+    assert alg.suggest("t2") is None  # ConcurrencyLimiter: 2 trials at once
+    for s in suggested:
+        assert s["train.optimizer"] in ("adam", "sgd_momentum") and 1e-4 <= s["train.lr"] <= 1e-2
