@@ -17,10 +17,6 @@ class RegisteredVersion:
     version: str
     aliases: tuple[str, ...]
 
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
 
 def get_alias_version(tracker: Tracker, name: str, alias: str):
     """The ModelVersion behind `name@alias`, or None."""

@@ -25,10 +25,6 @@ class ResourcePlan:
     def cpus_per_trial(self) -> float:
         return self.per_worker.get("CPU", 0) * self.workers_per_trial
 
-    @property
-    def gpus_per_trial(self) -> float:
-        return self.per_worker.get("GPU", 0) * self.workers_per_trial
-
     def describe(self, epochs: int) -> str:
         waves = math.ceil(self.num_trials / self.concurrent_trials)
         per = ", ".join(f"{v:g} {k}" for k, v in self.per_worker.items())

@@ -27,26 +27,24 @@ def test_every_group_option_loads(group, option):
     load_config([f"{group}={option}"], resolve=False)
 
 
-@pytest.mark.parametrize("path", sorted((CONF / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_experiment_loads_and_its_search_space_is_valid(path):
+def _check_search_space(cfg):
+    """What the pipeline checks before Ray starts: the space against the config."""
     from components.tuning.space import check_search, check_space, parse_space
 
-    cfg = load_config([], config_file=path, resolve=False)
     axes = parse_space(cfg.search.space)
     check_space(axes, {s: getattr(cfg, s) for s in ("data", "augment", "model", "train")},
                 cfg.search.mode)
     check_search(cfg.search, axes)
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_loads_and_its_search_space_is_valid(path):
+    _check_search_space(load_config([], config_file=path, resolve=False))
 
 
 @pytest.mark.parametrize("option", group_options("search"))
 def test_every_search_space_is_valid(option):
-    from components.tuning.space import check_search, check_space, parse_space
-
-    cfg = load_config([f"search={option}"], resolve=False)
-    axes = parse_space(cfg.search.space)
-    check_space(axes, {s: getattr(cfg, s) for s in ("data", "augment", "model", "train")},
-                cfg.search.mode)
-    check_search(cfg.search, axes)
+    _check_search_space(load_config([f"search={option}"], resolve=False))
 
 
 def test_public_override_keys():
