@@ -41,6 +41,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def classify_files(model, paths: list[str], batch_size: int = 64
+                   ) -> tuple[list[tuple[str, str, float]], list[tuple[str, str]]]:
+    """Classify image files; a file that does not decode is skipped, not fatal. Returns
+    ([(path, class, probability)], [(path, reason skipped)])."""
+    rows, skipped = [], []
+    for i in range(0, len(paths), batch_size):
+        images, kept = [], []
+        for path in paths[i:i + batch_size]:
+            try:
+                with Image.open(path) as im:
+                    im.load()  # decode now: a truncated file fails here, not in the batch
+                    images.append(im.copy())
+                kept.append(path)
+            except Exception as e:  # PIL raises many types for broken files
+                skipped.append((path, f"{type(e).__name__}: {e}"))
+        if images:
+            rows += [(p, label, prob) for p, (label, prob) in
+                     zip(kept, classify(model, images, batch_size))]
+    return rows, skipped
+
+
 def classify(model, images: list, batch_size: int = 64) -> list[tuple[str, float]]:
     """`model`: an `mlflow.pyfunc` model logged by visiontune. Returns (class, probability)."""
     meta = model.metadata.metadata or {}

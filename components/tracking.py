@@ -7,8 +7,11 @@ directories) all write to the same place and the same runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,54 @@ from mlflow.entities import Metric, Param, RunStatus
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 ROLE_TAG = "visiontune.role"
 TRIAL_ID_TAG = "visiontune.trial_id"
+PIPELINE_ID_TAG = "visiontune.pipeline_id"
+STEP_TAG = "visiontune.step."
+CONFIG_FILE = "config.yaml"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+RUNNING = RunStatus.to_string(RunStatus.RUNNING)
+
+# MLflow's own defaults (7 retries, backoff factor 2, 120 s per request) make every call to a
+# server that went away block for minutes; these bound one call to well under a minute.
+# A value the user exported wins.
+HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used: an unsupported URI, a server that does not answer."""
+
+
+def bound_http_retries() -> dict[str, str]:
+    """Export bounded MLflow HTTP retries to this process and the Ray processes it starts;
+    returns the values in force (a submitted job gets them in its runtime_env)."""
+    for key, value in HTTP_RETRY_ENV.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in HTTP_RETRY_ENV}
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def check_tracking_uri(uri: str, timeout_s: int = 10) -> None:
+    """One real call to the store, without MLflow's retries: an unsupported scheme or a server
+    that is not there fails in seconds, before Ray starts or any data is read."""
+    saved = {k: os.environ.get(k) for k in HTTP_RETRY_ENV}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)})
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:  # unsupported scheme, refused connection, missing driver, bad auth
+        raise TrackingError(f"cannot use the MLflow tracking store tracking.uri={uri}: "
+                            f"{first_line(e)}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -102,7 +152,7 @@ class Tracker:
 
     def end_run_if_running(self, run_id: str, status: str) -> bool:
         """Close a run that its own process could not close (killed by the scheduler, crashed)."""
-        if self.run_status(run_id) == RunStatus.to_string(RunStatus.RUNNING):
+        if self.run_status(run_id) == RUNNING:
             self.end_run(run_id, status)
             return True
         return False
@@ -170,3 +220,107 @@ class EpochLogger:
         self.last_logged_epoch = epoch
         return True
 
+
+
+class PipelineRecord:
+    """The MLflow parent run of one pipeline run: its config, what each step recorded, and how
+    it ended. Steps write through it; `--resume` reads back from it."""
+
+    def __init__(self, tracker: Tracker, experiment_id: str, run_id: str, pipeline_id: str):
+        self.tracker, self.experiment_id = tracker, experiment_id
+        self.run_id, self.pipeline_id = run_id, pipeline_id
+
+    @classmethod
+    def create(cls, tracker: Tracker, experiment_id: str, pipeline_id: str,
+               tags: dict[str, str], config: dict, config_yaml: str) -> PipelineRecord:
+        tags = {ROLE_TAG: "pipeline", PIPELINE_ID_TAG: pipeline_id, **tags}
+        record = cls(tracker, experiment_id,
+                     tracker.create_run(experiment_id, pipeline_id, tags), pipeline_id)
+        record.log_params(config)
+        record.log_text(config_yaml, CONFIG_FILE)
+        return record
+
+    @classmethod
+    def find(cls, tracker: Tracker, pipeline_id: str) -> PipelineRecord | None:
+        """The parent run tagged with `pipeline_id`, in whichever experiment it is."""
+        if "'" in pipeline_id:
+            return None
+        experiments = [e.experiment_id for e in tracker.client.search_experiments()]
+        runs = tracker.client.search_runs(
+            experiments, f"tags.`{PIPELINE_ID_TAG}` = '{pipeline_id}' and "
+                         f"tags.`{ROLE_TAG}` = 'pipeline'", max_results=1) if experiments else []
+        if not runs:
+            return None
+        return cls(tracker, runs[0].info.experiment_id, runs[0].info.run_id, pipeline_id)
+
+    # ------------------------------------------------------------------ reading back
+    def run(self):
+        return self.tracker.client.get_run(self.run_id)
+
+    def status(self) -> str:
+        return self.tracker.run_status(self.run_id)
+
+    def config_text(self) -> str:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            return Path(self.tracker.client.download_artifacts(
+                self.run_id, CONFIG_FILE, d)).read_text()
+
+    def step_done(self, name: str) -> bool:
+        return self.run().data.tags.get(STEP_TAG + name) == "done"
+
+    def download(self, artifact_path: str, dst: str | Path) -> Path:
+        return Path(self.tracker.client.download_artifacts(self.run_id, artifact_path, str(dst)))
+
+    # ------------------------------------------------------------------ writing
+    def reopen(self) -> None:
+        self.tracker.client.update_run(self.run_id, status="RUNNING")
+
+    def close(self, status: str) -> None:
+        self.tracker.end_run(self.run_id, status)
+
+    def close_open_trials(self, status: str) -> int:
+        """End every trial run still RUNNING (its trial was stopped with the sweep)."""
+        closed = 0
+        for run in self.tracker.child_runs(self.experiment_id, self.run_id):
+            if run.info.status == RUNNING:
+                self.tracker.end_run(run.info.run_id, status)
+                closed += 1
+        return closed
+
+    @contextlib.contextmanager
+    def step(self, name: str, echo: Callable[[str], None]) -> Iterator[None]:
+        """Tag visiontune.step.<name> running -> done | failed, and time the step."""
+        start = time.time()
+        echo(f"[visiontune] {name} ...")
+        self.set_tags({STEP_TAG + name: "running"})
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):  # the store itself may be what failed
+                self.set_tags({STEP_TAG + name: "failed"})
+            echo(f"[visiontune] {name} stopped after {time.time() - start:.1f}s")
+            raise
+        secs = time.time() - start
+        self.log_metrics({f"step_seconds_{name}": secs})
+        self.set_tags({STEP_TAG + name: "done"})
+        echo(f"[visiontune] {name} done in {secs:.1f}s")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.tracker.log_params(self.run_id, params)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics(self.run_id, metrics)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.tracker.set_tags(self.run_id, tags)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifact(self.run_id, local_path, artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.tracker.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.tracker.log_figure(self.run_id, figure, artifact_file)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from components.config import ConfigError
 
-EXIT_CONFIG = 2
+EXIT_FAILED, EXIT_CONFIG = 1, 2
+DEBUG_ENV = "VISIONTUNE_DEBUG"
 
 
 def _config_help() -> str:
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="visiontune",
         description="Search, train, evaluate and register image classifiers with Ray Tune, "
                     "Ray Train and MLflow.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show Python tracebacks (also {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run", help="run the training pipeline (ingest, validate, split, tune, evaluate, "
@@ -53,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_LazyEpilog())
     _add_config_args(run)
     run.add_argument("--resume", metavar="PIPELINE_ID",
-                     help="continue an interrupted run (its id is printed at the start)")
+                     help="continue an interrupted run with its own logged config (its id is "
+                          "printed at the start); only tracking.uri, ray.address and "
+                          "ray.num_cpus may be given with it")
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config and exit")
 
@@ -91,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     pd.add_argument("--output", "-o", help="CSV file (default: stdout)")
     pd.add_argument("--tracking-uri", help="default: tracking.uri of the config")
+    for command in sub.choices.values():  # `visiontune run --debug` works as well
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
     return parser
 
 
@@ -117,10 +127,16 @@ def cmd_run(args) -> int:
     import yaml
 
     from components.config import to_dict
-    from pipelines.config import load_config
+    from pipelines.config import load_config, resume_config
     from pipelines.training import run_training_pipeline, summary
 
-    cfg = load_config(args.overrides, args.config)
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume continues a run with its own logged config: --config "
+                              "cannot be combined with it")
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = load_config(args.overrides, args.config)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
@@ -215,26 +231,38 @@ def cmd_predict(args) -> int:
     import csv
 
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    from components.inference import classify, expand_paths
+    from components.inference import classify_files, expand_paths
     from pipelines.config import load_config
 
     uri = args.tracking_uri or load_config([]).tracking.uri
     mlflow.set_tracking_uri(uri)
     paths = expand_paths(args.paths)
-    model = mlflow.pyfunc.load_model(args.model)
-    rows = classify(model, paths)
+    if not paths:
+        raise FileNotFoundError(f"no image files in {' '.join(args.paths)}")
+    try:
+        model = mlflow.pyfunc.load_model(args.model)
+    except MlflowException as e:
+        raise LookupError(f"cannot load {args.model} from {uri}: {_one_line(e)}") from None
+    rows, skipped = classify_files(model, paths)
+    for path, reason in skipped:
+        print(f"visiontune: skipped {path}: {reason}", file=sys.stderr)
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
         w = csv.writer(out)
         w.writerow(["path", "prediction", "probability"])
-        for path, (label, p) in zip(paths, rows):
+        for path, label, p in rows:
             w.writerow([path, label, f"{p:.6f}"])
     finally:
         if args.output:
             out.close()
     if args.output:
         print(f"{len(rows)} predictions -> {args.output}", file=sys.stderr)
+    if not rows:
+        print(f"visiontune: error: none of the {len(paths)} files could be read as an image",
+              file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -242,23 +270,58 @@ COMMANDS = {"run": cmd_run, "submit": cmd_submit, "jobs": cmd_jobs, "status": cm
             "promote": cmd_promote, "rollback": cmd_rollback, "predict": cmd_predict}
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Mistakes a user can fix, or a state of the world they can change (a server down):
+    one line, no traceback."""
+    from components.data.validate import DataError
+    from components.evaluation.evaluate import NoUsableTrialError
+    from components.models.transfer import WeightsNotFoundError
+    from components.registry import RegistryError
+    from components.tracking import TrackingError
+    from components.tuning.plan import ResourceError
+    from pipelines.training import PipelineFailed
+
+    return (DataError, WeightsNotFoundError, ResourceError, FileNotFoundError, LookupError,
+            TrackingError, RegistryError, PipelineFailed, NoUsableTrialError, ConnectionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from components.data.validate import DataError
-    from components.models.transfer import WeightsNotFoundError
-    from components.tuning.plan import ResourceError
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    from pipelines.interrupt import Interrupted
 
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"visiontune: config error: {e}", file=sys.stderr)
+        _report(f"config error: {e}", debug)
         return EXIT_CONFIG
-    except (DataError, WeightsNotFoundError, ResourceError, FileNotFoundError,
-            LookupError) as e:
-        # What the user can fix gets one clear line, not a traceback.
-        print(f"visiontune: error: {e}", file=sys.stderr)
-        return 1
+    except Interrupted as e:
+        pipeline_id = getattr(e, "pipeline_id", None)
+        _report(f"interrupted by {e}" + (
+            f": run {pipeline_id} is recorded as KILLED, nothing was registered; continue it "
+            f"with: visiontune run --resume {pipeline_id}" if pipeline_id else ""), debug)
+        return e.exit_code
+    except KeyboardInterrupt:
+        _report("interrupted", debug)
+        return 130
+    except Exception as e:
+        known = isinstance(e, _user_errors())
+        text = _one_line(e) if known else f"{type(e).__name__}: {_one_line(e)} (run with " \
+            f"--debug or {DEBUG_ENV}=1 for the traceback)"
+        _report(f"error: {text}", debug)
+        return EXIT_FAILED
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _report(text: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    print(f"visiontune: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -162,3 +162,40 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     else:
         cfg.tracking.artifact_location = _absolute(cfg.tracking.artifact_location, base)
     return cfg
+
+
+# Overrides `visiontune run --resume ID` accepts: where things run and are recorded, never
+# what is trained or how it is scored.
+RESUME_OVERRIDES = ("tracking.uri", "ray.address", "ray.num_cpus")
+
+
+def resume_config(pipeline_id: str, overrides: list[str] | None = None) -> Config:
+    """The config a pipeline run logged (its config.yaml), with only `RESUME_OVERRIDES`
+    applied on top. The run is looked up in tracking.uri (given, $MLFLOW_TRACKING_URI or the
+    default ./mlflow.db)."""
+    from components.tracking import PipelineRecord, Tracker, check_tracking_uri
+
+    changes = []
+    for text in overrides or []:
+        path, value = parse_override(text)
+        key = ".".join(path)
+        if key not in RESUME_OVERRIDES:
+            raise ConfigError(f"--resume continues the run with its own config: {key} cannot "
+                              f"be changed (it would change the experiment); allowed: "
+                              f"{', '.join(RESUME_OVERRIDES)}")
+        changes.append((path, value))
+    given = {".".join(p): v for p, v in changes}
+    tracking = {"uri": given["tracking.uri"]} if "tracking.uri" in given else {}
+    uri = resolve_paths(from_dict(Config, {"tracking": tracking})).tracking.uri
+    check_tracking_uri(uri)
+    record = PipelineRecord.find(Tracker(uri), pipeline_id)
+    if record is None:
+        raise ConfigError(f"--resume {pipeline_id}: no pipeline run with that id in the MLflow "
+                          f"store {uri} (the id is printed when a run starts; give "
+                          "tracking.uri=... if the run was recorded elsewhere)")
+    logged = yaml.safe_load(record.config_text()) or {}
+    for path, value in changes:
+        _set_path(logged, path, value)
+    cfg = resolve_paths(validate_config(from_dict(Config, logged)))
+    cfg.tracking.uri = uri  # where the run was found, even if it was logged under another
+    return cfg

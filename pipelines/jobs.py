@@ -63,8 +63,13 @@ def submit(address: str, overrides: list[str], config_file: str | None = None,
            token: str | None = None, env: dict[str, str] | None = None) -> tuple[str, object]:
     client = job_client(address, token)
     job_id = time.strftime("visiontune-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    from components.tracking import HTTP_RETRY_ENV
+
+    # The job's processes get bounded MLflow retries too (a lost server ends the job with
+    # a clear error instead of minutes of retrying in every trial).
     env_vars = {JOB_ID_ENV: job_id, CLUSTER_ENV: address,
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **(env or {})}
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **HTTP_RETRY_ENV,
+                **{k: os.environ[k] for k in HTTP_RETRY_ENV if k in os.environ}, **(env or {})}
     client.submit_job(
         entrypoint=build_entrypoint(overrides, config_file),
         submission_id=job_id,

@@ -8,6 +8,10 @@ from pathlib import Path
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
+class DataError(ValueError):
+    """The data cannot be used: a malformed manifest, too few classes or images."""
+
+
 @dataclass(frozen=True)
 class ImageIndex:
     root: str
@@ -89,7 +93,7 @@ def index_csv_manifest(csv_path: str | Path) -> ImageIndex:
         reader = csv.DictReader(f)
         missing = {"path", "label"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{csv_path} needs the columns path,label; missing "
+            raise DataError(f"{csv_path} needs the columns path,label; missing "
                              f"{', '.join(sorted(missing))} (has {reader.fieldnames})")
         rows = [(r["path"].strip(), r["label"].strip()) for r in reader if r["path"].strip()]
     classes = sorted({label for _, label in rows})

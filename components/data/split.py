@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -47,6 +48,26 @@ class SplitManifest:
             for p, y, s in zip(self.paths, self.labels, self.splits):
                 w.writerow([p, self.classes[y], s])
         return path
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """split_manifest.csv (one row per image) and manifest.json (root, classes in label
+        order, fingerprint): enough to rebuild this manifest with `load`."""
+        folder = Path(folder)
+        meta = folder / "manifest.json"
+        csv_path = self.save_csv(folder / "split_manifest.csv")
+        meta.write_text(json.dumps({"root": self.root, "classes": self.classes,
+                                    "fingerprint": self.fingerprint}, indent=1))
+        return [csv_path, meta]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SplitManifest:
+        folder = Path(folder)
+        meta = json.loads((folder / "manifest.json").read_text())
+        lookup = {c: i for i, c in enumerate(meta["classes"])}
+        with (folder / "split_manifest.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        return cls(meta["root"], [r["path"] for r in rows], [lookup[r["label"]] for r in rows],
+                   [r["split"] for r in rows], list(meta["classes"]), meta["fingerprint"])
 
 
 def compute_fingerprint(root: str, paths, digests, labels, splits, classes) -> str:

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from components.data.ingest import ImageIndex, open_file
+from components.data.ingest import DataError, ImageIndex, open_file
 
-
-class DataError(ValueError):
-    """The data cannot make a valid train/val/test split (too few classes or images)."""
+__all__ = ["DataError", "ValidatedImages", "check_image", "validate_images"]
 
 
 @dataclass(frozen=True)

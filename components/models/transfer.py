@@ -20,6 +20,10 @@ class WeightsNotFoundError(FileNotFoundError):
     pass
 
 
+class NoClassifierHeadError(ValueError):
+    """The backbone ends in no nn.Linear (squeezenet's classifier is a 1x1 convolution)."""
+
+
 def backbone_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
@@ -58,8 +62,22 @@ def _parent_and_name(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
 def _last_linear(model: nn.Module) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no linear classifier layer to replace")
+        raise NoClassifierHeadError(
+            f"{type(model).__name__} has no linear classifier layer to replace")
     return names[-1]
+
+
+def _drop_aux_classifiers(net: nn.Module) -> None:
+    """GoogLeNet and Inception v3 return (logits, aux logits...) in training mode; the epoch
+    loop trains on logits alone, so the auxiliary heads would break the loss (and Inception's
+    needs about 299 px images). Removed after the weights load, as torchvision itself does for
+    pretrained models built with aux_logits=False."""
+    if not getattr(net, "aux_logits", False):
+        return
+    net.aux_logits = False
+    for name in ("aux1", "aux2", "AuxLogits"):
+        if hasattr(net, name):
+            setattr(net, name, None)
 
 
 def _first_conv(model: nn.Module) -> str:
@@ -123,6 +141,7 @@ def build_transfer_model(
     elif initializer != "default":
         # Trained from scratch, the whole network is the experiment's subject.
         apply_initializer(net, initializer)
+    _drop_aux_classifiers(net)
     _adapt_input_channels(net, in_channels)
     head_name = _last_linear(net)
     parent, child = _parent_and_name(net, head_name)

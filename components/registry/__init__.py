@@ -12,9 +12,16 @@ from components.registry.registry import (
     CHALLENGER,
     CHAMPION,
     RegisteredVersion,
+    RegistryError,
     get_alias_version,
+    get_version,
+    is_not_found,
+    model_version_aliases,
     register_challenger,
+    version_of_run,
 )
 
 __all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "Candidate", "Decision", "RegisteredVersion",
-           "decide", "get_alias_version", "promote", "register_challenger", "rollback"]
+           "RegistryError", "decide", "get_alias_version", "get_version", "is_not_found",
+           "model_version_aliases", "promote", "register_challenger", "rollback",
+           "version_of_run"]

@@ -1,7 +1,10 @@
-"""The promotion gate: move `champion` only when the challenger wins on the same test data.
+"""The promotion gate: move `champion` only when the challenger wins on the same test data,
+scored with the same F1 averaging.
 
 `decide` is a pure function (the decision table is unit-tested without MLflow); `promote`
-and `rollback` apply a decision to the registry with aliases (stages are deprecated).
+and `rollback` apply a decision to the registry with aliases (stages are deprecated). A registry
+read that fails for any reason other than "not found" raises `RegistryError` before any alias
+or tag is written.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from components.registry.registry import CHALLENGER, CHAMPION, get_alias_version
+from components.registry.registry import CHALLENGER, CHAMPION, get_alias_version, get_version
 from components.tracking import Tracker
 
 PREVIOUS = "previous-champion"
@@ -20,6 +23,7 @@ class Candidate:
     version: str
     test_f1: float | None
     data_fingerprint: str | None
+    f1_average: str | None = None   # binary | macro | weighted; None: registered before the tag
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,20 @@ class Decision:
     gain: float | None = None
 
 
+def _averaging(c: Candidate) -> str:
+    return f'"{c.f1_average}"' if c.f1_average else "unknown (no test_f1_average tag)"
+
+
 def decide(challenger: Candidate, champion: Candidate | None, min_gain: float = 0.0,
            force: bool = False) -> Decision:
+    """Promote only a challenger whose test F1 beats the champion's by more than 0 and by at
+    least `min_gain`, on the same test data (data fingerprint) with the same F1 averaging.
+
+    A version without a `test_f1_average` tag (registered before the tag existed) has an
+    unknown averaging: two unknowns compare as before, but unknown against a known averaging
+    is refused, since a binary F1 and a macro F1 of the same model can differ widely. `force`
+    overrides every refusal except "already the champion".
+    """
     if champion is None:
         return Decision(True, "no champion yet")
     if champion.version == challenger.version:
@@ -45,6 +61,10 @@ def decide(challenger: Candidate, champion: Candidate | None, min_gain: float = 
     if challenger.data_fingerprint != champion.data_fingerprint:
         return Decision(False, "different test data (data fingerprints differ): the test F1s "
                                "are not comparable; use --force to promote anyway", gain)
+    if challenger.f1_average != champion.f1_average:
+        return Decision(False, f"different F1 averaging: the test F1s are not comparable, one "
+                               f"is {_averaging(challenger)} and the other "
+                               f"{_averaging(champion)}; use --force to promote anyway", gain)
     if gain <= 0 or gain < min_gain:
         return Decision(False, f"test F1 {challenger.test_f1:.4f} vs champion "
                                f"{champion.test_f1:.4f} ({gain:+.4f}); needs an improvement "
@@ -56,7 +76,7 @@ def decide(challenger: Candidate, champion: Candidate | None, min_gain: float = 
 def _candidate(mv) -> Candidate:
     f1 = mv.tags.get("test_f1")
     return Candidate(str(mv.version), float(f1) if f1 not in (None, "") else None,
-                     mv.tags.get("data_fingerprint"))
+                     mv.tags.get("data_fingerprint"), mv.tags.get("test_f1_average") or None)
 
 
 @dataclass(frozen=True)
@@ -71,7 +91,7 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *, min_gain
             force: bool = False, dry_run: bool = False) -> PromotionResult:
     client = tracker.client
     if version is not None:
-        mv = client.get_model_version(name, str(version))
+        mv = get_version(tracker, name, str(version))
     else:
         mv = get_alias_version(tracker, name, CHALLENGER)
         if mv is None:

@@ -1,14 +1,36 @@
-"""Register a model version as `challenger`; the first version of a model is also `champion`."""
+"""Register a model version as `challenger`; the first version of a model is also `champion`.
+
+Every read that decides whether an alias moves tells "not found" (no such model, no such
+alias) apart from a registry that failed: only the first may mean "no champion yet"; anything
+else raises `RegistryError` before any alias is moved.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
+from requests.exceptions import RequestException
 
-from components.tracking import Tracker
+from components.tracking import Tracker, first_line
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+
+# What MLflow 3.17 raises, the same from a SQLite store and over REST: a missing model (or
+# model version) is RESOURCE_DOES_NOT_EXIST; a missing alias on an existing model is
+# INVALID_PARAMETER_VALUE "Registered model alias <alias> not found." (REST prefixes the code
+# to the message). INVALID_PARAMETER_VALUE alone also means a malformed name: not "not found".
+_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+_ALIAS_NOT_FOUND = re.compile(r"Registered model alias \S+ not found")
+
+# A store that cannot answer: MLflow wraps a refused connection in MlflowException
+# (INTERNAL_ERROR), but requests' own errors can surface from other code paths.
+_REGISTRY_FAILURES = (MlflowException, RequestException)
+
+
+class RegistryError(RuntimeError):
+    """The model registry failed (not "not found"): nothing that depended on the read moved."""
 
 
 @dataclass(frozen=True)
@@ -18,28 +40,98 @@ class RegisteredVersion:
     aliases: tuple[str, ...]
 
 
+def is_not_found(exc: BaseException) -> bool:
+    """True only for MLflow's "no such registered model / model version / alias"."""
+    if not isinstance(exc, MlflowException):
+        return False
+    if exc.error_code == _NOT_FOUND:
+        return True
+    return exc.error_code == "INVALID_PARAMETER_VALUE" and bool(
+        _ALIAS_NOT_FOUND.search(str(exc.message)))
+
+
+def _registry_error(tracker: Tracker, reading: str, exc: BaseException) -> RegistryError:
+    return RegistryError(f"the model registry at {tracker.uri} failed while reading {reading}: "
+                         f"{first_line(exc)}; no alias was moved")
+
+
 def get_alias_version(tracker: Tracker, name: str, alias: str):
-    """The ModelVersion behind `name@alias`, or None."""
+    """The ModelVersion behind `name@alias`, or None when the model or the alias does not
+    exist. Raises RegistryError for any other failure: a caller must not read it as "no
+    champion" and move the alias without comparing."""
     try:
         return tracker.client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except _REGISTRY_FAILURES as exc:
+        if is_not_found(exc):
+            return None
+        raise _registry_error(tracker, f"alias {alias} of model {name}", exc) from exc
+
+
+def get_version(tracker: Tracker, name: str, version: str | int):
+    """The ModelVersion `name` `version`; LookupError when it does not exist."""
+    try:
+        return tracker.client.get_model_version(name, version)
+    except _REGISTRY_FAILURES as exc:
+        if is_not_found(exc):
+            raise LookupError(f"model {name!r} has no version {version}") from None
+        raise _registry_error(tracker, f"version {version} of model {name}", exc) from exc
+
+
+def _ensure_registered_model(tracker: Tracker, name: str) -> None:
+    try:
+        tracker.client.get_registered_model(name)
+    except _REGISTRY_FAILURES as exc:
+        if not is_not_found(exc):
+            raise _registry_error(tracker, f"model {name}", exc) from exc
+        tracker.client.create_registered_model(
+            name, description="Image classifier trained and registered by visiontune")
+
+
+def model_version_aliases(tracker: Tracker, name: str, version: str) -> tuple[str, ...]:
+    return tuple(get_version(tracker, name, version).aliases)
+
+
+def version_of_run(tracker: Tracker, name: str, run_id: str):
+    """The version of `name` registered from `run_id`, or None: a pipeline run registers at
+    most one, also when it is resumed after being killed half-way through registering."""
+    try:
+        found = tracker.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except _REGISTRY_FAILURES as exc:
+        if is_not_found(exc):
+            return None
+        raise _registry_error(tracker, f"the versions of model {name}", exc) from exc
+    if not found:
         return None
+    # Search results carry no aliases: read the version itself.
+    return get_version(tracker, name, min(int(mv.version) for mv in found))
 
 
 def register_challenger(tracker: Tracker, model_uri: str, name: str, run_id: str,
                         tags: dict[str, str]) -> RegisteredVersion:
+    """A new version of `name` from `run_id` as `challenger` (and `champion` when the model
+    has none). A run that already registered a version gets that one back, aliases
+    completed, instead of a second version."""
     client = tracker.client
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(
-            name, description="Image classifier trained and registered by visiontune")
+    _ensure_registered_model(tracker, name)
+    existing = version_of_run(tracker, name, run_id)
+    if existing is not None:
+        aliases = set(existing.aliases)
+        if not aliases & {CHALLENGER, CHAMPION}:
+            client.set_registered_model_alias(name, CHALLENGER, existing.version)
+            aliases.add(CHALLENGER)
+        if get_alias_version(tracker, name, CHAMPION) is None:
+            client.set_registered_model_alias(name, CHAMPION, existing.version)
+            aliases.add(CHAMPION)
+        return RegisteredVersion(name, str(existing.version), tuple(sorted(aliases)))
+    # Read before creating the version or moving `challenger`: a registry that fails here
+    # leaves neither a new version nor a moved alias behind.
+    has_champion = get_alias_version(tracker, name, CHAMPION) is not None
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     mv = client.create_model_version(name, model_uri, run_id=run_id,
                                      tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
     aliases = [CHALLENGER]
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
-    if get_alias_version(tracker, name, CHAMPION) is None:
+    if not has_champion:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
         aliases.append(CHAMPION)
     return RegisteredVersion(name, str(mv.version), tuple(aliases))

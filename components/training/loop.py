@@ -52,8 +52,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
 def track_best(state: dict, epoch: int, val_f1: float, val_loss: float,
                patience: int) -> tuple[bool, bool]:
     """Update the best-epoch record in `state` (best_val_f1, best_val_loss, best_epoch,
-    epochs_without_gain, epoch); returns (improved, stop). Only a strictly higher val F1
-    counts as a gain; `patience` epochs without one stop training (0 = never)."""
+    epochs_without_gain, epoch, stopped_early); returns (improved, stop). Only a strictly
+    higher val F1 counts as a gain; `patience` epochs without one stop training (0 = never)."""
     improved = val_f1 > state["best_val_f1"]
     if improved:
         state.update(best_val_f1=val_f1, best_val_loss=val_loss, best_epoch=epoch,
@@ -61,7 +61,25 @@ def track_best(state: dict, epoch: int, val_f1: float, val_loss: float,
     else:
         state["epochs_without_gain"] += 1
     state["epoch"] = epoch
-    return improved, patience > 0 and state["epochs_without_gain"] >= patience
+    # Recorded so that a run resumed from this state knows it is over (see finished_metrics).
+    state["stopped_early"] = patience > 0 and state["epochs_without_gain"] >= patience
+    return improved, state["stopped_early"]
+
+
+def finished_metrics(state: dict, epochs: int) -> dict | None:
+    """The metrics to report again when training resumes from a saved `state` that needs no
+    more epochs (it stopped early, or ran all `epochs`); None when training must go on.
+
+    A run resumed after it ended must still report once: its caller (Tune) may not have
+    received the last report before the driver died. The state's `last_metrics` are that
+    report; a state saved without them yields its best-epoch record."""
+    if not (state.get("stopped_early") or state["epoch"] >= epochs):
+        return None
+    if state.get("last_metrics"):
+        return dict(state["last_metrics"])
+    return {"epoch": state["epoch"], "best_val_f1": state["best_val_f1"],
+            "best_val_loss": state["best_val_loss"], "best_epoch": state["best_epoch"],
+            "early_stopped": int(bool(state.get("stopped_early")))}
 
 
 @torch.no_grad()

@@ -6,14 +6,33 @@ from collections.abc import Sequence
 
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
+AVERAGES = ("auto", "binary", "macro", "weighted")
 
-def resolve_average(average: str, num_classes: int) -> str:
-    """`auto` is binary F1 (positive class = the second class) for 2 classes, macro otherwise."""
+
+def check_average(average: str, num_classes: int) -> str:
+    """The F1 averaging `average` resolves to for `num_classes` classes, or a `ConfigError`
+    naming evaluation.average. `auto` is binary F1 (positive class = the second class) for 2
+    classes, macro otherwise. Called once the data's classes are known, before tuning starts."""
+    problem = None
+    if average not in AVERAGES:
+        problem = (f"evaluation.average={average} is not valid; choose one of: "
+                   f"{', '.join(AVERAGES)}")
+    elif average == "binary" and num_classes != 2:
+        problem = (f"evaluation.average=binary needs exactly 2 classes; the data has "
+                   f"{num_classes} (use macro or weighted, or auto)")
+    if problem:
+        # Imported here: components.config pulls in torch (the model registry) and metrics
+        # stays importable without it.
+        from components.config import ConfigError
+
+        raise ConfigError(problem)
     if average == "auto":
         return "binary" if num_classes == 2 else "macro"
-    if average == "binary" and num_classes != 2:
-        raise ValueError(f"binary F1 needs 2 classes, the data has {num_classes}")
     return average
+
+
+# The name the metric code uses; one rule, so a trial can never accept what the check refuses.
+resolve_average = check_average
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int,

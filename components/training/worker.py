@@ -25,7 +25,7 @@ from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfi
 from components.data.dataset import ImageDataset
 from components.models import build_model
 from components.models.freezing import build_param_groups, unfreeze
-from components.training.loop import predict, track_best, train_one_epoch
+from components.training.loop import finished_metrics, predict, track_best, train_one_epoch
 from components.training.metrics import classification_metrics
 from components.training.optim import build_optimizer, build_scheduler
 
@@ -89,6 +89,43 @@ def _state_dict(model: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
 
+def _sync_buffers_from_rank0(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts rank 0's buffers at the start of each training forward, so after an epoch's
+    last batch every rank holds statistics updated by its own last batch. Rank 0 saves the
+    checkpoint: validating before this sync would score a model no one saved. One broadcast
+    per dtype and device: cheap next to an epoch, the same on gloo (CPU) and NCCL (GPU)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for b in model.buffers():  # same order on every rank: the same module tree
+        groups.setdefault((b.dtype, b.device), []).append(b)
+    with torch.no_grad():
+        for buffers in groups.values():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.broadcast(flat, src=0)
+            for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+                b.copy_(part.view_as(b))
+
+
+def _read_checkpoint(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        return {"saved": torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True),
+                "best": torch.load(Path(d) / BEST_MODEL_FILE, map_location="cpu",
+                                   weights_only=True),
+                "state": json.loads((Path(d) / STATE_FILE).read_text())}
+
+
+def _report_again(metrics: dict, checkpoint, rank: int) -> None:
+    """Report a run that had already ended, without training: the Train run was started again
+    (a resumed sweep re-runs a trial whose last report Tune never recorded) and its caller
+    waits for one report. Rank 0 re-attaches the checkpoint: Train copies the stored
+    directory to a new one (not deleted as a local source), then drops the old one."""
+    ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None,
+                     delete_local_checkpoint_after_upload=False)
+
+
 def train_loop_per_worker(config: dict) -> None:
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
@@ -96,6 +133,13 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(job.seed)  # same initial weights everywhere; DDP also broadcasts rank 0's
     device = ray.train.torch.get_device()
     tc = job.train
+    checkpoint = ray.train.get_checkpoint()
+    resumed = _read_checkpoint(checkpoint) if checkpoint is not None else None
+    if resumed is not None:
+        final = finished_metrics(resumed["state"], tc.epochs)
+        if final is not None:  # nothing to train; no epoch is logged twice
+            _report_again(final, checkpoint, rank)
+            return
     prep = eval_preprocessing(job.data, job.model)
     size, channels = job.data.image_size, job.data.channels
 
@@ -135,19 +179,15 @@ def train_loop_per_worker(config: dict) -> None:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
     state = {"epoch": 0, "best_val_f1": -1.0, "best_val_loss": float("inf"), "best_epoch": 0,
-             "epochs_without_gain": 0}
+             "epochs_without_gain": 0, "stopped_early": False}
     best_weights = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted worker group continues where it stopped
-        with checkpoint.as_directory() as d:
-            saved = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
-            (model.module if hasattr(model, "module") else model).load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            if scheduler is not None and saved.get("scheduler"):
-                scheduler.load_state_dict(saved["scheduler"])
-            best_weights = torch.load(Path(d) / BEST_MODEL_FILE, map_location="cpu",
-                                      weights_only=True)
-            state = json.loads((Path(d) / STATE_FILE).read_text())
+    if resumed is not None:  # a restarted worker group continues where it stopped
+        saved = resumed["saved"]
+        (model.module if hasattr(model, "module") else model).load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None and saved.get("scheduler"):
+            scheduler.load_state_dict(saved["scheduler"])
+        best_weights, state = resumed["best"], resumed["state"]
 
     logger = None
     if rank == 0 and job.mlflow_run_id:
@@ -172,6 +212,8 @@ def train_loop_per_worker(config: dict) -> None:
             batch_scheduler=scheduler if when == "batch" else None, grad_clip=tc.grad_clip,
             l1=tc.l1)
         train_loss = _all_reduce_mean(total, count, device)
+        # Validate (and save) one model: rank 0's, BatchNorm statistics included.
+        _sync_buffers_from_rank0(model)
         unwrapped = model.module if hasattr(model, "module") else model
         val = evaluate_split(unwrapped, val_loader, device, job.num_classes, job.average, amp)
         if when == "epoch":
@@ -189,6 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
                    "lr": optimizer.param_groups[0]["lr"],
                    "best_val_f1": state["best_val_f1"], "best_val_loss": state["best_val_loss"],
                    "best_epoch": state["best_epoch"], "early_stopped": int(stop)}
+        state["last_metrics"] = metrics  # what a resumed run that has ended reports again
         if rank == 0:
             if logger is not None:
                 logger.log_epoch(epoch, {job.metric_prefix + k: v for k, v in metrics.items()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,12 @@ class TrialResult:
 
 
 @dataclass
+class SearchOutcome:
+    trials: list[TrialResult]
+    complete: bool   # False: the sweep was stopped before every trial ended (Ctrl-C, SIGTERM)
+
+
+@dataclass
 class TrackingTarget:
     tracker: Tracker
     experiment_id: str
@@ -68,22 +76,21 @@ def ray_session(address: str | None, num_cpus: int | None = None):
     # default) and a worker waits for its report to be collected: short epochs were paced
     # at 2 s each. A local Ray's processes inherit this environment.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if address:
-        # On a cluster the report interval comes from the nodes' environment (infra/) or the
-        # job's runtime_env (visiontune submit sets it).
-        ray.init(address=address, log_to_driver=True)
-        resources = ray.cluster_resources()
-        if TRIAL_SLOT not in resources:
-            ray.shutdown()
-            raise RuntimeError(
-                f"the Ray cluster at {address} has no '{TRIAL_SLOT}' resource. Trials hold it "
-                f"instead of a CPU their workers need: start nodes with "
-                f"ray start ... --resources='{{\"{TRIAL_SLOT}\": 8}}' (see infra/)")
-    else:
-        cpus = num_cpus or os.cpu_count() or 1
-        ray.init(num_cpus=cpus, resources={TRIAL_SLOT: cpus},
-                 log_to_driver=True)
     try:
+        # Inside the try: a signal during start-up still shuts down what was started.
+        if address:
+            # On a cluster the report interval comes from the nodes' environment (infra/) or
+            # the job's runtime_env (visiontune submit sets it).
+            ray.init(address=address, log_to_driver=True)
+            resources = ray.cluster_resources()
+            if TRIAL_SLOT not in resources:
+                raise RuntimeError(
+                    f"the Ray cluster at {address} has no '{TRIAL_SLOT}' resource. Trials "
+                    f"hold it instead of a CPU their workers need: start nodes with "
+                    f"ray start ... --resources='{{\"{TRIAL_SLOT}\": 8}}' (see infra/)")
+        else:
+            cpus = num_cpus or os.cpu_count() or 1
+            ray.init(num_cpus=cpus, resources={TRIAL_SLOT: cpus}, log_to_driver=True)
         yield ray.cluster_resources()
     finally:
         ray.shutdown()
@@ -182,6 +189,28 @@ class TrialRunCloser(Callback):
             self._close(trial, "KILLED")
 
 
+class StopOnRequest(Callback):
+    """Ends the sweep the way Tune's own Ctrl-C handling does (the experiment state is saved,
+    unfinished trials stay resumable with `Tuner.restore`) once `requested()` is true.
+
+    Tune listens on SIGUSR1 for that stop; the signal is raised from inside Tune's loop, where
+    Tune's handler is certainly installed (the default action of SIGUSR1 would end the process).
+    """
+
+    def __init__(self, requested: Callable[[], bool]):
+        self.requested = requested
+        self.sent = False
+
+    def __getstate__(self):
+        # Pickled into the experiment state by Tune: the driver's signal state stays here.
+        return {"requested": lambda: False, "sent": False}
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self.sent and self.requested():
+            self.sent = True
+            signal.raise_signal(signal.SIGUSR1)
+
+
 def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[Axis],
                sections: dict) -> TrialResult:
     m = result.metrics or {}
@@ -228,8 +257,10 @@ def build_scheduler(search: SearchConfig, epochs: int):
 
 def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: ResourcePlan,
                storage_path: str, experiment_name: str, seed: int,
-               target: TrackingTarget | None = None, resume: bool = False) -> list[TrialResult]:
-    """Run (or, with `resume`, continue) the search; returns one result per trial."""
+               target: TrackingTarget | None = None, resume: bool = False,
+               stop_requested: Callable[[], bool] = lambda: False) -> SearchOutcome:
+    """Run (or, with `resume`, continue) the search until every trial ended or
+    `stop_requested()` turns true; returns one result per trial."""
     sections = {s: getattr(job, s) for s in SECTIONS}
     train_storage = str(Path(storage_path) / experiment_name / "train")
     trainable = tune.with_resources(
@@ -237,9 +268,17 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
                              storage_path=train_storage),
         {TRIAL_SLOT: 1})
     exp_path = str(Path(storage_path) / experiment_name)
+    stopper = StopOnRequest(stop_requested)
+    callbacks = [stopper] + ([TrialRunCloser(target, job.train.epochs)] if target is not None
+                             else [])
     if resume and tune.Tuner.can_restore(exp_path):
+        # Finished trials keep their results; unfinished and errored ones run again and
+        # their Train runs continue from their last checkpoints (same names, same storage).
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
+        # The restored run config holds the callbacks as pickled at the first start, with
+        # no way to ask for a stop; Tune has no public setter for them.
+        tuner._local_tuner.get_run_config().callbacks = callbacks
     else:
         scheduler = build_scheduler(search, job.train.epochs)
         param_space, num_samples = to_tune_space(axes, search.mode, sections,
@@ -262,8 +301,7 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
             run_config=tune.RunConfig(
                 name=experiment_name,
                 storage_path=storage_path,
-                callbacks=([TrialRunCloser(target, job.train.epochs)] if target is not None
-                           else []),
+                callbacks=callbacks,
                 # A trial's own failures are retried by Ray Train from checkpoints; here we
                 # only want the sweep to go on when one trial fails.
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
@@ -275,5 +313,7 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     if target is not None:
         for run in target.tracker.child_runs(target.experiment_id, target.parent_run_id):
             run_ids[run.data.tags.get("visiontune.trial_id", "")] = run.info.run_id
-    return [_result_of(grid[i], job.train.epochs, run_ids, axes, sections)
-            for i in range(len(grid))]
+    trials = [_result_of(grid[i], job.train.epochs, run_ids, axes, sections)
+              for i in range(len(grid))]
+    complete = not stopper.sent and grid.num_errors + grid.num_terminated == len(grid)
+    return SearchOutcome(trials, complete)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from components.config import ConfigError, check_model, from_dict
+from components.config import Config, ConfigError, check_model, from_dict, validate_config
+from components.models import check_model_input
 
 RANDOM_KINDS = {"choice": None, "uniform": 2, "loguniform": 2, "randint": 2, "quniform": 3}
 KINDS = ("grid", *RANDOM_KINDS)
@@ -135,17 +137,17 @@ def grid_points(axes: list[Axis], mode: str, sections: dict[str, Any]) -> list[d
     return points
 
 
-def set_params(sections: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """New section objects with dotted `params` applied and re-validated: a value the config
-    would reject is rejected here too, before anything is launched."""
+def _apply_params(sections: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     out = dict(sections)
+    trees: dict[str, dict] = {}
     for key, value in params.items():
         section, _, rest = key.partition(".")
         if section not in TUNABLE_SECTIONS or section not in sections or not rest:
             raise ConfigError(f"search.space.{key}: not a tunable key; keys start with one of "
                               f"{', '.join(s + '.' for s in TUNABLE_SECTIONS)}")
-        tree = dataclasses.asdict(out[section])
-        node = tree
+        if section not in trees:
+            trees[section] = dataclasses.asdict(out[section])
+        tree = node = trees[section]
         parts = rest.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
@@ -155,31 +157,161 @@ def set_params(sections: dict[str, Any], params: dict[str, Any]) -> dict[str, An
             raise ConfigError(f"search.space.{key}: unknown key; {section} keys: "
                               f"{', '.join(tree)}")
         node[parts[-1]] = value
+    # One validation per section, not per key: check_space runs this for every combination.
+    for section, tree in trees.items():
         out[section] = from_dict(type(out[section]), tree, section + ".")
+    return out
+
+
+def set_params(sections: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """New section objects with dotted `params` applied and re-validated: a value the config
+    would reject is rejected here too, before anything is launched."""
+    out = _apply_params(sections, params)
     if "model" in out:
         check_model(out["model"])
     return out
 
 
-def check_space(axes: list[Axis], sections: dict[str, Any], mode: str = "grid+random") -> None:
-    """Every grid point as a whole, and every value of the random axes (categories, both ends
-    of a range) against the config: what would fail in a trial fails here, before Ray starts."""
+# Above this many combinations check_space checks every pair of values instead (see
+# _combinations): checking them all would hold up the start by minutes, and a failure that
+# needs three particular values at once is rare enough to be left to the trial.
+MAX_COMBINATIONS = 50_000
+
+
+def _values(a: Axis) -> tuple:
+    """The values a trial can receive from `a` that matter for validity: every category, the
+    two ends of a range (quniform's rounded to its step, as Tune rounds them)."""
+    if a.is_categorical:
+        return a.args
+    if a.kind == "quniform":
+        low, high, q = a.args
+        return (round(low / q) * q, round(high / q) * q)
+    return a.args[:2]
+
+
+def _combinations(axes: list[Axis], mode: str, sections: dict[str, Any]):
+    """Every (grid point, drawn values) a sweep can launch, as the Tune config a trial gets.
+    Past MAX_COMBINATIONS: every value of every dimension (the grid points count as one) next
+    to every value of every other dimension, the rest at their first value (pairwise
+    coverage: what fails only with three particular values at once is then left to the trial)."""
     points = grid_points(axes, mode, sections)
-    for point in points:
-        set_params(sections, point)
+    drawn = [] if mode == "grid" else [a for a in axes if mode == "random" or not a.is_grid]
+    dims = [points, *(_values(a) for a in drawn)]
+
+    def config(index: tuple) -> dict:
+        return {GRID_POINT: points[index[0]],
+                **{a.key: a_values[i] for a, a_values, i in zip(drawn, dims[1:], index[1:])}}
+
+    total = math.prod(len(d) for d in dims)
+    if total <= MAX_COMBINATIONS:
+        for index in itertools.product(*(range(len(d)) for d in dims)):
+            yield config(index)
+        return
+    for i, j in itertools.combinations(range(len(dims)), 2):
+        for vi, vj in itertools.product(range(len(dims[i])), range(len(dims[j]))):
+            index = [0] * len(dims)
+            index[i], index[j] = vi, vj
+            yield config(tuple(index))
+
+
+def _launched_params(axes: list[Axis], mode: str, sections: dict[str, Any]):
+    """The distinct parameter sets trials can run with, conditions applied as a trial applies
+    them (`resolve_params`)."""
+    seen = set()
+    for config in _combinations(axes, mode, sections):
+        params = resolve_params(config, axes, sections)
+        marker = _marker(params)
+        if marker not in seen:
+            seen.add(marker)
+            yield params
+
+
+def _marker(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+def _memo(cache: dict, key: tuple, check) -> tuple[Any, str | None]:
+    """(check(), None) or (None, its ConfigError's message), computed once per key."""
+    if key not in cache:
+        try:
+            cache[key] = (check(), None)
+        except ConfigError as e:
+            cache[key] = (None, str(e))
+    return cache[key]
+
+
+def _combination_problem(sections: dict[str, Any], params: dict[str, Any],
+                         cache: dict) -> str | None:
+    """Why a trial with `params` would fail before training its first batch, or None: what
+    set_params checks, the data rules across keys and the model against the images. Each
+    check runs once per distinct set of the values it reads (`cache`), so a space of many
+    combinations costs little more than one of its few distinct models."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
+        by_section.setdefault(key.partition(".")[0], {})[key] = value
+    out = dict(sections)
+    for section, values in by_section.items():
+        out[section], problem = _memo(cache, ("section", section, _marker(values)),
+                                      lambda: _apply_params(sections, values)[section])
+        if problem:
+            return problem
+    model_marker = _marker(by_section.get("model", {}))
+    if "model" in out:
+        _, problem = _memo(cache, ("model", model_marker), lambda: check_model(out["model"]))
+        if problem:
+            return problem
+    data_marker = _marker({**by_section.get("data", {}), **by_section.get("augment", {})})
+    if data_marker:
+        # The data and augment rules across keys (a mean per channel, transforms that fit
+        # the image size); the base config passed them already.
+        _, problem = _memo(cache, ("data", data_marker), lambda: validate_config(
+            Config(**{s: out[s] for s in ("data", "augment", "model") if s in out})))
+        if problem:
+            return problem
+    if "model" in out and "data" in out:
+        _, problem = _memo(cache, ("input", model_marker, data_marker), lambda: check_model_input(
+            out["model"], out["data"].image_size, out["data"].channels))
+        if problem:
+            return problem
+    return None
+
+
+def _show(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def check_space(axes: list[Axis], sections: dict[str, Any], mode: str = "grid+random") -> None:
+    """Refuse (ConfigError) a space with a trial that would fail before training: every value
+    alone against its key's type and choices, then every combination a sweep can launch (grid
+    points crossed with every category and both ends of every range of the drawn axes,
+    `when` applied as in a trial) against the rules across keys and against the model, which
+    must take the images (`check_model_input`). The error names the fewest searched values
+    that fail together."""
     searched = {a.key for a in axes}
     for axis in axes:
         for other, _ in axis.when:
             if other not in searched:
                 config_value(sections, other)  # an unknown key fails here
-        if axis.is_grid and mode != "random":
-            continue  # checked above, in every combination it is launched in
-        # A random value is checked on a grid point it is launched with (one that meets its
-        # condition, if it has one), with its condition keys set.
-        context = {k: allowed[0] for k, allowed in axis.when}
-        base = next((p for p in points if _holds(axis, p, sections)), {})
-        for v in axis.args if axis.is_categorical else axis.args[:2]:
-            set_params(sections, {**base, **context, axis.key: v})
+        for v in _values(axis):
+            _apply_params(sections, {axis.key: v})  # type, choices, range: names the key alone
+    cache: dict = {}
+    for params in _launched_params(axes, mode, sections):
+        problem = _combination_problem(sections, params, cache)
+        if problem is None:
+            continue
+        # Drop the values the failure does not need (reverting them to the config's own), so
+        # the message names the few that clash, not the whole trial.
+        culprit = dict(params)
+        for key in list(culprit):
+            rest = {k: v for k, v in culprit.items() if k != key}
+            if _combination_problem(sections, rest, cache) == problem:
+                culprit = rest
+        if not culprit:
+            raise ConfigError(problem)  # the config itself, whatever the search draws
+        if len(culprit) == 1:
+            (key, value), = culprit.items()
+            raise ConfigError(f"search.space.{key}={value}: {problem}")
+        raise ConfigError(f"search.space: the combination {_show(culprit)} is invalid: {problem}")
 
 
 def check_search(search, axes: list[Axis]) -> None:

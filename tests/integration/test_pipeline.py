@@ -106,18 +106,38 @@ def test_registered_model_classifies_without_repo_code(pipeline_run):
     assert np.asarray(out).shape == (3, 2)
 
 
-def test_resume_continues_the_same_pipeline_run(pipeline_run):
-    """`--resume ID` restores the Tune experiment (here already complete: nothing retrains),
-    continues the same MLflow parent run and trial runs, and registers the result again."""
+def test_resume_of_a_finished_run_prints_its_result_and_registers_nothing(pipeline_run):
+    """`--resume ID` of a run that finished reads its result back from the record: same
+    parent run, same trial runs, same version, nothing trained or registered again."""
+    from pipelines.config import resume_config
+
     result, cfg, client, _ = pipeline_run
-    again = run_training_pipeline(cfg, resume=result.pipeline_id)
+    again = run_training_pipeline(resume_config(result.pipeline_id,
+                                                [f"tracking.uri={cfg.tracking.uri}"]),
+                                  resume=result.pipeline_id)
+    assert again.already_finished
     assert again.pipeline_id == result.pipeline_id
     assert again.parent_run_id == result.parent_run_id
     assert again.best_val_f1 == pytest.approx(result.best_val_f1)
+    assert again.test_metrics == result.test_metrics
+    assert again.registered_version == result.registered_version
+    assert len(client.search_model_versions("name = 'it-model'")) == 1
     exp = client.get_run(result.parent_run_id).info.experiment_id
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_f1")]
         assert steps == list(range(1, EPOCHS + 1))  # no epoch logged twice
-    assert int(again.registered_version) == int(result.registered_version) + 1
+
+
+def test_resume_config_is_the_logged_config(pipeline_run):
+    from components.config import ConfigError, to_dict
+    from pipelines.config import resume_config
+
+    result, cfg, _, _ = pipeline_run
+    uri = f"tracking.uri={cfg.tracking.uri}"
+    assert to_dict(resume_config(result.pipeline_id, [uri])) == to_dict(cfg)
+    moved = resume_config(result.pipeline_id, [uri, "ray.address=auto"])
+    assert moved.ray.address == "auto" and moved.train == cfg.train
+    with pytest.raises(ConfigError, match="train.lr cannot be changed"):
+        resume_config(result.pipeline_id, [uri, "train.lr=0.1"])

@@ -31,6 +31,17 @@ FP = "a" * 64
     (Candidate("2", 0.99, "b" * 64), Candidate("1", 0.85, FP), {"force": True}, True, "forced"),
     (Candidate("2", 0.50, FP), Candidate("1", 0.85, FP), {"force": True}, True, "forced"),
     (Candidate("1", 0.85, FP), Candidate("1", 0.85, FP), {}, False, "already is the champion"),
+    (Candidate("2", 0.90, FP, "macro"), Candidate("1", 0.85, FP, "macro"), {}, True,
+     "beats champion"),
+    (Candidate("2", 0.99, FP, "binary"), Candidate("1", 0.85, FP, "macro"), {}, False,
+     'one is "binary" and the other "macro"'),
+    (Candidate("2", 0.99, FP, "binary"), Candidate("1", 0.85, FP, "macro"), {"force": True}, True,
+     "forced"),
+    # A champion registered before the tag existed: unknown is not "macro".
+    (Candidate("2", 0.99, FP, "macro"), Candidate("1", 0.85, FP), {}, False,
+     'one is "macro" and the other unknown'),
+    (Candidate("2", 0.99, FP, "weighted"), Candidate("1", 0.85, FP), {"force": True}, True,
+     "forced"),
 ])
 def test_decision_table(challenger, champion, kw, promoted, reason):
     d = decide(challenger, champion, **kw)
@@ -45,12 +56,15 @@ def registry(tmp_path):
     exp = tracker.ensure_experiment("promo", str(tmp_path / "art"))
     mlflow.set_tracking_uri(tracker.uri)
 
-    def register(test_f1, fingerprint=FP):
+    def register(test_f1, fingerprint=FP, average="macro", log_model=True):
         run = tracker.create_run(exp, "pipeline", {})
+        # Logging a model takes seconds; the gate itself reads only aliases and tags.
         uri = tracker.log_pytorch_model(run, torch.nn.Linear(2, 2), torch.zeros(2, 2).numpy(),
-                                        {"class_names": ["a", "b"]})
+                                        {"class_names": ["a", "b"]}) if log_model \
+            else str(tmp_path / "art" / "model")
         return register_challenger(tracker, uri, "m", run,
-                                   {"test_f1": test_f1, "data_fingerprint": fingerprint})
+                                   {"test_f1": test_f1, "data_fingerprint": fingerprint,
+                                    "test_f1_average": average})
     return tracker, register
 
 
@@ -86,3 +100,15 @@ def test_fingerprint_mismatch_is_refused(registry):
     register(0.99, fingerprint="c" * 64)
     r = promote(tracker, "m")
     assert not r.decision.promote and "fingerprints differ" in r.decision.reason
+
+
+def test_averaging_mismatch_is_refused(registry):
+    tracker, register = registry
+    register(0.5, average="macro", log_model=False)
+    register(0.99, average="binary", log_model=False)  # higher, but of the positive class only
+    r = promote(tracker, "m")
+    assert not r.decision.promote and not r.applied
+    assert (r.challenger.f1_average, r.champion.f1_average) == ("binary", "macro")
+    assert 'one is "binary" and the other "macro"' in r.decision.reason
+    assert _alias(tracker, CHAMPION) == "1" and _alias(tracker, PREVIOUS) is None
+    assert tracker.client.get_model_version("m", "2").tags["promotion.decision"] == "rejected"

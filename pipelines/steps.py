@@ -1,0 +1,321 @@
+"""The steps of the training pipeline, each a function with typed inputs and outputs.
+
+Every step records its result on the pipeline's MLflow parent run (a `PipelineRecord`) and
+marks itself done there; a resumed run recovers a done step's result from that record instead
+of recomputing or re-logging it. `pipelines.training` only sequences these.
+
+  plan_search(cfg)                                  -> SearchPlan       (nothing recorded)
+  prepare_data(cfg, record)                         -> SplitManifest    data/ artifacts
+  tune_trials(cfg, plan, manifest, record)          -> SearchOutcome    trial child runs
+  evaluate_best(cfg, plan, manifest, trials, record) -> Evaluation      evaluation/ artifacts
+  register_best(cfg, manifest, evaluation, record)  -> RegisteredVersion model + registry
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.config import Config, ConfigError, to_dict
+
+Echo = Callable[[str], None]
+SECTIONS = ("data", "augment", "model", "train")
+
+
+def new_pipeline_id() -> str:
+    return time.strftime("vt-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------- the record
+
+def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | None,
+                echo: Echo):
+    """The parent run: a new one, or with `resume` the run of that pipeline id (reopened
+    unless it already finished)."""
+    from components.tracking import PipelineRecord, Tracker
+
+    tracker = Tracker(cfg.tracking.uri)
+    if resume:
+        record = PipelineRecord.find(tracker, resume)
+        if record is None:
+            raise ConfigError(f"--resume {resume}: no pipeline run with that id in the MLflow "
+                              f"store {cfg.tracking.uri}")
+        if record.status() != "FINISHED":
+            record.reopen()
+            echo(f"[visiontune] resuming pipeline {resume} (MLflow run {record.run_id})")
+        return record
+
+    from pipelines.jobs import CLUSTER_ENV, JOB_ID_ENV
+
+    tags = dict(extra_tags or {})
+    if os.environ.get(JOB_ID_ENV):  # submitted with `visiontune submit`
+        tags["visiontune.ray_job_id"] = os.environ[JOB_ID_ENV]
+        tags["visiontune.ray_cluster_address"] = os.environ.get(CLUSTER_ENV, "")
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    experiment_id = tracker.ensure_experiment(cfg.tracking.experiment_name,
+                                              cfg.tracking.artifact_location)
+    config = to_dict(cfg)
+    pipeline_id = new_pipeline_id()
+    return PipelineRecord.create(tracker, experiment_id, pipeline_id, tags, config,
+                                 yaml.safe_dump(config, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- plan
+
+@dataclass(frozen=True)
+class SearchPlan:
+    axes: list               # parsed search-space axes
+    base: dict[str, Any]     # the config sections a trial's parameters are applied to
+    num_trials: int
+
+
+def plan_search(cfg: Config) -> SearchPlan:
+    """Everything the search space implies, checked before data, Ray or MLflow are touched."""
+    from components.models.transfer import pretrained_weights_file
+    from components.tuning.space import (
+        check_search,
+        check_space,
+        count_trials,
+        grid_points,
+        parse_space,
+        set_params,
+    )
+
+    axes = parse_space(cfg.search.space)
+    base = {s: getattr(cfg, s) for s in SECTIONS}
+    check_space(axes, base, cfg.search.mode)
+    check_search(cfg.search, axes)
+    # Pretrained weights are needed on every worker: a missing file fails here, not in
+    # every trial.
+    for point in grid_points(axes, cfg.search.mode, base) or [{}]:
+        m = set_params(base, point)["model"]
+        if m.pretrained:
+            pretrained_weights_file(m.name, m.weights_path)
+    num_trials = count_trials(axes, cfg.search.mode, cfg.search.num_samples, base,
+                              cfg.search.max_trials)
+    return SearchPlan(axes, base, num_trials)
+
+
+# ----------------------------------------------------------------------------- data
+
+def prepare_data(cfg: Config, record, echo: Echo = print):
+    """ingest -> validate -> split; a resumed run reads the manifest it logged instead."""
+    from components.data import SplitManifest
+
+    if record.step_done("split"):
+        with tempfile.TemporaryDirectory() as d:
+            record.download("data", d)
+            manifest = SplitManifest.load(Path(d) / "data")
+        echo(f"  data: the run's manifest {manifest.counts()}, fingerprint "
+             f"{manifest.fingerprint[:12]}")
+        return manifest
+
+    from components.data import (
+        index_images,
+        split_dataset,
+        validate_images,
+        write_digits_folder,
+    )
+    from components.data.split import min_images_per_class
+    from components.training.metrics import check_average
+
+    with record.step("ingest", echo):
+        root = cfg.data.path or str(write_digits_folder(cfg.data.cache_dir))
+        index = index_images(root)
+        echo(f"  {len(index)} image files in {len(index.classes)} classes under {root}")
+    with record.step("validate", echo):
+        # Known only now, and cheaper to refuse here than in every trial.
+        check_average(cfg.evaluation.average, len(index.classes))
+        images = validate_images(index, cfg.data.on_bad_image, min_images_per_class(
+            cfg.data.val_fraction, cfg.data.test_fraction))
+        for path, reason in images.skipped[:10]:
+            echo(f"  skipped {path}: {reason}")
+        if len(images.skipped) > 10:
+            echo(f"  ... and {len(images.skipped) - 10} more skipped")
+        record.log_metrics({"data_num_images": len(images.index),
+                            "data_num_skipped": len(images.skipped)})
+        if images.skipped:
+            record.log_text("\n".join(f"{p}\t{r}" for p, r in images.skipped),
+                            "data/skipped_images.tsv")
+    with record.step("split", echo):
+        manifest = split_dataset(images, cfg.data.val_fraction, cfg.data.test_fraction,
+                                 cfg.seed)
+        echo(f"  split {manifest.counts()}, fingerprint {manifest.fingerprint[:12]}")
+        record.set_tags({"visiontune.data_fingerprint": manifest.fingerprint})
+        record.log_params({"data_fingerprint": manifest.fingerprint,
+                           "data_classes": ",".join(manifest.classes)})
+        with tempfile.TemporaryDirectory() as d:
+            for path in manifest.save(d):
+                record.log_artifact(path, "data")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- tune
+
+def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = print, *,
+                resume: bool = False, stop_requested: Callable[[], bool] = lambda: False):
+    """The Ray Tune search, one Ray Train run per trial; returns a `SearchOutcome` whose
+    `complete` is False when `stop_requested` ended it early."""
+    from components.training.trainer import worker_resources
+    from components.training.worker import TrainJob
+    from components.tuning.driver import TrackingTarget, ray_session, run_search
+    from components.tuning.plan import plan_resources
+
+    with record.step("tune", echo):
+        job = TrainJob(
+            data=cfg.data, augment=cfg.augment, model=cfg.model, train=cfg.train,
+            average=cfg.evaluation.average, seed=cfg.seed,
+            train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
+            num_classes=len(manifest.classes), tracking_uri=cfg.tracking.uri)
+        target = TrackingTarget(record.tracker, record.experiment_id, record.run_id)
+        with ray_session(cfg.ray.address, cfg.ray.num_cpus) as resources:
+            resource_plan = plan_resources(
+                resources, plan.num_trials, cfg.train.num_workers,
+                worker_resources(cfg.train.cpus_per_worker, cfg.train.use_gpu,
+                                 cfg.train.resources_per_worker),
+                cfg.search.max_concurrent_trials)
+            echo("  " + resource_plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
+            echo(f"  search: {cfg.search.mode} with {cfg.search.algorithm}, scheduler "
+                 f"{cfg.search.scheduler}" + (f", {cfg.data.cv_folds}-fold CV per trial"
+                                              if cfg.data.cv_folds else ""))
+            outcome = run_search(job, plan.axes, cfg.search, plan=resource_plan,
+                                 storage_path=cfg.ray.storage_path,
+                                 experiment_name=record.pipeline_id, seed=cfg.seed,
+                                 target=target, resume=resume, stop_requested=stop_requested)
+        counts = {s: sum(t.status == s for t in outcome.trials)
+                  for s in ("FINISHED", "KILLED", "FAILED")}
+        echo(f"  trials: {counts}" + ("" if outcome.complete else " (search stopped)"))
+        if outcome.complete:
+            record.log_metrics({f"trials_{k.lower()}": v for k, v in counts.items()})
+        else:
+            # The step is not done: a resumed run tunes again (Tune restores the sweep).
+            raise SearchStopped(outcome)
+    return outcome.trials
+
+
+class SearchStopped(Exception):
+    """The search ended before every trial did."""
+
+    def __init__(self, outcome):
+        super().__init__("the search stopped before every trial ended")
+        self.outcome = outcome
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+@dataclass
+class Evaluation:
+    best: Any            # TrialResult
+    model: Any           # torch.nn.Module with the best epoch's weights, eval mode
+    preprocessing: dict
+    report: Any          # TestReport
+
+
+def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
+                  echo: Echo = print) -> Evaluation:
+    """The best trial by val F1, loaded from its best epoch and run once on the test split.
+    Recomputed on resume (deterministic, seconds); logged only once."""
+    import matplotlib.pyplot as plt
+
+    from components.augment import eval_preprocessing
+    from components.evaluation import (
+        evaluate_on_test,
+        leaderboard,
+        plot_confusion_matrix,
+        plot_trial_curves,
+        select_best_trial,
+    )
+    from components.models import build_model
+    from components.training.worker import load_best_weights
+    from components.tuning.space import set_params
+
+    logged = record.step_done("evaluate")
+    with record.step("evaluate", echo):
+        best = select_best_trial(trials)
+        sections = set_params(plan.base, best.params)
+        model = build_model(sections["model"], len(manifest.classes), sections["data"].channels)
+        model.load_state_dict(load_best_weights(best.checkpoint_path))
+        model.eval()
+        prep = eval_preprocessing(sections["data"], sections["model"])
+        test_paths, test_labels = manifest.subset("test")
+        report = evaluate_on_test(model, test_paths, test_labels, manifest.classes, prep,
+                                  cfg.evaluation.average)
+        echo(f"  best trial {best.trial_id}: val_f1={best.best_val_f1:.4f} "
+             f"test_f1={report.metrics['f1']:.4f} ({report.average})")
+        if logged:
+            return Evaluation(best, model, prep, report)
+        record.log_metrics({**{f"test_{k}": v for k, v in report.metrics.items()},
+                            "best_val_f1": best.best_val_f1})
+        record.log_params({"best_trial_id": best.trial_id, "test_f1_average": report.average,
+                           **{f"best.{k}": v for k, v in best.params.items()}})
+        with tempfile.TemporaryDirectory() as d:
+            pred_csv = Path(d) / "test_predictions.csv"
+            report.predictions[["path", "label", "prediction", "probability"]].to_csv(
+                pred_csv, index=False)
+            record.log_artifact(pred_csv, "evaluation")
+            board = Path(d) / "leaderboard.csv"
+            leaderboard(trials).to_csv(board, index=False)
+            record.log_artifact(board, "evaluation")
+        record.log_text(report.report, "evaluation/classification_report.txt")
+        for fig, name in ((plot_confusion_matrix(report.confusion, manifest.classes),
+                           "evaluation/confusion_matrix.png"),
+                          (plot_trial_curves(trials), "evaluation/val_f1_curves.png")):
+            record.log_figure(fig, name)
+            plt.close(fig)
+    return Evaluation(best, model, prep, report)
+
+
+# ----------------------------------------------------------------------------- register
+
+MODEL_URI_TAG = "visiontune.model_uri"
+VERSION_TAG = "visiontune.registered_version"
+
+
+def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: Echo = print):
+    """Log the model and register it as `challenger` (and `champion` when there is none).
+    Idempotent: a resumed run that had already logged or registered reuses that."""
+    import torch
+
+    from components.registry import register_challenger
+
+    with record.step("register", echo):
+        tags = record.run().data.tags
+        model_uri = tags.get(MODEL_URI_TAG)
+        best, prep, report = evaluation.best, evaluation.preprocessing, evaluation.report
+        if model_uri is None:
+            c, size = prep["channels"], prep["image_size"]
+            example = torch.zeros(2, c, size, size).numpy()
+            metadata = {"class_names": manifest.classes, "preprocessing": prep,
+                        "data_fingerprint": manifest.fingerprint,
+                        "pipeline_id": record.pipeline_id,
+                        "hyperparameters": {k: str(v) for k, v in best.params.items()}}
+            model_uri = record.tracker.log_pytorch_model(record.run_id, evaluation.model,
+                                                         example, metadata)
+            record.set_tags({MODEL_URI_TAG: model_uri})
+        registered = register_challenger(
+            record.tracker, model_uri, cfg.registry.model_name, record.run_id,
+            tags={"data_fingerprint": manifest.fingerprint, "test_f1": report.metrics["f1"],
+                  "test_f1_average": report.average, "val_f1": best.best_val_f1,
+                  "pipeline_id": record.pipeline_id, "model_uri": model_uri})
+        record.set_tags({VERSION_TAG: registered.version})
+    return registered

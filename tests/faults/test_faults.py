@@ -1,0 +1,134 @@
+"""Real faults during a pipeline run, and the MLflow record each one must leave.
+
+A sweep of 3 trials x 4 epochs (2 DDP workers each) on a generated 3-class folder, local Ray
+started by the command, MLflow in ./mlflow.db of the command's cwd (or a real server)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.faults.conftest import EPOCHS, session_processes
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+
+def _pipeline_id(output: str) -> str:
+    ids = re.findall(r"--resume (vt-[0-9a-z-]+)", output)
+    assert ids, f"no resume hint in the output:\n{output[-3000:]}"
+    return ids[-1]
+
+
+def _assert_no_process_left(pid: int, timeout: float = 30) -> None:
+    """Nothing the command started (local Ray, its workers) outlives it."""
+    deadline = time.time() + timeout
+    while session_processes(pid) and time.time() < deadline:
+        time.sleep(1)
+    assert session_processes(pid) == []
+
+
+def _train_workers(parent_pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True)
+    return [int(line.split()[0]) for line in out.stdout.splitlines()
+            if int(line.split()[1]) == parent_pid and "RayTrainWorker" in line]
+
+
+def test_sigkill_of_one_train_worker_mid_trial(workspace):
+    """The worker group restarts from the last checkpoint: the trial finishes, and its
+    val_f1 history has every epoch exactly once."""
+    run = workspace.start("run", "--config", str(workspace.config))
+    kid = workspace.wait_for(workspace.a_trial_mid_training, run)
+    workers = _train_workers(run.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    assert run.wait(timeout=600) == 0, run.output()[-4000:]
+    parent = workspace.parent()
+    workspace.assert_complete(parent.info.run_id)
+    assert workspace.epochs_logged(kid.info.run_id) == list(range(1, EPOCHS + 1))
+    _assert_no_process_left(run.pid)
+
+
+def test_ctrl_c_then_resume_by_id_alone(workspace):
+    run = workspace.start("run", "--config", str(workspace.config))
+    parent = workspace.wait_for(workspace.first_trial_finished, run)
+    started = time.time()
+    os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    assert run.wait(timeout=120) == 130, run.output()[-4000:]
+    assert time.time() - started < 90  # promptly, not after the sweep
+    out = run.output()
+    assert "Traceback" not in out
+    pipeline_id = _pipeline_id(out)
+    assert parent.data.tags["visiontune.pipeline_id"] == pipeline_id
+    record = workspace.client().get_run(parent.info.run_id)
+    assert record.info.status == "KILLED"
+    workspace.assert_nothing_running(parent.info.run_id)
+    assert workspace.versions() == []
+    assert "visiontune.step.evaluate" not in record.data.tags
+    _assert_no_process_left(run.pid)
+
+    resumed = workspace.run("run", "--resume", pipeline_id)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert workspace.parent().info.run_id == parent.info.run_id  # the same run, not a new one
+    workspace.assert_complete(parent.info.run_id)
+
+    again = workspace.run("run", "--resume", pipeline_id)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert "already finished" in again.stdout
+    assert len(workspace.versions()) == 1
+
+
+def test_sigterm_ends_killed_with_nothing_running(workspace):
+    run = workspace.start("run", "--config", str(workspace.config))
+    parent = workspace.wait_for(workspace.parent, run)
+    workspace.wait_for(workspace.a_trial_mid_training, run)
+    os.kill(run.pid, signal.SIGTERM)  # what `ray job stop` sends
+    assert run.wait(timeout=120) == 143, run.output()[-4000:]
+    assert "Traceback" not in run.output()
+    assert workspace.client().get_run(parent.info.run_id).info.status == "KILLED"
+    workspace.assert_nothing_running(parent.info.run_id)
+    assert workspace.versions() == []
+    _assert_no_process_left(run.pid)
+
+
+def test_sigkill_of_the_driver_then_resume(workspace):
+    run = workspace.start("run", "--config", str(workspace.config))
+    parent = workspace.wait_for(workspace.first_trial_finished, run)
+    workspace.wait_for(workspace.a_trial_mid_training, run)
+    os.kill(run.pid, signal.SIGKILL)  # a crash, an OOM kill: no handler runs
+    run.wait(timeout=30)
+    # What the kill left: the parent still says RUNNING, nothing registered.
+    assert workspace.client().get_run(parent.info.run_id).info.status == "RUNNING"
+    assert workspace.versions() == []
+    pipeline_id = parent.data.tags["visiontune.pipeline_id"]
+
+    resumed = workspace.run("run", "--resume", pipeline_id)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    workspace.assert_complete(parent.info.run_id)
+
+
+def test_tracking_server_killed_mid_run_then_resume(workspace, mlflow_server):
+    workspace.env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
+    run = workspace.start("run", "--config", str(workspace.config))
+    parent = workspace.wait_for(workspace.a_trial_mid_training, run)
+    parent = workspace.parent()
+    mlflow_server.kill()
+    killed = time.time()
+    code = run.wait(timeout=300)
+    took = time.time() - killed
+    out = run.output()
+    assert code == 1, out[-4000:]
+    assert took < 240, f"{took:.0f}s to give up"
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("visiontune: error: the MLflow tracking store stopped answering")
+    assert f"--resume {parent.data.tags['visiontune.pipeline_id']}" in last
+    _assert_no_process_left(run.pid)
+
+    mlflow_server.start()
+    resumed = workspace.run("run", "--resume", parent.data.tags["visiontune.pipeline_id"])
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    workspace.assert_complete(parent.info.run_id)

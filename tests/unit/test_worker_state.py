@@ -1,0 +1,51 @@
+"""Whether a saved training state is over: a run resumed from it must report, not train."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.training.loop import finished_metrics, track_best
+
+
+def _run(f1s, patience, epochs):
+    state = {"epoch": 0, "best_val_f1": -1.0, "best_val_loss": float("inf"), "best_epoch": 0,
+             "epochs_without_gain": 0, "stopped_early": False}
+    for epoch, f1 in enumerate(f1s, start=1):
+        _, stop = track_best(state, epoch, f1, 1.0 - f1, patience)
+        state["last_metrics"] = {"epoch": epoch, "val_f1": f1, "early_stopped": int(stop),
+                                 "best_val_f1": state["best_val_f1"]}
+        if stop:
+            break
+    return state
+
+
+@pytest.mark.parametrize("f1s,patience,epochs,expected", [
+    ([0.5, 0.6], 0, 3, None),                          # one epoch left: train on
+    ([0.5, 0.6, 0.7], 0, 3, {"epoch": 3, "val_f1": 0.7}),     # all epochs done
+    ([0.5, 0.4, 0.3], 2, 5, {"epoch": 3, "early_stopped": 1}),  # stopped by patience
+    ([0.5, 0.4], 2, 5, None),                          # one epoch short of stopping
+])
+def test_finished_metrics_of_a_saved_state(f1s, patience, epochs, expected):
+    state = _run(f1s, patience, epochs)
+    got = finished_metrics(state, epochs)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == state["last_metrics"]
+        assert expected.items() <= got.items()
+        assert got is not state["last_metrics"]  # a copy: reporting it leaves the state alone
+
+
+def test_early_stop_is_recorded_in_the_state():
+    # Before: a run resumed after an early stop trained on past it (state had no stop flag).
+    state = _run([0.5, 0.4], 1, 10)
+    assert state["stopped_early"] is True and state["epoch"] == 2
+    assert finished_metrics(state, 10) is not None
+
+
+def test_state_saved_without_last_metrics_reports_its_best_epoch():
+    state = {"epoch": 4, "best_val_f1": 0.8, "best_val_loss": 0.3, "best_epoch": 2,
+             "epochs_without_gain": 2}
+    assert finished_metrics(state, 4) == {"epoch": 4, "best_val_f1": 0.8, "best_val_loss": 0.3,
+                                          "best_epoch": 2, "early_stopped": 0}
+    assert finished_metrics(state, 5) is None
