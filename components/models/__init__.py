@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from typing import TYPE_CHECKING
@@ -48,41 +47,14 @@ def build_model(model_cfg, num_classes: int, in_channels: int) -> nn.Module:
 
 # ----------------------------------------------------------------------------- input check
 
-# Sizes tried (after the configured one) to tell the user which data.image_size would work.
-_HINT_SIZES = (16, 24, 32, 48, 64, 75, 96, 112, 128, 160, 192, 224, 256, 299, 320, 384, 512)
 # (model.name, image_size, channels, num_classes, cnn shape) -> (problem or None, module names)
 _INPUT_CHECKS: dict[tuple, tuple[str | None, tuple[str, ...]]] = {}
 
 
-@contextlib.contextmanager
-def _weights_on_meta():
-    """Parameters and buffers registered inside land on the meta device: the model's shapes
-    without its memory or its initialization (seconds for the big backbones). Unlike
-    `torch.device("meta")`, plain tensors a constructor computes with stay real (regnet
-    derives its widths with torch ops and fails on meta)."""
-    register_parameter = nn.Module.register_parameter
-    register_buffer = nn.Module.register_buffer
-
-    def parameter(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(module, name, param)
-
-    def buffer(module, name, tensor, persistent=True):
-        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
-
-    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = (register_parameter,
-                                                                   register_buffer)
-
-
-def _forward_problem(model: nn.Module, channels: int, size: int, num_classes: int,
-                     device: str) -> str | None:
+def _forward_problem(model: nn.Module, channels: int, size: int,
+                     num_classes: int) -> str | None:
     """What goes wrong in one eval and one training forward of a zero batch, or None."""
-    x = torch.zeros(2, channels, size, size, device=device)
+    x = torch.zeros(2, channels, size, size)
     with torch.no_grad():
         for training in (False, True):
             model.train(training)
@@ -100,27 +72,6 @@ def _forward_problem(model: nn.Module, channels: int, size: int, num_classes: in
     return None
 
 
-def _smallest_size(model: nn.Module, channels: int, image_size: int,
-                   num_classes: int) -> int | None:
-    """The smallest image size above `image_size` the (meta) model takes, if one up to 512
-    does: the first of _HINT_SIZES that works, narrowed by bisection from the last that fails."""
-    def works(s):
-        return _forward_problem(model, channels, s, num_classes, "meta") is None
-
-    low = image_size  # fails
-    for size in _HINT_SIZES:
-        if size <= image_size:
-            continue
-        if works(size):
-            high = size
-            while high - low > 1:
-                mid = (low + high) // 2
-                low, high = (low, mid) if works(mid) else (mid, high)
-            return high
-        low = size
-    return None
-
-
 def _input_problem(model_cfg, image_size: int, channels: int,
                    num_classes: int) -> tuple[str | None, tuple[str, ...]]:
     """(what stops this model on these images or None, its module names)."""
@@ -129,33 +80,17 @@ def _input_problem(model_cfg, image_size: int, channels: int,
     cfg = dataclasses.replace(model_cfg, pretrained=False, weights_path=None,
                               initializer="default")
     try:
-        try:
-            with _weights_on_meta():
-                model, device = build_model(cfg, num_classes, channels), "meta"
-        except (NotImplementedError, RuntimeError):
-            model, device = build_model(cfg, num_classes, channels), "cpu"
+        model = build_model(cfg, num_classes, channels)
     except NoClassifierHeadError:
         return f"{where} has no replaceable classification head (no final nn.Linear)", ()
     except ValueError as e:
         return f"{where}: {e}", ()
     modules = tuple(n for n, _ in model.named_modules())
-    problem = _forward_problem(model, channels, image_size, num_classes, device)
+    problem = _forward_problem(model, channels, image_size, num_classes)
     if problem is None:
         return None, modules
-    smallest = None
-    if device == "meta":
-        # A meta forward can fail where a real one would not (an op without a meta kernel, a
-        # data-dependent branch): a failure counts only once the CPU agrees.
-        real = build_model(cfg, num_classes, channels)
-        problem = _forward_problem(real, channels, image_size, num_classes, "cpu")
-        if problem is None:
-            return None, modules
-        smallest = _smallest_size(model, channels, image_size, num_classes)
-    text = (f"{where} cannot take data.image_size={image_size} images "
-            f"(data.channels={channels}): {problem}")
-    if smallest is not None:
-        text += f"; the smallest data.image_size it takes is {smallest}"
-    return text, modules
+    return (f"{where} cannot take data.image_size={image_size} images (data.channels="
+            f"{channels}): {problem}; use a larger data.image_size or another model"), modules
 
 
 def check_model_input(model_cfg: ModelConfig, image_size: int, channels: int,
@@ -164,10 +99,9 @@ def check_model_input(model_cfg: ModelConfig, image_size: int, channels: int,
     `channels` x `image_size` x `image_size` images: a backbone that shrinks them to nothing or
     wants a fixed size, one without a replaceable nn.Linear head, a freeze_stage it lacks.
 
-    The model is built without pretrained weights (nothing is loaded or downloaded), with its
-    weights on the meta device, and runs one forward pass of a zero batch in eval and in training
-    mode. Results are cached per model shape and image size: the search space runs this for every
-    combination it can launch."""
+    The model is built without pretrained weights (nothing is loaded or downloaded) and runs
+    one forward pass of a zero batch in eval and in training mode. Results are cached per model
+    shape and image size: the search space runs this for every combination it can launch."""
     from components.config import ConfigError  # lazy: components.config imports this package
 
     cnn = model_cfg.cnn

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,9 @@ def ray_session(address: str | None, num_cpus: int | None = None):
     # default) and a worker waits for its report to be collected: short epochs were paced
     # at 2 s each. A local Ray's processes inherit this environment.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # ray.init replaces the process's SIGTERM handler (a Python one that exits, then the core
+    # worker's crash handler, which aborts): the caller's handlers stay in force.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         # Inside the try: a signal during start-up still shuts down what was started.
         if address:
@@ -91,9 +95,18 @@ def ray_session(address: str | None, num_cpus: int | None = None):
         else:
             cpus = num_cpus or os.cpu_count() or 1
             ray.init(num_cpus=cpus, resources={TRIAL_SLOT: cpus}, log_to_driver=True)
+        _restore_handlers(handlers)
         yield ray.cluster_resources()
     finally:
         ray.shutdown()
+
+
+def _restore_handlers(handlers: dict) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def _fit(job: TrainJob, name: str, storage_path: str, callbacks: list):

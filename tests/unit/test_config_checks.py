@@ -46,15 +46,15 @@ def test_unknown_average_is_a_config_error():
 
 # ----------------------------------------------------------------------------- model input
 
-@pytest.mark.parametrize("name,size,smallest", [("vgg11", 16, 32), ("alexnet", 32, 63)])
-def test_backbone_too_deep_for_small_images_is_refused(name, size, smallest):
+@pytest.mark.parametrize("name,size,works", [("vgg11", 16, 32), ("alexnet", 32, 63)])
+def test_backbone_too_deep_for_small_images_is_refused(name, size, works):
     with pytest.raises(ConfigError) as e:
         check_model_input(ModelConfig(name=name), size, 3)
     msg = str(e.value)
     assert msg.startswith(f"model.name={name} cannot take data.image_size={size} images")
-    assert msg.endswith(f"the smallest data.image_size it takes is {smallest}")
+    assert msg.endswith("use a larger data.image_size or another model")
     assert "\n" not in msg
-    check_model_input(ModelConfig(name=name), smallest, 3)
+    check_model_input(ModelConfig(name=name), works, 3)
 
 
 def test_fixed_size_backbone_is_refused_at_another_size():
@@ -87,8 +87,7 @@ def test_aux_classifier_backbones_train_on_plain_logits():
     check_model_input(ModelConfig(name="googlenet"), 64, 3)
     check_model_input(ModelConfig(name="inception_v3"), 75, 3)
     with pytest.raises(ConfigError, match="model.name=inception_v3 cannot take "
-                                          "data.image_size=64.*smallest data.image_size it "
-                                          "takes is 75"):
+                                          "data.image_size=64"):
         check_model_input(ModelConfig(name="inception_v3"), 64, 3)
 
 
