@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,8 +63,11 @@ def check_tracking_uri(uri: str, timeout_s: int = 10) -> None:
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # unsupported scheme, refused connection, missing driver, bad auth
+        # A refused or timed-out connection is buried in urllib3's text; say just that.
+        refused = re.search(r"\[Errno -?\d+\] [^\"')(]+|timed out", str(e))
+        reason = refused.group(0).strip() if refused else first_line(e)
         raise TrackingError(f"cannot use the MLflow tracking store tracking.uri={uri}: "
-                            f"{first_line(e)}") from None
+                            f"{reason}") from None
     finally:
         for k, v in saved.items():
             if v is None:

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from tests.conftest import make_image_folder
 
 BIN = Path(sys.executable).parent
-TRIALS, EPOCHS = 3, 4
+TRIALS, EPOCHS = 2, 4
 MODEL = "faults-model"
 
 
@@ -90,7 +90,7 @@ class Workspace:
             "model": {"cnn": {"channels": [8, 16]}},
             "train": {"epochs": EPOCHS, "batch_size": 8, "patience": 0, "num_workers": 2},
             "search": {"mode": "grid", "space": {
-                "train.optimizer": {"grid": ["adam", "sgd_momentum", "rmsprop"]}}},
+                "train.optimizer": {"grid": ["adam", "sgd_momentum"]}}},
             "registry": {"model_name": MODEL},
         }))
 
@@ -176,8 +176,7 @@ class Workspace:
         assert parent.info.status == "FINISHED"
         kids = self.children(parent_id)
         assert len(kids) == TRIALS
-        assert sorted(k.data.params["train.optimizer"] for k in kids) == \
-            ["adam", "rmsprop", "sgd_momentum"]
+        assert sorted(k.data.params["train.optimizer"] for k in kids) == ["adam", "sgd_momentum"]
         for kid in kids:
             assert kid.info.status == "FINISHED", kid.info.run_name
             assert self.epochs_logged(kid.info.run_id) == list(range(1, EPOCHS + 1))

@@ -1,6 +1,6 @@
 """Real faults during a pipeline run, and the MLflow record each one must leave.
 
-A sweep of 3 trials x 4 epochs (2 DDP workers each) on a generated 3-class folder, local Ray
+A sweep of 2 trials x 4 epochs (2 DDP workers each) on a generated 3-class folder, local Ray
 started by the command, MLflow in ./mlflow.db of the command's cwd (or a real server)."""
 
 from __future__ import annotations
@@ -132,3 +132,17 @@ def test_tracking_server_killed_mid_run_then_resume(workspace, mlflow_server):
     resumed = workspace.run("run", "--resume", parent.data.tags["visiontune.pipeline_id"])
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     workspace.assert_complete(parent.info.run_id)
+
+
+def test_a_second_ctrl_c_stops_at_once(workspace):
+    run = workspace.start("run", "--config", str(workspace.config))
+    parent = workspace.wait_for(workspace.parent, run)
+    workspace.wait_for(workspace.a_trial_mid_training, run)
+    os.killpg(run.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=60) == 130, run.output()[-4000:]
+    assert workspace.client().get_run(parent.info.run_id).info.status == "KILLED"
+    workspace.assert_nothing_running(parent.info.run_id)
+    assert workspace.versions() == []
+    _assert_no_process_left(run.pid)

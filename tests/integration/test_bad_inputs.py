@@ -81,7 +81,8 @@ def _cases():
          "tracking.uri=ftp://host/mlruns", 1),
         ("unreachable-tracking-server", ["run", "tracking.uri=http://127.0.0.1:{port}"],
          "cannot use the MLflow tracking store", 1),
-        ("missing-data-folder", ["run", F, "data.path={root}/nope"], "does not exist", 1),
+        ("missing-data-folder", ["run", F, "data.path={root}/nope"], "nope is not a directory",
+         1),
         ("csv-without-columns", ["run", F, "data.path={root}/no_columns.csv"],
          "path,label", 1),
         ("empty-data-folder", ["run", F, "data.path={root}/empty"], "2 classes", 1),
@@ -111,9 +112,12 @@ def _cases():
 @pytest.mark.parametrize("argv,expected,code", [c[1:] for c in _cases()],
                          ids=[c[0] for c in _cases()])
 def test_bad_input_is_one_line_without_traceback(ws, argv, expected, code):
-    fill = {k: str(v) for k, v in ws.items()}
-    argv = [a.format(**fill) for a in argv]
-    expected = expected.format(**fill)
+    def fill(text: str) -> str:  # not str.format: YAML values hold braces
+        for key, value in ws.items():
+            text = text.replace("{" + key + "}", str(value))
+        return text
+
+    argv, expected = [fill(a) for a in argv], fill(expected)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "VISIONTUNE_DEBUG"):
         env.pop(key, None)
@@ -124,7 +128,8 @@ def test_bad_input_is_one_line_without_traceback(ws, argv, expected, code):
     out = p.stdout + p.stderr
     assert p.returncode == code, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-    ours = [line for line in p.stderr.splitlines() if line.startswith("visiontune:")]
+    ours = [line for line in p.stderr.splitlines() if line.startswith("visiontune:")
+            and not line.startswith("visiontune: warning:")]
     assert len(ours) == 1, p.stderr[-3000:]
     assert expected in ours[0], ours[0]
     assert took < 90, f"{took:.0f}s"
