@@ -182,3 +182,36 @@ def test_pyfunc_classifies_raw_images_of_any_size_and_mode(servers, submitted):
     results = classify(model, images)
     assert len(results) == 3
     assert all(label in ("cat", "dog") and 0 < p <= 1 for label, p in results)
+
+
+def test_predict_skips_unreadable_files_and_fails_only_when_none_is_read(servers, submitted,
+                                                                         tmp_path):
+    import shutil
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    good = sorted((submitted["data"] / "cat").glob("*.png"))[:2]
+    for f in good:
+        shutil.copy(f, folder / f.name)
+    (folder / "truncated.png").write_bytes(good[0].read_bytes()[:40])
+    (folder / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "p.csv"
+    model = ["--model", f"models:/{MODEL}@champion", "--tracking-uri", servers["tracking"]]
+    p = _cli(servers, "predict", *model, str(folder), "-o", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(f.name for f in good)
+    skipped = [line for line in p.stderr.splitlines() if line.startswith("visiontune: skipped")]
+    assert len(skipped) == 2
+    assert any("truncated.png" in line for line in skipped)
+    assert any("empty.jpg" in line for line in skipped)
+
+    for f in good:
+        (folder / f.name).unlink()
+    none = _cli(servers, "predict", *model, str(folder))
+    assert none.returncode == 1
+    assert "Traceback" not in none.stderr
+    assert none.stderr.strip().splitlines()[-1] == \
+        "visiontune: error: none of the 2 files could be read as an image"
