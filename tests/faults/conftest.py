@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from tests.conftest import make_image_folder
 
 BIN = Path(sys.executable).parent
-TRIALS, EPOCHS = 2, 4
+TRIALS, EPOCHS = 2, 6
 MODEL = "faults-model"
 
 
@@ -81,12 +81,13 @@ class Workspace:
     def __init__(self, root: Path, env: dict[str, str]):
         self.root, self.env = root, env
         self.started: list[Pipeline] = []
-        data = make_image_folder(root / "images", classes=("cat", "dog", "bird"), per_class=40,
-                                 size=24, corrupt=False)
+        # Big enough that an epoch takes about a second: a fault lands mid-trial reliably.
+        data = make_image_folder(root / "images", classes=("cat", "dog", "bird"), per_class=60,
+                                 size=32, corrupt=False)
         self.config = root / "faults.yaml"
         self.config.write_text(yaml.safe_dump({
             "defaults": {"data": "folder", "augment": "none", "search": "quick"},
-            "data": {"path": str(data), "image_size": 16},
+            "data": {"path": str(data), "image_size": 32},
             "model": {"cnn": {"channels": [8, 16]}},
             "train": {"epochs": EPOCHS, "batch_size": 8, "patience": 0, "num_workers": 2},
             "search": {"mode": "grid", "space": {
@@ -138,7 +139,7 @@ class Workspace:
     def versions(self):
         return self.client().search_model_versions(f"name = '{MODEL}'")
 
-    def wait_for(self, what, pipeline: Pipeline, timeout: float = 300, poll: float = 0.5):
+    def wait_for(self, what, pipeline: Pipeline, timeout: float = 300, poll: float = 0.2):
         """Poll `what()` (reading MLflow) until it is truthy; fail if the command ended."""
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -161,7 +162,7 @@ class Workspace:
         parent = self.parent()
         for kid in self.children(parent.info.run_id) if parent else []:
             if kid.info.status == "RUNNING" and 1 <= len(self.epochs_logged(kid.info.run_id)) \
-                    < EPOCHS:
+                    <= EPOCHS - 3:  # leaves a few seconds to inject the fault mid-trial
                 return kid
         return None
 

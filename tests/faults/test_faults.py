@@ -1,6 +1,6 @@
 """Real faults during a pipeline run, and the MLflow record each one must leave.
 
-A sweep of 2 trials x 4 epochs (2 DDP workers each) on a generated 3-class folder, local Ray
+A sweep of 2 trials x 6 epochs (2 DDP workers each) on a generated 3-class folder, local Ray
 started by the command, MLflow in ./mlflow.db of the command's cwd (or a real server)."""
 
 from __future__ import annotations
