@@ -328,3 +328,23 @@ class PipelineRecord:
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self.tracker.log_figure(self.run_id, figure, artifact_file)
+
+
+class StoreWatch:
+    """Polled from a long loop (the sweep): says the tracking store is lost after `failures`
+    checks in a row failed, at most one check every `every_s` seconds. Without it a lost
+    server is noticed only when a trial's own logging has failed through all its retries."""
+
+    def __init__(self, uri: str, every_s: float = 10.0, failures: int = 2):
+        self.uri, self.every_s, self.failures = uri, every_s, failures
+        self._last, self._failed = time.monotonic(), 0
+
+    def lost(self) -> bool:
+        if self._failed < self.failures and time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            try:
+                check_tracking_uri(self.uri, timeout_s=5)
+                self._failed = 0
+            except TrackingError:
+                self._failed += 1
+        return self._failed >= self.failures

@@ -53,7 +53,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     """Run the pipeline, or with `resume` (a pipeline id) continue that run. Ctrl-C and
     SIGTERM raise `Interrupted` after the run was recorded as KILLED; nothing is registered
     from a run that did not finish."""
-    from components.tracking import bound_http_retries, check_tracking_uri
+    from components.tracking import StoreWatch, bound_http_retries, check_tracking_uri
     from pipelines import steps
 
     started = time.time()
@@ -72,11 +72,12 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
              f"{cfg.tracking.uri}")
         try:
             manifest = steps.prepare_data(cfg, record, echo)
+            store = StoreWatch(cfg.tracking.uri)  # a lost server stops the sweep in seconds
             with guard.noting():
                 try:
-                    trials = steps.tune_trials(cfg, plan, manifest, record, echo,
-                                               resume=bool(resume),
-                                               stop_requested=lambda: guard.requested)
+                    trials = steps.tune_trials(
+                        cfg, plan, manifest, record, echo, resume=bool(resume),
+                        stop_requested=lambda: guard.requested or store.lost())
                 except steps.SearchStopped:
                     guard.raise_if_requested()
                     raise

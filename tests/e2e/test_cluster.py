@@ -190,7 +190,7 @@ def test_predict_skips_unreadable_files_and_fails_only_when_none_is_read(servers
 
     folder = tmp_path / "incoming"
     folder.mkdir()
-    good = sorted((submitted["data"] / "cat").glob("*.png"))[:2]
+    good = sorted((submitted["data"] / "cat").glob("[0-9]*.png"))[:2]  # not .hidden.png
     for f in good:
         shutil.copy(f, folder / f.name)
     (folder / "truncated.png").write_bytes(good[0].read_bytes()[:40])

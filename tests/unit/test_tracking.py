@@ -64,3 +64,20 @@ def test_params_are_flattened_and_batched(tracker):
 def test_artifact_location_is_absolute(tracker, tmp_path):
     t, exp, _ = tracker
     assert t.client.get_experiment(exp).artifact_location == (tmp_path / "artifacts").as_uri()
+
+
+def test_store_watch_says_lost_only_after_failures_in_a_row(tmp_path):
+    import socket
+
+    from components.tracking import StoreWatch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gone = StoreWatch(f"http://127.0.0.1:{port}", every_s=0, failures=2)
+    assert gone.lost() is False  # one failed check is not yet "lost"
+    assert gone.lost() is True
+    here = StoreWatch(f"sqlite:///{tmp_path}/mlflow.db", every_s=0, failures=1)
+    assert [here.lost() for _ in range(3)] == [False, False, False]
+    paced = StoreWatch(f"http://127.0.0.1:{port}", every_s=3600, failures=1)
+    assert paced.lost() is False  # no check before every_s has passed
