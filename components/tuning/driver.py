@@ -94,7 +94,10 @@ def ray_session(address: str | None, num_cpus: int | None = None):
                     f"ray start ... --resources='{{\"{TRIAL_SLOT}\": 8}}' (see infra/)")
         else:
             cpus = num_cpus or os.cpu_count() or 1
-            ray.init(num_cpus=cpus, resources={TRIAL_SLOT: cpus}, log_to_driver=True)
+            # address="local": a new Ray of our own, even when a `ray start --head` is running
+            # on this machine (plain ray.init() would join it and reject num_cpus).
+            ray.init(address="local", num_cpus=cpus, resources={TRIAL_SLOT: cpus},
+                     log_to_driver=True)
         _restore_handlers(handlers)
         yield ray.cluster_resources()
     finally:
