@@ -113,7 +113,9 @@ def _close(record, status: str, echo) -> None:
         record.close_open_trials("KILLED")
         record.close(status)
     except Exception as e:
-        echo(f"[visiontune] could not record the run as {status}: {e}")
+        from components.tracking import first_line
+
+        echo(f"[visiontune] could not record the run as {status}: {first_line(e)}")
 
 
 def _failure(exc: BaseException, cfg: Config, pipeline_id: str) -> BaseException:
