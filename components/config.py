@@ -67,6 +67,12 @@ class DataConfig:
         "k-fold CV on train+val: a trial scores the mean val F1 over folds"))
     loader_workers: int = field(default=0, metadata=_check(
         lambda v: v >= 0, "must be >= 0", "DataLoader worker processes per training worker"))
+    cache: str = field(default="auto", metadata=_choices(
+        "auto", "memory", "none", doc="decoded images: memory = each training worker keeps "
+        "its own shard after the first epoch, none = decode every epoch, auto = memory when "
+        "a worker's shard fits in cache_max_mb"))
+    cache_max_mb: float = field(default=256, metadata=_check(
+        lambda v: v >= 0, "must be >= 0", "data.cache=auto: the most a worker keeps decoded"))
 
 
 @dataclass

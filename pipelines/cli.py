@@ -277,12 +277,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from components.evaluation.evaluate import NoUsableTrialError
     from components.models.transfer import WeightsNotFoundError
     from components.registry import RegistryError
+    from components.storage import StorageError
     from components.tracking import TrackingError
     from components.tuning.plan import ResourceError
     from pipelines.training import PipelineFailed
 
     return (DataError, WeightsNotFoundError, ResourceError, FileNotFoundError, LookupError,
-            TrackingError, RegistryError, PipelineFailed, NoUsableTrialError, ConnectionError)
+            TrackingError, RegistryError, PipelineFailed, NoUsableTrialError, ConnectionError,
+            StorageError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from components import storage
 from components.config import Config, ConfigError, to_dict
 
 Echo = Callable[[str], None]
@@ -113,10 +114,29 @@ def plan_search(cfg: Config) -> SearchPlan:
             pretrained_weights_file(m.name, m.weights_path)
     num_trials = count_trials(axes, cfg.search.mode, cfg.search.num_samples, base,
                               cfg.search.max_trials)
+    # Checkpoints go there from every trial: a missing bucket or credentials fail here, once.
+    storage.check_writable(cfg.ray.storage_path)
     return SearchPlan(axes, base, num_trials)
 
 
 # ----------------------------------------------------------------------------- data
+
+def progress_printer(echo: Echo, verb: str, unit: str, every_s: float = 5.0):
+    """A `progress(done, total)` callback that prints a line at most every `every_s` seconds
+    (and the last one, when anything was printed): long folders show they are moving."""
+    started = time.monotonic()
+    last = [started]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or (done == total and last[0] > started):
+            last[0] = now
+            rate = done / max(now - started, 1e-9)
+            left = (total - done) / rate if rate > 0 else 0
+            echo(f"  {verb} {done}/{total} {unit} ({100 * done / max(total, 1):.0f}%, "
+                 f"{rate:.0f}/s, ~{left:.0f} s left)")
+    return progress
+
 
 def prepare_data(cfg: Config, record, echo: Echo = print):
     """ingest -> validate -> split; a resumed run reads the manifest it logged instead."""
@@ -147,7 +167,8 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
         # Known only now, and cheaper to refuse here than in every trial.
         check_average(cfg.evaluation.average, len(index.classes))
         images = validate_images(index, cfg.data.on_bad_image, min_images_per_class(
-            cfg.data.val_fraction, cfg.data.test_fraction))
+            cfg.data.val_fraction, cfg.data.test_fraction),
+            progress=progress_printer(echo, "checked", "images"))
         for path, reason in images.skipped[:10]:
             echo(f"  skipped {path}: {reason}")
         if len(images.skipped) > 10:

@@ -67,15 +67,13 @@ def image_folder(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray with 2 CPUs and the trial-slot resource; shut down after the module.
+    """A stock local Ray with 2 CPUs (no custom resources); shut down after the module.
 
     With the dashboard: Train V2's placement-group cleaner asks the State API whether a
     controller died; without it, the workers of a trial stopped by ASHA keep their CPUs."""
     import ray
 
-    from components.tuning.plan import TRIAL_SLOT
-
-    ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, include_dashboard=True,
+    ray.init(num_cpus=2, include_dashboard=True,
              configure_logging=False)
     try:
         yield ray

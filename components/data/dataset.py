@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 RESAMPLE = Image.Resampling.BILINEAR
 
@@ -21,7 +21,7 @@ def load_image(path_or_image, channels: int, image_size: int) -> np.ndarray:
     """
     if isinstance(path_or_image, Image.Image):
         img = path_or_image
-    elif "://" in str(path_or_image):  # object storage through fsspec
+    elif "://" in str(path_or_image):  # object storage (components.storage)
         from components.data.ingest import open_file
 
         with open_file(str(path_or_image)) as f:
@@ -43,10 +43,14 @@ def load_image(path_or_image, channels: int, image_size: int) -> np.ndarray:
 
 class ImageDataset(Dataset):
     """Yields (image tensor CxHxW, label, index). The index lets evaluation gather predictions
-    from every DDP rank and put each one back on its row, with no duplicates."""
+    from every DDP rank and put each one back on its row, with no duplicates.
+
+    Images are decoded when first asked for. With `cache`, each decoded image is kept for the
+    next epoch (this dataset's rows only: a rank's shard, never the whole split); without it,
+    every epoch decodes again and memory does not grow with the data."""
 
     def __init__(self, paths: list[str], labels: list[int], channels: int, image_size: int,
-                 transform: Callable[..., dict], preload: bool = True,
+                 transform: Callable[..., dict], cache: bool = False,
                  ids: list[int] | None = None):
         """`ids`: the index each row reports (default its position), e.g. its row number in
         the whole split when this dataset holds one rank's shard."""
@@ -54,17 +58,65 @@ class ImageDataset(Dataset):
         self.ids = list(ids) if ids is not None else list(range(len(self.paths)))
         self.channels, self.image_size = channels, image_size
         self.transform = transform
-        # Decoding once per worker beats decoding every epoch for the small images this
-        # pipeline is sized for (the digits fit in ~2 MB).
-        self.images = [self._load(i) for i in range(len(self.paths))] if preload else None
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
-    def _load(self, i: int) -> np.ndarray:
-        return load_image(self.paths[i], self.channels, self.image_size)
+    def image(self, i: int) -> np.ndarray:
+        """Row `i` decoded (uint8 HxWxC), from the cache when it holds it."""
+        if self._cache is None:
+            return load_image(self.paths[i], self.channels, self.image_size)
+        img = self._cache.get(i)
+        if img is None:
+            img = self._cache[i] = load_image(self.paths[i], self.channels, self.image_size)
+        return img
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = self.images[i] if self.images is not None else self._load(i)
-        x = self.transform(image=image)["image"]
+        x = self.transform(image=self.image(i))["image"]
         return x, torch.tensor(self.labels[i]), self.ids[i]
+
+
+def decoded_bytes(num_images: int, channels: int, image_size: int) -> int:
+    return num_images * channels * image_size * image_size
+
+
+def use_cache(mode: str, num_images: int, channels: int, image_size: int,
+              max_mb: float) -> bool:
+    """data.cache: `memory` keeps decoded images, `none` decodes every epoch, `auto` keeps
+    them when this worker's share fits in `max_mb`."""
+    if mode != "auto":
+        return mode == "memory"
+    return decoded_bytes(num_images, channels, image_size) <= max_mb * 2**20
+
+
+def shard_indices(num_rows: int, rank: int, world: int, seed: int) -> list[int]:
+    """This rank's fixed share of the rows: a seeded permutation dealt round-robin, padded
+    (as DistributedSampler pads) so that every rank holds as many rows and every DDP rank runs
+    the same number of steps. A fixed share lets a rank read, decode and cache only its own
+    rows, every epoch."""
+    if num_rows == 0:
+        return []
+    perm = np.random.default_rng(seed).permutation(num_rows).tolist()
+    per_rank = -(-num_rows // world)
+    while len(perm) < per_rank * world:
+        perm += perm[: per_rank * world - len(perm)]
+    return perm[rank::world]
+
+
+class EpochShuffle(Sampler[int]):
+    """A fresh, seeded order of a rank's rows each epoch (`set_epoch`, as DistributedSampler)."""
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_rows, generator=g).tolist())

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from components import storage
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -28,44 +30,42 @@ def _visible(path: Path, root: Path) -> bool:
 
 
 def is_url(path: str | Path) -> bool:
-    return "://" in str(path)
+    return storage.is_uri(path)
 
 
 def _index_url_folder(url: str) -> ImageIndex:
-    """The same layout in object storage (s3://, gs://, ...) through fsspec: every node
-    reads the images from there, none travels with the job."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"data.path={url} is not a directory")
-    classes = sorted(Path(d).name for d in fs.ls(root, detail=False)
-                     if fs.isdir(d) and not Path(d).name.startswith("."))
+    """The same layout in object storage (s3://, gs://, ...) through `components.storage`:
+    every node reads the images from there, none travels with the job."""
+    url = url.rstrip("/")
+    if storage.file_type(url) != "dir":
+        raise FileNotFoundError(f"data.path={url} is not a directory (or not readable)")
+    head, query = url.partition("?")[0], "?" + url.partition("?")[2] if "?" in url else ""
+    by_class: dict[str, list[str]] = {}
+    for f in storage.list_files(url):
+        rel = f.partition("?")[0][len(head):].strip("/")
+        parts = rel.split("/")
+        if len(parts) < 2 or any(p.startswith(".") for p in parts):
+            continue  # files at the root, hidden files and folders
+        if Path(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS:
+            by_class.setdefault(parts[0], []).append(f)
+    classes = sorted(by_class)
     paths, labels = [], []
     for label, name in enumerate(classes):
-        for f in sorted(fs.find(f"{root}/{name}")):
-            rel = Path(f).relative_to(root)
-            if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not any(
-                    part.startswith(".") for part in rel.parts):
-                paths.append(fs.unstrip_protocol(f))
-                labels.append(label)
-    return ImageIndex(fs.unstrip_protocol(root), paths, labels, classes)
+        for f in sorted(by_class[name]):
+            paths.append(f)
+            labels.append(label)
+    return ImageIndex(head + query, paths, labels, classes)
 
 
 def open_file(path: str):
-    """A binary file object for a local path or an fsspec URL."""
-    if is_url(path):
-        import fsspec
-
-        return fsspec.open(path, "rb").open()
-    return open(path, "rb")
+    """A binary file object for a local path or an object-storage URI."""
+    return storage.open_input(path) if is_url(path) else open(path, "rb")
 
 
 def index_image_folder(root: str | Path) -> ImageIndex:
     """Every image under root/<class>/ (sub-folders of a class included), sorted for
     reproducibility. Hidden files and folders, files at the root and non-image files are
-    ignored; extensions match in any letter case. `root` may be an fsspec URL (s3://...)."""
+    ignored; extensions match in any letter case. `root` may be a URI (s3://...)."""
     if is_url(root):
         return _index_url_folder(str(root))
     root = Path(root).expanduser().resolve()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image
@@ -38,18 +41,34 @@ def check_image(path: str) -> tuple[str | None, str | None]:
     return hashlib.sha256(data).hexdigest(), None
 
 
-def validate_images(index: ImageIndex, on_bad_image: str = "skip",
-                    min_per_class: int = 3) -> ValidatedImages:
-    """`min_per_class` is how many images a class needs to appear in every split."""
+def _checked(paths: list[str], progress: Callable[[int, int], None] | None):
+    """check_image over `paths`, in order, on a few threads (decoding and object-storage reads
+    release the GIL); `progress(done, total)` after each image."""
+    pool = ThreadPoolExecutor(min(8, (os.cpu_count() or 1) * 2))
+    try:
+        for done, result in enumerate(pool.map(check_image, paths), 1):
+            if progress is not None:
+                progress(done, len(paths))
+            yield result
+    finally:  # a failure stops at the first bad image: the rest is not checked
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def validate_images(index: ImageIndex, on_bad_image: str = "skip", min_per_class: int = 3,
+                    progress: Callable[[int, int], None] | None = None) -> ValidatedImages:
+    """`min_per_class` is how many images a class needs to appear in every split;
+    `progress(done, total)` is called as images are checked."""
     keep_paths, keep_labels, digests, skipped = [], [], [], []
+    checked = _checked(index.paths, progress)
     for path, label in zip(index.paths, index.labels):
-        digest, reason = check_image(path)
+        digest, reason = next(checked)
         if reason is None:
             keep_paths.append(path)
             keep_labels.append(label)
             digests.append(digest)
             continue
         if on_bad_image == "fail":
+            checked.close()
             raise DataError(f"unreadable image {path} ({reason}); "
                             "use data.on_bad_image=skip to skip such files")
         skipped.append((path, reason))

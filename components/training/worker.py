@@ -3,8 +3,11 @@ prepare_model, get_checkpoint, report) around the plain loop in `components.trai
 
 from __future__ import annotations
 
+import io
 import json
+import resource
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +16,9 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
+from components import storage
 from components.augment import (
     build_eval_transform,
     build_train_transform,
@@ -22,7 +26,7 @@ from components.augment import (
     plot_augmented_samples,
 )
 from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
-from components.data.dataset import ImageDataset
+from components.data.dataset import EpochShuffle, ImageDataset, shard_indices, use_cache
 from components.models import build_model
 from components.models.freezing import build_param_groups, unfreeze
 from components.training.loop import finished_metrics, predict, track_best, train_one_epoch
@@ -126,7 +130,57 @@ def _report_again(metrics: dict, checkpoint, rank: int) -> None:
                      delete_local_checkpoint_after_upload=False)
 
 
+class _FirstBatchClock:
+    """The train loader, noting how long the worker took to get its first batch (start-up,
+    data reading and decoding included)."""
+
+    def __init__(self, loader: DataLoader, started: float):
+        self.loader, self.started, self.first_batch_s = loader, started, None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.first_batch_s is None:
+                self.first_batch_s = time.monotonic() - self.started
+            yield batch
+
+
+def _rank_datasets(job: TrainJob, rank: int, world: int, prep: dict):
+    """This rank's train shard and val shard: nothing else is read or decoded here. With
+    data.cache the decoded images of the shard are kept (when it fits: cache_max_mb)."""
+    d, size, channels = job.data, job.data.image_size, job.data.channels
+    paths, labels = job.train_rows
+    rows = shard_indices(len(paths), rank, world, job.seed)
+    # Validation: disjoint shards (no padding, which would count some images twice), run
+    # through the unwrapped model so no DDP collective runs per batch. Rows keep their index
+    # in the whole split.
+    val_rows = list(range(rank, len(job.val_rows[0]), world))
+    cache = use_cache(d.cache, len(rows) + len(val_rows), channels, size, d.cache_max_mb)
+    train_ds = ImageDataset(
+        [paths[i] for i in rows], [labels[i] for i in rows], channels, size,
+        build_train_transform(job.augment.train, size, channels, prep["mean"], prep["std"],
+                              seed=job.seed + rank),
+        cache=cache and d.loader_workers == 0, ids=rows)
+    val_ds = ImageDataset([job.val_rows[0][i] for i in val_rows],
+                          [job.val_rows[1][i] for i in val_rows], channels, size,
+                          build_eval_transform(channels, prep["mean"], prep["std"]),
+                          cache=cache and d.loader_workers == 0, ids=val_rows)
+    return train_ds, val_ds
+
+
+def _peak_rss_mb(device) -> float:
+    """The largest peak resident memory of any rank's process, in MiB."""
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    t = torch.tensor([mine], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def train_loop_per_worker(config: dict) -> None:
+    started = time.monotonic()
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -141,30 +195,23 @@ def train_loop_per_worker(config: dict) -> None:
             _report_again(final, checkpoint, rank)
             return
     prep = eval_preprocessing(job.data, job.model)
-    size, channels = job.data.image_size, job.data.channels
 
-    train_ds = ImageDataset(*job.train_rows, channels, size, build_train_transform(
-        job.augment.train, size, channels, prep["mean"], prep["std"], seed=job.seed + rank))
-    # Validation: disjoint shards (no DistributedSampler padding, which would count some
-    # images twice), run through the unwrapped model so no DDP collective runs per batch.
-    # Each rank decodes only its shard; rows keep their index in the whole split.
-    shard = range(rank, len(job.val_rows[0]), world)
-    val_ds = ImageDataset([job.val_rows[0][i] for i in shard], [job.val_rows[1][i] for i in shard],
-                          channels, size, build_eval_transform(channels, prep["mean"], prep["std"]),
-                          ids=list(shard))
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=job.seed)
+    train_ds, val_ds = _rank_datasets(job, rank, world, prep)
+    # Each rank reads only its own fixed shard of the train split, in a new order each epoch.
+    sampler = EpochShuffle(len(train_ds), seed=job.seed + rank)
     pin = device.type == "cuda"
     # A last batch of one image breaks batch norm in training mode; drop the remainder
-    # whenever a shard holds more than one batch.
-    train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler,
-                              drop_last=len(sampler) > tc.batch_size,
-                              num_workers=job.data.loader_workers, pin_memory=pin)
+    # whenever a shard holds more than one batch. Shards are equally long: every rank runs
+    # the same number of steps.
+    train_loader = _FirstBatchClock(DataLoader(
+        train_ds, batch_size=tc.batch_size, sampler=sampler,
+        drop_last=len(train_ds) > tc.batch_size, num_workers=job.data.loader_workers,
+        pin_memory=pin, persistent_workers=job.data.loader_workers > 0), started)
     val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 256),
                             num_workers=job.data.loader_workers, pin_memory=pin)
 
     mc = job.model
-    model = build_model(mc, job.num_classes, channels)
+    model = build_model(mc, job.num_classes, job.data.channels)
     # Before DDP wraps the model: parameters frozen for good must already be excluded.
     groups = build_param_groups(model, tc.lr, freeze=mc.freeze, stage=mc.freeze_stage,
                                 unfreeze_epoch=mc.unfreeze_epoch,
@@ -198,7 +245,8 @@ def train_loop_per_worker(config: dict) -> None:
         if checkpoint is None and job.metric_prefix in ("", "fold0/"):
             import matplotlib.pyplot as plt
 
-            fig = plot_augmented_samples(train_ds.images, train_ds.transform, prep["mean"],
+            fig = plot_augmented_samples([train_ds.image(i) for i in range(min(len(train_ds), 32))],
+                                         train_ds.transform, prep["mean"],
                                          prep["std"], seed=job.seed)
             tracker.log_figure(job.mlflow_run_id, fig, "augmented_samples.png")
             plt.close(fig)
@@ -230,7 +278,10 @@ def train_loop_per_worker(config: dict) -> None:
                    "val_recall": val["recall"], "val_f1": val["f1"],
                    "lr": optimizer.param_groups[0]["lr"],
                    "best_val_f1": state["best_val_f1"], "best_val_loss": state["best_val_loss"],
-                   "best_epoch": state["best_epoch"], "early_stopped": int(stop)}
+                   "best_epoch": state["best_epoch"], "early_stopped": int(stop),
+                   # the worker's cost: the most memory any rank held, and its start-up
+                   "peak_rss_mb": _peak_rss_mb(device),
+                   "time_to_first_batch_s": train_loader.first_batch_s or 0.0}
         state["last_metrics"] = metrics  # what a resumed run that has ended reports again
         if rank == 0:
             if logger is not None:
@@ -250,7 +301,9 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
-def load_best_weights(checkpoint_dir: str | Path) -> dict:
-    return torch.load(Path(checkpoint_dir) / BEST_MODEL_FILE, map_location="cpu",
-                      weights_only=True)
+def load_best_weights(checkpoint: str | Path) -> dict:
+    """The best epoch's weights from a checkpoint directory: a local path or a URI on the
+    run's storage (s3://..., read through the same filesystem Ray wrote it with)."""
+    data = storage.read_bytes(storage.join(str(checkpoint), BEST_MODEL_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 

@@ -22,12 +22,13 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from components import storage
 from components.config import SearchConfig
 from components.data.split import kfold_rows
 from components.tracking import Tracker
 from components.training.trainer import build_trainer
 from components.training.worker import TrainJob
-from components.tuning.plan import TRIAL_SLOT, ResourcePlan
+from components.tuning.plan import TRIAL_RESOURCES, ResourcePlan
 from components.tuning.space import Axis, resolve_params, set_params, to_tune_space
 
 SECTIONS = ("data", "augment", "model", "train")
@@ -64,11 +65,11 @@ class TrackingTarget:
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None):
     """Connect to `address`, or start a local Ray; shut down only what this process started.
+    Nothing is asked of the cluster's nodes: no custom resources, no start flags."""
+    from components.tuning.plan import node_resources
 
-    A local Ray gets the custom TRAIN_DRIVER resource that trials hold instead of a CPU.
-    """
     if ray.is_initialized():
-        yield ray.cluster_resources()
+        yield node_resources()
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Inside a Ray job (visiontune submit) the job's cluster is the one to use.
@@ -86,20 +87,13 @@ def ray_session(address: str | None, num_cpus: int | None = None):
             # On a cluster the report interval comes from the nodes' environment (infra/) or
             # the job's runtime_env (visiontune submit sets it).
             ray.init(address=address, log_to_driver=True)
-            resources = ray.cluster_resources()
-            if TRIAL_SLOT not in resources:
-                raise RuntimeError(
-                    f"the Ray cluster at {address} has no '{TRIAL_SLOT}' resource. Trials "
-                    f"hold it instead of a CPU their workers need: start nodes with "
-                    f"ray start ... --resources='{{\"{TRIAL_SLOT}\": 8}}' (see infra/)")
         else:
             cpus = num_cpus or os.cpu_count() or 1
             # address="local": a new Ray of our own, even when a `ray start --head` is running
             # on this machine (plain ray.init() would join it and reject num_cpus).
-            ray.init(address="local", num_cpus=cpus, resources={TRIAL_SLOT: cpus},
-                     log_to_driver=True)
+            ray.init(address="local", num_cpus=cpus, log_to_driver=True)
         _restore_handlers(handlers)
-        yield ray.cluster_resources()
+        yield node_resources()
     finally:
         ray.shutdown()
 
@@ -131,7 +125,7 @@ def _cross_validate(job: TrainJob, trial_id: str, storage_path: str,
         m = result.metrics or {}
         scores.append({"f1": m["best_val_f1"], "loss": m["best_val_loss"],
                        "epoch": m["epoch"], "best_epoch": m["best_epoch"],
-                       "checkpoint_path": result.checkpoint.path})
+                       "checkpoint_path": storage.uri_in(storage_path, result.checkpoint.path)})
     f1s = [s["f1"] for s in scores]
     best = max(scores, key=lambda s: (s["f1"], -s["loss"]))
     summary = {"best_val_f1": mean(f1s), "best_val_loss": mean(s["loss"] for s in scores),
@@ -228,7 +222,7 @@ class StopOnRequest(Callback):
 
 
 def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[Axis],
-               sections: dict) -> TrialResult:
+               sections: dict, train_storage: str) -> TrialResult:
     m = result.metrics or {}
     config = resolve_params(result.config or {}, axes, sections)
     trial_id = m.get("trial_id") or Path(result.path).name
@@ -241,7 +235,8 @@ def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[
     return TrialResult(
         trial_id=trial_id, params=dict(config), status=status, run_id=run_ids.get(trial_id),
         best_val_f1=m.get("best_val_f1"), best_val_loss=m.get("best_val_loss"),
-        best_epoch=m.get("best_epoch"), epochs=epochs, checkpoint_path=m.get("checkpoint_path"),
+        best_epoch=m.get("best_epoch"), epochs=epochs,
+        checkpoint_path=storage.uri_in(train_storage, m.get("checkpoint_path")),
         error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
         history=history)
 
@@ -278,12 +273,16 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     """Run (or, with `resume`, continue) the search until every trial ended or
     `stop_requested()` turns true; returns one result per trial."""
     sections = {s: getattr(job, s) for s in SECTIONS}
-    train_storage = str(Path(storage_path) / experiment_name / "train")
+    train_storage = storage.join(storage_path, experiment_name, "train")
+    # A trial only drives its Train run (whose workers hold the CPUs/GPUs): it holds a token
+    # amount of a resource every node has, so it never takes a CPU its workers wait for and
+    # needs nothing from the cluster's nodes. The concurrency cap (build_search_alg) keeps
+    # trials from waiting on each other's workers.
     trainable = tune.with_resources(
         tune.with_parameters(vt_trial, job=job, axes=axes, target=target,
                              storage_path=train_storage),
-        {TRIAL_SLOT: 1})
-    exp_path = str(Path(storage_path) / experiment_name)
+        dict(TRIAL_RESOURCES))
+    exp_path = storage.join(storage_path, experiment_name)
     stopper = StopOnRequest(stop_requested)
     callbacks = [stopper] + ([TrialRunCloser(target, job.train.epochs)] if target is not None
                              else [])
@@ -329,7 +328,7 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     if target is not None:
         for run in target.tracker.child_runs(target.experiment_id, target.parent_run_id):
             run_ids[run.data.tags.get("visiontune.trial_id", "")] = run.info.run_id
-    trials = [_result_of(grid[i], job.train.epochs, run_ids, axes, sections)
+    trials = [_result_of(grid[i], job.train.epochs, run_ids, axes, sections, train_storage)
               for i in range(len(grid))]
     complete = not stopper.sent and grid.num_errors + grid.num_terminated == len(grid)
     return SearchOutcome(trials, complete)

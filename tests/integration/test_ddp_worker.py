@@ -127,7 +127,7 @@ def _trial(config, job: TrainJob, storage_path: str, out: str):
 def test_resumed_run_that_had_ended_reports_without_training(finished_run, tmp_path):
     from ray import tune
 
-    from components.tuning.plan import TRIAL_SLOT
+    from components.tuning.plan import TRIAL_RESOURCES
 
     run = finished_run
     first = run.result.metrics
@@ -137,7 +137,7 @@ def test_resumed_run_that_had_ended_reports_without_training(finished_run, tmp_p
     # checkpoint, and Tune must still receive the trial's final result.
     trainable = tune.with_resources(
         tune.with_parameters(_trial, job=run.job, storage_path=run.storage_path, out=str(out)),
-        {TRIAL_SLOT: 1})
+        dict(TRIAL_RESOURCES))
     start = time.monotonic()
     grid = tune.Tuner(trainable, run_config=tune.RunConfig(
         name="resumed", storage_path=str(tmp_path / "tune"), verbose=0)).fit()

@@ -151,8 +151,9 @@ def test_kfold_rows_cover_train_and_val_once_each():
         assert sorted(va_labels) == [0, 0, 1, 1]
 
 
-def test_object_storage_folder_through_fsspec(image_folder):
-    """memory:// stands in for s3:// or gs://: the same fsspec code path, no network."""
+def test_any_fsspec_protocol_through_the_storage_layer(image_folder):
+    """A protocol pyarrow does not know (memory://) goes through fsspec; s3:// itself is
+    tested against a real S3-compatible server (tests/integration/test_object_storage.py)."""
     import fsspec
 
     fs = fsspec.filesystem("memory")

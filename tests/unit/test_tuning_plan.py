@@ -114,20 +114,19 @@ CPU1 = {"CPU": 1.0}
 
 
 def test_plan_fits_many_trials():
-    plan = plan_resources({"CPU": 16, "TRAIN_DRIVER": 16}, num_trials=12, num_workers=2,
+    plan = plan_resources({"CPU": 16}, num_trials=12, num_workers=2,
                           per_worker=CPU1)
     assert plan.concurrent_trials == 8 and plan.cpus_per_trial == 2
 
 
 def test_plan_partially_fits_and_respects_caps():
-    plan = plan_resources({"CPU": 2, "TRAIN_DRIVER": 2}, 12, 2, CPU1)
+    plan = plan_resources({"CPU": 2}, 12, 2, CPU1)
     assert plan.concurrent_trials == 1
     assert "12 trials" in plan.describe(5) and "12 wave(s)" in plan.describe(5)
     gpu = {"CPU": 1.0, "GPU": 1.0}
     assert plan_resources({"CPU": 64, "GPU": 4}, 12, 2, gpu).concurrent_trials == 2
     assert plan_resources({"CPU": 64}, 3, 1, CPU1).concurrent_trials == 3
     assert plan_resources({"CPU": 64}, 30, 1, CPU1, max_concurrent=4).concurrent_trials == 4
-    assert plan_resources({"CPU": 64, "TRAIN_DRIVER": 2}, 30, 1, CPU1).concurrent_trials == 2
     big = {"CPU": 4.0, "memory": 8e9}
     assert plan_resources({"CPU": 64, "memory": 40e9}, 30, 2, big).concurrent_trials == 2
 
@@ -141,6 +140,24 @@ def test_plan_partially_fits_and_respects_caps():
 def test_plan_never_fits_says_what_is_missing(cluster, workers, per_worker, missing):
     with pytest.raises(ResourceError, match=missing.replace("(", r"\(").replace(")", r"\)")):
         plan_resources(cluster, 4, workers, per_worker)
+
+
+def test_plan_counts_workers_per_node():
+    """A worker fits on one node or not at all: the cluster's sum is not enough."""
+    gpu = {"CPU": 1.0, "GPU": 1.0}
+    head = {"CPU": 8.0, "memory": 16e9}   # no GPU: the job driver and trials only
+    gpu_node = {"CPU": 8.0, "GPU": 1.0}
+    # 2 GPUs in the cluster, one per node: two 1-GPU workers fit, on two nodes.
+    assert plan_resources([head, gpu_node, gpu_node], 6, 2, gpu).concurrent_trials == 1
+    # 3 CPUs per worker on 2-CPU nodes: 4 CPUs in all, but no node can hold one worker.
+    with pytest.raises(ResourceError, match="must fit on one node.*largest has 2 CPU"):
+        plan_resources([{"CPU": 2.0}, {"CPU": 2.0}], 4, 1, {"CPU": 3.0})
+    # Leftover CPUs on two nodes do not make a third worker: 3 + 3 CPUs, 2 CPUs per worker.
+    assert plan_resources([{"CPU": 3.0}, {"CPU": 3.0}], 4, 2, {"CPU": 2.0}).concurrent_trials == 1
+    with pytest.raises(ResourceError, match="hold 2 such worker"):
+        plan_resources([{"CPU": 3.0}, {"CPU": 3.0}], 4, 3, {"CPU": 2.0})
+    # Two 2-CPU nodes, 2-worker trials of 1 CPU: one trial per node at once.
+    assert plan_resources([{"CPU": 2.0}, {"CPU": 2.0}], 4, 2, CPU1).concurrent_trials == 2
 
 
 def test_worker_resources():
