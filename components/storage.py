@@ -142,10 +142,13 @@ def uri_in(storage_path: str, fs_path: str | None) -> str | None:
 def check_writable(storage_path: str) -> None:
     """Fail early, with the storage's own reason, when `storage_path` cannot be written: a
     missing bucket or no credentials would otherwise fail every trial one by one."""
+    import pyarrow.fs as pafs
+
     fs, p = resolve(storage_path)
     probe = f"{p.rstrip('/')}/.visiontune-write-check"
     try:
-        fs.create_dir(p, recursive=True)
+        if isinstance(fs, pafs.LocalFileSystem):  # object stores need no folders
+            fs.create_dir(p, recursive=True)
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)

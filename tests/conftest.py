@@ -79,3 +79,88 @@ def local_ray():
         yield ray
     finally:
         ray.shutdown()
+
+
+class S3Server:
+    """A real S3-compatible server (moto's, from PyPI) on 127.0.0.1, in its own process group.
+    The standard AWS variables point every client at it: pyarrow.fs (Ray's checkpoints, the
+    pipeline's storage layer), boto3, and every process started after the fixture (a local
+    Ray's workers, `ray start` nodes, the CLI)."""
+
+    ENV = {"AWS_ACCESS_KEY_ID": "visiontune-test", "AWS_SECRET_ACCESS_KEY": "visiontune-test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.env = {**self.ENV, "AWS_ENDPOINT_URL": endpoint}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="visiontune-test",
+                            aws_secret_access_key="visiontune-test")
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                        Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def upload_folder(self, folder: Path, bucket: str, prefix: str) -> str:
+        s3 = self.client()
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}")
+        return f"s3://{bucket}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto_server on a free loopback port for the whole session; the AWS variables are set in
+    this process while it runs and restored afterwards."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+                             "127.0.0.1", "-p", str(port)], start_new_session=True,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    server = S3Server(f"http://127.0.0.1:{port}")
+    saved = {k: os.environ.get(k) for k in server.env}
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(server.endpoint, timeout=2).close()
+                break
+            except urllib.error.HTTPError:  # it answers: up
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.3)
+        os.environ.update(server.env)
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -95,7 +95,8 @@ def leaderboard(trials) -> pd.DataFrame:
     for t in trials:
         rows.append({"trial_id": t.trial_id, "status": t.status, "best_val_f1": t.best_val_f1,
                      "best_val_loss": t.best_val_loss, "best_epoch": t.best_epoch,
-                     "epochs": t.epochs, **t.params, "mlflow_run_id": t.run_id})
+                     "epochs": t.epochs, **t.params, "mlflow_run_id": t.run_id,
+                     "checkpoint": t.checkpoint_path})
     df = pd.DataFrame(rows)
     if df.empty:
         return df

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -242,6 +243,10 @@ def train_loop_per_worker(config: dict) -> None:
 
         tracker = Tracker(job.tracking_uri)
         logger = EpochLogger(tracker, job.mlflow_run_id, key=job.metric_prefix + "val_f1")
+        # Where the trial trained (rank 0's node): on a cluster, the first thing to look up
+        # when one trial is slower or fails.
+        tracker.set_tags(job.mlflow_run_id,
+                         {"visiontune.node_id": ray.get_runtime_context().get_node_id()})
         if checkpoint is None and job.metric_prefix in ("", "fold0/"):
             import matplotlib.pyplot as plt
 

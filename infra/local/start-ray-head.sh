@@ -8,14 +8,11 @@
 #   RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 -- visiontune run ...
 #
 # Start it from the project's virtualenv: a job's `visiontune`/`python` comes from the PATH of
-# the shell that ran `ray start`. Trials hold one TRAIN_DRIVER unit each instead of a CPU, so the
-# node gets one per CPU (override: TRAIN_DRIVER_SLOTS). Token auth is on: the token is created
-# once in ~/.ray/auth_token; `ray job` commands and the job SDK need RAY_AUTH_MODE=token.
+# the shell that ran `ray start`. Ray's workers inherit that shell's environment too: for
+# ray.storage_path=s3://... export the AWS_* variables (AWS_ENDPOINT_URL for MinIO) before
+# starting. A stock `ray start` with no custom resources. Token auth is on: the token is
+# created once in ~/.ray/auth_token; `ray job` commands and the job SDK need RAY_AUTH_MODE=token.
 set -euo pipefail
-
-cpu_count() {
-    nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || sysctl -n hw.ncpu
-}
 
 start() {
     command -v ray >/dev/null 2>&1 || {
@@ -24,7 +21,6 @@ start() {
     }
     command -v visiontune >/dev/null 2>&1 ||
         echo "warning: 'visiontune' is not on PATH: jobs submitted to this cluster will not find it" >&2
-    local slots="${TRAIN_DRIVER_SLOTS:-$(cpu_count)}"
     # Train V2 collects worker reports once per interval (2 s by default) and workers wait for
     # it: short epochs would be paced at 2 s each. Inherited by every worker of this node.
     export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.2}"
@@ -34,10 +30,9 @@ start() {
         --node-ip-address=127.0.0.1 \
         --port=6379 \
         --dashboard-host=127.0.0.1 \
-        --include-dashboard=true \
-        --resources="{\"TRAIN_DRIVER\": ${slots}}"
+        --include-dashboard=true
     echo
-    echo "Ray head up with ${slots} TRAIN_DRIVER slots; dashboard: http://127.0.0.1:8265"
+    echo "Ray head up; dashboard: http://127.0.0.1:8265"
     echo "  visiontune run ray.address=auto ..."
     echo "  export RAY_AUTH_MODE=token   # before 'ray job submit --address http://127.0.0.1:8265'"
 }

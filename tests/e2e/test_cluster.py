@@ -1,7 +1,9 @@
-"""End to end against real servers: a `ray start --head` (dashboard and job server on) and an
-`mlflow server` (SQLite backend, served artifacts), both on 127.0.0.1; the pipeline goes in
-through `visiontune submit --follow`; promote, rollback and predict run through the CLI.
-Every process started here is stopped, also when a test fails."""
+"""End to end against real servers, all on 127.0.0.1: a stock two-node Ray cluster (`ray start
+--head` with no custom resources, and a second node joined with `ray start --address`), an
+`mlflow server` (SQLite backend, served artifacts) and an S3-compatible server (moto) holding
+the checkpoints, as object storage every node sees. The pipeline goes in through `visiontune
+submit --follow`; promote, rollback and predict run through the CLI. Every process started here
+is stopped, also when a test fails."""
 
 from __future__ import annotations
 
@@ -49,10 +51,12 @@ def _wait_http(url: str, timeout: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def servers(tmp_path_factory, s3_server):
     tmp = tmp_path_factory.mktemp("e2e")
-    # The job's `python`/`visiontune` come from the PATH of the shell that started the head.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    # The job's `python`/`visiontune` come from the PATH of the shell that started the head;
+    # every node reaches the S3 server through the AWS variables of the shell that started it.
+    env = {**os.environ, **s3_server.env,
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash, mlflow_port = _free_port(), _free_port(), _free_port()
@@ -61,8 +65,12 @@ def servers(tmp_path_factory):
         subprocess.run(
             [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
              f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--num-cpus=2", '--resources={"TRAIN_DRIVER": 2}',
-             "--disable-usage-stats"],
+             f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
+            env=env, check=True, capture_output=True, text=True, timeout=120)
+        # A second node, as a cluster's worker node joins: nothing but the head's address.
+        subprocess.run(
+            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}",
+             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"],
             env=env, check=True, capture_output=True, text=True, timeout=120)
         # Own process group: mlflow server forks web workers that must go down with it.
         mlflow_proc = subprocess.Popen(
@@ -75,7 +83,8 @@ def servers(tmp_path_factory):
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 90)
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 60)
         yield {"tmp": tmp, "env": env, "dashboard": f"http://127.0.0.1:{dash}",
-               "tracking": f"http://127.0.0.1:{mlflow_port}"}
+               "tracking": f"http://127.0.0.1:{mlflow_port}", "s3": s3_server,
+               "bucket": s3_server.bucket("vt-e2e")}
     finally:
         if mlflow_proc is not None:
             try:
@@ -99,7 +108,7 @@ def submitted(servers):
     common = [f"data.path={data}", "data=folder", "data.image_size=16", "augment=none",
               "search=quick", "train.epochs=2", "train.num_workers=2", "train.batch_size=8",
               "train.patience=0", f"tracking.uri={servers['tracking']}",
-              f"registry.model_name={MODEL}", f"ray.storage_path={servers['tmp']}/ray_results",
+              f"registry.model_name={MODEL}", f"ray.storage_path=s3://{servers['bucket']}/ray",
               "model.cnn.channels=[8,16]"]
     first = _cli(servers, "submit", "--address", servers["dashboard"], "--follow", *common)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -125,8 +134,14 @@ def test_submit_prints_job_and_records_run_tree_on_the_server(servers, submitted
         children = client.search_runs(
             [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    # artifacts are served by the tracking server, not a shared disk
+        # Two 2-worker trials at once on two 2-CPU nodes: one trial per node.
+        assert len({c.data.tags["visiontune.node_id"] for c in children}) == 2
+        pipeline_id = parent.data.tags["visiontune.pipeline_id"]
+        keys = servers["s3"].keys(servers["bucket"], f"ray/{pipeline_id}/train/")
+        assert len([k for k in keys if k.endswith("/best_model.pt")]) == 2, keys
+    # artifacts are served by the tracking server, not a shared disk; checkpoints are in S3
     assert exp.artifact_location.startswith("mlflow-artifacts:")
+    assert not (servers["tmp"] / "ray_results").exists()
     jobs = _cli(servers, "jobs", "--address", servers["dashboard"])
     assert jobs.returncode == 0 and jobs.stdout.count("SUCCEEDED") == 2
 

@@ -1,7 +1,7 @@
 """infra/ definitions parse and agree with each other and with the project: one image name,
-TRAIN_DRIVER on every Ray node, shared storage on every pod, a RayJob entrypoint the config
-loader accepts, the console script, MLflow servers that proxy artifacts. No network, no docker,
-no Ray or MLflow started."""
+stock Ray nodes (no custom resources), shared storage on every pod, a RayJob entrypoint the
+config loader accepts, the console script, MLflow servers that proxy artifacts. No network, no
+docker, no Ray or MLflow started."""
 
 from __future__ import annotations
 
@@ -22,7 +22,11 @@ INFRA = ROOT / "infra"
 # The one name of the image built by infra/Dockerfile; change it here and in infra/ together.
 IMAGE = "visiontune:latest"
 MLFLOW_IMAGE = "visiontune-mlflow:latest"
-SLOT = "TRAIN_DRIVER"
+# Resources every Ray node has without being asked for: a node definition that advertises
+# anything else (a custom resource) would make the pipeline depend on a special `ray start`.
+BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+# What Tune's trial slot was once called; it must not come back in any form.
+OLD_SLOT = "TRAIN_DRIVER"
 DATA_CLAIM, DATA_MOUNT = "visiontune-data", "/mnt/data"
 
 YAML_FILES = sorted(p for ext in ("*.yaml", "*.yml") for p in INFRA.rglob(ext))
@@ -64,11 +68,29 @@ def ray_start_resources(value: str) -> dict:
 
 
 def cli_resources(command: str) -> dict:
-    """The --resources JSON of a `ray start` command line."""
-    for tok in shlex.split(command.replace(";", " ; ")):
+    """The --resources JSON of a `ray start` command line ({} without one)."""
+    toks = shlex.split(command.replace(";", " ; "))
+    for i, tok in enumerate(toks):
         if tok.startswith("--resources="):
             return json.loads(tok.split("=", 1)[1])
+        if tok == "--resources":
+            return json.loads(toks[i + 1])
     return {}
+
+
+def cli_option(command: str, name: str) -> str | None:
+    """The value of `--name=value` / `--name value` in a command line, or None."""
+    toks = shlex.split(command.replace(";", " ; "))
+    for i, tok in enumerate(toks):
+        if tok.startswith(f"--{name}="):
+            return tok.split("=", 1)[1]
+        if tok == f"--{name}" and i + 1 < len(toks):
+            return toks[i + 1]
+    return None
+
+
+def custom(resources: dict) -> set[str]:
+    return set(resources) - BUILTIN_RESOURCES
 
 
 # --- every file parses ---------------------------------------------------------------------------
@@ -95,6 +117,52 @@ def test_readme_describes_every_infra_file():
     files = [p for p in INFRA.rglob("*") if p.is_file() and p.name != "README.md"]
     missing = [str(p.relative_to(INFRA)) for p in files if str(p.relative_to(INFRA)) not in readme]
     assert missing == []
+
+
+# --- stock Ray nodes: no custom resources ---------------------------------------------------------
+
+
+def walk(node):
+    """Every mapping in a parsed YAML document, depth first."""
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+def test_a_trial_holds_only_builtin_resources():
+    """Why the nodes below need nothing special: what a Tune trial holds is on every node."""
+    from components.tuning.plan import TRIAL_RESOURCES
+
+    names = {"cpu": "CPU", "gpu": "GPU"}
+    held = {names.get(k, k) for k, v in TRIAL_RESOURCES.items() if v}
+    assert held and custom(dict.fromkeys(held)) == set(), TRIAL_RESOURCES
+
+
+def test_no_file_in_infra_asks_for_a_custom_resource():
+    for path in INFRA.rglob("*"):
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        assert OLD_SLOT not in text, rel(path)
+        assert "RAY_OVERRIDE_RESOURCES" not in text, rel(path)
+        if path.name != "README.md":
+            # `ray start --resources=...` (or KubeRay's rayStartParams.resources) exists only
+            # to add custom resources; CPUs/GPUs have their own flags.
+            assert "--resources" not in text, rel(path)
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=rel)
+def test_no_yaml_node_definition_has_custom_resources(path):
+    for doc in docs(path):
+        for m in walk(doc):
+            if isinstance(m.get("rayStartParams"), dict):
+                assert "resources" not in m["rayStartParams"], rel(path)
+            for name, node_type in (m.get("available_node_types") or {}).items():
+                assert custom(node_type.get("resources", {})) == set(), f"{rel(path)}: {name}"
 
 
 # --- one image, one console script ---------------------------------------------------------------
@@ -217,14 +285,19 @@ def test_raycluster_has_a_cpu_head_and_a_gpu_worker_group():
 
 
 @pytest.mark.parametrize("name", ["RayCluster", "RayJob"])
-def test_every_kuberay_node_gets_train_driver_env_and_shared_data(name):
+def test_every_kuberay_node_is_stock_ray_with_env_and_shared_data(name):
     for group in groups(kuberay_specs()[name]):
-        assert ray_start_resources(group["rayStartParams"]["resources"])[SLOT] >= 1
+        # A stock `ray start`: no custom resources (KubeRay's rayStartParams.resources is only
+        # for those; CPUs/GPUs come from num-cpus and the container limits).
+        params = group["rayStartParams"]
+        assert "resources" not in params, \
+            f"{name}: custom resources {ray_start_resources(params['resources'])}"
         pod = group["template"]["spec"]
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
                   for v in pod["volumes"] if "persistentVolumeClaim" in v}
         for c in pod["containers"]:
             env = {e["name"]: e.get("value") for e in c["env"]}
+            assert "RAY_OVERRIDE_RESOURCES" not in env
             assert env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
             assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
             mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -277,25 +350,26 @@ def test_launcher_config_is_valid_for_ray():
     validate_config(prepare_config(one(INFRA / "ray-cluster-launcher.yaml")))
 
 
-def test_launcher_starts_every_node_with_train_driver():
+def test_launcher_starts_stock_ray_nodes():
     cfg = one(INFRA / "ray-cluster-launcher.yaml")
     assert cfg["docker"]["image"] == IMAGE
     assert "-e RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2" in cfg["docker"]["run_options"]
+    assert not any("RAY_OVERRIDE_RESOURCES" in o for o in cfg["docker"]["run_options"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         starts = [c for c in cfg[key] if "ray start" in c]
         assert starts, key
         for c in starts:
-            assert cli_resources(c)[SLOT] >= 1, c
+            assert cli_resources(c) == {}, f"custom resources in {c!r}"
+            assert "RAY_OVERRIDE_RESOURCES" not in c
             assert "RAY_AUTH_MODE=token" in c
     (head_start,) = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
     assert "--head" in head_start and "--dashboard-host=0.0.0.0" in head_start
-    # The autoscaler's view of each node type agrees with what `ray start` advertises.
-    head_type = cfg["available_node_types"][cfg["head_node_type"]]
-    assert head_type["resources"][SLOT] == cli_resources(head_start)[SLOT]
-    (worker_start,) = [c for c in cfg["worker_start_ray_commands"] if "ray start" in c]
+    # The autoscaler's view of each node type: built-in resources only, and the head's CPU
+    # count agrees with what its `ray start` advertises.
     for name, node_type in cfg["available_node_types"].items():
-        if name != cfg["head_node_type"]:
-            assert node_type["resources"][SLOT] == cli_resources(worker_start)[SLOT]
+        assert custom(node_type["resources"]) == set(), name
+    head_type = cfg["available_node_types"][cfg["head_node_type"]]
+    assert float(head_type["resources"]["CPU"]) == float(cli_option(head_start, "num-cpus"))
     assert "~/.ray/auth_token" in cfg["file_mounts"]
 
 
@@ -415,10 +489,10 @@ def test_local_mlflow_script_serves_artifacts_in_its_own_process_group():
     assert "--serve-artifacts" in text and "--artifacts-destination" in text
 
 
-def test_local_ray_head_script_adds_train_driver():
+def test_local_ray_head_script_is_a_stock_ray_start():
     text = (INFRA / "local/start-ray-head.sh").read_text()
     assert "ray start --head" in text
-    assert '--resources="{\\"TRAIN_DRIVER\\": ${slots}}"' in text
+    assert "--resources" not in text and "RAY_OVERRIDE_RESOURCES" not in text
     assert "--dashboard-host=127.0.0.1" in text and "--include-dashboard=true" in text
     assert "stop) ray stop" in text
     assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" in text
