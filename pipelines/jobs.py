@@ -69,7 +69,8 @@ def submit(address: str, overrides: list[str], config_file: str | None = None,
     # a clear error instead of minutes of retrying in every trial).
     env_vars = {JOB_ID_ENV: job_id, CLUSTER_ENV: address,
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **HTTP_RETRY_ENV,
-                **{k: os.environ[k] for k in HTTP_RETRY_ENV if k in os.environ}, **(env or {})}
+                **{k: os.environ[k] for k in (*HTTP_RETRY_ENV, "VISIONTUNE_DEBUG")
+                   if k in os.environ}, **(env or {})}
     client.submit_job(
         entrypoint=build_entrypoint(overrides, config_file),
         submission_id=job_id,

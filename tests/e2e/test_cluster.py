@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -60,6 +62,7 @@ def servers(tmp_path_factory, s3_server):
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash, mlflow_port = _free_port(), _free_port(), _free_port()
+    node2_tmp = tempfile.mkdtemp(prefix="vt-node2-", dir="/tmp")  # short: socket paths
     mlflow_proc = None
     try:
         subprocess.run(
@@ -67,11 +70,16 @@ def servers(tmp_path_factory, s3_server):
              f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
             env=env, check=True, capture_output=True, text=True, timeout=120)
-        # A second node, as a cluster's worker node joins: nothing but the head's address.
+        # A second node, as a cluster's worker node joins: the head's address, and the
+        # cluster's token (Ray 2.60's token auth; the token file is shared on one machine).
+        # Its own temp dir, as on a machine of its own: two nodes sharing /tmp/ray would
+        # garbage-collect each other's job working_dir (the job's cwd vanishes).
         subprocess.run(
             [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}",
-             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"],
-            env=env, check=True, capture_output=True, text=True, timeout=120)
+             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
+             f"--temp-dir={node2_tmp}"],
+            env={**env, "RAY_AUTH_MODE": "token"}, check=True, capture_output=True, text=True,
+            timeout=120)
         # Own process group: mlflow server forks web workers that must go down with it.
         mlflow_proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
@@ -94,6 +102,7 @@ def servers(tmp_path_factory, s3_server):
                 os.killpg(mlflow_proc.pid, signal.SIGKILL)
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True,
                        timeout=120)
+        shutil.rmtree(node2_tmp, ignore_errors=True)
 
 
 def _cli(servers, *args, timeout=900):

@@ -169,3 +169,42 @@ def test_any_fsspec_protocol_through_the_storage_layer(image_folder):
     m = split_dataset(v, .15, .15, 0)
     assert m.fingerprint == split_dataset(validate_images(local), .15, .15, 0).fingerprint
     assert load_image(v.index.paths[0], 3, 8).shape == (8, 8, 3)
+
+
+def test_rank_shards_cover_the_split_once_with_equal_lengths():
+    from components.data.dataset import shard_indices
+
+    for n, world in ((10, 2), (7, 2), (5, 3), (1, 2)):
+        shards = [shard_indices(n, r, world, seed=3) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1          # every rank runs as many steps
+        assert set().union(*shards) == set(range(n))       # every row is trained on
+        assert sum(len(s) for s in shards) - n < world     # padding only to even out
+        assert shards == [shard_indices(n, r, world, seed=3) for r in range(world)]
+    assert shard_indices(10, 0, 2, 3) != shard_indices(10, 0, 2, 4)
+
+
+def test_epoch_shuffle_is_a_seeded_permutation_per_epoch():
+    from components.data.dataset import EpochShuffle
+
+    s = EpochShuffle(20, seed=1)
+    s.set_epoch(1)
+    first = list(s)
+    assert sorted(first) == list(range(20)) and first == list(s)
+    s.set_epoch(2)
+    assert list(s) != first and sorted(s) == list(range(20))
+
+
+def test_cache_keeps_decoded_images_only_when_asked_and_when_they_fit(image_folder):
+    from components.augment import build_eval_transform
+    from components.data.dataset import ImageDataset, use_cache
+
+    assert use_cache("auto", 1000, 3, 32, max_mb=256)            # 3 MiB
+    assert not use_cache("auto", 20000, 3, 128, max_mb=256)      # 938 MiB
+    assert use_cache("memory", 10**7, 3, 128, 0) and not use_cache("none", 1, 1, 1, 256)
+    paths = [str(p) for p in sorted(image_folder.rglob("0*.png"))][:4]
+    t = build_eval_transform(3, [0.5] * 3, [0.5] * 3)
+    cached = ImageDataset(paths, [0] * 4, 3, 8, t, cache=True)
+    streamed = ImageDataset(paths, [0] * 4, 3, 8, t, cache=False)
+    assert cached.image(1) is cached.image(1)                   # decoded once
+    assert streamed.image(1) is not streamed.image(1)           # decoded on every read
+    assert (cached.image(1) == streamed.image(1)).all() and len(cached._cache) == 1
