@@ -5,7 +5,9 @@ decoding as it goes, cached only when the shard fits `data.cache_max_mb`).
 One run measures both, side by side, on the same generated folder (at least 20,000 RGB images
 at 128 px, written once under ~/.cache/visiontune/, never committed): one Ray Train run of
 2 workers x 1 CPU x 1 epoch each, the same model, batch size and augmentation. Each worker
-reports its peak RSS and its time from the training function's start to its first batch.
+reports its peak RSS, the memory it gained from the training function's start to its first
+batch (what the data cost: imports and the model are already there at the start) and the time
+to that first batch.
 
     python benchmarks/data_scale.py            # about 10 minutes on 2 cores
     python benchmarks/data_scale.py --images 2000 --size 64   # a quick look
@@ -71,7 +73,7 @@ def old_loop(config: dict) -> None:
     from components.data.dataset import ImageDataset
     from components.training import worker
 
-    started = time.monotonic()
+    started, started_rss = time.monotonic(), worker._rss_mb()
     job = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -84,15 +86,21 @@ def old_loop(config: dict) -> None:
         ds.image(i)
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = worker._FirstBatchClock(DataLoader(ds, batch_size=job.train.batch_size,
-                                                sampler=sampler, drop_last=True), started)
+                                                sampler=sampler, drop_last=True), started,
+                                     started_rss)
     model = ray.train.torch.prepare_model(worker.build_model(job.model, job.num_classes,
                                                              channels))
     opt = torch.optim.Adam(model.parameters(), job.train.lr)
     from components.training.loop import train_one_epoch
 
     train_one_epoch(model, loader, opt, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
-    ray.train.report({"peak_rss_mb": worker._peak_rss_mb(torch.device("cpu")),
-                      "time_to_first_batch_s": loader.first_batch_s, "epoch": 1})
+    metrics = {"peak_rss_mb": worker._peak_rss_mb(torch.device("cpu")),
+               "time_to_first_batch_s": loader.first_batch_s,
+               "data_rss_mb": loader.data_rss_mb, "epoch": 1}
+    # Train V2 keeps a run's metrics with its checkpoint: rank 0 attaches an empty one.
+    with tempfile.TemporaryDirectory() as d:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d)
+                         if rank == 0 else None)
 
 
 def new_loop(config: dict) -> None:
@@ -114,6 +122,7 @@ def run_one(loop, job, storage: str, name: str) -> dict:
         raise result.error
     m = result.metrics
     return {"peak_rss_mb": round(m["peak_rss_mb"], 1),
+            "data_rss_mb": round(m["data_rss_mb"], 1),
             "time_to_first_batch_s": round(m["time_to_first_batch_s"], 2),
             "run_wall_s": round(time.monotonic() - start, 1)}
 
@@ -156,7 +165,7 @@ def main() -> int:
                    val_rows=manifest.subset("val"), num_classes=len(manifest.classes))
     job.model.cnn.channels = [8, 16]
     results = {}
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(num_cpus=2, configure_logging=False)  # the dashboard: Train's PG cleaner
     try:
         with tempfile.TemporaryDirectory() as storage:
             for name, loop in (("old: whole split decoded in every worker", old_loop),
@@ -177,11 +186,12 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"\n{'loading':44} {'peak RSS/worker':>16} {'share of split':>15} "
-          f"{'first batch':>12}")
+    print(f"\ndecoded train split: {split_mb:.0f} MiB; a quarter: {split_mb / 4:.0f} MiB")
+    print(f"{'loading':42} {'peak RSS/worker':>15} {'data RSS/worker':>15} "
+          f"{'share of split':>14} {'first batch':>11}")
     for name, r in results.items():
-        print(f"{name:44} {r['peak_rss_mb']:>12.0f} MiB {r['peak_rss_mb'] / split_mb:>15.2f} "
-              f"{r['time_to_first_batch_s']:>10.1f} s")
+        print(f"{name:42} {r['peak_rss_mb']:>11.0f} MiB {r['data_rss_mb']:>11.0f} MiB "
+              f"{r['data_rss_mb'] / split_mb:>14.2f} {r['time_to_first_batch_s']:>9.1f} s")
     print(f"written to {out}")
     return 0
 

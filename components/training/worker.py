@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import resource
 import tempfile
 import time
@@ -131,12 +132,21 @@ def _report_again(metrics: dict, checkpoint, rank: int) -> None:
                      delete_local_checkpoint_after_upload=False)
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 class _FirstBatchClock:
     """The train loader, noting how long the worker took to get its first batch (start-up,
-    data reading and decoding included)."""
+    data reading and decoding included) and how much memory it gained until then
+    (`data_rss_mb`: what preparing the data cost, apart from imports and the model)."""
 
-    def __init__(self, loader: DataLoader, started: float):
-        self.loader, self.started, self.first_batch_s = loader, started, None
+    def __init__(self, loader: DataLoader, started: float, started_rss_mb: float):
+        self.loader, self.started, self.started_rss_mb = loader, started, started_rss_mb
+        self.first_batch_s: float | None = None
+        self.data_rss_mb = 0.0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -145,6 +155,7 @@ class _FirstBatchClock:
         for batch in self.loader:
             if self.first_batch_s is None:
                 self.first_batch_s = time.monotonic() - self.started
+                self.data_rss_mb = _rss_mb() - self.started_rss_mb
             yield batch
 
 
@@ -181,7 +192,7 @@ def _peak_rss_mb(device) -> float:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    started = time.monotonic()
+    started, started_rss = time.monotonic(), _rss_mb()
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -207,7 +218,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_loader = _FirstBatchClock(DataLoader(
         train_ds, batch_size=tc.batch_size, sampler=sampler,
         drop_last=len(train_ds) > tc.batch_size, num_workers=job.data.loader_workers,
-        pin_memory=pin, persistent_workers=job.data.loader_workers > 0), started)
+        pin_memory=pin, persistent_workers=job.data.loader_workers > 0), started, started_rss)
     val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 256),
                             num_workers=job.data.loader_workers, pin_memory=pin)
 
@@ -286,7 +297,8 @@ def train_loop_per_worker(config: dict) -> None:
                    "best_epoch": state["best_epoch"], "early_stopped": int(stop),
                    # the worker's cost: the most memory any rank held, and its start-up
                    "peak_rss_mb": _peak_rss_mb(device),
-                   "time_to_first_batch_s": train_loader.first_batch_s or 0.0}
+                   "time_to_first_batch_s": train_loader.first_batch_s or 0.0,
+                   "data_rss_mb": train_loader.data_rss_mb}
         state["last_metrics"] = metrics  # what a resumed run that has ended reports again
         if rank == 0:
             if logger is not None:
