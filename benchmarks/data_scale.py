@@ -9,7 +9,7 @@ reports its peak RSS, the memory it gained from the training function's start to
 batch (what the data cost: imports and the model are already there at the start) and the time
 to that first batch.
 
-    python benchmarks/data_scale.py            # about 10 minutes on 2 cores
+    python benchmarks/data_scale.py            # about 5 minutes on 2 cores
     python benchmarks/data_scale.py --images 2000 --size 64   # a quick look
 """
 
@@ -155,9 +155,10 @@ def main() -> int:
     n_train = len(train_rows[0])
     split_mb = decoded_bytes(n_train, 3, args.size) / 2**20
     data = DataConfig(path=str(root), image_size=args.size)
+    per_worker = (n_train + len(manifest.subset("val")[0])) // 2
+    caches = use_cache(data.cache, per_worker, 3, args.size, data.cache_max_mb)
     print(f"{len(checked.index)} images ({n_train} train, decoded {split_mb:.0f} MiB); "
-          f"checked in {validate_s:.0f} s; new loading caches: "
-          f"{use_cache(data.cache, n_train // 2, 3, args.size, data.cache_max_mb)}", flush=True)
+          f"checked in {validate_s:.0f} s; new loading caches: {caches}", flush=True)
     job = TrainJob(data=data, augment=AugmentConfig(),
                    model=ModelConfig(name="cnn"), train=TrainConfig(
                        epochs=1, num_workers=2, batch_size=64, patience=0),

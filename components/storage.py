@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-BUCKET_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az")
+BUCKET_SCHEMES = ("s3", "gs", "gcs")  # paths inside them start with the bucket
+# Query options that would carry credentials into every recorded path (MLflow params, manifests).
+SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
 
 
 class StorageError(OSError):
@@ -59,13 +61,17 @@ def _filesystem(scheme: str, netloc: str, query: str):
     try:
         fs, _ = pafs.FileSystem.from_uri(uri)
     except Exception as arrow_error:  # ArrowInvalid: unrecognized scheme, bad options, ...
+        reason = str(arrow_error).splitlines()[0] if str(arrow_error) else type(arrow_error)
+        if "nrecognized filesystem type" not in str(arrow_error):
+            # A scheme pyarrow knows but cannot open (options, region, credentials): its
+            # own reason, not a second library's attempt.
+            raise StorageError(f"cannot open {scheme}://{netloc}: {reason}") from arrow_error
         try:
             import fsspec
 
             ffs = fsspec.filesystem(scheme)
         except Exception:
-            raise StorageError(f"cannot open {scheme}://{netloc}: "
-                               f"{str(arrow_error).splitlines()[0]}") from arrow_error
+            raise StorageError(f"cannot open {scheme}://{netloc}: {reason}") from arrow_error
         return (pafs.PyFileSystem(pafs.FSSpecHandler(ffs)),
                 lambda u: ffs._strip_protocol(u).rstrip("/") or "/")
 
@@ -86,7 +92,13 @@ def resolve(path: str | Path):
     if not is_uri(path) or path.startswith("file://"):
         local = path[len("file://"):] if path.startswith("file://") else path
         return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())
-    fs, inner = _filesystem(*_fs_key(path))
+    scheme, netloc, query = _fs_key(path)
+    secrets = [k for k in SECRET_OPTIONS if f"{k}=" in query]
+    if secrets:
+        raise StorageError(f"{scheme}://{netloc}: credentials in the URI ({', '.join(secrets)}) "
+                           "would be recorded with every path; use the AWS_* variables (or "
+                           "the instance's role) instead")
+    fs, inner = _filesystem(scheme, netloc, query)
     return fs, inner(_split_query(path)[0])
 
 
@@ -97,9 +109,9 @@ def read_bytes(path: str | Path) -> bytes:
 
 
 def open_input(path: str | Path):
-    """A binary, readable file object (a context manager)."""
+    """A binary, readable stream (a context manager): one GET on object storage."""
     fs, p = resolve(path)
-    return fs.open_input_file(p)
+    return fs.open_input_stream(p)
 
 
 def file_type(path: str | Path) -> str:
@@ -142,11 +154,14 @@ def uri_in(storage_path: str, fs_path: str | None) -> str | None:
 def check_writable(storage_path: str) -> None:
     """Fail early, with the storage's own reason, when `storage_path` cannot be written: a
     missing bucket or no credentials would otherwise fail every trial one by one."""
+    import uuid
+
     import pyarrow.fs as pafs
 
-    fs, p = resolve(storage_path)
-    probe = f"{p.rstrip('/')}/.visiontune-write-check"
     try:
+        fs, p = resolve(storage_path)
+        # Unique: two pipelines starting on one storage path must not remove each other's.
+        probe = f"{p.rstrip('/')}/.visiontune-write-check-{uuid.uuid4().hex[:12]}"
         if isinstance(fs, pafs.LocalFileSystem):  # object stores need no folders
             fs.create_dir(p, recursive=True)
         with fs.open_output_stream(probe) as f:

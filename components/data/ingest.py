@@ -81,28 +81,42 @@ def index_image_folder(root: str | Path) -> ImageIndex:
     return ImageIndex(str(root), paths, labels, classes)
 
 
-def index_csv_manifest(csv_path: str | Path) -> ImageIndex:
-    """A CSV with columns path,label (any other columns are ignored). Relative paths are
-    relative to the CSV's folder; a missing file is left for validation to skip and count."""
-    import csv
+def _parent(path: str) -> str:
+    """The folder a path or URI is in (a URI keeps its ?query)."""
+    if not is_url(path):
+        return str(Path(path).parent)
+    head, sep, query = path.partition("?")
+    return head.rstrip("/").rsplit("/", 1)[0] + sep + query
 
-    csv_path = Path(csv_path).expanduser().resolve()
-    if not csv_path.is_file():
+
+def index_csv_manifest(csv_path: str | Path) -> ImageIndex:
+    """A CSV with columns path,label (any other columns are ignored), local or in object
+    storage. Relative paths are relative to the CSV's folder, absolute paths and URIs are kept;
+    a missing file is left for validation to skip and count."""
+    import csv
+    import io
+
+    csv_path = str(csv_path)
+    if not is_url(csv_path):
+        csv_path = str(Path(csv_path).expanduser().resolve())
+    if storage.file_type(csv_path) != "file":
         raise FileNotFoundError(f"data.path={csv_path} does not exist")
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataError(f"{csv_path} needs the columns path,label; missing "
-                             f"{', '.join(sorted(missing))} (has {reader.fieldnames})")
-        rows = [(r["path"].strip(), r["label"].strip()) for r in reader if r["path"].strip()]
+    text = storage.read_bytes(csv_path).decode("utf-8-sig")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = {"path", "label"} - set(reader.fieldnames or [])
+    if missing:
+        raise DataError(f"{csv_path} needs the columns path,label; missing "
+                        f"{', '.join(sorted(missing))} (has {reader.fieldnames})")
+    rows = [(r["path"].strip(), r["label"].strip()) for r in reader if r["path"].strip()]
     classes = sorted({label for _, label in rows})
     lookup = {c: i for i, c in enumerate(classes)}
-    paths = [str((csv_path.parent / p).resolve()) for p, _ in rows]
-    return ImageIndex(str(csv_path.parent), paths, [lookup[y] for _, y in rows], classes)
+    parent = _parent(csv_path)
+    paths = [p if is_url(p) else storage.join(parent, p) if is_url(parent)
+             else str((Path(parent) / p).resolve()) for p, _ in rows]
+    return ImageIndex(parent, paths, [lookup[y] for _, y in rows], classes)
 
 
 def index_images(path: str | Path) -> ImageIndex:
-    """`path` is an image folder or a .csv manifest."""
-    return index_csv_manifest(path) if str(path).lower().endswith(".csv") else \
-        index_image_folder(path)
+    """`path` is an image folder or a .csv manifest (local or a URI)."""
+    is_csv = str(path).partition("?")[0].lower().endswith(".csv")
+    return index_csv_manifest(path) if is_csv else index_image_folder(path)

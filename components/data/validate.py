@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 
 from PIL import Image
 
-from components.data.ingest import DataError, ImageIndex, open_file
+from components.data.ingest import DataError, ImageIndex, is_url, open_file
+from components.storage import StorageError
 
 __all__ = ["DataError", "ValidatedImages", "check_image", "validate_images"]
 
@@ -32,6 +35,15 @@ def check_image(path: str) -> tuple[str | None, str | None]:
     try:
         with open_file(path) as f:
             data = f.read()
+    except FileNotFoundError as e:
+        return None, f"FileNotFoundError: {e}"
+    except OSError as e:
+        if is_url(path):
+            # Object storage that fails to answer (throttling, network, expired credentials)
+            # is not a bad image: skipping would quietly change the data and its fingerprint.
+            raise StorageError(f"reading {path} failed: {str(e).splitlines()[0]}") from e
+        return None, f"{type(e).__name__}: {e}"
+    try:
         if not data:
             return None, "empty file"
         with Image.open(io.BytesIO(data)) as img:
@@ -44,9 +56,19 @@ def check_image(path: str) -> tuple[str | None, str | None]:
 def _checked(paths: list[str], progress: Callable[[int, int], None] | None):
     """check_image over `paths`, in order, on a few threads (decoding and object-storage reads
     release the GIL); `progress(done, total)` after each image."""
-    pool = ThreadPoolExecutor(min(8, (os.cpu_count() or 1) * 2))
+    threads = min(8, (os.cpu_count() or 1) * 2)
+    pool = ThreadPoolExecutor(threads)
+    window: deque = deque()   # a bounded number of images in flight, whatever the folder's size
+    todo = iter(paths)
     try:
-        for done, result in enumerate(pool.map(check_image, paths), 1):
+        for path in itertools.islice(todo, threads * 4):
+            window.append(pool.submit(check_image, path))
+        done = 0
+        while window:
+            result = window.popleft().result()
+            for path in itertools.islice(todo, 1):
+                window.append(pool.submit(check_image, path))
+            done += 1
             if progress is not None:
                 progress(done, len(paths))
             yield result
@@ -59,19 +81,19 @@ def validate_images(index: ImageIndex, on_bad_image: str = "skip", min_per_class
     """`min_per_class` is how many images a class needs to appear in every split;
     `progress(done, total)` is called as images are checked."""
     keep_paths, keep_labels, digests, skipped = [], [], [], []
-    checked = _checked(index.paths, progress)
-    for path, label in zip(index.paths, index.labels):
-        digest, reason = next(checked)
-        if reason is None:
-            keep_paths.append(path)
-            keep_labels.append(label)
-            digests.append(digest)
-            continue
-        if on_bad_image == "fail":
-            checked.close()
-            raise DataError(f"unreadable image {path} ({reason}); "
-                            "use data.on_bad_image=skip to skip such files")
-        skipped.append((path, reason))
+    # closing: a stop at a bad image (or an error) cancels what is still queued.
+    with closing(_checked(index.paths, progress)) as checked:
+        for path, label in zip(index.paths, index.labels):
+            digest, reason = next(checked)
+            if reason is None:
+                keep_paths.append(path)
+                keep_labels.append(label)
+                digests.append(digest)
+                continue
+            if on_bad_image == "fail":
+                raise DataError(f"unreadable image {path} ({reason}); "
+                                "use data.on_bad_image=skip to skip such files")
+            skipped.append((path, reason))
     counts = Counter(keep_labels)
     present = [c for i, c in enumerate(index.classes) if counts[i] > 0]
     if len(present) < 2:

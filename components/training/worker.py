@@ -141,7 +141,9 @@ def _rss_mb() -> float:
 class _FirstBatchClock:
     """The train loader, noting how long the worker took to get its first batch (start-up,
     data reading and decoding included) and how much memory it gained until then
-    (`data_rss_mb`: what preparing the data cost, apart from imports and the model)."""
+    (`data_rss_mb`: from the training function's start, so imports are not counted; the
+    datasets, the model, the process group and the optimizer are, and a cache that fills
+    during the first epoch is not yet)."""
 
     def __init__(self, loader: DataLoader, started: float, started_rss_mb: float):
         self.loader, self.started, self.started_rss_mb = loader, started, started_rss_mb
@@ -169,16 +171,19 @@ def _rank_datasets(job: TrainJob, rank: int, world: int, prep: dict):
     # through the unwrapped model so no DDP collective runs per batch. Rows keep their index
     # in the whole split.
     val_rows = list(range(rank, len(job.val_rows[0]), world))
-    cache = use_cache(d.cache, len(rows) + len(val_rows), channels, size, d.cache_max_mb)
+    # A cache filled inside DataLoader worker processes would be lost with them (or copied
+    # into each): with data.loader_workers > 0 every epoch decodes, in those processes.
+    cache = d.loader_workers == 0 and use_cache(d.cache, len(rows) + len(val_rows), channels,
+                                                size, d.cache_max_mb)
     train_ds = ImageDataset(
         [paths[i] for i in rows], [labels[i] for i in rows], channels, size,
         build_train_transform(job.augment.train, size, channels, prep["mean"], prep["std"],
                               seed=job.seed + rank),
-        cache=cache and d.loader_workers == 0, ids=rows)
+        cache=cache, ids=rows)
     val_ds = ImageDataset([job.val_rows[0][i] for i in val_rows],
                           [job.val_rows[1][i] for i in val_rows], channels, size,
                           build_eval_transform(channels, prep["mean"], prep["std"]),
-                          cache=cache and d.loader_workers == 0, ids=val_rows)
+                          cache=cache, ids=val_rows)
     return train_ds, val_ds
 
 
@@ -215,12 +220,17 @@ def train_loop_per_worker(config: dict) -> None:
     # A last batch of one image breaks batch norm in training mode; drop the remainder
     # whenever a shard holds more than one batch. Shards are equally long: every rank runs
     # the same number of steps.
+    workers = job.data.loader_workers
+    # Object storage clients (the AWS SDK under pyarrow) are not safe across fork(): loader
+    # processes for remote data start from a fresh interpreter.
+    remote = any(storage.is_uri(p) for p in job.train_rows[0][:1])
+    context = "forkserver" if workers and remote else None
     train_loader = _FirstBatchClock(DataLoader(
         train_ds, batch_size=tc.batch_size, sampler=sampler,
-        drop_last=len(train_ds) > tc.batch_size, num_workers=job.data.loader_workers,
-        pin_memory=pin, persistent_workers=job.data.loader_workers > 0), started, started_rss)
-    val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 256),
-                            num_workers=job.data.loader_workers, pin_memory=pin)
+        drop_last=len(train_ds) > tc.batch_size, num_workers=workers, pin_memory=pin,
+        persistent_workers=workers > 0, multiprocessing_context=context), started, started_rss)
+    val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 256), num_workers=workers,
+                            pin_memory=pin, multiprocessing_context=context)
 
     mc = job.model
     model = build_model(mc, job.num_classes, job.data.channels)

@@ -87,9 +87,43 @@ def test_image_folder_in_s3_indexes_validates_and_loads_like_a_local_one(s3_serv
         index_images(f"{url}-missing")
 
 
+def test_csv_manifest_in_s3_with_relative_and_absolute_rows(s3_server, tmp_path):
+    local = make_image_folder(tmp_path / "images", corrupt=False, per_class=4)
+    bucket = s3_server.bucket("vt-csv")
+    url = s3_server.upload_folder(local, bucket, "set")
+    rows = ["path,label", "cat/000.png,cat", f"{url}/dog/000.png,dog", "dog/missing.png,dog"]
+    s3_server.client().put_object(Bucket=bucket, Key="set/manifest.csv",
+                                  Body="\n".join(rows).encode())
+    index = index_images(f"{url}/manifest.csv")
+    assert index.classes == ["cat", "dog"] and index.labels == [0, 1, 1]
+    assert index.paths == [f"{url}/cat/000.png", f"{url}/dog/000.png", f"{url}/dog/missing.png"]
+    checked = validate_images(index, min_per_class=1)
+    assert [p for p, _ in checked.skipped] == [f"{url}/dog/missing.png"]   # missing: skipped
+
+
+def test_storage_that_does_not_answer_stops_instead_of_skipping_images(s3_server, tmp_path):
+    """A refused connection is not a bad image: skipping it would change the data quietly."""
+    from components.data.ingest import ImageIndex
+    from components.storage import StorageError
+
+    down = "s3://vt-any/img.png?endpoint_override=127.0.0.1:1&scheme=http"
+    index = ImageIndex("s3://vt-any", [down] * 3, [0, 1, 1], ["a", "b"])
+    with pytest.raises(StorageError, match="reading s3://vt-any/img.png"):
+        validate_images(index, min_per_class=1)
+
+
+def test_credentials_in_a_storage_uri_are_refused(s3_server):
+    from components.storage import StorageError
+
+    with pytest.raises(StorageError, match="credentials in the URI \\(secret_key\\)"):
+        storage.check_writable("s3://vt-layer/ray?secret_key=abc")
+
+
 @pytest.mark.slow
-def test_pipeline_with_data_and_checkpoints_in_s3(s3_server, local_ray, tmp_path):
+def test_pipeline_with_data_and_checkpoints_in_s3(s3_server, local_ray, tmp_path, monkeypatch):
     from pipelines.config import load_config
+
+    monkeypatch.chdir(tmp_path)  # where a local default storage path would appear
     from pipelines.training import run_training_pipeline
 
     bucket = s3_server.bucket("vt-pipeline")
@@ -119,4 +153,4 @@ def test_pipeline_with_data_and_checkpoints_in_s3(s3_server, local_ray, tmp_path
     preds = pd.read_csv(client.download_artifacts(
         result.parent_run_id, "evaluation/test_predictions.csv", str(tmp_path)))
     assert preds["path"].str.startswith(f"{data}/").all()
-    assert not (tmp_path / "ray_results").exists() and not Path("ray_results").exists()
+    assert not (tmp_path / "ray_results").exists()
