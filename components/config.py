@@ -13,9 +13,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from components.models.cnn import ACTIVATIONS, POOLINGS
-from components.models.initializers import INITIALIZER_NAMES
-from components.training.optim import OPTIMIZER_NAMES, SCHEDULER_NAMES
+from components.names import (
+    ACTIVATION_NAMES,
+    INITIALIZER_NAMES,
+    OPTIMIZER_NAMES,
+    POOLING_NAMES,
+    SCHEDULER_NAMES,
+)
 
 
 class ConfigError(ValueError):
@@ -87,17 +91,18 @@ class CnnConfig:
         "doc": "output channels of each conv block"})
     kernel_size: int = field(default=3, metadata=_positive())
     batch_norm: bool = True
-    pooling: str = field(default="max", metadata=_choices(*POOLINGS))
+    pooling: str = field(default="max", metadata=_choices(*POOLING_NAMES))
     block_dropout: float = field(default=0.0, metadata=_fraction("Dropout2d after each block"))
 
 
 @dataclass
 class ModelConfig:
     name: str = field(default="cnn", metadata={
-        "choices": _model_names, "doc": "cnn, or a torchvision backbone (resnet18, ...)"})
+        "choices": _model_names, "known": ("cnn",),  # valid without importing torchvision
+        "doc": "cnn, or a torchvision backbone (resnet18, ...)"})
     dropout: float = field(default=0.2, metadata=_fraction("before the classifier"))
     initializer: str = field(default="kaiming_normal", metadata=_choices(*INITIALIZER_NAMES))
-    activation: str = field(default="relu", metadata=_choices(*ACTIVATIONS, doc="CNN only"))
+    activation: str = field(default="relu", metadata=_choices(*ACTIVATION_NAMES, doc="CNN only"))
     pretrained: bool = field(default=False, metadata={
         "doc": "ImageNet weights from weights_path or the torch hub cache (never downloaded)"})
     weights_path: str | None = None
@@ -279,7 +284,7 @@ def from_dict(cls: type, data: dict | None, prefix: str = ""):
         value = _coerce(data[name], hints[name], key)
         meta = f.metadata
         choices = meta.get("choices")
-        if choices is not None and value is not None:
+        if choices is not None and value is not None and value not in meta.get("known", ()):
             valid = choices() if callable(choices) else choices
             if value not in valid:
                 shown = ", ".join(map(str, valid[:30])) + (", ..." if len(valid) > 30 else "")

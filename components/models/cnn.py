@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from components import names
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,
@@ -15,6 +17,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 POOLINGS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+assert (tuple(ACTIVATIONS), tuple(POOLINGS)) == (names.ACTIVATION_NAMES, names.POOLING_NAMES), \
+    "components/names.py is out of date"
 
 
 def make_activation(name: str) -> nn.Module:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from components import names
+
 # Each takes the weight tensor in place. Gains follow torch's recommendation for ReLU nets,
 # which is what the CNN uses by default; they are a course's standard choices, not tuned values.
 INITIALIZERS: dict[str, Callable[[torch.Tensor], object]] = {
@@ -46,3 +48,4 @@ def apply_initializer(module: nn.Module, name: str) -> nn.Module:
 
 
 INITIALIZER_NAMES = ["default", *INITIALIZERS]
+assert tuple(INITIALIZER_NAMES) == names.INITIALIZER_NAMES, "components/names.py is out of date"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from components import names
+
 # name -> (torch class, fixed kwargs that define the variant)
 _OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {}),
@@ -17,7 +19,8 @@ _OPTIMIZERS = {
     "adadelta": (torch.optim.Adadelta, {"eps": None}),
 }
 OPTIMIZER_NAMES = list(_OPTIMIZERS)
-SCHEDULER_NAMES = ["none", "step", "cosine", "onecycle", "plateau"]
+SCHEDULER_NAMES = list(names.SCHEDULER_NAMES)
+assert tuple(OPTIMIZER_NAMES) == names.OPTIMIZER_NAMES, "components/names.py is out of date"
 
 
 def build_optimizer(name: str, param_groups, lr: float, weight_decay: float = 0.0,

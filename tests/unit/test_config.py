@@ -130,3 +130,31 @@ def test_tracking_uri_falls_back_to_mlflow_env(monkeypatch, tmp_path):
     assert load_config([]).tracking.uri == "http://mlflow:5000"
     assert load_config(["tracking.uri=sqlite:///x.db"]).tracking.uri == \
         f"sqlite:///{tmp_path / 'x.db'}"
+
+
+def test_cli_and_config_validation_do_not_import_torch():
+    """`visiontune --help`, `jobs --help` and a config error answer at once: neither the
+    command line nor the default config's validation imports torch or torchvision."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import pipelines.cli as c; from pipelines.config import load_config; "
+            "load_config(['train.epochs=3', 'model.activation=gelu', 'train.optimizer=sgd']); "
+            "c.build_parser(); print(sorted(m for m in ('torch', 'torchvision', 'ray', 'mlflow')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_torch_free_name_lists_match_the_registries():
+    from components import names
+    from components.models.cnn import ACTIVATIONS, POOLINGS
+    from components.models.initializers import INITIALIZER_NAMES
+    from components.training.optim import OPTIMIZER_NAMES, SCHEDULER_NAMES
+
+    assert names.ACTIVATION_NAMES == tuple(ACTIVATIONS)
+    assert names.POOLING_NAMES == tuple(POOLINGS)
+    assert names.INITIALIZER_NAMES == tuple(INITIALIZER_NAMES)
+    assert names.OPTIMIZER_NAMES == tuple(OPTIMIZER_NAMES)
+    assert names.SCHEDULER_NAMES == tuple(SCHEDULER_NAMES)
