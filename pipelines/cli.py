@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "ray.num_cpus may be given with it")
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config and exit")
+    run.add_argument("--verbose", action="store_true",
+                     help="show Ray's and Tune's own output here (by default it goes to a log "
+                          "file in the run's folder, whose path is printed)")
 
     sb = sub.add_parser("submit", help="submit the pipeline to a Ray cluster as a Ray job")
     sb.add_argument("--address", required=True,
@@ -137,6 +140,10 @@ def cmd_run(args) -> int:
         cfg = resume_config(args.resume, args.overrides)
     else:
         cfg = load_config(args.overrides, args.config)
+    if args.verbose:
+        from pipelines.console import console
+
+        console.verbose = True
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0

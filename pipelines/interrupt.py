@@ -61,8 +61,10 @@ class SignalGuard:
             raise Interrupted(signum)  # the second signal: no more waiting
         if self.signum is None:
             self.signum = signum
-            print(f"\n[visiontune] {signal.Signals(signum).name} received: stopping "
-                  "(a second Ctrl-C stops at once)", flush=True)
+            from pipelines.console import console
+
+            console.echo(f"\n[visiontune] {signal.Signals(signum).name} received: stopping "
+                         "(a second Ctrl-C stops at once)")
         if self._mode == "raise":
             raise Interrupted(signum)
 

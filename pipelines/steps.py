@@ -199,8 +199,14 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
     `complete` is False when `stop_requested` ended it early."""
     from components.training.trainer import worker_resources
     from components.training.worker import TrainJob
-    from components.tuning.driver import TrackingTarget, ray_session, run_search
+    from components.tuning.driver import (
+        ConsoleProgress,
+        TrackingTarget,
+        ray_session,
+        run_search,
+    )
     from components.tuning.plan import plan_resources
+    from pipelines.console import console
 
     with record.step("tune", echo):
         job = TrainJob(
@@ -209,7 +215,13 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
             num_classes=len(manifest.classes), tracking_uri=cfg.tracking.uri)
         target = TrackingTarget(record.tracker, record.experiment_id, record.run_id)
-        with ray_session(cfg.ray.address, cfg.ray.num_cpus) as resources:
+        log_path = ray_log_path(cfg, record.pipeline_id)
+        if not console.verbose:
+            echo(f"  Ray's and Tune's own output: {log_path} (--verbose shows it here)")
+        progress = ConsoleProgress(echo, console.status, plan.axes, plan.base, cfg.train.epochs,
+                                   plan.num_trials)
+        with console.ray_output_to(log_path), \
+                ray_session(cfg.ray.address, cfg.ray.num_cpus) as resources:
             resource_plan = plan_resources(
                 resources, plan.num_trials, cfg.train.num_workers,
                 worker_resources(cfg.train.cpus_per_worker, cfg.train.use_gpu,
@@ -222,16 +234,27 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             outcome = run_search(job, plan.axes, cfg.search, plan=resource_plan,
                                  storage_path=cfg.ray.storage_path,
                                  experiment_name=record.pipeline_id, seed=cfg.seed,
-                                 target=target, resume=resume, stop_requested=stop_requested)
+                                 target=target, resume=resume, stop_requested=stop_requested,
+                                 progress=progress)
         counts = {s: sum(t.status == s for t in outcome.trials)
                   for s in ("FINISHED", "KILLED", "FAILED")}
         echo(f"  trials: {counts}" + ("" if outcome.complete else " (search stopped)"))
         if outcome.complete:
             record.log_metrics({f"trials_{k.lower()}": v for k, v in counts.items()})
+            if log_path.is_file() and log_path.stat().st_size:
+                record.log_artifact(log_path, "logs")  # beside the run, for its reviewers
         else:
             # The step is not done: a resumed run tunes again (Tune restores the sweep).
             raise SearchStopped(outcome)
     return outcome.trials
+
+
+def ray_log_path(cfg: Config, pipeline_id: str) -> Path:
+    """Where Ray's and Tune's output goes: beside the run's checkpoints when they are local,
+    else a local temporary folder (it is logged to the MLflow run as logs/ray.log either way)."""
+    if not storage.is_uri(cfg.ray.storage_path):
+        return Path(cfg.ray.storage_path) / pipeline_id / "ray.log"
+    return Path(tempfile.gettempdir()) / "visiontune" / pipeline_id / "ray.log"
 
 
 class SearchStopped(Exception):

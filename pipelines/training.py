@@ -48,13 +48,16 @@ def mlflow_ui_command(uri: str) -> str:
 
 
 def run_training_pipeline(cfg: Config, *, resume: str | None = None,
-                          echo: Callable[[str], None] = print,
+                          echo: Callable[[str], None] | None = None,
                           extra_tags: dict[str, str] | None = None) -> PipelineResult:
     """Run the pipeline, or with `resume` (a pipeline id) continue that run. Ctrl-C and
     SIGTERM raise `Interrupted` after the run was recorded as KILLED; nothing is registered
     from a run that did not finish."""
     from components.tracking import StoreWatch, bound_http_retries, check_tracking_uri
     from pipelines import steps
+    from pipelines.console import console
+
+    echo = echo or console.echo
 
     started = time.time()
     bound_http_retries()

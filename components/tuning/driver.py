@@ -199,6 +199,71 @@ class TrialRunCloser(Callback):
             self._close(trial, "KILLED")
 
 
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+class ConsoleProgress(Callback):
+    """The sweep for a person: a line when a trial starts (what it tries), a live line per
+    epoch on a terminal, a line when it ends (status, best val F1, epochs, time) with the best
+    so far. Tune's own tables go to the log with the rest of Ray's output."""
+
+    def __init__(self, echo: Callable[[str], None], status: Callable[[str], None],
+                 axes: list[Axis], sections: dict, planned_epochs: int, num_trials: int):
+        self.echo, self.status = echo, status
+        self.axes, self.sections = axes, sections
+        self.planned_epochs, self.num_trials = planned_epochs, num_trials
+        self.number: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+        self.best: tuple[float, str] | None = None
+
+    def __getstate__(self):
+        # Pickled into the experiment state by Tune: the terminal stays here.
+        return {}
+
+    def _name(self, trial) -> str:
+        n = self.number.setdefault(trial.trial_id, len(self.number) + 1)
+        return f"trial {n}/{self.num_trials} {trial.trial_id}"
+
+    def _params(self, trial) -> str:
+        params = resolve_params(trial.config or {}, self.axes, self.sections)
+        return " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in params.items())
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        import time
+
+        self.started[trial.trial_id] = time.monotonic()
+        self.echo(f"  {self._name(trial)} started: {self._params(trial)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "val_f1" not in result:
+            return
+        self.status(f"  {self._name(trial)} epoch {int(result.get('epoch', 0))}/"
+                    f"{self.planned_epochs}: val_f1 {result['val_f1']:.4f} (best "
+                    f"{result.get('best_val_f1', result['val_f1']):.4f})")
+
+    def _ended(self, trial, status: str, detail: str = "") -> None:
+        import time
+
+        m = trial.last_result or {}
+        took = time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
+        f1 = m.get("best_val_f1")
+        if f1 is not None and (self.best is None or f1 > self.best[0]):
+            self.best = (f1, trial.trial_id)
+        text = (f"  {self._name(trial)} {status}: best val_f1 "
+                f"{'-' if f1 is None else f'{f1:.4f}'} at epoch {m.get('best_epoch', '-')}, "
+                f"{int(m.get('epoch', 0) or 0)} epochs, {took:.0f} s")
+        if self.best is not None:
+            text += f" | best so far {self.best[0]:.4f} ({self.best[1]})"
+        self.echo(text + detail)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial, ended_status(trial.last_result, self.planned_epochs))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial, "FAILED", " (its error: the run's Ray log and the trial's MLflow run)")
+
+
 class StopOnRequest(Callback):
     """Ends the sweep the way Tune's own Ctrl-C handling does (the experiment state is saved,
     unfinished trials stay resumable with `Tuner.restore`) once `requested()` is true.
@@ -269,7 +334,8 @@ def build_scheduler(search: SearchConfig, epochs: int):
 def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: ResourcePlan,
                storage_path: str, experiment_name: str, seed: int,
                target: TrackingTarget | None = None, resume: bool = False,
-               stop_requested: Callable[[], bool] = lambda: False) -> SearchOutcome:
+               stop_requested: Callable[[], bool] = lambda: False,
+               progress: ConsoleProgress | None = None) -> SearchOutcome:
     """Run (or, with `resume`, continue) the search until every trial ended or
     `stop_requested()` turns true; returns one result per trial."""
     sections = {s: getattr(job, s) for s in SECTIONS}
@@ -285,7 +351,7 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     exp_path = storage.join(storage_path, experiment_name)
     stopper = StopOnRequest(stop_requested)
     callbacks = [stopper] + ([TrialRunCloser(target, job.train.epochs)] if target is not None
-                             else [])
+                             else []) + ([progress] if progress is not None else [])
     if resume and tune.Tuner.can_restore(exp_path):
         # Finished trials keep their results; unfinished and errored ones run again and
         # their Train runs continue from their last checkpoints (same names, same storage).

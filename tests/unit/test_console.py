@@ -1,0 +1,70 @@
+"""The console a person reads: the pipeline's lines on the terminal, Ray's and Tune's output
+(Python and C++ alike) in a log file, and one line per trial start and end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+SCRIPT = r"""
+import os, sys
+from pathlib import Path
+from pipelines.console import console
+console.echo("before")
+with console.ray_output_to(Path(sys.argv[1])):
+    print("a Tune table")                                   # Python, through sys.stdout
+    print("a Python warning", file=sys.stderr)
+    os.write(2, b"core_worker.cc:2465: an error-level line from C++\n")  # straight to fd 2
+    console.echo("ours, during")
+print("after")
+"""
+
+
+def test_ray_output_goes_to_the_log_and_ours_to_the_terminal(tmp_path):
+    log = tmp_path / "run" / "ray.log"
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(log)], capture_output=True,
+                       text=True, check=True)
+    assert p.stdout.splitlines() == ["before", "ours, during", "after"]
+    assert p.stderr == ""
+    assert log.read_text().splitlines() == [
+        "a Tune table", "a Python warning", "core_worker.cc:2465: an error-level line from C++"]
+
+
+def test_verbose_shows_everything_on_the_terminal(tmp_path):
+    script = SCRIPT.replace("console.echo(\"before\")", "console.verbose = True")
+    log = tmp_path / "ray.log"
+    p = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True,
+                       text=True, check=True)
+    assert "a Tune table" in p.stdout and "error-level line" in p.stderr
+    assert not log.exists()
+
+
+def test_one_line_per_trial_start_and_end_with_the_best_so_far():
+    from components.tuning.driver import ConsoleProgress
+    from components.tuning.space import parse_space
+
+    lines = []
+    axes = parse_space({"train.optimizer": {"grid": ["adam", "sgd"]},
+                        "train.lr": {"loguniform": [1e-4, 1e-2]}})
+    sections = {}
+    p = ConsoleProgress(lines.append, lines.append, axes, sections, planned_epochs=3,
+                        num_trials=2)
+
+    def trial(tid, config, **result):
+        return SimpleNamespace(trial_id=tid, config=config, last_result=result)
+
+    a = trial("t_a", {"train.optimizer": "adam", "train.lr": 0.00123456})
+    p.on_trial_start(0, [], a)
+    a.last_result = {"epoch": 3, "best_val_f1": 0.91, "best_epoch": 2, "val_f1": 0.9}
+    p.on_trial_complete(0, [], a)
+    b = trial("t_b", {"train.optimizer": "sgd", "train.lr": 0.01})
+    p.on_trial_start(0, [], b)
+    b.last_result = {"epoch": 1, "best_val_f1": 0.5, "best_epoch": 1}
+    p.on_trial_error(0, [], b)
+    assert lines[0] == "  trial 1/2 t_a started: optimizer=adam lr=0.00123"
+    assert lines[1].startswith("  trial 1/2 t_a FINISHED: best val_f1 0.9100 at epoch 2, "
+                               "3 epochs, ")
+    assert lines[1].endswith("| best so far 0.9100 (t_a)")
+    assert lines[2] == "  trial 2/2 t_b started: optimizer=sgd lr=0.01"
+    assert "t_b FAILED: best val_f1 0.5000" in lines[3] and "best so far 0.9100 (t_a)" in lines[3]
