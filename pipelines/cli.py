@@ -184,23 +184,24 @@ def cmd_submit(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from pipelines.jobs import job_client
+    from pipelines.jobs import JobsAPI
 
-    client = job_client(args.address, args.token)
-    for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
-        if job.submission_id and job.submission_id.startswith("visiontune-"):
-            print(f"{job.submission_id}  {job.status.value:<10} {job.entrypoint}")
+    for job in sorted(JobsAPI(args.address, args.token).list_jobs(),
+                      key=lambda j: j.get("start_time") or 0):
+        job_id = job.get("submission_id") or ""
+        if job_id.startswith("visiontune-"):
+            print(f"{job_id}  {job.get('status', '?'):<10} {job.get('entrypoint', '')}")
     return 0
 
 
 def cmd_status(args) -> int:
-    from pipelines.jobs import job_client
+    from pipelines.jobs import JobsAPI
 
-    client = job_client(args.address, args.token)
-    info = client.get_job_info(args.job_id)
-    print(f"{args.job_id}  {info.status.value}  {info.message or ''}")
+    api = JobsAPI(args.address, args.token)
+    info = api.job(args.job_id)
+    print(f"{args.job_id}  {info.get('status', '?')}  {info.get('message') or ''}")
     if args.logs:
-        print(client.get_job_logs(args.job_id))
+        print(api.logs(args.job_id))
     return 0
 
 
@@ -277,21 +278,27 @@ COMMANDS = {"run": cmd_run, "submit": cmd_submit, "jobs": cmd_jobs, "status": cm
             "promote": cmd_promote, "rollback": cmd_rollback, "predict": cmd_predict}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Mistakes a user can fix, or a state of the world they can change (a server down):
-    one line, no traceback."""
-    from components.data.validate import DataError
-    from components.evaluation.evaluate import NoUsableTrialError
-    from components.models.transfer import WeightsNotFoundError
-    from components.registry import RegistryError
-    from components.storage import StorageError
-    from components.tracking import TrackingError
-    from components.tuning.plan import ResourceError
-    from pipelines.training import PipelineFailed
+# Mistakes a user can fix, or a state of the world they can change (a server down): one line,
+# no traceback. Named, not imported: an exception of a module that was never imported cannot
+# have been raised, and importing them all would cost an error seconds of torch and MLflow.
+_USER_ERRORS = (
+    ("components.data.ingest", "DataError"),
+    ("components.evaluation.evaluate", "NoUsableTrialError"),
+    ("components.models.transfer", "WeightsNotFoundError"),
+    ("components.registry", "RegistryError"),
+    ("components.storage", "StorageError"),
+    ("components.tracking", "TrackingError"),
+    ("components.tuning.plan", "ResourceError"),
+    ("pipelines.training", "PipelineFailed"),
+)
 
-    return (DataError, WeightsNotFoundError, ResourceError, FileNotFoundError, LookupError,
-            TrackingError, RegistryError, PipelineFailed, NoUsableTrialError, ConnectionError,
-            StorageError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [FileNotFoundError, LookupError, ConnectionError]
+    for module, name in _USER_ERRORS:
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
 
 
 def main(argv: list[str] | None = None) -> int:

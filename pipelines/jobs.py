@@ -46,6 +46,57 @@ def dashboard_url(address: str) -> str:
     return address if address.startswith("http") else f"http://{address}"
 
 
+def cluster_token(token: str | None = None) -> str | None:
+    """The cluster's auth token, where Ray's own clients look for it: --token,
+    RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token."""
+    if token or os.environ.get("RAY_AUTH_TOKEN"):
+        return token or os.environ["RAY_AUTH_TOKEN"]
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
+
+
+class JobsAPI:
+    """Ray's Jobs REST API over plain HTTP (what the Job Submission SDK calls): `jobs` and
+    `status` answer at once, without importing Ray."""
+
+    def __init__(self, address: str, token: str | None = None):
+        self.base = dashboard_url(address).rstrip("/")
+        token = cluster_token(token)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def _get(self, path: str):
+        import json
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.base + path, headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise LookupError(f"no such job at {self.base}: {path.split('/')[3]}") from None
+            if e.code in (401, 403):
+                raise ConnectionError(
+                    f"the Ray dashboard at {self.base} refused the request ({e.code}): give "
+                    "its token with --token or RAY_AUTH_TOKEN") from None
+            raise ConnectionError(f"the Ray dashboard at {self.base} answered {e.code}: "
+                                  f"{e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConnectionError(f"cannot reach the Ray dashboard at {self.base}: "
+                                  f"{reason}") from None
+
+    def list_jobs(self) -> list[dict]:
+        return self._get("/api/jobs/")
+
+    def job(self, job_id: str) -> dict:
+        return self._get(f"/api/jobs/{job_id}")
+
+    def logs(self, job_id: str) -> str:
+        return self._get(f"/api/jobs/{job_id}/logs").get("logs", "")
+
+
 def build_entrypoint(overrides: list[str], config_file: str | None) -> str:
     parts = ["visiontune", "run", *overrides]
     if config_file:

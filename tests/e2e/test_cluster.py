@@ -152,6 +152,14 @@ def test_submit_prints_job_and_records_run_tree_on_the_server(servers, submitted
     assert exp.artifact_location.startswith("mlflow-artifacts:")
     jobs = _cli(servers, "jobs", "--address", servers["dashboard"])
     assert jobs.returncode == 0 and jobs.stdout.count("SUCCEEDED") == 2
+    job_id = parents[0].data.tags["visiontune.ray_job_id"]
+    status = _cli(servers, "status", job_id, "--address", servers["dashboard"], "--logs")
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith(f"{job_id}  SUCCEEDED") and "finished in" in status.stdout
+    unknown = _cli(servers, "status", "visiontune-nope", "--address", servers["dashboard"])
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert unknown.stderr.strip() == (f"visiontune: error: no such job at "
+                                      f"{servers['dashboard']}: visiontune-nope")
 
 
 def test_registry_promote_rollback_and_predict(servers, submitted, tmp_path):

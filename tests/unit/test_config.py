@@ -160,3 +160,23 @@ def test_torch_free_name_lists_match_the_registries():
     assert names.INITIALIZER_NAMES == tuple(INITIALIZER_NAMES)
     assert names.OPTIMIZER_NAMES == tuple(OPTIMIZER_NAMES)
     assert names.SCHEDULER_NAMES == tuple(SCHEDULER_NAMES)
+
+
+def test_user_errors_are_named_correctly_and_jobs_status_answer_without_torch_or_ray():
+    import importlib
+    import subprocess
+    import sys
+
+    from pipelines.cli import _USER_ERRORS
+
+    for module, name in _USER_ERRORS:
+        assert issubclass(getattr(importlib.import_module(module), name), BaseException)
+    code = ("import sys; from pipelines.cli import main\n"
+            "for argv in (['status', 'visiontune-x', '--address', 'http://127.0.0.1:9'],\n"
+            "             ['jobs', '--address', '127.0.0.1:9']):\n"
+            "    assert main(argv) == 1\n"
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "[]"
+    assert p.stderr.count("visiontune: error: cannot reach the Ray dashboard at "
+                          "http://127.0.0.1:9") == 2
