@@ -112,13 +112,18 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
 def _close(record, status: str, echo) -> None:
     """Close the parent and every trial run still open. The store itself may be what
     failed: then the runs stay open until `--resume` continues them."""
-    try:
-        record.close_open_trials("KILLED")
-        record.close(status)
-    except Exception as e:
-        from components.tracking import first_line
+    for attempt in range(3):  # a busy store (SQLite locked by a dying trial) gets a retry
+        try:
+            record.close_open_trials("KILLED")
+            record.close(status)
+            return
+        except Exception as e:
+            from components.tracking import first_line
 
-        echo(f"[visiontune] could not record the run as {status}: {first_line(e)}")
+            if attempt == 2 or "locked" not in str(e):
+                echo(f"[visiontune] could not record the run as {status}: {first_line(e)}")
+                return
+            time.sleep(1)
 
 
 def _failure(exc: BaseException, cfg: Config, pipeline_id: str) -> BaseException:

@@ -94,6 +94,9 @@ class Workspace:
                 "train.optimizer": {"grid": ["adam", "sgd_momentum"]}}},
             "registry": {"model_name": MODEL},
         }))
+        # The store exists before any command starts: the test's polling and the command
+        # would otherwise both create the tables of a new SQLite file, and one loses.
+        MlflowClient(f"sqlite:///{root}/mlflow.db").search_experiments()
 
     @property
     def tracking_uri(self) -> str:

@@ -153,7 +153,8 @@ def test_a_second_ctrl_c_stops_at_once(workspace):
     time.sleep(0.5)
     os.killpg(run.pid, signal.SIGINT)
     assert run.wait(timeout=60) == 130, run.output()[-4000:]
-    assert workspace.client().get_run(parent.info.run_id).info.status == "KILLED"
+    assert workspace.client().get_run(parent.info.run_id).info.status == "KILLED", \
+        run.output()[-4000:]
     workspace.assert_nothing_running(parent.info.run_id)
     assert workspace.versions() == []
     _assert_no_process_left(run.pid)
