@@ -138,7 +138,6 @@ def s3_server(tmp_path_factory):
                              "127.0.0.1", "-p", str(port)], start_new_session=True,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     server = S3Server(f"http://127.0.0.1:{port}")
-    saved = {k: os.environ.get(k) for k in server.env}
     try:
         deadline = time.time() + 60
         while True:
@@ -151,14 +150,11 @@ def s3_server(tmp_path_factory):
                 if time.time() > deadline or proc.poll() is not None:
                     raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
                 time.sleep(0.3)
-        os.environ.update(server.env)
-        yield server
+        with pytest.MonkeyPatch.context() as env:  # restored when the session ends
+            for key, value in server.env.items():
+                env.setenv(key, value)
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=15)
