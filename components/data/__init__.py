@@ -1,20 +1,29 @@
-"""Data steps: ingest (index images), validate (skip bad files), split (stratified), Dataset."""
+"""Data steps: ingest (index images), validate (skip bad files), split (stratified), Dataset.
 
-from components.data.builtin import write_digits_folder
-from components.data.dataset import ImageDataset, load_image
-from components.data.ingest import (
-    IMAGE_EXTENSIONS,
-    ImageIndex,
-    index_csv_manifest,
-    index_image_folder,
-    index_images,
-)
-from components.data.split import SplitManifest, split_dataset
-from components.data.validate import DataError, ValidatedImages, validate_images
+Names are imported on first use: a Train worker needs only `components.data.dataset`, and
+the split's scikit-learn import would cost each worker about 1 s of its start-up."""
 
-__all__ = [
-    "IMAGE_EXTENSIONS", "DataError", "ImageDataset", "ImageIndex", "SplitManifest",
-    "ValidatedImages", "index_csv_manifest", "index_image_folder", "index_images", "load_image",
-    "split_dataset", "validate_images",
-    "write_digits_folder",
-]
+from importlib import import_module
+
+_WHERE = {
+    "write_digits_folder": "builtin",
+    "ImageDataset": "dataset", "load_image": "dataset",
+    "IMAGE_EXTENSIONS": "ingest", "ImageIndex": "ingest", "index_csv_manifest": "ingest",
+    "index_image_folder": "ingest", "index_images": "ingest",
+    "SplitManifest": "split", "split_dataset": "split",
+    "DataError": "validate", "ValidatedImages": "validate", "validate_images": "validate",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from components.models.initializers import apply_initializer
@@ -24,13 +23,22 @@ class NoClassifierHeadError(ValueError):
     """The backbone ends in no nn.Linear (squeezenet's classifier is a 1x1 convolution)."""
 
 
+def _torchvision():
+    """torchvision, imported when a backbone is asked for: importing it costs a Train worker
+    about 2 s on 2 cores (its ops import torch._dynamo), which a CNN trial does not need."""
+    import torchvision
+
+    return torchvision
+
+
 def backbone_names() -> list[str]:
+    torchvision = _torchvision()
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def hub_weights_path(arch: str) -> Path:
     """Where torch hub would cache the default ImageNet weights of `arch`."""
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    weights = _torchvision().models.get_model_weights(arch).DEFAULT
     hub_dir = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub"
     return hub_dir / "checkpoints" / Path(weights.url).name
 
@@ -39,7 +47,7 @@ def pretrained_weights_file(arch: str, weights_path: str | None) -> Path:
     """The local file the ImageNet weights of `arch` load from; a clear error if absent."""
     path = Path(weights_path).expanduser() if weights_path else hub_weights_path(arch)
     if not path.is_file():
-        url = torchvision.models.get_model_weights(arch).DEFAULT.url
+        url = _torchvision().models.get_model_weights(arch).DEFAULT.url
         raise WeightsNotFoundError(
             f"pretrained weights for {arch} not found at {path}. visiontune never downloads at run "
             f"time: fetch {url} on a machine with network and either put it in the torch hub cache "
@@ -135,7 +143,7 @@ def build_transfer_model(
     if arch not in backbone_names():
         raise ValueError(f"unknown backbone {arch!r}; torchvision has e.g. resnet18, resnet50, "
                          "vgg16, mobilenet_v3_small, efficientnet_b0")
-    net = torchvision.models.get_model(arch, weights=None)
+    net = _torchvision().models.get_model(arch, weights=None)
     if pretrained:
         net.load_state_dict(load_pretrained_state(arch, weights_path))
     elif initializer != "default":

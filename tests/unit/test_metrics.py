@@ -39,3 +39,26 @@ def test_average_resolution():
     assert resolve_average("auto", 10) == "macro"
     with pytest.raises(ValueError, match="2 classes"):
         resolve_average("binary", 3)
+
+
+@pytest.mark.parametrize("num_classes,average", [(2, "binary"), (2, "macro"), (2, "weighted"),
+                                                 (5, "macro"), (5, "weighted")])
+def test_metrics_equal_scikit_learns(num_classes, average):
+    """Workers compute the metrics without scikit-learn; the numbers must stay its numbers,
+    including classes that never occur in truth or prediction (zero_division=0)."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(num_classes)
+    for trial in range(30):
+        n = int(rng.integers(1, 40))
+        # some draws use only part of the classes: empty rows and columns of the confusion
+        high = int(rng.integers(1, num_classes + 1))
+        y_true = rng.integers(0, high, n).tolist()
+        y_pred = rng.integers(0, num_classes, n).tolist() if trial % 3 else list(y_true)
+        m = classification_metrics(y_true, y_pred, num_classes, average)
+        p, r, f, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=None if average == "binary" else list(range(num_classes)),
+            average=average, pos_label=1, zero_division=0)
+        assert m == pytest.approx({"accuracy": accuracy_score(y_true, y_pred),
+                                   "precision": p, "recall": r, "f1": f}), (y_true, y_pred)
