@@ -215,6 +215,7 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
             num_classes=len(manifest.classes), tracking_uri=cfg.tracking.uri)
         target = TrackingTarget(record.tracker, record.experiment_id, record.run_id)
+        log_augmented_samples(cfg, manifest, record)
         log_path = ray_log_path(cfg, record.pipeline_id)
         if not console.verbose:
             echo(f"  Ray's and Tune's own output: {log_path} (--verbose shows it here)")
@@ -247,6 +248,27 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             # The step is not done: a resumed run tunes again (Tune restores the sweep).
             raise SearchStopped(outcome)
     return outcome.trials
+
+
+def log_augmented_samples(cfg: Config, manifest, record) -> None:
+    """A grid of training images as the trials' models see them, on the parent run: once per
+    pipeline instead of once per trial (a trial that searches the augmentation logs its own)."""
+    import matplotlib.pyplot as plt
+
+    from components.augment import build_train_transform, eval_preprocessing, plot_augmented_samples
+    from components.data.dataset import load_image
+
+    paths = manifest.subset("train")[0][:32]
+    if not paths:
+        return
+    prep = eval_preprocessing(cfg.data, cfg.model)
+    size, channels = cfg.data.image_size, cfg.data.channels
+    transform = build_train_transform(cfg.augment.train, size, channels, prep["mean"],
+                                      prep["std"], seed=cfg.seed)
+    fig = plot_augmented_samples([load_image(p, channels, size) for p in paths], transform,
+                                 prep["mean"], prep["std"], seed=cfg.seed)
+    record.log_figure(fig, "augmented_samples.png")
+    plt.close(fig)
 
 
 def ray_log_path(cfg: Config, pipeline_id: str) -> Path:

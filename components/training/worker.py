@@ -31,10 +31,12 @@ from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfi
 from components.data.dataset import EpochShuffle, ImageDataset, shard_indices, use_cache
 from components.models import build_model
 from components.models.freezing import build_param_groups, unfreeze
+from components.timing import mark
 from components.training.loop import finished_metrics, predict, track_best, train_one_epoch
 from components.training.metrics import classification_metrics
 from components.training.optim import build_optimizer, build_scheduler
 
+_IMPORTED = time.time()  # with components.training.IMPORT_STARTED: a worker's import cost
 MODEL_FILE, BEST_MODEL_FILE, STATE_FILE = "model.pt", "best_model.pt", "state.json"
 
 
@@ -55,6 +57,9 @@ class TrainJob:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     metric_prefix: str = ""   # "fold2/" when the run is one fold of a cross-validation
+    # The pipeline logs one grid of augmented samples on its parent run; a trial logs its own
+    # only when it searches the augmentation (its grid differs from the parent's).
+    log_augmented_samples: bool = False
 
 
 def _gather(obj):
@@ -145,8 +150,10 @@ class _FirstBatchClock:
     datasets, the model, the process group and the optimizer are, and a cache that fills
     during the first epoch is not yet)."""
 
-    def __init__(self, loader: DataLoader, started: float, started_rss_mb: float):
+    def __init__(self, loader: DataLoader, started: float, started_rss_mb: float,
+                 name: str = "", rank: int = 0):
         self.loader, self.started, self.started_rss_mb = loader, started, started_rss_mb
+        self.name, self.rank = name, rank
         self.first_batch_s: float | None = None
         self.data_rss_mb = 0.0
 
@@ -158,6 +165,7 @@ class _FirstBatchClock:
             if self.first_batch_s is None:
                 self.first_batch_s = time.monotonic() - self.started
                 self.data_rss_mb = _rss_mb() - self.started_rss_mb
+                mark("worker_first_batch", trial=self.name, rank=self.rank)
             yield batch
 
 
@@ -196,11 +204,57 @@ def _peak_rss_mb(device) -> float:
     return t.item()
 
 
+def _rank0_logger(job: TrainJob):
+    """Rank 0's MLflow logger for the trial's run (created by the trial driver), after tagging
+    the node it trains on."""
+    from components.tracking import EpochLogger, Tracker  # MLflow is rank 0's business
+
+    tracker = Tracker(job.tracking_uri)
+    logger = EpochLogger(tracker, job.mlflow_run_id, key=job.metric_prefix + "val_f1")
+    # Where the trial trained (rank 0's node): on a cluster, the first thing to look up
+    # when one trial is slower or fails.
+    tracker.set_tags(job.mlflow_run_id,
+                     {"visiontune.node_id": ray.get_runtime_context().get_node_id()})
+    return logger
+
+
+def _log_augmented_samples(logger, train_ds, prep: dict, seed: int) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = plot_augmented_samples([train_ds.image(i) for i in range(min(len(train_ds), 32))],
+                                 train_ds.transform, prep["mean"], prep["std"], seed=seed)
+    logger.tracker.log_figure(logger.run_id, fig, "augmented_samples.png")
+    plt.close(fig)
+
+
+def _save_and_report(metrics: dict, model, optimizer, scheduler, best_weights, state: dict,
+                     prep: dict) -> float:
+    """Rank 0: write the checkpoint (resume state, best weights, preprocessing) and report it
+    with the epoch's metrics; returns the seconds spent writing it."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"model": _state_dict(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else None},
+                   Path(d) / MODEL_FILE)
+        torch.save(best_weights, Path(d) / BEST_MODEL_FILE)
+        (Path(d) / STATE_FILE).write_text(json.dumps(state))
+        (Path(d) / "preprocessing.json").write_text(json.dumps(prep))
+        saved = time.monotonic() - started
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    return saved
+
+
 def train_loop_per_worker(config: dict) -> None:
     started, started_rss = time.monotonic(), _rss_mb()
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    name = ctx.get_experiment_name()
+    from components.training import IMPORT_STARTED
+
+    mark("worker_start", trial=name, rank=rank, model=job.model.name,
+         import_started=IMPORT_STARTED, imported=_IMPORTED)
+
     torch.manual_seed(job.seed)  # same initial weights everywhere; DDP also broadcasts rank 0's
     device = ray.train.torch.get_device()
     tc = job.train
@@ -214,6 +268,7 @@ def train_loop_per_worker(config: dict) -> None:
     prep = eval_preprocessing(job.data, job.model)
 
     train_ds, val_ds = _rank_datasets(job, rank, world, prep)
+    mark("worker_data", trial=name, rank=rank)
     # Each rank reads only its own fixed shard of the train split, in a new order each epoch.
     sampler = EpochShuffle(len(train_ds), seed=job.seed + rank)
     pin = device.type == "cuda"
@@ -228,7 +283,8 @@ def train_loop_per_worker(config: dict) -> None:
     train_loader = _FirstBatchClock(DataLoader(
         train_ds, batch_size=tc.batch_size, sampler=sampler,
         drop_last=len(train_ds) > tc.batch_size, num_workers=workers, pin_memory=pin,
-        persistent_workers=workers > 0, multiprocessing_context=context), started, started_rss)
+        persistent_workers=workers > 0, multiprocessing_context=context), started, started_rss,
+        name, rank)
     val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 256), num_workers=workers,
                             pin_memory=pin, multiprocessing_context=context)
 
@@ -242,10 +298,12 @@ def train_loop_per_worker(config: dict) -> None:
                                 tuple(tc.betas), tc.eps)
     scheduler, when = build_scheduler(tc.scheduler, optimizer, tc.epochs, len(train_loader),
                                       tc.step_size, tc.gamma)
+    mark("worker_ddp", trial=name, rank=rank)
     model = ray.train.torch.prepare_model(model)
     amp = tc.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    mark("worker_model", trial=name, rank=rank)
 
     state = {"epoch": 0, "best_val_f1": -1.0, "best_val_loss": float("inf"), "best_epoch": 0,
              "epochs_without_gain": 0, "stopped_early": False}
@@ -260,24 +318,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     logger = None
     if rank == 0 and job.mlflow_run_id:
-        from components.tracking import EpochLogger, Tracker  # MLflow is rank 0's business
-
-        tracker = Tracker(job.tracking_uri)
-        logger = EpochLogger(tracker, job.mlflow_run_id, key=job.metric_prefix + "val_f1")
-        # Where the trial trained (rank 0's node): on a cluster, the first thing to look up
-        # when one trial is slower or fails.
-        tracker.set_tags(job.mlflow_run_id,
-                         {"visiontune.node_id": ray.get_runtime_context().get_node_id()})
-        if checkpoint is None and job.metric_prefix in ("", "fold0/"):
-            import matplotlib.pyplot as plt
-
-            fig = plot_augmented_samples([train_ds.image(i) for i in range(min(len(train_ds), 32))],
-                                         train_ds.transform, prep["mean"],
-                                         prep["std"], seed=job.seed)
-            tracker.log_figure(job.mlflow_run_id, fig, "augmented_samples.png")
-            plt.close(fig)
+        logger = _rank0_logger(job)
+        mark("worker_mlflow", trial=name, rank=rank)
+        if (job.log_augmented_samples and checkpoint is None
+                and job.metric_prefix in ("", "fold0/")):
+            _log_augmented_samples(logger, train_ds, prep, job.seed)
 
     for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+        epoch_started = time.monotonic()
         sampler.set_epoch(epoch)
         if mc.unfreeze_epoch is not None and epoch >= mc.unfreeze_epoch:
             unfreeze(optimizer, scheduler)
@@ -286,6 +334,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch_scheduler=scheduler if when == "batch" else None, grad_clip=tc.grad_clip,
             l1=tc.l1)
         train_loss = _all_reduce_mean(total, count, device)
+        trained = time.monotonic()
         # Validate (and save) one model: rank 0's, BatchNorm statistics included.
         _sync_buffers_from_rank0(model)
         unwrapped = model.module if hasattr(model, "module") else model
@@ -310,22 +359,24 @@ def train_loop_per_worker(config: dict) -> None:
                    "time_to_first_batch_s": train_loader.first_batch_s or 0.0,
                    "data_rss_mb": train_loader.data_rss_mb}
         state["last_metrics"] = metrics  # what a resumed run that has ended reports again
+        validated = time.monotonic()
+        save_s = 0.0
         if rank == 0:
             if logger is not None:
                 logger.log_epoch(epoch, {job.metric_prefix + k: v for k, v in metrics.items()
                                          if k not in ("epoch", "early_stopped")})
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": _state_dict(model), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict() if scheduler else None},
-                           Path(d) / MODEL_FILE)
-                torch.save(best_weights, Path(d) / BEST_MODEL_FILE)
-                (Path(d) / STATE_FILE).write_text(json.dumps(state))
-                (Path(d) / "preprocessing.json").write_text(json.dumps(prep))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            logged = time.monotonic()
+            save_s = _save_and_report(metrics, model, optimizer, scheduler, best_weights, state,
+                                      prep)
         else:
+            logged = validated
             ray.train.report(metrics)
+        mark("epoch", trial=name, rank=rank, epoch=epoch, train_s=trained - epoch_started,
+             val_s=validated - trained, log_s=logged - validated, save_s=save_s,
+             report_s=time.monotonic() - logged - save_s)
         if stop:
             break
+    mark("worker_end", trial=name, rank=rank)
 
 
 def load_best_weights(checkpoint: str | Path) -> dict:

@@ -25,6 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from components import storage
 from components.config import SearchConfig
 from components.data.split import kfold_rows
+from components.timing import mark
 from components.tracking import Tracker
 from components.training.trainer import build_trainer
 from components.training.worker import TrainJob
@@ -107,7 +108,12 @@ def _restore_handlers(handlers: dict) -> None:
 
 
 def _fit(job: TrainJob, name: str, storage_path: str, callbacks: list):
-    return build_trainer(job, name=name, storage_path=storage_path, callbacks=callbacks).fit()
+    mark("fit_start", trial=name)
+    try:
+        return build_trainer(job, name=name, storage_path=storage_path,
+                             callbacks=callbacks).fit()
+    finally:
+        mark("fit_end", trial=name)
 
 
 def _cross_validate(job: TrainJob, trial_id: str, storage_path: str,
@@ -143,6 +149,7 @@ def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarg
              storage_path: str):
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
+    mark("trial_start", trial=trial_id)
     base = {s: getattr(job, s) for s in SECTIONS}
     params = resolve_params(config, axes, base)
     sections = set_params(base, params)
@@ -151,7 +158,10 @@ def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarg
         run_id = target.tracker.get_or_create_trial_run(
             target.experiment_id, target.parent_run_id, trial_id, ctx.get_trial_name(),
             params=params)
-    trial_job = dataclasses.replace(job, **sections, mlflow_run_id=run_id)
+    mark("trial_run_ready", trial=trial_id)
+    trial_job = dataclasses.replace(
+        job, **sections, mlflow_run_id=run_id,
+        log_augmented_samples=sections["augment"] != base["augment"])
     try:
         if trial_job.data.cv_folds:  # may itself be a searched parameter
             _cross_validate(trial_job, trial_id, storage_path, target, run_id)
@@ -163,6 +173,7 @@ def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarg
         raise
     if target is not None:
         target.tracker.end_run(run_id, "FINISHED")
+    mark("trial_end", trial=trial_id)
 
 
 def ended_status(metrics: dict | None, planned_epochs: int) -> str:
@@ -389,7 +400,9 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
                 verbose=1,
             ),
         )
+    mark("sweep_start", name=experiment_name)
     grid = tuner.fit()
+    mark("sweep_end", name=experiment_name)
     run_ids: dict[str, str] = {}
     if target is not None:
         for run in target.tracker.child_runs(target.experiment_id, target.parent_run_id):

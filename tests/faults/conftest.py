@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -72,6 +73,12 @@ class Pipeline:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+# Error-level and stack-trace lines from Python, Ray's C++ (glog: E1201 ..., file.cc:123) and
+# its log prefixes.
+ERROR_LEVEL = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|^E\d{4} |\.cc:\d+|\(raylet\)|"
+                         r"\[E\]|Error: ")
 
 
 class Workspace:
@@ -172,6 +179,18 @@ class Workspace:
     def assert_nothing_running(self, parent_id: str) -> None:
         runs = [self.client().get_run(parent_id), *self.children(parent_id)]
         assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+
+    @staticmethod
+    def assert_readable_console(output: str, max_lines: int = 60) -> None:
+        """What a person reads of a run that went well: our lines only (Ray's and Tune's go to
+        ray.log), nothing at error level, no stack trace, no more than a screen or two."""
+        lines = output.splitlines()
+        assert len(lines) <= max_lines, output
+        noisy = [line for line in lines if ERROR_LEVEL.search(line)]
+        assert noisy == [], output
+        log = next(line.split(": ", 1)[1].split(" (")[0] for line in lines
+                   if "Ray's and Tune's own output:" in line)
+        assert Path(log).is_file() and Path(log).stat().st_size > 0, log
 
     def assert_complete(self, parent_id: str) -> None:
         """The finished record of the original config: every trial once, every epoch once,

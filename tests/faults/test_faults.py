@@ -84,6 +84,7 @@ def test_ctrl_c_then_resume_by_id_alone(workspace):
 
     resumed = workspace.run("run", "--resume", pipeline_id)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
+    workspace.assert_readable_console(resumed.stdout)
     assert workspace.parent().info.run_id == parent.info.run_id  # the same run, not a new one
     workspace.assert_complete(parent.info.run_id)
 
