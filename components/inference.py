@@ -1,16 +1,37 @@
-"""Classify raw images with a logged model: the preprocessing comes from the model's own
-metadata, so a model registered by any version of visiontune classifies the same way."""
+"""Classify images with a registered visiontune model, the same way wherever it runs.
+
+A model logged by visiontune is an MLflow pyfunc from code (`components/serving/
+image_classifier.py`): it takes image bytes or paths, decodes and preprocesses them itself and
+returns one row per image (`prediction`, `probability`, `prob_<class>`..., `error`). Everything
+here goes through that model's `predict`, as `mlflow models serve` does: there is one
+implementation of decoding, preprocessing and classifying.
+
+Models registered by visiontune before that (MLflow's `pytorch` flavour, pt2 format, taking a
+preprocessed float32 NCHW tensor and returning logits) are still classified: the same code
+decodes and preprocesses with the preprocessing recorded in their metadata, only the forward
+pass is theirs. Anything else is refused with one line (`ValueError`).
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
-from components.augment import normalize_batch
-from components.data.dataset import load_image
 from components.data.ingest import IMAGE_EXTENSIONS
+from components.serving import MODEL_FORMAT
+from components.serving import image_classifier as _model_code
+
+ERROR, PREDICTION, PROBABILITY = _model_code.ERROR, _model_code.PREDICTION, \
+    _model_code.PROBABILITY
+preprocess = _model_code.preprocess   # images (bytes, paths, PIL) -> float32 NCHW batch
+softmax = _model_code.softmax
+
+# Modes PNG stores losslessly; anything else (CMYK, 32-bit int, float, ...) goes as TIFF.
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 
 
 def expand_paths(paths: list[str]) -> list[str]:
@@ -28,17 +49,82 @@ def expand_paths(paths: list[str]) -> list[str]:
     return out
 
 
-def preprocess(images: list, preprocessing: dict) -> np.ndarray:
-    """Paths or PIL images (any size, any mode) -> the float32 NCHW batch the model takes."""
-    c, size = preprocessing["channels"], preprocessing["image_size"]
-    batch = np.stack([load_image(im, c, size) for im in images])
-    return normalize_batch(batch, preprocessing["mean"], preprocessing["std"])
+class _TensorModel(_model_code.ImageClassifier):
+    """A model registered before models-from-code (pytorch flavour, pt2): it takes the
+    preprocessed tensor and returns logits. Decoding and preprocessing are the model file's."""
+
+    def __init__(self, pyfunc, meta: dict):
+        self._pyfunc = pyfunc
+        self.class_names = [str(c) for c in meta["class_names"]]
+        self.preprocessing = dict(meta["preprocessing"])
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return softmax(np.asarray(self._pyfunc.predict(batch), dtype=np.float64))
+
+    def predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
+        return self.classify(_model_code.image_sources(model_input))
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+def image_model(model):
+    """`model` (from `mlflow.pyfunc.load_model`) as something whose `predict` takes a
+    DataFrame of `image` bytes / `path`s and returns the model file's output frame."""
+    meta = model.metadata.metadata or {}
+    fmt = meta.get("model_format")
+    if fmt == MODEL_FORMAT:
+        return model
+    if fmt is not None:
+        raise ValueError(f"this model's format {fmt!r} is not one this visiontune knows "
+                         f"({MODEL_FORMAT}); was it logged by a newer visiontune?")
+    if "pytorch" in (model.metadata.flavors or {}) and {"class_names", "preprocessing"} <= \
+            meta.keys():
+        return _TensorModel(model, meta)
+    raise ValueError("this model is not a visiontune image classifier: its metadata has no "
+                     "model_format, and no class_names/preprocessing of an older visiontune model")
+
+
+def encode_image(img: Image.Image) -> bytes:
+    """A PIL image as the bytes of a lossless file (PNG, or TIFF for modes PNG cannot hold),
+    EXIF kept: the model decodes it to exactly this image and applies its EXIF orientation."""
+    exif = img.getexif()
+    for fmt in (("PNG",) if img.mode in _PNG_MODES else ()) + ("TIFF",):
+        buf = io.BytesIO()
+        try:
+            img.save(buf, format=fmt, exif=exif)
+            return buf.getvalue()
+        except (OSError, KeyError, ValueError):
+            continue
+    raise ValueError(f"cannot pass a PIL image of mode {img.mode} to the model; convert it to "
+                     f"RGB or L first")
+
+
+def _input_frame(images: list) -> pd.DataFrame:
+    """bytes, paths and PIL images -> the model's input (column `image` and/or `path`)."""
+    data, paths = [], []
+    for im in images:
+        if isinstance(im, (str, Path)):
+            data.append(None)
+            paths.append(str(im))
+        else:
+            data.append(encode_image(im) if isinstance(im, Image.Image) else bytes(im))
+            paths.append(None)
+    columns = {}
+    if any(d is not None for d in data):
+        columns["image"] = pd.Series(data, dtype=object)
+    if any(p is not None for p in paths):
+        columns["path"] = pd.Series(paths, dtype=object)
+    return pd.DataFrame(columns)
+
+
+def predict_images(model, images: list, batch_size: int = 64) -> pd.DataFrame:
+    """The model's whole answer, one row per image (bytes, path or PIL image):
+    `prediction`, `probability`, `prob_<class>` per class, `error` (null when it was read)."""
+    m = image_model(model)
+    frames = [m.predict(_input_frame(images[i:i + batch_size]))
+              for i in range(0, len(images), batch_size)]
+    if not frames:
+        return pd.DataFrame(columns=_model_code.output_columns(
+            (model.metadata.metadata or {}).get("class_names", [])))
+    return pd.concat(frames, ignore_index=True)
 
 
 def classify_files(model, paths: list[str], batch_size: int = 64
@@ -46,33 +132,23 @@ def classify_files(model, paths: list[str], batch_size: int = 64
     """Classify image files; a file that does not decode is skipped, not fatal. Returns
     ([(path, class, probability)], [(path, reason skipped)])."""
     rows, skipped = [], []
-    for i in range(0, len(paths), batch_size):
-        images, kept = [], []
-        for path in paths[i:i + batch_size]:
-            try:
-                with Image.open(path) as im:
-                    im.load()  # decode now: a truncated file fails here, not in the batch
-                    images.append(im.copy())
-                kept.append(path)
-            except Exception as e:  # PIL raises many types for broken files
-                skipped.append((path, f"{type(e).__name__}: {e}"))
-        if images:
-            rows += [(p, label, prob) for p, (label, prob) in
-                     zip(kept, classify(model, images, batch_size))]
+    frame = predict_images(model, list(paths), batch_size)
+    for path, pred, prob, err in zip(paths, frame[PREDICTION], frame[PROBABILITY],
+                                     frame[ERROR]):
+        if _model_code.is_missing(err):
+            rows.append((path, str(pred), float(prob)))
+        else:
+            skipped.append((path, str(err)))
     return rows, skipped
 
 
 def classify(model, images: list, batch_size: int = 64) -> list[tuple[str, float]]:
-    """`model`: an `mlflow.pyfunc` model logged by visiontune. Returns (class, probability)."""
-    meta = model.metadata.metadata or {}
-    if "preprocessing" not in meta or "class_names" not in meta:
-        raise ValueError("this model has no visiontune metadata (class_names, preprocessing)")
-    classes = meta["class_names"]
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        if any(isinstance(im, (str, Path)) for im in chunk):
-            chunk = [Image.open(im) if isinstance(im, (str, Path)) else im for im in chunk]
-        probs = softmax(np.asarray(model.predict(preprocess(chunk, meta["preprocessing"]))))
-        out += [(classes[k], float(p[k])) for k, p in zip(probs.argmax(1), probs)]
-    return out
+    """`model`: an `mlflow.pyfunc` model logged by visiontune; `images`: bytes of image files,
+    paths or PIL images. Returns (class, probability) per image; ValueError names the first
+    image that could not be read."""
+    frame = predict_images(model, list(images), batch_size)
+    for i, err in enumerate(frame[ERROR]):
+        if not _model_code.is_missing(err):
+            what = images[i] if isinstance(images[i], (str, Path)) else type(images[i]).__name__
+            raise ValueError(f"image {i} ({what}) could not be read: {err}")
+    return [(str(p), float(q)) for p, q in zip(frame[PREDICTION], frame[PROBABILITY])]

@@ -241,7 +241,7 @@ def cmd_predict(args) -> int:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from components.inference import classify_files, expand_paths
+    from components.inference import classify_files, expand_paths, image_model
     from pipelines.config import load_config
 
     uri = args.tracking_uri or load_config([]).tracking.uri
@@ -253,6 +253,10 @@ def cmd_predict(args) -> int:
         model = mlflow.pyfunc.load_model(args.model)
     except MlflowException as e:
         raise LookupError(f"cannot load {args.model} from {uri}: {_one_line(e)}") from None
+    try:
+        image_model(model)  # a model visiontune cannot classify with: one line, before any file
+    except ValueError as e:
+        raise LookupError(f"cannot classify with {args.model}: {e}") from None
     rows, skipped = classify_files(model, paths)
     for path, reason in skipped:
         print(f"visiontune: skipped {path}: {reason}", file=sys.stderr)

@@ -359,9 +359,9 @@ VERSION_TAG = "visiontune.registered_version"
 
 def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: Echo = print):
     """Log the model and register it as `challenger` (and `champion` when there is none).
-    Idempotent: a resumed run that had already logged or registered reuses that."""
-    import torch
-
+    The model is an MLflow pyfunc from code that takes raw images (bytes or paths) and carries
+    its own preprocessing (`components/serving/image_classifier.py`). Idempotent: a resumed
+    run that had already logged or registered reuses that."""
     from components.registry import register_challenger
 
     with record.step("register", echo):
@@ -369,14 +369,12 @@ def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: E
         model_uri = tags.get(MODEL_URI_TAG)
         best, prep, report = evaluation.best, evaluation.preprocessing, evaluation.report
         if model_uri is None:
-            c, size = prep["channels"], prep["image_size"]
-            example = torch.zeros(2, c, size, size).numpy()
             metadata = {"class_names": manifest.classes, "preprocessing": prep,
                         "data_fingerprint": manifest.fingerprint,
                         "pipeline_id": record.pipeline_id,
                         "hyperparameters": {k: str(v) for k, v in best.params.items()}}
-            model_uri = record.tracker.log_pytorch_model(record.run_id, evaluation.model,
-                                                         example, metadata)
+            model_uri = record.tracker.log_image_classifier(
+                record.run_id, evaluation.model, manifest.classes, prep, metadata)
             record.set_tags({MODEL_URI_TAG: model_uri})
         registered = register_challenger(
             record.tracker, model_uri, cfg.registry.model_name, record.run_id,

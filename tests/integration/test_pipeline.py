@@ -92,18 +92,29 @@ def test_registered_version_with_alias(pipeline_run):
         result.parent_run_id).data.params["data_fingerprint"]
 
 
-def test_registered_model_classifies_without_repo_code(pipeline_run):
+def test_registered_model_classifies_raw_images(pipeline_run):
+    """The registered model is the pyfunc from code that takes image bytes (see
+    tests/unit/test_serving_model.py and tests/e2e/test_serving.py for the rest)."""
+    import io
+
     import mlflow
-    import numpy as np
+    from PIL import Image
 
     result, cfg, client, _ = pipeline_run
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model = mlflow.pyfunc.load_model("models:/it-model@champion")
     meta = model.metadata.metadata
     assert meta["class_names"] == ["cat", "dog"]
-    size = meta["preprocessing"]["image_size"]
-    out = model.predict(np.zeros((3, 3, size, size), dtype=np.float32))
-    assert np.asarray(out).shape == (3, 2)
+    assert meta["model_format"] == "visiontune-images-v1"
+    assert set(meta) >= {"preprocessing", "data_fingerprint", "pipeline_id", "hyperparameters"}
+    images = []
+    for mode, size in (("RGB", (40, 25)), ("L", (7, 7)), ("RGBA", (64, 64))):
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    out = model.predict(pd.DataFrame({"image": images}))
+    assert list(out.columns) == ["prediction", "probability", "prob_cat", "prob_dog", "error"]
+    assert out.prediction.isin(["cat", "dog"]).all() and out.error.isna().all()
 
 
 def test_resume_of_a_finished_run_prints_its_result_and_registers_nothing(pipeline_run):

@@ -48,6 +48,10 @@ def test_decision_table(challenger, champion, kw, promoted, reason):
     assert d.promote is promoted and reason in d.reason
 
 
+_PREP = {"image_size": 4, "channels": 1, "color_mode": "L", "mean": [0.5], "std": [0.5]}
+_TINY_NET = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2)).eval()
+
+
 @pytest.fixture
 def registry(tmp_path):
     import mlflow
@@ -59,9 +63,9 @@ def registry(tmp_path):
     def register(test_f1, fingerprint=FP, average="macro", log_model=True):
         run = tracker.create_run(exp, "pipeline", {})
         # Logging a model takes seconds; the gate itself reads only aliases and tags.
-        uri = tracker.log_pytorch_model(run, torch.nn.Linear(2, 2), torch.zeros(2, 2).numpy(),
-                                        {"class_names": ["a", "b"]}) if log_model \
-            else str(tmp_path / "art" / "model")
+        uri = tracker.log_image_classifier(run, _TINY_NET, ["a", "b"], _PREP,
+                                           {"class_names": ["a", "b"], "preprocessing": _PREP}) \
+            if log_model else str(tmp_path / "art" / "model")
         return register_challenger(tracker, uri, "m", run,
                                    {"test_f1": test_f1, "data_fingerprint": fingerprint,
                                     "test_f1_average": average})

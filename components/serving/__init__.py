@@ -1,0 +1,58 @@
+"""What goes into the registered model besides MLflow's own files: the models-from-code file
+(`image_classifier.py`, copied into the model and run when it is loaded), the network exported
+with torch.export, an input example, and the pinned requirements of a serving environment.
+
+This package imports neither mlflow nor torch at import time; `image_classifier` is MLflow's to
+import (it calls `mlflow.models.set_model`), or `components.inference`'s.
+"""
+
+from __future__ import annotations
+
+import io
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+MODEL_CODE = Path(__file__).resolve().with_name("image_classifier.py")
+MODEL_FORMAT = "visiontune-images-v1"   # metadata["model_format"] of a model logged this way
+WEIGHTS_FILE = "network.pt2"
+# Everything the model file imports; pinned to this environment's versions so that
+# `mlflow models serve --env-manager virtualenv|conda` and `build-docker` rebuild it.
+_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pillow")
+
+
+def export_network(model, channels: int, image_size: int, path: str | Path) -> Path:
+    """Save `model` (an nn.Module returning logits) as a torch.export program: it loads with
+    `torch.export.load` alone, without this repository's classes. The batch dimension is
+    dynamic (the example batch has 2 images: torch.export specialises a batch of 1)."""
+    import torch
+
+    model = model.eval()
+    example = torch.zeros(2, channels, image_size, image_size)
+    with torch.no_grad():
+        program = torch.export.export(model, (example,),
+                                      dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    path = Path(path)
+    torch.export.save(program, str(path))
+    return path
+
+
+def example_image_bytes(channels: int, image_size: int) -> bytes:
+    """A PNG file of the size and mode the model was trained on: the logged input example."""
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    buf = io.BytesIO()
+    Image.new(mode, (image_size, image_size), 128 if mode == "L" else (128, 128, 128)).save(
+        buf, format="PNG")
+    return buf.getvalue()
+
+
+def pip_requirements() -> list[str]:
+    out = []
+    for name in _REQUIREMENTS:
+        try:
+            # a local build tag (torch's "+cu130") is not installable from an index
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out

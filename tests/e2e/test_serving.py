@@ -1,0 +1,264 @@
+"""The champion served by MLflow itself: a tiny pipeline (`visiontune run`, local Ray, SQLite
+MLflow in a temp dir) registers a model; `mlflow models serve -m models:/NAME@champion
+--env-manager local` serves it; raw PNG and JPEG files of mixed sizes and modes, base64 in
+JSON, must get the answers of `visiontune predict` on the same files and of the run's
+`evaluation/test_predictions.csv`. Every process started here runs in its own process group
+and is stopped, also when a test fails."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from tests.conftest import _shape_image, make_image_folder
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+MODEL = "serve-e2e"
+CLASSES = ["cat", "dog"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """One `visiontune run`: 2 trials of 1 worker, 2 epochs, on a generated image folder."""
+    tmp = tmp_path_factory.mktemp("serving")
+    data = make_image_folder(tmp / "images", classes=tuple(CLASSES), per_class=24)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = tmp / "run.log"
+    proc = subprocess.Popen(
+        [str(BIN / "visiontune"), "run", f"data.path={data}", "data=folder",
+         "data.image_size=16", "augment=none", "search=quick", "train.epochs=2",
+         "train.num_workers=1", "train.batch_size=8", "train.patience=0",
+         f"tracking.uri={uri}", f"tracking.artifact_location={tmp}/mlruns",
+         f"ray.storage_path={tmp}/ray_results", f"registry.model_name={MODEL}",
+         "model.cnn.channels=[8,16]", "ray.num_cpus=2"],
+        cwd=tmp, env=env, start_new_session=True, stdout=open(log, "w"),
+        stderr=subprocess.STDOUT)
+    try:
+        code = proc.wait(timeout=900)
+    finally:
+        _stop_group(proc)
+    assert code == 0, log.read_text()[-4000:]
+    return {"tmp": tmp, "data": data, "uri": uri, "env": env}
+
+
+@pytest.fixture(scope="module")
+def server(pipeline):
+    """`mlflow models serve` of the champion, in its own process group (uvicorn runs as its
+    child), stopped after the module."""
+    port = _free_port()
+    log = pipeline["tmp"] / "serve.log"
+    env = {**pipeline["env"], "MLFLOW_TRACKING_URI": pipeline["uri"]}
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=pipeline["tmp"], env=env, start_new_session=True, stdout=open(log, "w"),
+        stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (OSError, urllib.error.HTTPError):
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow models serve did not answer /ping: "
+                                   f"{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop_group(proc)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def incoming(pipeline):
+    """New images as users send them: PNG and JPEG, RGB, L, RGBA, palette, an EXIF-rotated
+    JPEG, sizes from 9 to 80 pixels, and one file that is not an image."""
+    folder = pipeline["tmp"] / "incoming"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    specs = [("RGB", "png", 30, 0), ("L", "jpg", 17, 1), ("RGBA", "png", 24, 0),
+             ("P", "png", 40, 1), ("RGB", "jpg", 80, 0), ("L", "png", 9, 1),
+             ("P", "gif", 33, 0), ("RGB", "jpeg", 21, 1)]
+    paths = []
+    for i, (mode, ext, size, label) in enumerate(specs):
+        img = Image.fromarray(_shape_image(label, rng, size))
+        img = img.convert(mode) if mode != "P" else img.convert(
+            "P", palette=Image.Palette.ADAPTIVE, colors=32)
+        path = folder / f"{i:02d}_{mode}_{size}.{ext}"
+        if i == 7:  # stored sideways, EXIF says rotate to display
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            img.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif.tobytes())
+        else:
+            img.save(path)
+        paths.append(path)
+    bad = folder / "99_truncated.png"
+    bad.write_bytes(paths[0].read_bytes()[:60])
+    return paths, bad
+
+
+def _frame(answer: dict) -> pd.DataFrame:
+    return pd.DataFrame(answer["predictions"])
+
+
+def test_served_champion_answers_as_predict_and_the_test_report(pipeline, server, incoming,
+                                                                 tmp_path):
+    good, bad = incoming
+    client = MlflowClient(pipeline["uri"])
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    expected = pd.read_csv(client.download_artifacts(
+        champion.run_id, "evaluation/test_predictions.csv", str(tmp_path)))
+    assert list(expected.columns) == ["path", "label", "prediction", "probability"]
+    assert len(expected) >= 4
+    files = [Path(p) for p in expected.path] + good + [bad]
+
+    status, answer = _post(server, {"dataframe_split": {
+        "columns": ["image"],
+        "data": [[base64.b64encode(f.read_bytes()).decode("ascii")] for f in files]}})
+    assert status == 200, answer
+    served = _frame(answer)
+    assert list(served.columns) == ["prediction", "probability", "prob_cat", "prob_dog",
+                                    "error"]
+    assert len(served) == len(files)
+
+    # the file that is not an image: its own row says why; the batch is answered
+    last = answer["predictions"][-1]
+    assert {k: v for k, v in last.items() if k != "error"} == dict.fromkeys(
+        ["prediction", "probability", "prob_cat", "prob_dog"])  # JSON null
+    assert last["error"].startswith(("OSError", "UnidentifiedImageError"))
+    ok = served.iloc[:-1]
+    assert ok.error.isna().all()
+    probs = ok[["prob_cat", "prob_dog"]].to_numpy(float)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(ok.probability.to_numpy(float), probs.max(axis=1))
+    assert ok.prediction.tolist() == [CLASSES[k] for k in probs.argmax(axis=1)]
+
+    # = the run's own test-set predictions (same preprocessing, same network)
+    n = len(expected)
+    assert ok.prediction[:n].tolist() == expected.prediction.tolist()
+    np.testing.assert_allclose(ok.probability[:n].to_numpy(float), expected.probability,
+                               atol=2e-6)
+
+    # = `visiontune predict` on the same files (paths, read by the same model code)
+    out = tmp_path / "predict.csv"
+    p = subprocess.run([str(BIN / "visiontune"), "predict", "--model",
+                        f"models:/{MODEL}@champion", *map(str, files), "-o", str(out),
+                        "--tracking-uri", pipeline["uri"]],
+                       env=pipeline["env"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    skipped = [line for line in p.stderr.splitlines() if line.startswith("visiontune: skipped")]
+    assert len(skipped) == 1
+    assert skipped[0].startswith(f"visiontune: skipped {bad}: {last['error'].split(':')[0]}: ")
+    predicted = pd.read_csv(out)
+    assert predicted.path.tolist() == [str(f) for f in files[:-1]]
+    assert predicted.prediction.tolist() == ok.prediction.tolist()
+    np.testing.assert_allclose(predicted.probability, ok.probability.to_numpy(float),
+                               atol=2e-6)
+
+
+def test_served_champion_reads_paths_and_records_too(server, incoming):
+    good, _ = incoming
+    status, by_bytes = _post(server, {"dataframe_records": [
+        {"image": base64.b64encode(f.read_bytes()).decode("ascii")} for f in good]})
+    assert status == 200, by_bytes
+    status, by_path = _post(server, {"dataframe_split": {"columns": ["path"],
+                                                         "data": [[str(f)] for f in good]}})
+    assert status == 200, by_path
+    a, b = _frame(by_bytes), _frame(by_path)
+    assert a.prediction.tolist() == b.prediction.tolist()
+    np.testing.assert_allclose(a.probability.astype(float), b.probability.astype(float),
+                               atol=1e-6)
+    status, refused = _post(server, {"dataframe_split": {"columns": ["image"],
+                                                         "data": [["not base64!"]]}})
+    assert status == 400 and "image" in refused["message"]
+
+
+def test_champion_loads_where_this_repository_cannot_be_imported(pipeline, incoming, tmp_path):
+    from tests.unit.test_serving_model import ISOLATED_SCRIPT
+
+    good, _ = incoming
+    images = tmp_path / "images.json"
+    images.write_text(json.dumps([f.read_bytes().hex() for f in good]))
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", ISOLATED_SCRIPT, pipeline["uri"],
+         f"models:/{MODEL}@champion", str(images), str(root)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in pipeline["env"].items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answer["repo_importable"] is False and answer["repo_modules"] == []
+
+    import mlflow
+
+    from components.inference import predict_images
+
+    mlflow.set_tracking_uri(pipeline["uri"])
+    here = predict_images(mlflow.pyfunc.load_model(f"models:/{MODEL}@champion"),
+                          [f.read_bytes() for f in good])
+    assert answer["prediction"] == here.prediction.tolist()
+    np.testing.assert_allclose(answer["probability"], here.probability, atol=1e-6)
+
+
+def test_response_is_strict_json(server, incoming):
+    """Rows that fail carry null, never NaN (not JSON): any client can parse the answer."""
+    _, bad = incoming
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
+        [base64.b64encode(bad.read_bytes()).decode("ascii")]]}}).encode()
+    req = urllib.request.Request(f"{server}/invocations", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        text = r.read().decode()
+    assert "NaN" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))

@@ -1,0 +1,416 @@
+"""The registered model: a pyfunc from code (components/serving/image_classifier.py) that takes
+raw images and carries its own preprocessing. Its preprocessing against the training loader,
+EXIF and colour modes, its output, the logged files, loading it where this repository cannot
+be imported, and models registered by older visiontune versions (pytorch flavour, pt2)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from components.augment import build_eval_transform
+from components.data.dataset import load_image
+from components.serving import MODEL_CODE, MODEL_FORMAT
+from components.serving import image_classifier as mc
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ["a", "b", "c d"]
+PREP = {"image_size": 12, "channels": 3, "color_mode": "RGB", "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3], "layout": "NCHW float32"}
+
+
+def _rng_image(mode: str, w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8), "RGB")
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (h, w), np.uint16))
+    if mode == "I":
+        return Image.fromarray(rng.integers(-5000, 300000, (h, w), np.int32))
+    if mode == "F":
+        return Image.fromarray(rng.normal(0, 10, (h, w)).astype(np.float32))
+    if mode == "RGBA":
+        return Image.fromarray(rng.integers(0, 256, (h, w, 4), np.uint8), "RGBA")
+    if mode == "P":
+        return rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    return rgb.convert(mode)
+
+
+# (mode, file format): every mode PIL reads that users' folders hold
+FILES = [("RGB", "PNG"), ("RGB", "JPEG"), ("L", "PNG"), ("L", "JPEG"), ("RGBA", "PNG"),
+         ("P", "PNG"), ("P", "GIF"), ("LA", "PNG"), ("1", "PNG"), ("CMYK", "JPEG"),
+         ("I;16", "PNG"), ("I", "TIFF"), ("F", "TIFF"), ("RGB", "WEBP"), ("RGB", "BMP")]
+
+
+def _file_bytes(mode: str, fmt: str, w: int = 23, h: int = 9, seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    img = _rng_image(mode, w, h, seed)
+    if mode == "P" and fmt == "PNG":
+        img.info["transparency"] = 0
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt", FILES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_model_preprocessing_equals_the_training_loader(tmp_path, mode, fmt, channels):
+    """The model file's own copy of the decoding must give the training pipeline's pixels,
+    bit for bit, and its normalisation the eval transform's values."""
+    data = _file_bytes(mode, fmt)
+    path = tmp_path / f"x.{fmt.lower()}"
+    path.write_bytes(data)
+    got = mc.to_array(mc.open_image(data), channels, 12)
+    np.testing.assert_array_equal(got, load_image(str(path), channels, 12))
+    mean, std = PREP["mean"][:channels], PREP["std"][:channels]
+    batch = mc.preprocess([data, str(path)], {**PREP, "channels": channels,
+                                              "mean": mean, "std": std})
+    expected = build_eval_transform(channels, mean, std)(image=got)["image"].numpy()
+    assert batch.shape == (2, channels, 12, 12) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch[0], expected, atol=1e-5)
+    np.testing.assert_array_equal(batch[0], batch[1])
+
+
+def _exif_jpeg(orientation: int) -> tuple[bytes, np.ndarray]:
+    """A 20x10 JPEG whose EXIF says `orientation`, and its pixels as stored (not rotated)."""
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :5] = (250, 0, 0)      # a red band on the left, as stored
+    arr[:3, :] = (0, 0, 250)      # a blue band on top
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=100, exif=exif.tobytes())
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        stored = np.asarray(im.convert("RGB"))
+    return buf.getvalue(), stored
+
+
+@pytest.mark.parametrize("orientation,rotate", [(1, lambda a: a), (3, lambda a: np.rot90(a, 2)),
+                                                (6, lambda a: np.rot90(a, -1)),
+                                                (8, lambda a: np.rot90(a, 1))])
+def test_exif_orientation_is_applied(orientation, rotate):
+    data, stored = _exif_jpeg(orientation)
+    upright = Image.fromarray(np.ascontiguousarray(rotate(stored)))
+    got = mc.to_array(mc.open_image(data), 3, 16)
+    np.testing.assert_array_equal(got, mc.to_array(upright, 3, 16))
+    if orientation != 1:
+        assert not np.array_equal(got, mc.to_array(Image.fromarray(stored), 3, 16))
+
+
+class _FixedNet:
+    """Logits from the mean of each channel: a known answer without a trained network."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * 4
+
+
+def _classifier(classes=CLASSES) -> mc.ImageClassifier:
+    m = mc.ImageClassifier()
+    m.class_names, m.preprocessing, m._net = list(classes), dict(PREP), _FixedNet()
+    return m
+
+
+def _png(color, size=(7, 5), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_output_frame_one_row_per_image_and_errors_per_row(tmp_path):
+    red, blue = _png((255, 0, 0)), _png((0, 0, 255))
+    (tmp_path / "blue.png").write_bytes(blue)
+    big = _file_bytes("RGB", "PNG", w=64, h=64)
+    frame = _classifier().predict(None, pd.DataFrame({
+        "image": [red, b"not an image", None, big[:len(big) // 2], b""],
+        "path": [None, None, str(tmp_path / "blue.png"), None, str(tmp_path / "nope.png")]}))
+    assert list(frame.columns) == ["prediction", "probability", "prob_a", "prob_b", "prob_c d",
+                                   "error"]
+    assert frame.prediction.tolist()[:3] == ["a", None, "c d"]
+    assert frame.error[0] is None and frame.error[2] is None
+    assert frame.error[1] == "UnidentifiedImageError: cannot identify image file"
+    assert frame.error[3].startswith("OSError") and "truncated" in frame.error[3]
+    assert "FileNotFoundError" in frame.error[4]     # empty bytes: the path is used
+    assert all(frame.loc[i, "probability"] is None for i in (1, 3, 4))  # JSON null, not NaN
+    probs = frame.loc[[0, 2], ["prob_a", "prob_b", "prob_c d"]].to_numpy(float)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    np.testing.assert_allclose(frame.loc[[0, 2], "probability"].to_numpy(float),
+                               probs.max(axis=1))
+
+    ok = _classifier().predict(None, pd.DataFrame({"image": [red, blue]}))
+    assert ok.prediction.tolist() == ["a", "c d"]
+    assert ok.probability.dtype == np.float64 and ok.error.isna().all()
+    json.dumps(frame.to_dict(orient="records"), default=str, allow_nan=False)
+
+
+def test_input_without_image_or_path_is_refused():
+    with pytest.raises(ValueError, match="column 'image'"):
+        _classifier().predict(None, pd.DataFrame({"x": [1]}))
+    empty = _classifier().predict(None, pd.DataFrame({"image": []}))
+    assert len(empty) == 0 and "prob_a" in empty.columns
+    row = _classifier().predict(None, pd.DataFrame({"image": [None]}))
+    assert row.error[0].startswith("no image")
+
+
+def test_more_images_than_one_batch_keep_their_order():
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    images = [_png(colors[i % 3], size=(3 + i % 5, 4)) for i in range(mc.BATCH_SIZE * 2 + 3)]
+    frame = _classifier().predict(None, pd.DataFrame({"image": images}))
+    assert frame.prediction.tolist() == [["a", "b", "c d"][i % 3] for i in range(len(images))]
+
+
+def test_model_file_imports_only_what_a_serving_environment_has():
+    import ast
+
+    tree = ast.parse(MODEL_CODE.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= {"__future__", "io", "os", "re", "mlflow", "numpy", "pandas", "PIL",
+                        "torch"}
+
+
+# ----------------------------------------------------------------- a logged, registered model
+
+MODEL = "serving-unit"
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A small CNN logged by `Tracker.log_image_classifier` and registered as champion."""
+    import mlflow
+
+    from components.config import CnnConfig, ModelConfig
+    from components.models import build_model
+    from components.registry import register_challenger
+    from components.tracking import Tracker
+
+    tmp = tmp_path_factory.mktemp("serving")
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(cnn=CnnConfig(channels=[4, 8])), len(CLASSES), 3).eval()
+    tracker = Tracker(f"sqlite:///{tmp}/mlflow.db")
+    exp = tracker.ensure_experiment("serving", str(tmp / "mlruns"))
+    run = tracker.create_run(exp, "pipeline", {})
+    meta = {"class_names": CLASSES, "preprocessing": PREP, "data_fingerprint": "f" * 64,
+            "pipeline_id": "vt-test", "hyperparameters": {"train.lr": "0.1"}}
+    uri = tracker.log_image_classifier(run, net, CLASSES, PREP, meta)
+    version = register_challenger(tracker, uri, MODEL, run, {"test_f1": 0.5})
+    assert version.aliases == ("challenger", "champion")
+    with pytest.MonkeyPatch.context() as env:
+        mlflow.set_tracking_uri(tracker.uri)
+        env.setenv("MLFLOW_TRACKING_URI", tracker.uri)
+        yield {"tracker": tracker, "net": net, "uri": uri, "tmp": tmp, "run": run,
+               "model": mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")}
+
+
+def _images(tmp: Path) -> tuple[list[bytes], list[str]]:
+    data = [_file_bytes(m, f, w=9 + 3 * i, h=30 - i, seed=i) for i, (m, f) in enumerate(FILES)]
+    paths = []
+    for i, ((_, fmt), d) in enumerate(zip(FILES, data)):
+        p = tmp / f"img{i}.{fmt.lower()}"
+        p.write_bytes(d)
+        paths.append(str(p))
+    return data, paths
+
+
+def test_logged_model_files_signature_and_metadata(registered):
+    from mlflow.models import Model
+    from mlflow.types import DataType
+
+    model = registered["model"]
+    info = Model.load(f"models:/{MODEL}@champion")
+    assert set(info.flavors) == {"python_function"}
+    pyfunc = info.flavors["python_function"]
+    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert Path(pyfunc["model_code_path"]).name == MODEL_CODE.name
+    assert pyfunc["artifacts"]["weights"]["path"].endswith(".pt2")
+    assert pyfunc["config"] == {"class_names": CLASSES, "preprocessing": PREP}
+    meta = model.metadata.metadata
+    assert meta["model_format"] == MODEL_FORMAT and meta["class_names"] == CLASSES
+    assert meta["preprocessing"] == PREP and meta["data_fingerprint"] == "f" * 64
+    assert meta["hyperparameters"] == {"train.lr": "0.1"} and meta["pipeline_id"] == "vt-test"
+    inputs = {c.name: (c.type, c.required) for c in info.signature.inputs.inputs}
+    assert inputs == {"image": (DataType.binary, False), "path": (DataType.string, False)}
+    assert info.signature.outputs.input_names() == mc.output_columns(CLASSES)
+    assert info.saved_input_example_info["type"] == "dataframe"
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@champion",
+                                                     dst_path=str(registered["tmp"] / "m")))
+    example = Model.load(str(local)).load_input_example(str(local))
+    assert list(example.columns) == ["image"]
+    assert Image.open(io.BytesIO(example.image[0])).size == (12, 12)
+    req = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in req} >= {"mlflow", "torch", "numpy", "pandas", "pillow"}
+    assert all("==" in r and "+" not in r for r in req)
+    assert (local / MODEL_CODE.name).read_text() == MODEL_CODE.read_text()
+    serving = json.loads((local / "serving_input_example.json").read_text())
+    assert serving["dataframe_split"]["columns"] == ["image"]
+
+
+def test_logged_model_equals_the_network_on_any_image(registered, tmp_path):
+    """The exported program and the model file's preprocessing give the trained network's
+    probabilities, for bytes and paths, batches of 1 and many."""
+    from components.inference import classify, predict_images
+
+    model, net = registered["model"], registered["net"]
+    data, paths = _images(tmp_path)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(mc.preprocess(data, PREP))).softmax(1).numpy()
+    frame = model.predict(pd.DataFrame({"image": data}))
+    assert frame.error.isna().all()
+    np.testing.assert_allclose(frame[[f"prob_{c}" for c in CLASSES]].to_numpy(float), expected,
+                               atol=1e-5)
+    assert frame.prediction.tolist() == [CLASSES[k] for k in expected.argmax(1)]
+    by_path = model.predict(pd.DataFrame({"path": paths}))
+    pd.testing.assert_frame_equal(by_path, frame)
+    one = model.predict(pd.DataFrame({"image": data[:1]}))
+    np.testing.assert_allclose(one.probability.to_numpy(float), frame.probability[:1], atol=1e-6)
+    pil = [Image.open(p) for p in paths]
+    assert classify(model, pil) == classify(model, data) == classify(model, paths)
+    both = predict_images(model, [data[0], paths[1], pil[2]], batch_size=2)
+    pd.testing.assert_frame_equal(both, frame.iloc[:3].reset_index(drop=True))
+
+
+def test_pil_images_keep_their_exif_orientation(registered):
+    from components.inference import classify, encode_image
+
+    data, _ = _exif_jpeg(6)
+    with Image.open(io.BytesIO(data)) as im:
+        assert classify(registered["model"], [im]) == classify(registered["model"], [data])
+        assert Image.open(io.BytesIO(encode_image(im))).getexif()[0x0112] == 6
+
+
+def test_classify_files_skips_what_does_not_decode(registered, tmp_path):
+    from components.inference import classify, classify_files
+
+    good = tmp_path / "good.png"
+    good.write_bytes(_png((255, 0, 0)))
+    (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:40])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    paths = [str(good), str(tmp_path / "truncated.png"), str(tmp_path / "empty.jpg")]
+    rows, skipped = classify_files(registered["model"], paths)
+    assert [r[0] for r in rows] == [str(good)] and rows[0][1] in CLASSES
+    assert [s[0] for s in skipped] == paths[1:]
+    assert all(": " in reason for _, reason in skipped)
+    with pytest.raises(ValueError, match=r"image 1 \(.*truncated.png\) could not be read"):
+        classify(registered["model"], paths)
+
+
+def test_registered_model_loads_where_this_repository_cannot_be_imported(registered, tmp_path):
+    """A fresh interpreter, isolated (-I: no PYTHONPATH, no script or working directory on
+    sys.path), in another directory, with the editable install's finder taken out: only the
+    site-packages remain. It loads models:/NAME@champion and classifies raw bytes."""
+    data, _ = _images(tmp_path)
+    (tmp_path / "images.json").write_text(json.dumps([d.hex() for d in data]))
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", ISOLATED_SCRIPT, registered["tracker"].uri,
+         f"models:/{MODEL}@champion", str(tmp_path / "images.json"), str(ROOT)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answer["repo_importable"] is False
+    assert answer["repo_modules"] == []
+    assert answer["model_file"].startswith(str(registered["tmp"])) or \
+        not answer["model_file"].startswith(str(ROOT))
+    expected = registered["model"].predict(pd.DataFrame({"image": data}))
+    assert answer["prediction"] == expected.prediction.tolist()
+    np.testing.assert_allclose(answer["probability"], expected.probability.to_numpy(float),
+                               atol=1e-6)
+
+
+ISOLATED_SCRIPT = r"""
+import json, sys
+# The project's editable install maps `components`/`pipelines` to the checkout from any
+# directory; a serving host has no such thing.
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_importer_cache.clear()
+uri, model_uri, images, root = sys.argv[1:5]
+try:
+    import components  # noqa: F401
+    importable = True
+except ModuleNotFoundError:
+    importable = False
+import mlflow
+import pandas as pd
+mlflow.set_tracking_uri(uri)
+model = mlflow.pyfunc.load_model(model_uri)
+data = [bytes.fromhex(h) for h in json.load(open(images))]
+frame = model.predict(pd.DataFrame({"image": data}))
+repo = [name for name, m in list(sys.modules.items())
+        if (getattr(m, "__file__", None) or "").startswith(root + "/")
+        and "/.venv/" not in (m.__file__ or "")]
+code = [m.__file__ for name, m in sys.modules.items() if name.startswith("code_model_")]
+print(json.dumps({"repo_importable": importable, "repo_modules": repo,
+                  "model_file": code[0] if code else "",
+                  "prediction": frame.prediction.tolist(),
+                  "probability": frame.probability.astype(float).tolist()}))
+"""
+
+
+# ----------------------------------------------------------------- models of older versions
+
+def test_models_of_older_versions_still_classify_the_same_way(registered, tmp_path):
+    """A version registered before models-from-code (mlflow.pytorch, pt2, tensors in) is
+    classified by the same decoding and preprocessing, with its own forward pass."""
+    import mlflow
+
+    from components.inference import classify, classify_files, predict_images
+    from components.registry import register_challenger
+
+    tracker, net = registered["tracker"], registered["net"]
+    run = tracker.create_run(tracker.ensure_experiment("serving"), "old pipeline", {})
+    with mlflow.start_run(run_id=run):
+        info = mlflow.pytorch.log_model(
+            net, name="model", input_example=torch.zeros(2, 3, 12, 12).numpy(),
+            metadata={"class_names": CLASSES, "preprocessing": PREP})
+    register_challenger(tracker, info.model_uri, MODEL, run, {"test_f1": 0.4})
+    legacy = mlflow.pyfunc.load_model(f"models:/{MODEL}@challenger")
+    assert "pytorch" in legacy.metadata.flavors
+    data, paths = _images(tmp_path)
+    new = predict_images(registered["model"], data)
+    old = predict_images(legacy, data)
+    pd.testing.assert_frame_equal(old, new, atol=1e-5)
+    old_answer, new_answer = classify(legacy, paths), classify(registered["model"], paths)
+    assert [c for c, _ in old_answer] == [c for c, _ in new_answer]
+    assert [p for _, p in old_answer] == pytest.approx([p for _, p in new_answer], abs=1e-5)
+    rows, skipped = classify_files(legacy, [paths[0], str(tmp_path / "missing.png")])
+    assert len(rows) == 1 and skipped[0][1].startswith("FileNotFoundError")
+
+
+def test_a_model_visiontune_did_not_log_is_refused_in_one_line(registered, tmp_path, capsys):
+    import mlflow
+
+    from components.inference import classify
+    from pipelines.cli import main
+
+    tracker = registered["tracker"]
+    run = tracker.create_run(tracker.ensure_experiment("serving"), "other", {})
+    with mlflow.start_run(run_id=run):
+        info = mlflow.pytorch.log_model(torch.nn.Linear(3, 2), name="model",
+                                        input_example=torch.zeros(2, 3).numpy())
+    tracker.client.update_run(run, "FINISHED")
+    other = mlflow.pyfunc.load_model(info.model_uri)
+    with pytest.raises(ValueError, match="not a visiontune image classifier"):
+        classify(other, [_png((1, 2, 3))])
+    img = tmp_path / "x.png"
+    img.write_bytes(_png((1, 2, 3)))
+    code = main(["predict", "--model", info.model_uri, str(img),
+                 "--tracking-uri", tracker.uri])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith(f"visiontune: error: cannot classify with {info.model_uri}: ")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", f"models:/{MODEL}@champion", str(img), "-o", str(out),
+                 "--tracking-uri", tracker.uri]) == 0
+    rows = pd.read_csv(out)
+    assert list(rows.columns) == ["path", "prediction", "probability"]
+    assert rows.prediction[0] in CLASSES
