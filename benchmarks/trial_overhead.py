@@ -271,7 +271,7 @@ def plot_curves(curves: list[dict], path: Path, title: str) -> None:
             ax.plot(range(1, len(c["val_f1"]) + 1), c["val_f1"], marker="o", label=label)
         ax.set_title(model)
         ax.set_xlabel("epoch")
-        ax.set_ylim(0.5, 1.0)
+        ax.set_ylim(0.0, 1.01)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("val macro-F1")
