@@ -16,7 +16,8 @@ One run measures, side by side on this machine:
     python benchmarks/trial_overhead.py              # about 15 minutes on 2 cores
     python benchmarks/trial_overhead.py --quick      # a 4-trial look, about 4 minutes
 
-Results: benchmarks/results/trial_overhead.json and val_f1_curves.png (not committed).
+Results: benchmarks/results/trial_overhead.json, val_f1_curves.png and val_f1_curves_asha.png
+(`--quick`: the same names with `_quick`; not committed).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SUFFIX = ""  # "_quick" for a --quick run: its results do not replace a full run's
 
 
 def median(values) -> float:
@@ -306,6 +308,8 @@ def main() -> int:
     ap.add_argument("--no-asha", action="store_true", help="skip the ASHA comparison")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    global SUFFIX
+    SUFFIX = "_quick" if args.quick else ""
     overrides = (["search=quick", "train.epochs=2"] if args.quick else []) + args.search
     from components import timing
     from pipelines.config import load_config
@@ -371,7 +375,7 @@ def main() -> int:
                                       "trial_compute_s": median(compute),
                                       "ratio": median(later) / bare[model]}
         curves = val_f1_curves(cfg, result)
-        plot_curves(curves, RESULTS / "val_f1_curves.png",
+        plot_curves(curves, RESULTS / f"val_f1_curves{SUFFIX}.png",
                     f"val F1 per epoch, {' '.join(overrides) or 'default search'}")
         out["pipeline"] = {
             "wall_s": wall, "test_f1": result.test_metrics.get("test_f1"),
@@ -390,7 +394,7 @@ def main() -> int:
             rows_a = [trial_row(t) for t in sorted(by_trial(marks_a).values(),
                                                    key=lambda t: t["trial_start"]["t"])]
             curves_a = val_f1_curves(cfg_a, result_a)
-            plot_curves(curves_a, RESULTS / "val_f1_curves_asha.png",
+            plot_curves(curves_a, RESULTS / f"val_f1_curves_asha{SUFFIX}.png",
                         f"val F1 per epoch with ASHA, {' '.join(asha_over)}")
             out["asha"] = {"wall_s": wall_a, "test_f1": result_a.test_metrics.get("test_f1"),
                            "best_val_f1": result_a.best_val_f1,
@@ -403,7 +407,7 @@ def main() -> int:
 
 def save(out: dict) -> None:
     """Results so far (a later phase that fails keeps the earlier ones)."""
-    (RESULTS / "trial_overhead.json").write_text(json.dumps(out, indent=1, default=str))
+    (RESULTS / f"trial_overhead{SUFFIX}.json").write_text(json.dumps(out, indent=1, default=str))
 
 
 def print_summary(out: dict) -> None:
