@@ -144,6 +144,12 @@ def cmd_run(args) -> int:
         from pipelines.console import console
 
         console.verbose = True
+    else:
+        # MLflow's INFO lines (creating a store's tables, validating the input example) and
+        # its download progress bars are not the run's story; --verbose keeps them. Set
+        # before MLflow is imported: it reads them then (workers inherit them).
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0

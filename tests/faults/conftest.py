@@ -186,7 +186,8 @@ class Workspace:
         ray.log), nothing at error level, no stack trace, no more than a screen or two."""
         lines = output.splitlines()
         assert len(lines) <= max_lines, output
-        noisy = [line for line in lines if ERROR_LEVEL.search(line)]
+        noisy = [line for line in lines if ERROR_LEVEL.search(line) or " INFO " in line
+                 or "Downloading artifacts" in line]
         assert noisy == [], output
         log = next(line.split(": ", 1)[1].split(" (")[0] for line in lines
                    if "Ray's and Tune's own output:" in line)
