@@ -133,6 +133,13 @@ def cmd_run(args) -> int:
     from pipelines.config import load_config, resume_config
     from pipelines.training import run_training_pipeline, summary
 
+    if not args.verbose:
+        # MLflow's INFO lines (creating a store's tables, validating the input example) and
+        # its download progress bars are not the run's story; --verbose keeps them. Set
+        # before MLflow is imported (`--resume` reads the run's config from MLflow): it reads
+        # the level then; workers inherit both.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.resume:
         if args.config:
             raise ConfigError("--resume continues a run with its own logged config: --config "
@@ -144,12 +151,6 @@ def cmd_run(args) -> int:
         from pipelines.console import console
 
         console.verbose = True
-    else:
-        # MLflow's INFO lines (creating a store's tables, validating the input example) and
-        # its download progress bars are not the run's story; --verbose keeps them. Set
-        # before MLflow is imported: it reads them then (workers inherit them).
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
