@@ -143,7 +143,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         cfg = context.model_config or {}
         self.class_names = [str(c) for c in cfg["class_names"]]
         self.preprocessing = dict(cfg["preprocessing"])
-        torch.set_grad_enabled(False)
+        # No global torch.set_grad_enabled(False): the loading process may train afterwards.
+        # Inference runs under no_grad (probabilities).
         self._net = torch.export.load(context.artifacts[WEIGHTS]).module()
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:

@@ -414,3 +414,19 @@ def test_a_model_visiontune_did_not_log_is_refused_in_one_line(registered, tmp_p
     rows = pd.read_csv(out)
     assert list(rows.columns) == ["path", "prediction", "probability"]
     assert rows.prediction[0] in CLASSES
+
+
+
+def test_loading_the_model_leaves_autograd_on(registered):
+    """A process that loads the champion may train afterwards: loading and predicting must not
+    switch autograd off for the whole process (it once did, and every later training test in
+    the same pytest process failed)."""
+    import mlflow
+
+    torch.set_grad_enabled(True)
+    model = mlflow.pyfunc.load_model(registered["uri"])
+    model.predict(pd.DataFrame({"image": [_png((200, 10, 10))]}))
+    assert torch.is_grad_enabled()
+    w = torch.ones(2, requires_grad=True)
+    (w * 3).sum().backward()
+    assert torch.equal(w.grad, torch.full((2,), 3.0))
