@@ -25,6 +25,8 @@ ROLE_TAG = "visiontune.role"
 TRIAL_ID_TAG = "visiontune.trial_id"
 PIPELINE_ID_TAG = "visiontune.pipeline_id"
 STEP_TAG = "visiontune.step."
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # what the run page's "Datasets" shows per input
+DATASET_DIGEST_CHARS = 36  # MLflow's SQL stores hold a dataset digest of at most 36 characters
 CONFIG_FILE = "config.yaml"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 RUNNING = RunStatus.to_string(RunStatus.RUNNING)
@@ -186,6 +188,30 @@ class Tracker:
 
     def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
         self.client.log_figure(run_id, figure, artifact_file)
+
+    def log_datasets(self, run_id: str, datasets: list[tuple[str, str, Any]], source: str,
+                     digest: str, targets: str | None = None) -> None:
+        """Each `(name, context, pandas frame)` as a dataset input of the run, all from
+        `source` (a path or URI) with `digest`. Logging the same inputs again adds nothing."""
+        import warnings
+
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
+
+        def dataset(frame, name: str):
+            kwargs = dict(name=name, digest=digest[:DATASET_DIGEST_CHARS], targets=targets)
+            with warnings.catch_warnings():  # "file://" matches two equivalent local sources
+                warnings.simplefilter("ignore", UserWarning)
+                try:
+                    return mlflow.data.from_pandas(frame, source=source, **kwargs)
+                except MlflowException:  # a scheme MLflow has no dataset source for
+                    return mlflow.data.from_pandas(frame, **kwargs)
+
+        inputs = [DatasetInput(dataset(frame, name)._to_mlflow_entity(),
+                               [InputTag(DATASET_CONTEXT_TAG, context)])
+                  for name, context, frame in datasets]
+        self.client.log_inputs(run_id, datasets=inputs)
 
     def metric_history(self, run_id: str, key: str) -> list[Metric]:
         return self.client.get_metric_history(run_id, key)
@@ -363,6 +389,10 @@ class PipelineRecord:
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self.tracker.log_figure(self.run_id, figure, artifact_file)
+
+    def log_datasets(self, datasets: list[tuple[str, str, Any]], source: str, digest: str,
+                     targets: str | None = None) -> None:
+        self.tracker.log_datasets(self.run_id, datasets, source, digest, targets)
 
 
 class StoreWatch:

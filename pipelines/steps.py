@@ -30,6 +30,7 @@ from components.config import Config, ConfigError, to_dict
 
 Echo = Callable[[str], None]
 SECTIONS = ("data", "augment", "model", "train")
+SOURCE_NAME = "visiontune run"  # the entry point, as the run page's "Source" names it
 
 
 def new_pipeline_id() -> str:
@@ -73,6 +74,9 @@ def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | No
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    # The run page's "Source": MlflowClient.create_run sets none of these by itself.
+    tags.setdefault("mlflow.source.name", SOURCE_NAME)
+    tags.setdefault("mlflow.source.type", "JOB" if os.environ.get(JOB_ID_ENV) else "LOCAL")
     experiment_id = tracker.ensure_experiment(cfg.tracking.experiment_name,
                                               cfg.tracking.artifact_location)
     config = to_dict(cfg)
@@ -188,7 +192,28 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
         with tempfile.TemporaryDirectory() as d:
             for path in manifest.save(d):
                 record.log_artifact(path, "data")
+        log_split_datasets(manifest, record)
     return manifest
+
+
+# The run page's "Datasets": one input per split, in MLflow's context words.
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+DIGEST_CHARS = 12  # the prefix of the data fingerprint the console shows too
+
+
+def log_split_datasets(manifest, record) -> None:
+    """The split manifest's train/val/test rows (path, label) as the parent run's dataset
+    inputs, named after the data folder, with the data fingerprint as their digest."""
+    import pandas as pd
+
+    base = manifest.root.rstrip("/").rsplit("/", 1)[-1] or "images"
+    datasets = []
+    for split, context in DATASET_CONTEXTS.items():
+        paths, labels = manifest.subset(split)
+        frame = pd.DataFrame({"path": paths, "label": [manifest.classes[y] for y in labels]})
+        datasets.append((f"{base}-{split}", context, frame))
+    record.log_datasets(datasets, manifest.root, manifest.fingerprint[:DIGEST_CHARS],
+                        targets="label")
 
 
 # ----------------------------------------------------------------------------- tune
@@ -348,7 +373,49 @@ def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
                           (plot_trial_curves(trials), "evaluation/val_f1_curves.png")):
             record.log_figure(fig, name)
             plt.close(fig)
+        log_review_artifacts(plan, manifest, trials, report, prep, record)
     return Evaluation(best, model, prep, report)
+
+
+def log_review_artifacts(plan: SearchPlan, manifest, trials, report, prep: dict,
+                         record) -> None:
+    """What a reviewer opens after the confusion matrix: the search compared over its axes,
+    per-class metrics, and the misclassified test images."""
+    import matplotlib.pyplot as plt
+
+    from components.data.dataset import load_image
+    from components.evaluation import (
+        leaderboard,
+        per_class_metrics,
+        plot_comparison_heatmap,
+        plot_continuous_axes,
+        plot_misclassified,
+        plot_per_class_metrics,
+    )
+    from components.evaluation.comparison import PANEL_KEY
+
+    board = leaderboard(trials)
+    categorical = [a.key for a in plan.axes if a.is_categorical]
+    continuous = [a.key for a in plan.axes if not a.is_categorical]
+    hue = PANEL_KEY if PANEL_KEY in categorical else None
+    table = per_class_metrics(report.predictions, manifest.classes)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "per_class_metrics.csv"
+        table.to_csv(path, index=False)
+        record.log_artifact(path, "evaluation")
+    figures = {
+        "evaluation/comparison_heatmap.png": plot_comparison_heatmap(board, categorical),
+        "evaluation/continuous_axes.png": plot_continuous_axes(
+            board, continuous, tuple(a.key for a in plan.axes if a.kind == "loguniform"), hue),
+        "evaluation/per_class_metrics.png": plot_per_class_metrics(table),
+        "evaluation/misclassified.png": plot_misclassified(
+            report.predictions,
+            lambda p: load_image(p, prep["channels"], prep["image_size"])),
+    }
+    for name, fig in figures.items():
+        if fig is not None:  # a search with no categorical (or continuous) axis has none
+            record.log_figure(fig, name)
+            plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- register
@@ -362,7 +429,7 @@ def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: E
     The model is an MLflow pyfunc from code that takes raw images (bytes or paths) and carries
     its own preprocessing (`components/serving/image_classifier.py`). Idempotent: a resumed
     run that had already logged or registered reuses that."""
-    from components.registry import register_challenger
+    from components.registry import register_challenger, version_description
 
     with record.step("register", echo):
         tags = record.run().data.tags
@@ -380,6 +447,10 @@ def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: E
             record.tracker, model_uri, cfg.registry.model_name, record.run_id,
             tags={"data_fingerprint": manifest.fingerprint, "test_f1": report.metrics["f1"],
                   "test_f1_average": report.average, "val_f1": best.best_val_f1,
-                  "pipeline_id": record.pipeline_id, "model_uri": model_uri})
+                  "pipeline_id": record.pipeline_id, "model_uri": model_uri},
+            description=version_description(
+                record.pipeline_id, len(manifest.paths), manifest.counts(), manifest.classes,
+                manifest.fingerprint, report.metrics, report.average, best.best_val_f1,
+                best.params))
         record.set_tags({VERSION_TAG: registered.version})
     return registered

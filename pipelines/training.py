@@ -31,6 +31,7 @@ class PipelineResult:
     num_trials: int
     wall_seconds: float
     already_finished: bool = False   # `--resume` of a run that had finished: nothing was done
+    experiment_id: str = ""
 
 
 class PipelineFailed(RuntimeError):
@@ -41,10 +42,28 @@ class PipelineFailed(RuntimeError):
         self.pipeline_id = pipeline_id
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
 def mlflow_ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+def review_links(uri: str, experiment_id: str, run_id: str, model_name: str = "",
+                 version: str = "") -> dict[str, str]:
+    """Direct links into the MLflow UI (3.x routes, hash router): the parent run's page, the
+    experiment's runs table and the registered model version. A local store (SQLite, files)
+    has no UI of its own: the links are those of `mlflow ui` on its default address."""
+    from urllib.parse import quote
+
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    experiment = f"{base}/#/experiments/{experiment_id}"
+    links = {"run": f"{experiment}/runs/{run_id}", "runs": f"{experiment}/runs"}
+    if model_name and version:
+        links["model"] = f"{base}/#/models/{quote(model_name, safe='')}/versions/{version}"
+    return links
 
 
 def run_training_pipeline(cfg: Config, *, resume: str | None = None,
@@ -162,7 +181,7 @@ def result_from_record(record, cfg: Config, wall_seconds: float,
         best_val_f1=metrics.get("best_val_f1", float("nan")),
         test_metrics={k: v for k, v in metrics.items() if k.startswith("test_")},
         model_uri=tags.get(MODEL_URI_TAG, ""), registered_name=name, registered_version=version,
-        aliases=aliases, tracking_uri=cfg.tracking.uri,
+        aliases=aliases, tracking_uri=cfg.tracking.uri, experiment_id=record.experiment_id,
         num_trials=int(sum(metrics.get(f"trials_{s}", 0)
                            for s in ("finished", "killed", "failed"))),
         wall_seconds=wall_seconds, already_finished=already_finished)
@@ -185,4 +204,16 @@ def summary(result: PipelineResult) -> str:
         f"  model:   {result.model_uri}\n"
         f"  registered: models:/{result.registered_name}/{result.registered_version} "
         f"(aliases: {', '.join(result.aliases) or 'none'})\n"
-        f"  look at it: {mlflow_ui_command(result.tracking_uri)}\n")
+        f"{review_text(result)}")
+
+
+def review_text(result: PipelineResult) -> str:
+    """Where a person looks first: for a local store, the command that serves the UI, then
+    the links."""
+    uri = result.tracking_uri
+    links = review_links(uri, result.experiment_id, result.parent_run_id,
+                         result.registered_name, result.registered_version)
+    head = ("  review in the MLflow UI:\n" if uri.startswith(("http://", "https://")) else
+            f"  review: {mlflow_ui_command(uri)}   then open\n")
+    labels = {"run": "this run", "runs": "all runs", "model": "the version"}
+    return head + "".join(f"    {labels[k] + ':':<12} {v}\n" for k, v in links.items())

@@ -18,10 +18,11 @@ from components.registry.registry import (
     is_not_found,
     model_version_aliases,
     register_challenger,
+    version_description,
     version_of_run,
 )
 
 __all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "Candidate", "Decision", "RegisteredVersion",
            "RegistryError", "decide", "get_alias_version", "get_version", "is_not_found",
            "model_version_aliases", "promote", "register_challenger", "rollback",
-           "version_of_run"]
+           "version_description", "version_of_run"]

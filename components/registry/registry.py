@@ -106,15 +106,40 @@ def version_of_run(tracker: Tracker, name: str, run_id: str):
     return get_version(tracker, name, min(int(mv.version) for mv in found))
 
 
+def version_description(pipeline_id: str, num_images: int, split_counts: dict[str, int],
+                        classes: list[str], fingerprint: str, test_metrics: dict[str, float],
+                        average: str, val_f1: float, params: dict) -> str:
+    """The model version's description (Markdown in the MLflow UI): what it was trained on,
+    how good it is, and with which hyperparameters, readable without opening the run."""
+    shown = ", ".join(str(c) for c in classes[:12]) + (", ..." if len(classes) > 12 else "")
+    splits = ", ".join(f"{k} {v}" for k, v in split_counts.items())
+    metrics = ", ".join(f"{k} {test_metrics[k]:.4f}" for k in ("accuracy", "precision",
+                                                               "recall") if k in test_metrics)
+    hyper = "\n".join(f"  - `{k}` = {v}" for k, v in params.items()) or "  - (none searched)"
+    return (f"Image classifier from visiontune pipeline `{pipeline_id}`.\n\n"
+            f"- **Test F1: {test_metrics['f1']:.4f}** ({average} average); {metrics}; "
+            f"best val F1 {val_f1:.4f}\n"
+            f"- Data: {num_images} images ({splits}), {len(classes)} classes ({shown}); "
+            f"data fingerprint `{fingerprint}`\n"
+            f"- Hyperparameters of the best trial:\n{hyper}\n")
+
+
+def _describe(tracker: Tracker, mv, description: str | None) -> None:
+    if description and (mv.description or "") != description:
+        tracker.client.update_model_version(mv.name, mv.version, description=description)
+
+
 def register_challenger(tracker: Tracker, model_uri: str, name: str, run_id: str,
-                        tags: dict[str, str]) -> RegisteredVersion:
+                        tags: dict[str, str],
+                        description: str | None = None) -> RegisteredVersion:
     """A new version of `name` from `run_id` as `challenger` (and `champion` when the model
-    has none). A run that already registered a version gets that one back, aliases
-    completed, instead of a second version."""
+    has none), with `tags` and `description`. A run that already registered a version gets
+    that one back, aliases and description completed, instead of a second version."""
     client = tracker.client
     _ensure_registered_model(tracker, name)
     existing = version_of_run(tracker, name, run_id)
     if existing is not None:
+        _describe(tracker, existing, description)
         aliases = set(existing.aliases)
         if not aliases & {CHALLENGER, CHAMPION}:
             client.set_registered_model_alias(name, CHALLENGER, existing.version)
@@ -129,6 +154,7 @@ def register_challenger(tracker: Tracker, model_uri: str, name: str, run_id: str
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     mv = client.create_model_version(name, model_uri, run_id=run_id,
                                      tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
+    _describe(tracker, mv, description)
     aliases = [CHALLENGER]
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     if not has_champion:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -152,3 +154,67 @@ def test_resume_config_is_the_logged_config(pipeline_run):
     assert moved.ray.address == "auto" and moved.train == cfg.train
     with pytest.raises(ConfigError, match="train.lr cannot be changed"):
         resume_config(result.pipeline_id, [uri, "train.lr=0.1"])
+
+
+def test_parent_run_logs_the_split_as_datasets_with_its_source(pipeline_run):
+    result, cfg, client, tmp = pipeline_run
+    run = client.get_run(result.parent_run_id)
+    fingerprint = run.data.params["data_fingerprint"]
+    inputs = run.inputs.dataset_inputs
+    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"]
+                for i in inputs}
+    assert contexts == {"images-train": "training", "images-val": "validation",
+                        "images-test": "test"}
+    manifest = pd.read_csv(client.download_artifacts(result.parent_run_id,
+                                                     "data/split_manifest.csv", str(tmp)))
+    for i in inputs:
+        assert i.dataset.digest == fingerprint[:12]
+        assert str(Path(cfg.data.path).resolve()) in i.dataset.source
+        split = i.dataset.name.removeprefix("images-")
+        assert f'"num_rows": {(manifest.split == split).sum()}' in i.dataset.profile
+    assert run.data.tags["mlflow.source.name"] == "visiontune run"
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+
+
+def test_review_artifacts_on_the_parent_run(pipeline_run):
+    result, cfg, client, tmp = pipeline_run
+    run_id = result.parent_run_id
+    artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/comparison_heatmap.png", "evaluation/misclassified.png",
+            "evaluation/per_class_metrics.csv", "evaluation/per_class_metrics.png"} <= artifacts
+    # search=quick has one categorical axis (a one-row heatmap) and no continuous one
+    assert "evaluation/continuous_axes.png" not in artifacts
+    table = pd.read_csv(client.download_artifacts(run_id, "evaluation/per_class_metrics.csv",
+                                                  str(tmp)))
+    preds = pd.read_csv(client.download_artifacts(run_id, "evaluation/test_predictions.csv",
+                                                  str(tmp)))
+    assert table["class"].tolist() == ["cat", "dog"]
+    assert table.support.sum() == len(preds)
+    # binary F1 is the positive class's ("dog") F1
+    dog = table.set_index("class").loc["dog", "f1"]
+    assert dog == pytest.approx(client.get_run(run_id).data.metrics["test_f1"], abs=1e-5)
+
+
+def test_registered_version_is_described(pipeline_run):
+    result, cfg, client, _ = pipeline_run
+    mv = client.get_model_version("it-model", result.registered_version)
+    run = client.get_run(result.parent_run_id)
+    assert f"Test F1: {run.data.metrics['test_f1']:.4f}** (binary average)" in mv.description
+    assert result.pipeline_id in mv.description
+    assert run.data.params["data_fingerprint"] in mv.description
+    assert "48 images" in mv.description and "2 classes (cat, dog)" in mv.description
+    assert "`train.optimizer` = " in mv.description
+    assert mv.tags["test_f1_average"] == "binary" and mv.tags["pipeline_id"] == result.pipeline_id
+
+
+def test_summary_links_to_the_run_its_experiment_and_the_version(pipeline_run):
+    from pipelines.training import summary
+
+    result, cfg, client, _ = pipeline_run
+    exp = client.get_run(result.parent_run_id).info.experiment_id
+    text = summary(result)
+    assert f"mlflow ui --backend-store-uri {cfg.tracking.uri}" in text
+    ui = "http://127.0.0.1:5000/#"
+    assert f"{ui}/experiments/{exp}/runs/{result.parent_run_id}\n" in text
+    assert f"{ui}/experiments/{exp}/runs\n" in text
+    assert f"{ui}/models/it-model/versions/{result.registered_version}\n" in text
