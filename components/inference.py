@@ -22,13 +22,12 @@ import pandas as pd
 from PIL import Image
 
 from components.data.ingest import IMAGE_EXTENSIONS
-from components.serving import MODEL_FORMAT
+from components.serving import MODEL_FORMAT, preprocessing
 from components.serving import image_classifier as _model_code
+from components.serving.preprocessing import preprocess, softmax  # noqa: F401 (API)
 
 ERROR, PREDICTION, PROBABILITY = _model_code.ERROR, _model_code.PREDICTION, \
     _model_code.PROBABILITY
-preprocess = _model_code.preprocess   # images (bytes, paths, PIL) -> float32 NCHW batch
-softmax = _model_code.softmax
 
 # Modes PNG stores losslessly; anything else (CMYK, 32-bit int, float, ...) goes as TIFF.
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
@@ -57,6 +56,7 @@ class _TensorModel(_model_code.ImageClassifier):
         self._pyfunc = pyfunc
         self.class_names = [str(c) for c in meta["class_names"]]
         self.preprocessing = dict(meta["preprocessing"])
+        self.prep = preprocessing   # this repository's: the model file has none of its own
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return softmax(np.asarray(self._pyfunc.predict(batch), dtype=np.float64))

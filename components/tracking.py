@@ -235,6 +235,7 @@ class Tracker:
         from components.serving import (
             MODEL_CODE,
             MODEL_FORMAT,
+            PREPROCESSING_CODE,
             WEIGHTS_FILE,
             example_image_bytes,
             export_network,
@@ -254,7 +255,8 @@ class Tracker:
             weights = export_network(model, c, size, Path(d) / WEIGHTS_FILE)
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
-                    name=name, python_model=str(MODEL_CODE), artifacts={"weights": str(weights)},
+                    name=name, python_model=str(MODEL_CODE), artifacts={"weights": str(weights),
+                                                     "preprocessing": str(PREPROCESSING_CODE)},
                     model_config={"class_names": [str(k) for k in class_names],
                                   "preprocessing": copy.deepcopy(preprocessing)},
                     signature=signature,

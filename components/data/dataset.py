@@ -2,43 +2,32 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-RESAMPLE = Image.Resampling.BILINEAR
+from components.serving.preprocessing import open_image, to_array
 
 
 def load_image(path_or_image, channels: int, image_size: int) -> np.ndarray:
-    """Any file PIL reads, any size or colour mode -> uint8 array (size, size, channels).
-
-    This is what the logged model's preprocessing describes: EXIF rotation applied, converted to
-    L or RGB, bilinear resize to a square.
-    """
+    """Any file PIL reads (a path, an object-storage URI or a PIL image), any size or colour
+    mode -> uint8 array (size, size, channels): EXIF rotation applied, converted to L or RGB,
+    bilinear resize to a square. The registered model decodes with the same code
+    (`components.serving.preprocessing`, logged with it)."""
     if isinstance(path_or_image, Image.Image):
         img = path_or_image
     elif "://" in str(path_or_image):  # object storage (components.storage)
         from components.data.ingest import open_file
 
         with open_file(str(path_or_image)) as f:
-            img = Image.open(io.BytesIO(f.read()))
+            img = open_image(f.read())
     else:
-        img = Image.open(path_or_image)
+        img = open_image(str(path_or_image))
     with img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            # 16-bit/float greyscale: scale into 8 bits instead of letting convert() clip.
-            arr = np.asarray(img, dtype=np.float64)
-            span = float(arr.max() - arr.min()) or 1.0
-            img = Image.fromarray(((arr - arr.min()) * (255.0 / span)).astype(np.uint8))
-        img = img.convert("L" if channels == 1 else "RGB")
-        img = img.resize((image_size, image_size), RESAMPLE)
-        arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if channels == 1 else arr
+        return to_array(img, channels, image_size)
 
 
 class ImageDataset(Dataset):

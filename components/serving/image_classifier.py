@@ -17,90 +17,35 @@ Output: a DataFrame, one row per input row, in order:
   error          null, or why this row's image could not be read (then the others are null):
                  one bad image does not fail the batch.
 
-Preprocessing (the training pipeline's eval transform, `model_config["preprocessing"]`): EXIF
-orientation applied; 16-bit and float greyscale scaled into 8 bits; converted to L (1 channel)
-or RGB (3; an alpha channel is dropped, palettes expanded); bilinear resize to image_size x
-image_size (aspect ratio not kept); pixel / 255; (x - mean) / std; NCHW float32. The network is
-a torch.export program (artifact `weights`) that returns logits; softmax gives probabilities.
+Preprocessing (the training pipeline's eval transform, parameters in
+`model_config["preprocessing"]`) is the code the training pipeline itself loads images with:
+`components/serving/preprocessing.py`, logged with the model as the artifact `preprocessing`
+and loaded from there under a name of its own (two models in one process keep their own
+copies). The network is a torch.export program (artifact `weights`) that returns logits;
+softmax gives probabilities.
 """
 
 from __future__ import annotations
 
-import io
-import os
+import hashlib
+import importlib.util
 import re
 
 import mlflow
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
 
 WEIGHTS = "weights"           # artifact key of the torch.export program (.pt2)
+PREPROCESSING = "preprocessing"  # artifact key of the preprocessing module (.py)
 IMAGE, PATH = "image", "path"  # input columns
 PREDICTION, PROBABILITY, ERROR = "prediction", "probability", "error"
 PROB_PREFIX = "prob_"
 BATCH_SIZE = 64               # images decoded and run at once: bounds memory per request
-RESAMPLE = Image.Resampling.BILINEAR
-_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 _BYTES_REPR = re.compile(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # PIL's name for bytes
 
 
 def output_columns(class_names: list[str]) -> list[str]:
     return [PREDICTION, PROBABILITY, *(PROB_PREFIX + c for c in class_names), ERROR]
-
-
-def open_image(source) -> Image.Image:
-    """Bytes of an image file, a path, or a PIL image -> a decoded PIL image."""
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        img = Image.open(io.BytesIO(bytes(source)))
-    elif isinstance(source, (str, os.PathLike)):
-        img = Image.open(source)
-    else:
-        raise TypeError(f"expected image bytes or a path, got {type(source).__name__}")
-    img.load()  # decode now: a truncated file fails here, for this row only
-    return img
-
-
-def to_array(img: Image.Image, channels: int, image_size: int) -> np.ndarray:
-    """Any size or colour mode -> uint8 (size, size, channels). The same steps as the training
-    pipeline's image loader (components.data.dataset.load_image; a test keeps them equal)."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in _HIGH_BIT_MODES:
-        # 16-bit/float greyscale: scale into 8 bits instead of letting convert() clip.
-        arr = np.asarray(img, dtype=np.float64)
-        span = float(arr.max() - arr.min()) or 1.0
-        img = Image.fromarray(((arr - arr.min()) * (255.0 / span)).astype(np.uint8))
-    img = img.convert("L" if channels == 1 else "RGB")
-    img = img.resize((image_size, image_size), RESAMPLE)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if channels == 1 else arr
-
-
-def _per_channel(values, channels: int) -> np.ndarray:
-    values = list(values)
-    return np.asarray(values * channels if len(values) == 1 else values, np.float32)
-
-
-def normalize(batch: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW: pixel / 255, then (x - mean) / std per channel."""
-    c = batch.shape[-1]
-    x = (batch.astype(np.float32) / 255.0 - _per_channel(mean, c)) / _per_channel(std, c)
-    return x.transpose(0, 3, 1, 2).copy()
-
-
-def preprocess(images: list, preprocessing: dict) -> np.ndarray:
-    """Images (bytes, paths or PIL images) -> the float32 NCHW batch the network takes."""
-    c, size = preprocessing["channels"], preprocessing["image_size"]
-    batch = np.stack([to_array(open_image(im), c, size) for im in images])
-    return normalize(batch, preprocessing["mean"], preprocessing["std"])
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def is_missing(value) -> bool:
@@ -134,8 +79,19 @@ def image_sources(model_input) -> list:
             for im, p in zip(images, paths)]
 
 
+def load_module(path: str):
+    """The Python file at `path` as a module named after its path: not `import preprocessing`,
+    which would give every later model in this process the first one's copy."""
+    name = "visiontune_model_" + hashlib.sha1(str(path).encode()).hexdigest()[:16]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """Decode, preprocess and classify; the network is loaded in `load_context`."""
+    """Decode, preprocess and classify; the network and the preprocessing code are loaded in
+    `load_context`."""
 
     def load_context(self, context):
         import torch
@@ -143,6 +99,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         cfg = context.model_config or {}
         self.class_names = [str(c) for c in cfg["class_names"]]
         self.preprocessing = dict(cfg["preprocessing"])
+        self.prep = load_module(context.artifacts[PREPROCESSING])
         # No global torch.set_grad_enabled(False): the loading process may train afterwards.
         # Inference runs under no_grad (probabilities).
         self._net = torch.export.load(context.artifacts[WEIGHTS]).module()
@@ -153,13 +110,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
         with torch.no_grad():
             logits = self._net(torch.from_numpy(batch))
-        return softmax(logits.double().numpy())
+        return self.prep.softmax(logits.double().numpy())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return self.classify(image_sources(model_input))
 
     def classify(self, sources: list) -> pd.DataFrame:
-        classes, prep = self.class_names, self.preprocessing
+        classes, prep, code = self.class_names, self.preprocessing, self.prep
         c, size = prep["channels"], prep["image_size"]
         probs = np.full((len(sources), len(classes)), np.nan)
         errors: list[str | None] = [None] * len(sources)
@@ -170,9 +127,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                     errors[i] = f"no image: neither '{IMAGE}' nor '{PATH}' is given"
                     continue
                 try:
-                    img = open_image(sources[i])
+                    img = code.open_image(sources[i])
                     try:
-                        arrays.append(to_array(img, c, size))
+                        arrays.append(code.to_array(img, c, size))
                     finally:
                         if img is not sources[i]:
                             img.close()
@@ -181,7 +138,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                     errors[i] = f"{type(e).__name__}: {_BYTES_REPR.sub('', str(e))}"
             if rows:
                 probs[rows] = self.probabilities(
-                    normalize(np.stack(arrays), prep["mean"], prep["std"]))
+                    code.normalize(np.stack(arrays), prep["mean"], prep["std"]))
         return _frame(probs, errors, classes)
 
 

@@ -19,8 +19,9 @@ from PIL import Image
 
 from components.augment import build_eval_transform
 from components.data.dataset import load_image
-from components.serving import MODEL_CODE, MODEL_FORMAT
+from components.serving import MODEL_CODE, MODEL_FORMAT, PREPROCESSING_CODE
 from components.serving import image_classifier as mc
+from components.serving import preprocessing as pp
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["a", "b", "c d"]
@@ -62,15 +63,16 @@ def _file_bytes(mode: str, fmt: str, w: int = 23, h: int = 9, seed: int = 0) -> 
 @pytest.mark.parametrize("mode,fmt", FILES)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_model_preprocessing_equals_the_training_loader(tmp_path, mode, fmt, channels):
-    """The model file's own copy of the decoding must give the training pipeline's pixels,
-    bit for bit, and its normalisation the eval transform's values."""
+    """The preprocessing the model logs decodes bytes to the training loader's pixels (from
+    the same file on disk), bit for bit, and its normalisation gives the eval transform's
+    (albumentations) values."""
     data = _file_bytes(mode, fmt)
     path = tmp_path / f"x.{fmt.lower()}"
     path.write_bytes(data)
-    got = mc.to_array(mc.open_image(data), channels, 12)
+    got = pp.to_array(pp.open_image(data), channels, 12)
     np.testing.assert_array_equal(got, load_image(str(path), channels, 12))
     mean, std = PREP["mean"][:channels], PREP["std"][:channels]
-    batch = mc.preprocess([data, str(path)], {**PREP, "channels": channels,
+    batch = pp.preprocess([data, str(path)], {**PREP, "channels": channels,
                                               "mean": mean, "std": std})
     expected = build_eval_transform(channels, mean, std)(image=got)["image"].numpy()
     assert batch.shape == (2, channels, 12, 12) and batch.dtype == np.float32
@@ -98,10 +100,10 @@ def _exif_jpeg(orientation: int) -> tuple[bytes, np.ndarray]:
 def test_exif_orientation_is_applied(orientation, rotate):
     data, stored = _exif_jpeg(orientation)
     upright = Image.fromarray(np.ascontiguousarray(rotate(stored)))
-    got = mc.to_array(mc.open_image(data), 3, 16)
-    np.testing.assert_array_equal(got, mc.to_array(upright, 3, 16))
+    got = pp.to_array(pp.open_image(data), 3, 16)
+    np.testing.assert_array_equal(got, pp.to_array(upright, 3, 16))
     if orientation != 1:
-        assert not np.array_equal(got, mc.to_array(Image.fromarray(stored), 3, 16))
+        assert not np.array_equal(got, pp.to_array(Image.fromarray(stored), 3, 16))
 
 
 class _FixedNet:
@@ -114,6 +116,7 @@ class _FixedNet:
 def _classifier(classes=CLASSES) -> mc.ImageClassifier:
     m = mc.ImageClassifier()
     m.class_names, m.preprocessing, m._net = list(classes), dict(PREP), _FixedNet()
+    m.prep = pp
     return m
 
 
@@ -173,8 +176,14 @@ def test_model_file_imports_only_what_a_serving_environment_has():
                 if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= {"__future__", "io", "os", "re", "mlflow", "numpy", "pandas", "PIL",
-                        "torch"}
+    assert imported <= {"__future__", "hashlib", "importlib", "io", "os", "re", "mlflow",
+                        "numpy", "pandas", "PIL", "torch"}
+    tree = ast.parse(PREPROCESSING_CODE.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= {"__future__", "io", "os", "numpy", "PIL"}
 
 
 # ----------------------------------------------------------------- a logged, registered model
@@ -251,6 +260,8 @@ def test_logged_model_files_signature_and_metadata(registered):
     assert {r.split("==")[0] for r in req} >= {"mlflow", "torch", "numpy", "pandas", "pillow"}
     assert all("==" in r and "+" not in r for r in req)
     assert (local / MODEL_CODE.name).read_text() == MODEL_CODE.read_text()
+    logged = local / pyfunc["artifacts"]["preprocessing"]["path"]
+    assert logged.read_text() == PREPROCESSING_CODE.read_text()
     serving = json.loads((local / "serving_input_example.json").read_text())
     assert serving["dataframe_split"]["columns"] == ["image"]
 
@@ -263,7 +274,7 @@ def test_logged_model_equals_the_network_on_any_image(registered, tmp_path):
     model, net = registered["model"], registered["net"]
     data, paths = _images(tmp_path)
     with torch.no_grad():
-        expected = net(torch.from_numpy(mc.preprocess(data, PREP))).softmax(1).numpy()
+        expected = net(torch.from_numpy(pp.preprocess(data, PREP))).softmax(1).numpy()
     frame = model.predict(pd.DataFrame({"image": data}))
     assert frame.error.isna().all()
     np.testing.assert_allclose(frame[[f"prob_{c}" for c in CLASSES]].to_numpy(float), expected,
@@ -430,3 +441,29 @@ def test_loading_the_model_leaves_autograd_on(registered):
     w = torch.ones(2, requires_grad=True)
     (w * 3).sum().backward()
     assert torch.equal(w.grad, torch.full((2,), 3.0))
+
+
+def test_each_model_runs_the_preprocessing_logged_with_it(registered, tmp_path, monkeypatch):
+    """The model loads its own logged copy of the preprocessing under a name of its own: a
+    second model in the same process, logged with different code, does not change the first
+    one's answers (an `import preprocessing` from the model's code path would share one)."""
+    import mlflow
+
+    import components.serving
+
+    changed = tmp_path / "preprocessing.py"
+    changed.write_text(PREPROCESSING_CODE.read_text() + (
+        "\n\ndef softmax(logits):\n    return np.full(logits.shape, 1.0 / logits.shape[1])\n"))
+    monkeypatch.setattr(components.serving, "PREPROCESSING_CODE", changed)
+    tracker = registered["tracker"]
+    run = tracker.create_run(tracker.ensure_experiment("serving"), "other", {})
+    other_uri = tracker.log_image_classifier(run, registered["net"], CLASSES, PREP,
+                                             {"class_names": CLASSES, "preprocessing": PREP})
+    image = pd.DataFrame({"image": [_png((200, 10, 10)), _png((10, 10, 200))]})
+    first = mlflow.pyfunc.load_model(registered["uri"])
+    before = first.predict(image)
+    other = mlflow.pyfunc.load_model(other_uri).predict(image)
+    np.testing.assert_allclose(other[[f"prob_{c}" for c in CLASSES]].to_numpy(float), 1 / 3)
+    after = first.predict(image)
+    pd.testing.assert_frame_equal(before, after)
+    assert not np.allclose(before.probability.to_numpy(float), 1 / 3)
