@@ -128,7 +128,7 @@ def floor_trial(config: dict, storage_path: str, workers: int, cpus: float) -> N
 def run_floor(trials: int, workers: int, cpus: float, tmp: Path) -> None:
     from ray import tune
 
-    from components.tuning.driver import ray_session
+    from components.cluster import ray_session
     from components.tuning.plan import TRIAL_RESOURCES
     from pipelines.console import console
 

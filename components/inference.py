@@ -15,12 +15,14 @@ pass is theirs. Anything else is refused with one line (`ValueError`).
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from components import storage
 from components.data.ingest import IMAGE_EXTENSIONS
 from components.serving import MODEL_FORMAT, preprocessing
 from components.serving import image_classifier as _model_code
@@ -34,9 +36,15 @@ _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 
 
 def expand_paths(paths: list[str]) -> list[str]:
-    """Files as given; folders walked recursively for image files (hidden ones skipped)."""
+    """Files as given; folders walked recursively for image files (hidden ones skipped), in
+    name order. A path may be an object-storage URI (`s3://bucket/folder`, read through
+    `components.storage` with the same credentials as the pipeline's data)."""
     out = []
-    for p in map(Path, paths):
+    for p in paths:
+        if storage.is_uri(p):
+            out += _expand_uri(str(p))
+            continue
+        p = Path(p)
         if p.is_dir():
             out += sorted(str(f) for f in p.rglob("*") if f.is_file()
                           and f.suffix.lower() in IMAGE_EXTENSIONS
@@ -46,6 +54,22 @@ def expand_paths(paths: list[str]) -> list[str]:
         else:
             raise FileNotFoundError(f"{p} does not exist")
     return out
+
+
+def _expand_uri(uri: str) -> list[str]:
+    kind = storage.file_type(uri)
+    if kind == "file":
+        return [uri]
+    if kind == "missing":
+        raise FileNotFoundError(f"{uri} does not exist (or is not readable)")
+    head = uri.partition("?")[0].rstrip("/")
+    found = []
+    for f in storage.list_files(uri):
+        rel = f.partition("?")[0][len(head):].strip("/")
+        if Path(rel).suffix.lower() in IMAGE_EXTENSIONS and \
+                not any(part.startswith(".") for part in rel.split("/")):
+            found.append(f)
+    return sorted(found)
 
 
 class _TensorModel(_model_code.ImageClassifier):
@@ -65,21 +89,38 @@ class _TensorModel(_model_code.ImageClassifier):
         return self.classify(_model_code.image_sources(model_input))
 
 
-def image_model(model):
-    """`model` (from `mlflow.pyfunc.load_model`) as something whose `predict` takes a
-    DataFrame of `image` bytes / `path`s and returns the model file's output frame."""
-    meta = model.metadata.metadata or {}
-    fmt = meta.get("model_format")
+def check_model(metadata: dict, flavors: dict) -> str:
+    """'images' for a model of this format, 'tensor' for one of an older visiontune (pytorch
+    flavour, pt2); anything else: ValueError in one line."""
+    fmt = metadata.get("model_format")
     if fmt == MODEL_FORMAT:
-        return model
+        return "images"
     if fmt is not None:
         raise ValueError(f"this model's format {fmt!r} is not one this visiontune knows "
                          f"({MODEL_FORMAT}); was it logged by a newer visiontune?")
-    if "pytorch" in (model.metadata.flavors or {}) and {"class_names", "preprocessing"} <= \
-            meta.keys():
-        return _TensorModel(model, meta)
+    if "pytorch" in (flavors or {}) and {"class_names", "preprocessing"} <= metadata.keys():
+        return "tensor"
     raise ValueError("this model is not a visiontune image classifier: its metadata has no "
                      "model_format, and no class_names/preprocessing of an older visiontune model")
+
+
+def image_model(model):
+    """`model` (from `mlflow.pyfunc.load_model`) as something whose `predict` takes a
+    DataFrame of `image` bytes / `path`s and returns the model file's output frame."""
+    if isinstance(model, _model_code.ImageClassifier):
+        return model   # already one (a model of an older version, wrapped)
+    meta = model.metadata.metadata or {}
+    if check_model(meta, model.metadata.flavors) == "images":
+        return model
+    return _TensorModel(model, meta)
+
+
+def class_names(model) -> list[str]:
+    """The model's classes, in its output order."""
+    m = image_model(model)
+    if isinstance(m, _model_code.ImageClassifier):
+        return list(m.class_names)
+    return [str(c) for c in m.metadata.metadata["class_names"]]
 
 
 def encode_image(img: Image.Image) -> bytes:
@@ -97,33 +138,51 @@ def encode_image(img: Image.Image) -> bytes:
                      f"RGB or L first")
 
 
-def _input_frame(images: list) -> pd.DataFrame:
-    """bytes, paths and PIL images -> the model's input (column `image` and/or `path`)."""
-    data, paths = [], []
-    for im in images:
-        if isinstance(im, (str, Path)):
+def _input_frame(images: list) -> tuple[pd.DataFrame, dict[int, str]]:
+    """bytes, paths, object-storage URIs and PIL images -> the model's input (column `image`
+    and/or `path`), and {row: why} for files that could not be read here."""
+    data, paths, unread = [], [], {}
+    for i, im in enumerate(images):
+        if isinstance(im, str) and storage.is_uri(im):
+            # object storage: read here, the model reads local files only
+            try:
+                data.append(storage.read_bytes(im))
+            except OSError as e:
+                data.append(None)
+                unread[i] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            paths.append(None)
+        elif isinstance(im, (str, Path)):
             data.append(None)
             paths.append(str(im))
         else:
             data.append(encode_image(im) if isinstance(im, Image.Image) else bytes(im))
             paths.append(None)
     columns = {}
-    if any(d is not None for d in data):
+    if any(d is not None for d in data) or not any(p is not None for p in paths):
         columns["image"] = pd.Series(data, dtype=object)
     if any(p is not None for p in paths):
         columns["path"] = pd.Series(paths, dtype=object)
-    return pd.DataFrame(columns)
+    return pd.DataFrame(columns), unread
+
+
+def predict_batches(model, images: list, batch_size: int = 64) -> Iterator[pd.DataFrame]:
+    """The model's answer for `images` (bytes, paths, URIs or PIL images), `batch_size` at a
+    time and in order: `prediction`, `probability`, `prob_<class>` per class, `error` (null
+    when the image was read)."""
+    m = image_model(model)
+    for i in range(0, len(images), batch_size):
+        frame, unread = _input_frame(images[i:i + batch_size])
+        out = m.predict(frame)
+        for row, why in unread.items():
+            out.at[row, ERROR] = why
+        yield out
 
 
 def predict_images(model, images: list, batch_size: int = 64) -> pd.DataFrame:
-    """The model's whole answer, one row per image (bytes, path or PIL image):
-    `prediction`, `probability`, `prob_<class>` per class, `error` (null when it was read)."""
-    m = image_model(model)
-    frames = [m.predict(_input_frame(images[i:i + batch_size]))
-              for i in range(0, len(images), batch_size)]
+    """The model's whole answer, one row per image (see `predict_batches`)."""
+    frames = list(predict_batches(model, images, batch_size))
     if not frames:
-        return pd.DataFrame(columns=_model_code.output_columns(
-            (model.metadata.metadata or {}).get("class_names", [])))
+        return pd.DataFrame(columns=_model_code.output_columns(class_names(model)))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -8,6 +8,8 @@ import sys
 import traceback
 
 from components.config import ConfigError
+from pipelines.predict import RAY_ABOVE as _RAY_ABOVE
+from pipelines.predict import RAY_ABOVE_ENV as _RAY_ABOVE_ENV
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
 DEBUG_ENV = "VISIONTUNE_DEBUG"
@@ -98,9 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     pd = sub.add_parser("predict", help="classify images with a registered model")
     pd.add_argument("--model", required=True, help="e.g. models:/NAME@champion")
-    pd.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    pd.add_argument("--output", "-o", help="CSV file (default: stdout)")
+    pd.add_argument("paths", nargs="+", metavar="PATH",
+                    help="image files, folders or object-storage prefixes (s3://bucket/dir)")
+    pd.add_argument("--output", "-o",
+                    help="CSV file, or Parquet if it ends in .parquet (default: CSV on stdout)")
     pd.add_argument("--tracking-uri", help="default: tracking.uri of the config")
+    pd.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
+                    help="run as a Ray Data job over the cluster (default: from "
+                         f"{_RAY_ABOVE:,} images on, or ${_RAY_ABOVE_ENV})")
+    pd.add_argument("--address", help="Ray cluster for --ray (default: $RAY_ADDRESS, else "
+                                      "a local Ray)")
+    pd.add_argument("--workers", type=int,
+                    help="Ray actors for --ray, 1 CPU each (default: every CPU of the cluster)")
+    pd.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    pd.add_argument("--verbose", action="store_true",
+                    help="show Ray's and MLflow's own output on the terminal")
     for command in sub.choices.values():  # `visiontune run --debug` works as well
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help=argparse.SUPPRESS)
@@ -243,46 +257,9 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import csv
+    from pipelines.predict import run_predict
 
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from components.inference import classify_files, expand_paths, image_model
-    from pipelines.config import load_config
-
-    uri = args.tracking_uri or load_config([]).tracking.uri
-    mlflow.set_tracking_uri(uri)
-    paths = expand_paths(args.paths)
-    if not paths:
-        raise FileNotFoundError(f"no image files in {' '.join(args.paths)}")
-    try:
-        model = mlflow.pyfunc.load_model(args.model)
-    except MlflowException as e:
-        raise LookupError(f"cannot load {args.model} from {uri}: {_one_line(e)}") from None
-    try:
-        image_model(model)  # a model visiontune cannot classify with: one line, before any file
-    except ValueError as e:
-        raise LookupError(f"cannot classify with {args.model}: {e}") from None
-    rows, skipped = classify_files(model, paths)
-    for path, reason in skipped:
-        print(f"visiontune: skipped {path}: {reason}", file=sys.stderr)
-    out = open(args.output, "w", newline="") if args.output else sys.stdout
-    try:
-        w = csv.writer(out)
-        w.writerow(["path", "prediction", "probability"])
-        for path, label, p in rows:
-            w.writerow([path, label, f"{p:.6f}"])
-    finally:
-        if args.output:
-            out.close()
-    if args.output:
-        print(f"{len(rows)} predictions -> {args.output}", file=sys.stderr)
-    if not rows:
-        print(f"visiontune: error: none of the {len(paths)} files could be read as an image",
-              file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return run_predict(args)
 
 
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "jobs": cmd_jobs, "status": cmd_status,

@@ -18,10 +18,19 @@ class Console:
     def __init__(self) -> None:
         self.verbose = False
         self._terminal = None        # the real stdout while Ray's output is redirected
+        self._terminal_err = None    # the real stderr, likewise
         self._status = False         # a live status line is on screen (terminals only)
 
     def _out(self):
         return self._terminal or sys.stdout
+
+    def stdout(self):
+        """The terminal's stdout, also while Ray's output goes to a log (data written here)."""
+        return self._out()
+
+    def stderr(self):
+        """The terminal's stderr, also while Ray's output goes to a log (progress, warnings)."""
+        return self._terminal_err or sys.stderr
 
     def echo(self, text: str) -> None:
         out = self._out()
@@ -52,6 +61,7 @@ class Console:
         saved_out, saved_err = os.dup(1), os.dup(2)
         log = open(path, "ab", buffering=0)
         self._terminal = os.fdopen(os.dup(saved_out), "w", buffering=1)
+        self._terminal_err = os.fdopen(os.dup(saved_err), "w", buffering=1)
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
@@ -70,6 +80,8 @@ class Console:
                 terminal.write("\n")
                 self._status = False
             terminal.close()
+            self._terminal_err.close()
+            self._terminal_err = None
 
 
 console = Console()

@@ -222,12 +222,12 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
                 resume: bool = False, stop_requested: Callable[[], bool] = lambda: False):
     """The Ray Tune search, one Ray Train run per trial; returns a `SearchOutcome` whose
     `complete` is False when `stop_requested` ended it early."""
+    from components.cluster import ray_session
     from components.training.trainer import worker_resources
     from components.training.worker import TrainJob
     from components.tuning.driver import (
         ConsoleProgress,
         TrackingTarget,
-        ray_session,
         run_search,
     )
     from components.tuning.plan import plan_resources

@@ -160,3 +160,32 @@ def s3_server(tmp_path_factory):
             proc.wait(timeout=15)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def register_untrained_model(tracking_uri: str, name: str, classes=("cat", "dog"),
+                             image_size: int = 16, model: str = "cnn",
+                             artifact_location: str | None = None) -> str:
+    """A freshly initialised network of `model` ('cnn' or a torchvision backbone, no pretrained
+    weights) logged the way the pipeline logs its champion (`Tracker.log_image_classifier`) and
+    registered as `name`@champion: a real registered model in seconds, for tests and
+    benchmarks of what happens after training. Returns the model version."""
+    import torch
+
+    from components.config import CnnConfig, ModelConfig
+    from components.models import build_model
+    from components.registry import register_challenger
+    from components.tracking import Tracker
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name=model, pretrained=False, cnn=CnnConfig(channels=[8, 16]))
+    net = build_model(cfg, len(classes), 3).eval()
+    prep = {"image_size": image_size, "channels": 3, "color_mode": "RGB",
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "layout": "NCHW float32"}
+    tracker = Tracker(tracking_uri)
+    exp = tracker.ensure_experiment("visiontune-test-models", artifact_location)
+    run = tracker.create_run(exp, "untrained", {})
+    meta = {"class_names": list(classes), "preprocessing": prep, "pipeline_id": "untrained"}
+    uri = tracker.log_image_classifier(run, net, list(classes), prep, meta)
+    version = register_challenger(tracker, uri, name, run, {"test_f1": 0.0})
+    tracker.end_run(run)
+    return str(version.version)

@@ -1,0 +1,58 @@
+"""Ray for this process: connect to a cluster, or start a local Ray, and shut down only what
+was started here. Used by the search (`components.tuning`) and by batch prediction
+(`components.batch_inference`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+
+import ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None = None):
+    """Connect to `address`, or start a local Ray; shut down only what this process started.
+    Nothing is asked of the cluster's nodes: no custom resources, no start flags."""
+    from components.tuning.plan import node_resources
+
+    if ray.is_initialized():
+        yield node_resources()
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Inside a Ray job (visiontune submit) the job's cluster is the one to use.
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # Train V2's controller collects worker reports once per health-check interval (2 s by
+    # default) and a worker waits for its report to be collected: short epochs were paced
+    # at 2 s each. A local Ray's processes inherit this environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # ray.init replaces the process's SIGTERM handler (a Python one that exits, then the core
+    # worker's crash handler, which aborts): the caller's handlers stay in force.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # Inside the try: a signal during start-up still shuts down what was started.
+        if address:
+            # On a cluster the report interval comes from the nodes' environment (infra/) or
+            # the job's runtime_env (visiontune submit sets it).
+            ray.init(address=address, log_to_driver=True)
+        else:
+            cpus = num_cpus or os.cpu_count() or 1
+            # address="local": a new Ray of our own, even when a `ray start --head` is running
+            # on this machine (plain ray.init() would join it and reject num_cpus).
+            ray.init(address="local", num_cpus=cpus, log_to_driver=True)
+        _restore_handlers(handlers)
+        yield node_resources()
+    finally:
+        ray.shutdown()
+
+
+def _restore_handlers(handlers: dict) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+

@@ -1,0 +1,166 @@
+"""`visiontune predict`: classify image files, folders or object-storage prefixes with a
+registered model, in this process or (`--ray`, or automatically from `RAY_ABOVE` images on) as
+a Ray Data job over the cluster. See components/batch_inference.py for the engines and the
+output file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+# From this many images on, `predict` without --ray/--no-ray runs on Ray: below it, starting
+# Ray and loading the model in every actor costs more than the actors save (README: "Batch
+# prediction on the cluster" has the measurement this is set from).
+RAY_ABOVE = 20_000
+RAY_ABOVE_ENV = "VISIONTUNE_PREDICT_RAY_ABOVE"   # sets it for a shell, a job or a cluster
+MAX_SKIP_LINES = 20          # unreadable files named one by one; past that, only counted
+_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+
+
+def ray_above() -> int:
+    value = os.environ.get(RAY_ABOVE_ENV, "")
+    try:
+        return int(value) if value.strip() else RAY_ABOVE
+    except ValueError:
+        raise LookupError(f"{RAY_ABOVE_ENV}={value!r} is not a number of images") from None
+
+
+def resolve_model_uri(model_uri: str) -> tuple[str, str]:
+    """`models:/NAME@ALIAS` -> (`models:/NAME/VERSION`, 'models:/NAME/VERSION (alias ALIAS)'):
+    every image of one job is classified by one version, even if the alias moves meanwhile.
+    Other URIs are used as given."""
+    m = _ALIAS_URI.match(model_uri)
+    if not m:
+        return model_uri, model_uri
+    from mlflow import MlflowClient
+
+    version = MlflowClient().get_model_version_by_alias(m["name"], m["alias"]).version
+    pinned = f"models:/{m['name']}/{version}"
+    return pinned, f"{pinned} (alias {m['alias']})"
+
+
+def run_predict(args) -> int:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from components.inference import expand_paths
+    from pipelines.config import load_config
+    from pipelines.console import console
+    from pipelines.interrupt import SignalGuard
+
+    if not args.verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    else:
+        console.verbose = True
+    for flag, value in (("--workers", args.workers), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise LookupError(f"{flag} must be at least 1, got {value}")
+    uri = args.tracking_uri or load_config([]).tracking.uri
+    mlflow.set_tracking_uri(uri)
+    paths = expand_paths(args.paths)
+    if not paths:
+        raise FileNotFoundError(f"no image files in {' '.join(args.paths)}")
+    on_ray = args.ray if args.ray is not None else len(paths) >= ray_above()
+    if args.output and Path(args.output).is_dir():
+        raise FileNotFoundError(f"--output {args.output} is a folder; give a file name "
+                                f"(.csv, or .parquet)")
+
+    with tempfile.TemporaryDirectory(prefix="visiontune-predict-") as tmp, SignalGuard():
+        try:
+            pinned, described = resolve_model_uri(args.model)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp)
+        except MlflowException as e:
+            raise LookupError(f"cannot load {args.model} from {uri}: {_one_line(e)}") from None
+        try:
+            _check(local)  # a model visiontune cannot classify with: one line, before any file
+        except ValueError as e:
+            raise LookupError(f"cannot classify with {args.model}: {e}") from None
+        return _classify(args, local, described, paths, on_ray, console)
+
+
+def _check(local_model: str) -> None:
+    from mlflow.models import Model
+
+    from components.inference import check_model
+
+    info = Model.load(local_model)
+    check_model(info.metadata or {}, info.flavors)
+
+
+def _classify(args, local_model: str, described: str, paths: list[str], on_ray: bool,
+              console) -> int:
+    from components import batch_inference as bi
+
+    where = "in this process"
+    log_path = None
+    if on_ray:
+        address = args.address or os.environ.get("RAY_ADDRESS") or None
+        where = f"on Ray ({'the cluster at ' + address if address else 'a local Ray'})"
+        if not console.verbose:
+            log_path = Path(tempfile.mkdtemp(prefix="visiontune-predict-")) / "ray.log"
+    err = sys.stderr
+    print(f"predict: {len(paths):,} images with {described}, {where}" +
+          (f"; Ray's own output: {log_path} (--verbose shows it here)" if log_path else ""),
+          file=err, flush=True)
+    skipped = []
+
+    def on_skipped(path: str, reason: str) -> None:
+        skipped.append(path)
+        if len(skipped) <= MAX_SKIP_LINES:
+            print(f"visiontune: skipped {path}: {reason}", file=console.stderr(), flush=True)
+
+    writer = None
+    try:
+        if on_ray:
+            from components.cluster import ray_session
+
+            archive = bi.pack_model(local_model)
+            with console.ray_output_to(log_path):
+                progress = bi.Progress(len(paths), console.stderr())
+                writer = bi.PredictionWriter(args.output, console.stdout())
+                with ray_session(address):
+                    workers = min(args.workers or bi.default_workers(), len(paths))
+                    print(f"predict: {workers:,} Ray Data workers (1 CPU each) load the model",
+                          file=console.stderr(), flush=True)
+                    with contextlib.closing(bi.ray_batches(archive, paths, workers,
+                                                           args.batch_size)) as batches:
+                        classified = bi.consume(batches, writer, progress, on_skipped)
+                timing = progress.finish()
+        else:
+            import mlflow
+
+            progress = bi.Progress(len(paths))
+            model = mlflow.pyfunc.load_model(local_model)
+            writer = bi.PredictionWriter(args.output)
+            classified = bi.consume(bi.local_batches(model, paths, args.batch_size), writer,
+                                    progress, on_skipped)
+            timing = progress.finish()
+    except BaseException:
+        if writer is not None and writer.partial is not None:
+            writer.close(complete=False)
+            print(f"visiontune: {writer.rows:,} of {len(paths):,} predictions so far are in "
+                  f"{writer.partial} (it becomes {args.output} only when every image is done)",
+                  file=err, flush=True)
+        raise
+    writer.close(complete=True)
+    if len(skipped) > MAX_SKIP_LINES:
+        print(f"visiontune: skipped {len(skipped) - MAX_SKIP_LINES:,} more unreadable files",
+              file=err)
+    if not classified:
+        print(f"visiontune: error: none of the {len(paths)} files could be read as an image",
+              file=err)
+        return 1
+    print(f"predict: {timing}, {classified:,} classified"
+          + (f", {len(skipped):,} unreadable" if skipped else "")
+          + (f" -> {args.output}" if args.output else ""), file=err)
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
