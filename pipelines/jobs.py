@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import time
 import uuid
 from pathlib import Path
+
+AGENT_WAIT_S = 60   # how long submit waits for a new head's job agent
 
 # Never uploaded with the code: data, tracking stores, checkpoints, environments, caches.
 # gitignore syntax: a leading "/" anchors at the project root, so /data/ does not also drop
@@ -122,14 +125,25 @@ def submit(address: str, overrides: list[str], config_file: str | None = None,
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **HTTP_RETRY_ENV,
                 **{k: os.environ[k] for k in (*HTTP_RETRY_ENV, "VISIONTUNE_DEBUG")
                    if k in os.environ}, **(env or {})}
-    client.submit_job(
-        entrypoint=build_entrypoint(overrides, config_file),
-        submission_id=job_id,
-        runtime_env={"working_dir": str(project_root()), "excludes": EXCLUDES,
-                     "env_vars": env_vars},
-        metadata={"project": "visiontune"},
-    )
-    return job_id, client
+    request = dict(entrypoint=build_entrypoint(overrides, config_file), submission_id=job_id,
+                   runtime_env={"working_dir": str(project_root()), "excludes": EXCLUDES,
+                                "env_vars": env_vars},
+                   metadata={"project": "visiontune"})
+    deadline, said = time.monotonic() + AGENT_WAIT_S, False
+    while True:
+        try:
+            client.submit_job(**request)
+            return job_id, client
+        except RuntimeError as e:
+            # A head that has just started answers 500 "No available agent to submit job,
+            # please try again later" until its job agent is up: wait for it, bounded.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            if not said:
+                print(f"visiontune: the cluster's job agent is not up yet; retrying for up "
+                      f"to {AGENT_WAIT_S} s", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(2)
 
 
 def follow(client, job_id: str, echo=print) -> str:

@@ -91,6 +91,7 @@ def servers(tmp_path_factory, s3_server):
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 90)
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 60)
         yield {"tmp": tmp, "env": env, "dashboard": f"http://127.0.0.1:{dash}",
+               "gcs": f"127.0.0.1:{gcs}",
                "tracking": f"http://127.0.0.1:{mlflow_port}", "s3": s3_server,
                "bucket": s3_server.bucket("vt-e2e")}
     finally:
@@ -246,3 +247,35 @@ def test_predict_skips_unreadable_files_and_fails_only_when_none_is_read(servers
     assert "Traceback" not in none.stderr
     assert none.stderr.strip().splitlines()[-1] == \
         "visiontune: error: none of the 2 files could be read as an image"
+
+
+def test_predict_on_the_cluster_from_a_bucket(servers, submitted, tmp_path):
+    """`visiontune predict --ray --address` on the stock 2-node cluster, images in object
+    storage: the same answers as one process reading the same bucket, and as the local files
+    they were uploaded from; unreadable objects skipped by name, hidden ones never listed."""
+    url = servers["s3"].upload_folder(submitted["data"], servers["bucket"], "incoming")
+    model = ["--model", f"models:/{MODEL}@champion", "--tracking-uri", servers["tracking"]]
+    on_ray = _cli(servers, "predict", *model, url, "-o", str(tmp_path / "ray.csv"), "--ray",
+                  "--address", servers["gcs"])
+    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
+    assert f"on Ray (the cluster at {servers['gcs']})" in on_ray.stderr.splitlines()[0]
+    assert "predict: 4 Ray Data workers (1 CPU each) load the model" in on_ray.stderr
+    local = _cli(servers, "predict", *model, url, "-o", str(tmp_path / "local.csv"))
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert "in this process" in local.stderr.splitlines()[0]
+    files = _cli(servers, "predict", *model, str(submitted["data"]), "-o",
+                 str(tmp_path / "files.csv"))
+    assert files.returncode == 0, files.stderr[-3000:]
+    ray_rows, local_rows, file_rows = (pd.read_csv(tmp_path / f"{n}.csv")
+                                       for n in ("ray", "local", "files"))
+    assert ray_rows.path.tolist() == local_rows.path.tolist()
+    assert ray_rows.prediction.tolist() == local_rows.prediction.tolist()
+    assert [p.replace(url, "") for p in ray_rows.path] == \
+        [p.replace(str(submitted["data"]), "") for p in file_rows.path]
+    assert ray_rows.prediction.tolist() == file_rows.prediction.tolist()
+    assert (ray_rows.probability - file_rows.probability).abs().max() <= 1e-6
+    assert not any("/." in p for p in ray_rows.path)            # .hidden.png never listed
+    prefix = "visiontune: skipped "
+    skipped = sorted(line[len(prefix):].split(": ", 1)[0].rsplit("/", 1)[1]
+                     for line in on_ray.stderr.splitlines() if line.startswith(prefix))
+    assert skipped == ["empty.jpg", "not_an_image.png", "truncated.png"]

@@ -58,3 +58,41 @@ def test_excludes_keep_the_code_and_drop_generated_state(tmp_path):
     for dropped in ("mlruns/1/x", "ray_results/a", "mlflow.db", ".venv/bin/python",
                     "data/cats/1.jpg", "components/__pycache__/x.pyc", ".git/HEAD"):
         assert match(root / dropped), dropped
+
+
+def test_submit_waits_for_a_new_heads_job_agent(monkeypatch, capsys):
+    """A head that has just started answers 500 'No available agent to submit job, please try
+    again later' (seen in the e2e test on a loaded machine): submit retries that one answer,
+    says so once, and gives up after AGENT_WAIT_S; any other error fails at once."""
+    from pipelines import jobs
+
+    class Client:
+        def __init__(self, failures: int, message: str):
+            self.failures, self.message, self.calls = failures, message, 0
+
+        def submit_job(self, **request):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise RuntimeError(self.message)
+            return request["submission_id"]
+
+    busy = "Request failed with status code 500: No available agent to submit job, please " \
+           "try again later.."
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: None)
+    client = Client(3, busy)
+    monkeypatch.setattr(jobs, "job_client", lambda address, token: client)
+    job_id, _ = jobs.submit("http://127.0.0.1:9", ["train.epochs=1"])
+    assert client.calls == 4 and job_id.startswith("visiontune-")
+    assert capsys.readouterr().err.count("job agent is not up yet") == 1
+
+    other = Client(1, "Request failed with status code 400: bad runtime_env")
+    monkeypatch.setattr(jobs, "job_client", lambda address, token: other)
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        jobs.submit("http://127.0.0.1:9", [])
+    assert other.calls == 1
+
+    never = Client(10**6, busy)
+    monkeypatch.setattr(jobs, "job_client", lambda address, token: never)
+    monkeypatch.setattr(jobs, "AGENT_WAIT_S", 0)
+    with pytest.raises(RuntimeError, match="No available agent"):
+        jobs.submit("http://127.0.0.1:9", [])
