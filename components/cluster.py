@@ -13,9 +13,11 @@ import ray
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int | None = None):
+def ray_session(address: str | None, num_cpus: int | None = None,
+                runtime_env: dict | None = None):
     """Connect to `address`, or start a local Ray; shut down only what this process started.
-    Nothing is asked of the cluster's nodes: no custom resources, no start flags."""
+    Nothing is asked of the cluster's nodes: no custom resources, no start flags.
+    `runtime_env` is the driver's on a cluster (e.g. code the nodes do not have)."""
     from components.tuning.plan import node_resources
 
     if ray.is_initialized():
@@ -36,7 +38,7 @@ def ray_session(address: str | None, num_cpus: int | None = None):
         if address:
             # On a cluster the report interval comes from the nodes' environment (infra/) or
             # the job's runtime_env (visiontune submit sets it).
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         else:
             cpus = num_cpus or os.cpu_count() or 1
             # address="local": a new Ray of our own, even when a `ray start --head` is running

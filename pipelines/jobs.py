@@ -137,8 +137,13 @@ def submit(address: str, overrides: list[str], config_file: str | None = None,
         except RuntimeError as e:
             # A head that has just started answers 500 "No available agent to submit job,
             # please try again later" until its job agent is up: wait for it, bounded.
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
+            if "No available agent" not in str(e):
                 raise
+            if time.monotonic() > deadline:
+                raise ConnectionError(
+                    f"{address}: the cluster's job agent did not come up in {AGENT_WAIT_S} s "
+                    f"(Ray: {str(e).strip().splitlines()[0]}); its log on the head node is "
+                    f"dashboard_agent.log (a port taken by another Ray, for one)") from None
             if not said:
                 print(f"visiontune: the cluster's job agent is not up yet; retrying for up "
                       f"to {AGENT_WAIT_S} s", file=sys.stderr, flush=True)

@@ -123,7 +123,11 @@ def _classify(args, local_model: str, described: str, paths: list[str], on_ray: 
             with console.ray_output_to(log_path):
                 progress = bi.Progress(len(paths), console.stderr())
                 writer = bi.PredictionWriter(args.output, console.stdout())
-                with ray_session(address):
+                # This code travels with the job: the nodes need torch and mlflow (the
+                # model's own requirements), not visiontune.
+                code = {"py_modules": [str(Path(bi.__file__).resolve().parent)],
+                        "excludes": ["__pycache__/"]}
+                with ray_session(address, runtime_env=code if address else None):
                     workers = min(args.workers or bi.default_workers(), len(paths))
                     print(f"predict: {workers:,} Ray Data workers (1 CPU each) load the model",
                           file=console.stderr(), flush=True)

@@ -94,5 +94,6 @@ def test_submit_waits_for_a_new_heads_job_agent(monkeypatch, capsys):
     never = Client(10**6, busy)
     monkeypatch.setattr(jobs, "job_client", lambda address, token: never)
     monkeypatch.setattr(jobs, "AGENT_WAIT_S", 0)
-    with pytest.raises(RuntimeError, match="No available agent"):
+    with pytest.raises(ConnectionError, match="job agent did not come up in 0 s .*No "
+                                              "available agent.*dashboard_agent.log"):
         jobs.submit("http://127.0.0.1:9", [])
