@@ -422,6 +422,7 @@ def log_review_artifacts(plan: SearchPlan, manifest, trials, report, prep: dict,
 
 MODEL_URI_TAG = "visiontune.model_uri"
 VERSION_TAG = "visiontune.registered_version"
+NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI (Markdown)
 
 
 def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: Echo = print):
@@ -443,14 +444,22 @@ def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: E
             model_uri = record.tracker.log_image_classifier(
                 record.run_id, evaluation.model, manifest.classes, prep, metadata)
             record.set_tags({MODEL_URI_TAG: model_uri})
+        description = version_description(
+            record.pipeline_id, len(manifest.paths), manifest.counts(), manifest.classes,
+            manifest.fingerprint, report.metrics, report.average, best.best_val_f1,
+            best.params)
         registered = register_challenger(
             record.tracker, model_uri, cfg.registry.model_name, record.run_id,
             tags={"data_fingerprint": manifest.fingerprint, "test_f1": report.metrics["f1"],
                   "test_f1_average": report.average, "val_f1": best.best_val_f1,
                   "pipeline_id": record.pipeline_id, "model_uri": model_uri},
-            description=version_description(
-                record.pipeline_id, len(manifest.paths), manifest.counts(), manifest.classes,
-                manifest.fingerprint, report.metrics, report.average, best.best_val_f1,
-                best.params))
-        record.set_tags({VERSION_TAG: registered.version})
+            description=description)
+        # The run page's Description says the same, with where the model went and what to
+        # open first (it read "No description").
+        note = (f"Registered as **{registered.name} version {registered.version}** (aliases: "
+                f"{', '.join(registered.aliases) or 'none'}).\n\n{description}\n"
+                f"At a glance (Artifacts): `evaluation/comparison_heatmap.png` (the search), "
+                f"`evaluation/misclassified.png`, `evaluation/per_class_metrics.png`, "
+                f"`evaluation/leaderboard.csv`.\n")
+        record.set_tags({VERSION_TAG: registered.version, NOTE_TAG: note})
     return registered

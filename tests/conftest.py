@@ -189,3 +189,67 @@ def register_untrained_model(tracking_uri: str, name: str, classes=("cat", "dog"
     version = register_challenger(tracker, uri, name, run, {"test_f1": 0.0})
     tracker.end_run(run)
     return str(version.version)
+
+
+# ---------------------------------------------------------------- processes the tests start
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc, timeout: float = 30) -> None:
+    """SIGTERM to the process group `proc` leads (started with start_new_session=True), then
+    SIGKILL if it is not gone within `timeout`."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment for a `visiontune`/`mlflow` command: the test's virtualenv first on
+    PATH, no Ray address or tracking URI inherited from the shell."""
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+                                 f"{os.environ.get('PATH', '')}", **extra}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def run_tiny_pipeline(tmp: Path, tracking_uri: str, model_name: str, env: dict,
+                      extra: tuple[str, ...] = ()) -> dict:
+    """One `visiontune run` as a user types it, in its own process group: 2 trials of 1
+    worker, 2 epochs, 16 px, on a generated cat/dog folder (with its unreadable files). Its
+    output (with the review links) goes to tmp/run.log; a non-zero exit fails the test."""
+    import subprocess
+    import sys
+
+    data = make_image_folder(tmp / "images", classes=("cat", "dog"), per_class=24)
+    log = tmp / "run.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "visiontune"), "run", f"data.path={data}",
+         "data=folder", "data.image_size=16", "augment=none", "search=quick",
+         "train.epochs=2", "train.num_workers=1", "train.batch_size=8", "train.patience=0",
+         f"tracking.uri={tracking_uri}", f"ray.storage_path={tmp}/ray_results",
+         f"registry.model_name={model_name}", "model.cnn.channels=[8,16]", "ray.num_cpus=2",
+         *extra],
+        cwd=tmp, env=env, start_new_session=True, stdout=open(log, "w"),
+        stderr=subprocess.STDOUT)
+    try:
+        code = proc.wait(timeout=900)
+    finally:
+        stop_group(proc)
+    assert code == 0, log.read_text()[-4000:]
+    return {"data": data, "log": log}

@@ -66,7 +66,9 @@ def plot_misclassified(predictions: pd.DataFrame, load: Callable[[str], np.ndarr
         return fig
     cols = min(cols, len(rows_df))
     grid_rows = -(-len(rows_df) // cols)
-    fig, axes = plt.subplots(grid_rows, cols, figsize=(cols * 1.9, grid_rows * 2.4 + 0.4),
+    # At least as wide as its title: a gallery of 1-3 images was narrower and cut it off.
+    fig, axes = plt.subplots(grid_rows, cols,
+                             figsize=(max(cols * 1.9, 6.0), grid_rows * 2.4 + 0.6),
                              squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
@@ -78,6 +80,6 @@ def plot_misclassified(predictions: pd.DataFrame, load: Callable[[str], np.ndarr
         name = "/".join(str(row.path).rsplit("/", 2)[-2:])  # <class folder>/<file>
         ax.set_title(f"true {row.label}\npred {row.prediction} ({row.probability:.2f})\n"
                      f"{name if len(name) <= 24 else '...' + name[-21:]}", fontsize=7)
-    fig.suptitle(f"misclassified test images: {len(rows_df)} of {total} shown, most confident "
-                 f"first ({len(predictions)} test images)", fontsize=9)
+    fig.suptitle(f"misclassified test images: {len(rows_df)} of {total} shown\n"
+                 f"most confident first, of {len(predictions)} test images", fontsize=9)
     return fig

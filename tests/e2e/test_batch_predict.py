@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import make_image_folder, register_untrained_model
+from tests.conftest import cli_env, make_image_folder, register_untrained_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -32,9 +32,8 @@ def setup(tmp_path_factory):
     uri = f"sqlite:///{tmp}/mlflow.db"
     register_untrained_model(uri, MODEL, image_size=16, artifact_location=str(tmp / "mlruns"))
     images = make_image_folder(tmp / "images", per_class=PER_CLASS, size=20)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "VISIONTUNE_PREDICT_RAY_ABOVE"):
-        env.pop(var, None)
+    env = cli_env()
+    env.pop("VISIONTUNE_PREDICT_RAY_ABOVE", None)
     return {"tmp": tmp, "uri": uri, "images": images, "env": env,
             "model": ["--model", f"models:/{MODEL}@champion", "--tracking-uri", uri]}
 

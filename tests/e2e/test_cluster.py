@@ -11,7 +11,6 @@ import csv
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,18 +23,12 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import make_image_folder
+from tests.conftest import free_port, make_image_folder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 MODEL = "e2e-model"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -61,7 +54,7 @@ def servers(tmp_path_factory, s3_server):
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash, mlflow_port = _free_port(), _free_port(), _free_port()
+    gcs, dash, mlflow_port = free_port(), free_port(), free_port()
     node2_tmp = tempfile.mkdtemp(prefix="vt-node2-", dir="/tmp")  # short: socket paths
     mlflow_proc = None
     try:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +22,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tests.conftest import _shape_image, make_image_folder
+from tests.conftest import _shape_image, cli_env, free_port, run_tiny_pipeline, stop_group
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -34,55 +31,22 @@ MODEL = "serve-e2e"
 CLASSES = ["cat", "dog"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """One `visiontune run`: 2 trials of 1 worker, 2 epochs, on a generated image folder."""
     tmp = tmp_path_factory.mktemp("serving")
-    data = make_image_folder(tmp / "images", classes=tuple(CLASSES), per_class=24)
     uri = f"sqlite:///{tmp}/mlflow.db"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = tmp / "run.log"
-    proc = subprocess.Popen(
-        [str(BIN / "visiontune"), "run", f"data.path={data}", "data=folder",
-         "data.image_size=16", "augment=none", "search=quick", "train.epochs=2",
-         "train.num_workers=1", "train.batch_size=8", "train.patience=0",
-         f"tracking.uri={uri}", f"tracking.artifact_location={tmp}/mlruns",
-         f"ray.storage_path={tmp}/ray_results", f"registry.model_name={MODEL}",
-         "model.cnn.channels=[8,16]", "ray.num_cpus=2"],
-        cwd=tmp, env=env, start_new_session=True, stdout=open(log, "w"),
-        stderr=subprocess.STDOUT)
-    try:
-        code = proc.wait(timeout=900)
-    finally:
-        _stop_group(proc)
-    assert code == 0, log.read_text()[-4000:]
-    return {"tmp": tmp, "data": data, "uri": uri, "env": env}
+    env = cli_env()
+    ran = run_tiny_pipeline(tmp, uri, MODEL, env,
+                            extra=(f"tracking.artifact_location={tmp}/mlruns",))
+    return {"tmp": tmp, "data": ran["data"], "uri": uri, "env": env}
 
 
 @pytest.fixture(scope="module")
 def server(pipeline):
     """`mlflow models serve` of the champion, in its own process group (uvicorn runs as its
     child), stopped after the module."""
-    port = _free_port()
+    port = free_port()
     log = pipeline["tmp"] / "serve.log"
     env = {**pipeline["env"], "MLFLOW_TRACKING_URI": pipeline["uri"]}
     proc = subprocess.Popen(
@@ -106,7 +70,7 @@ def server(pipeline):
             time.sleep(0.5)
         yield url
     finally:
-        _stop_group(proc)
+        stop_group(proc)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

@@ -5,7 +5,6 @@ registered."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import make_image_folder
+from tests.conftest import free_port, make_image_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +34,7 @@ def ws(tmp_path_factory):
     unreadable.mkdir()
     (unreadable / "a.png").write_text("not an image")
     (unreadable / "b.jpg").write_bytes(b"")
-    port = _free_port()
+    port = free_port()
     return {"root": root, "images": images, "one_class": one_class, "tiny": tiny,
             "unreadable": unreadable, "port": port}
 

@@ -204,6 +204,10 @@ def test_registered_version_is_described(pipeline_run):
     assert run.data.params["data_fingerprint"] in mv.description
     assert "48 images" in mv.description and "2 classes (cat, dog)" in mv.description
     assert "`train.optimizer` = " in mv.description
+    # the parent run's own description (the run page read "No description")
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"Registered as **{mv.name} version {mv.version}** (aliases: ")
+    assert mv.description in note and "evaluation/comparison_heatmap.png" in note
     assert mv.tags["test_f1_average"] == "binary" and mv.tags["pipeline_id"] == result.pipeline_id
 
 

@@ -164,6 +164,21 @@ def test_misclassified_gallery_most_confident_first_and_limited():
     assert "2 of 3 shown" in fig._suptitle.get_text()
 
 
+@pytest.mark.parametrize("wrong", [1, 2, 3, 7])
+def test_misclassified_gallery_title_fits_its_figure(wrong):
+    """A gallery of one to three images was narrower than its title, which the saved PNG cut
+    off (seen in the MLflow UI): the whole title lies inside the figure."""
+    preds = pd.DataFrame({"path": [f"cls/{i}.png" for i in range(wrong + 20)],
+                          "label": ["cat"] * (wrong + 20),
+                          "prediction": ["dog"] * wrong + ["cat"] * 20,
+                          "probability": [0.9] * (wrong + 20)})
+    fig = plot_misclassified(preds, lambda p: np.zeros((8, 8, 3), np.uint8))
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    width = fig.get_figwidth() * fig.dpi
+    assert box.x0 >= 0 and box.x1 <= width, (box, width)
+
+
 def test_misclassified_gallery_of_rgb_images_and_of_no_mistakes():
     preds = _predictions()
     fig = plot_misclassified(preds, lambda p: np.full((8, 8, 3), 200, np.uint8))
