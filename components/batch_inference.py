@@ -32,6 +32,7 @@ from components.inference import ERROR, PREDICTION, PROBABILITY, predict_batches
 from components.serving.image_classifier import is_missing
 
 PATH = "path"
+SOURCE = "source"   # what an actor reads: an absolute path or a URI (actors run elsewhere)
 COLUMNS = [PATH, PREDICTION, PROBABILITY]
 PARTIAL = ".partial"
 BATCH_SIZE = 64
@@ -209,9 +210,10 @@ class _Classifier:
         self._batch_size = batch_size
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        paths = batch[PATH].astype(str).tolist()
-        frames = list(local_batches(self._model, paths, self._batch_size))
+        sources = batch[SOURCE].astype(str).tolist()
+        frames = list(local_batches(self._model, sources, self._batch_size))
         out = pd.concat(frames, ignore_index=True)
+        out[PATH] = batch[PATH].astype(str).to_numpy()   # named as the user gave it
         # One Arrow type per column in every block: failed rows have None where floats go
         for col in out.columns[2:-1]:
             out[col] = pd.to_numeric(out[col], errors="coerce").astype(float)
@@ -247,7 +249,10 @@ def ray_batches(model_archive: bytes, paths: list[str], workers: int | None = No
     num_blocks = max(1, math.ceil(len(paths) / block))
     workers = max(1, min(workers or default_workers(), num_blocks))
     model_box = [ray.put(model_archive)]
-    ds = ray.data.from_items([{PATH: p} for p in paths], override_num_blocks=num_blocks)
+    # Actors do not run in this directory: they read absolute paths, the output keeps the
+    # paths as given.
+    items = [{PATH: p, SOURCE: p if "://" in p else os.path.abspath(p)} for p in paths]
+    ds = ray.data.from_items(items, override_num_blocks=num_blocks)
     ds = ds.map_batches(_Classifier, fn_constructor_kwargs={"model_box": model_box,
                                                            "batch_size": batch_size},
                         batch_size=block, batch_format="pandas", concurrency=workers,

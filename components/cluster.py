@@ -8,8 +8,18 @@ import contextlib
 import os
 import signal
 import threading
+from pathlib import Path
 
-import ray
+
+def enable_token_auth() -> None:
+    """Ray's clients send the cluster's auth token (Ray 2.60 turns token auth on by default)
+    only in token mode: turn it on when a token is at hand (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), unless RAY_AUTH_MODE says otherwise."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 @contextlib.contextmanager
@@ -18,6 +28,11 @@ def ray_session(address: str | None, num_cpus: int | None = None,
     """Connect to `address`, or start a local Ray; shut down only what this process started.
     Nothing is asked of the cluster's nodes: no custom resources, no start flags.
     `runtime_env` is the driver's on a cluster (e.g. code the nodes do not have)."""
+    given = bool(address)
+    if given:   # inside a Ray job (RAY_ADDRESS), the job's own settings hold
+        enable_token_auth()   # before ray is imported: it reads RAY_AUTH_MODE then
+    import ray
+
     from components.tuning.plan import node_resources
 
     if ray.is_initialized():

@@ -27,18 +27,10 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def _enable_token_auth() -> None:
-    """Ray's clients send the cluster token only in token mode; turn it on when a token is
-    at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)."""
-    if os.environ.get("RAY_AUTH_MODE"):
-        return
-    if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-            or (Path.home() / ".ray" / "auth_token").is_file()):
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def job_client(address: str, token: str | None = None):
-    _enable_token_auth()
+    from components.cluster import enable_token_auth
+
+    enable_token_auth()
     from ray.job_submission import JobSubmissionClient
 
     headers = {"Authorization": f"Bearer {token}"} if token else None

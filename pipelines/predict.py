@@ -156,8 +156,10 @@ def _classify(args, local_model: str, described: str, paths: list[str], on_ray: 
         print(f"visiontune: skipped {len(skipped) - MAX_SKIP_LINES:,} more unreadable files",
               file=err)
     if not classified:
-        print(f"visiontune: error: none of the {len(paths)} files could be read as an image",
-              file=err)
+        hint = (" (with --ray the nodes read the files: local paths must exist on every node)"
+                if on_ray else "")
+        print(f"visiontune: error: none of the {len(paths)} files could be read as an "
+              f"image{hint}", file=err)
         return 1
     print(f"predict: {timing}, {classified:,} classified"
           + (f", {len(skipped):,} unreadable" if skipped else "")

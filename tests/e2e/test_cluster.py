@@ -268,6 +268,14 @@ def test_predict_on_the_cluster_from_a_bucket(servers, submitted, tmp_path):
     assert ray_rows.prediction.tolist() == file_rows.prediction.tolist()
     assert (ray_rows.probability - file_rows.probability).abs().max() <= 1e-6
     assert not any("/." in p for p in ray_rows.path)            # .hidden.png never listed
+    # relative local paths: the actors run in other directories, the output keeps the names
+    rel = _cli(servers, "predict", *model, "images/dog", "-o", str(tmp_path / "rel.csv"),
+               "--ray", "--address", servers["gcs"])
+    assert rel.returncode == 0, rel.stderr[-3000:]
+    rel_rows = pd.read_csv(tmp_path / "rel.csv")
+    dogs = file_rows[file_rows.path.str.contains("/dog/")]
+    assert rel_rows.path.tolist() == [p.replace(f"{servers['tmp']}/", "") for p in dogs.path]
+    assert rel_rows.prediction.tolist() == dogs.prediction.tolist()
     prefix = "visiontune: skipped "
     skipped = sorted(line[len(prefix):].split(": ", 1)[0].rsplit("/", 1)[1]
                      for line in on_ray.stderr.splitlines() if line.startswith(prefix))
