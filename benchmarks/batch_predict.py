@@ -82,6 +82,7 @@ def main() -> None:
             (listing / f"{Path(f).parent.name}-{Path(f).name}").symlink_to(f)
         uri = f"sqlite:///{tmp}/mlflow.db"
         os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
         version = register_untrained_model(uri, "bench", classes=("a", "b", "c", "d"),
                                            image_size=args.size, model=args.model,
                                            artifact_location=str(tmp / "mlruns"))
