@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
                     help="run as a Ray Data job over the cluster (default: from "
                          f"{_RAY_ABOVE:,} images on, or ${_RAY_ABOVE_ENV})")
-    pd.add_argument("--address", help="Ray cluster for --ray (default: $RAY_ADDRESS, else "
-                                      "a local Ray)")
+    pd.add_argument("--address", help="Ray cluster to run on (implies --ray; default: "
+                                      "$RAY_ADDRESS, else a local Ray)")
     pd.add_argument("--workers", type=int,
                     help="Ray actors for --ray, 1 CPU each (default: every CPU of the cluster)")
     pd.add_argument("--batch-size", type=int, default=64, help="images per model call")

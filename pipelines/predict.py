@@ -48,6 +48,7 @@ def run_predict(args) -> int:
     from mlflow.exceptions import MlflowException
 
     from components.inference import expand_paths
+    from pipelines.cli import _one_line
     from pipelines.config import load_config
     from pipelines.console import console
     from pipelines.interrupt import SignalGuard
@@ -65,7 +66,9 @@ def run_predict(args) -> int:
     paths = expand_paths(args.paths)
     if not paths:
         raise FileNotFoundError(f"no image files in {' '.join(args.paths)}")
-    on_ray = args.ray if args.ray is not None else len(paths) >= ray_above()
+    # --ray/--no-ray decide; an --address means the cluster; else the number of images
+    on_ray = args.ray if args.ray is not None else \
+        bool(args.address) or len(paths) >= ray_above()
     if args.output and Path(args.output).is_dir():
         raise FileNotFoundError(f"--output {args.output} is a folder; give a file name "
                                 f"(.csv, or .parquet)")
@@ -166,7 +169,3 @@ def _classify(args, local_model: str, described: str, paths: list[str], on_ray: 
           + (f" -> {args.output}" if args.output else ""), file=err)
     return 0
 
-
-def _one_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__

@@ -75,10 +75,15 @@ def _predict(setup, *args, env=None, timeout=600) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def single(setup):
-    out = setup["tmp"] / "single.csv"
+    """The single-process command, writing Parquet."""
+    out = setup["tmp"] / "single.parquet"
     p = _predict(setup, *setup["model"], str(setup["images"]), "-o", str(out), "--no-ray")
     assert p.returncode == 0, p.stderr[-3000:]
-    return {"frame": pd.read_csv(out), "stderr": p.stderr}
+    assert "in this process" in p.stderr.splitlines()[0]
+    frame = pd.read_parquet(out)
+    assert list(frame.columns) == ["path", "prediction", "probability"]
+    assert str(frame.probability.dtype) == "float64"
+    return {"frame": frame, "stderr": p.stderr}
 
 
 def _skipped(stderr: str) -> list[str]:
@@ -87,9 +92,11 @@ def _skipped(stderr: str) -> list[str]:
 
 
 def test_ray_job_writes_what_one_process_writes(setup, single, tmp_path):
+    """Above VISIONTUNE_PREDICT_RAY_ABOVE images, without --ray, the job runs on Ray."""
     out = tmp_path / "ray.csv"
-    p = _predict(setup, *setup["model"], str(setup["images"]), "-o", str(out), "--ray",
-                 "--batch-size", "32")
+    env = {**setup["env"], "VISIONTUNE_PREDICT_RAY_ABOVE": "1000"}
+    p = _predict(setup, *setup["model"], str(setup["images"]), "-o", str(out),
+                 "--batch-size", "32", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     lines = p.stderr.splitlines()
@@ -115,23 +122,13 @@ def test_ray_job_writes_what_one_process_writes(setup, single, tmp_path):
     assert not any("Running Dataset" in line or "MapBatches" in line for line in lines)
 
 
-def test_parquet_output_and_automatic_ray_above_the_threshold(setup, single, tmp_path):
-    out = tmp_path / "p.parquet"
+def test_below_the_threshold_one_process_and_csv_on_stdout(setup):
     env = {**setup["env"], "VISIONTUNE_PREDICT_RAY_ABOVE": "1000"}
-    p = _predict(setup, *setup["model"], str(setup["images"]), "-o", str(out), "--workers",
-                 "1", env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "on Ray (a local Ray)" in p.stderr.splitlines()[0]
-    assert "predict: 1 Ray Data workers (1 CPU each) load the model" in p.stderr
-    got = pd.read_parquet(out)
-    assert list(got.columns) == ["path", "prediction", "probability"]
-    assert str(got.probability.dtype) == "float64"
-    assert got.path.tolist() == single["frame"].path.tolist()
-    assert got.prediction.tolist() == single["frame"].prediction.tolist()
-    # below the threshold: one process
     few = _predict(setup, *setup["model"], str(setup["images"] / "cat" / "000.png"), env=env)
     assert few.returncode == 0 and "in this process" in few.stderr.splitlines()[0]
-    assert few.stdout.splitlines()[0] == "path,prediction,probability"
+    lines = few.stdout.splitlines()
+    assert lines[0] == "path,prediction,probability" and len(lines) == 2
+    assert lines[1].startswith(f"{setup['images'] / 'cat' / '000.png'},")
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -164,6 +161,7 @@ def test_a_signal_leaves_a_partial_file_and_no_process(setup, tmp_path, sig, cod
         assert 50 <= len(rows) < 3001 and list(rows.columns) == ["path", "prediction",
                                                                  "probability"]
         assert f"predictions so far are in {partial}" in err
+        assert "predict: 1 Ray Data workers (1 CPU each) load the model" in err   # --workers
         assert err.strip().splitlines()[-1] == f"visiontune: interrupted by {sig.name}"
         left = _wait_gone(proc.pid)
         assert not left, f"processes left behind: {left}"

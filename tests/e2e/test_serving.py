@@ -1,9 +1,9 @@
-"""The champion served by MLflow itself: a tiny pipeline (`visiontune run`, local Ray, SQLite
-MLflow in a temp dir) registers a model; `mlflow models serve -m models:/NAME@champion
---env-manager local` serves it; raw PNG and JPEG files of mixed sizes and modes, base64 in
-JSON, must get the answers of `visiontune predict` on the same files and of the run's
-`evaluation/test_predictions.csv`. Every process started here runs in its own process group
-and is stopped, also when a test fails."""
+"""The champion served by MLflow itself: a tiny pipeline (`visiontune run`, local Ray, a real
+`mlflow server`; shared with the UI tests, tests/e2e/conftest.py) registers a model;
+`mlflow models serve -m models:/NAME@champion --env-manager local` serves it; raw PNG and
+JPEG files of mixed sizes and modes, base64 in JSON, must get the answers of `visiontune
+predict` on the same files and of the run's `evaluation/test_predictions.csv`. Every process
+started here runs in its own process group and is stopped, also when a test fails."""
 
 from __future__ import annotations
 
@@ -22,24 +22,20 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tests.conftest import _shape_image, cli_env, free_port, run_tiny_pipeline, stop_group
+from tests.conftest import _shape_image, free_port, stop_group
+from tests.e2e.conftest import SERVED_MODEL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-MODEL = "serve-e2e"
+MODEL = SERVED_MODEL
 CLASSES = ["cat", "dog"]
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """One `visiontune run`: 2 trials of 1 worker, 2 epochs, on a generated image folder."""
-    tmp = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    env = cli_env()
-    ran = run_tiny_pipeline(tmp, uri, MODEL, env,
-                            extra=(f"tracking.artifact_location={tmp}/mlruns",))
-    return {"tmp": tmp, "data": ran["data"], "uri": uri, "env": env}
+def pipeline(served_pipeline):
+    """The shared tiny run against a real `mlflow server` (tests/e2e/conftest.py)."""
+    return served_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tests.conftest import cli_env, free_port, run_tiny_pipeline, stop_group
+from tests.conftest import stop_group
+from tests.e2e.conftest import SERVED_MODEL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -32,51 +30,17 @@ if shutil.which("chromium") is None:
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "ui_screenshots.py"
-MODEL = "ui-e2e"
+MODEL = SERVED_MODEL
 SHOTS = ["ui_experiment.png", "ui_parent_run.png", "ui_heatmap.png", "ui_misclassified.png",
          "ui_model_version.png"]
 WIDTH, HEIGHT = 1400, 900
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`mlflow server` on a free loopback port, in its own process group (its web workers go
-    down with it)."""
-    tmp = tmp_path_factory.mktemp("ui")
-    env = cli_env()
-    port = free_port()
-    log = tmp / "mlflow.log"
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-         "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-        cwd=tmp, env=env, start_new_session=True, stdout=open(log, "w"),
-        stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (OSError, urllib.error.HTTPError):
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not answer /health: "
-                                   f"{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"tmp": tmp, "env": env, "url": url}
-    finally:
-        stop_group(proc)
-
-
-@pytest.fixture(scope="module")
-def pipeline(server):
-    """One `visiontune run` against the server: 2 trials of 1 worker, 2 epochs; its output
-    (with the review links it prints) in run.log."""
-    ran = run_tiny_pipeline(server["tmp"], server["url"], MODEL, server["env"])
-    return {**server, "log": ran["log"]}
+def pipeline(served_pipeline):
+    """The shared tiny run against a real `mlflow server` (tests/e2e/conftest.py), with the
+    review links it printed in its log."""
+    return served_pipeline
 
 
 def _screenshots(pipeline, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -147,10 +111,15 @@ def test_script_names_what_the_ui_does_not_show(pipeline, tmp_path):
     once set, must be on the run page."""
     client = MlflowClient(pipeline["url"])
     champion = client.get_model_version_by_alias(MODEL, "champion")
+    note = client.get_run(champion.run_id).data.tags.get("mlflow.note.content", "")
     client.set_tag(champion.run_id, "mlflow.note.content", "Reviewed in the **UI** test.")
     client.update_model_version(MODEL, champion.version, description="")
     out = tmp_path / "shots"
-    p = _screenshots(pipeline, out, "--pages", "run", "model", "--timeout", "10")
+    try:
+        p = _screenshots(pipeline, out, "--pages", "run", "model", "--timeout", "10")
+    finally:   # the run is shared with the serving tests: put it back
+        client.set_tag(champion.run_id, "mlflow.note.content", note)
+        client.update_model_version(MODEL, champion.version, description=champion.description)
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     failed = [line for line in p.stderr.splitlines() if line.startswith("ui_screenshots:")]
     assert len(failed) == 1 and failed[0].startswith("ui_screenshots: FAILED: model page ")

@@ -1,0 +1,55 @@
+"""One real `mlflow server` and one tiny `visiontune run` against it, shared by the serving and
+the UI tests (a pipeline run is most of their time): the champion they serve and the pages
+they open are the same run's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli_env, free_port, run_tiny_pipeline, stop_group
+
+SERVED_MODEL = "e2e-served"
+
+
+@pytest.fixture(scope="session")
+def served_pipeline(tmp_path_factory):
+    """`mlflow server` (SQLite, artifacts proxied, in a temp dir) on a free loopback port, in
+    its own process group (its web workers go down with it), and one `visiontune run` against
+    it that registered SERVED_MODEL@champion. Yields tmp, env, url (the tracking URI), data,
+    log (the run's console output) and model."""
+    tmp = tmp_path_factory.mktemp("served")
+    env = cli_env()
+    port = free_port()
+    log = tmp / "mlflow.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+         "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
+        cwd=tmp, env=env, start_new_session=True, stdout=open(log, "w"),
+        stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (OSError, urllib.error.HTTPError):
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not answer /health: "
+                                   f"{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        ran = run_tiny_pipeline(tmp, url, SERVED_MODEL, env)
+        yield {"tmp": tmp, "env": env, "url": url, "uri": url, "data": ran["data"],
+               "log": ran["log"], "model": SERVED_MODEL}
+    finally:
+        stop_group(proc)
