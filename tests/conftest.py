@@ -253,3 +253,23 @@ def run_tiny_pipeline(tmp: Path, tracking_uri: str, model_name: str, env: dict,
         stop_group(proc)
     assert code == 0, log.read_text()[-4000:]
     return {"data": data, "log": log}
+
+
+def wait_until_ok(url: str, proc, log: Path, timeout: float) -> None:
+    """Until `url` answers 200; a server process that exits, or `timeout` seconds, fail with
+    the end of its log."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (OSError, urllib.error.HTTPError):
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"{url} did not answer: {log.read_text()[-3000:]}")
+        time.sleep(0.5)

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_env, free_port, run_tiny_pipeline, stop_group
+from tests.conftest import cli_env, free_port, run_tiny_pipeline, stop_group, wait_until_ok
 
 SERVED_MODEL = "e2e-served"
 
@@ -36,18 +33,7 @@ def served_pipeline(tmp_path_factory):
         stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (OSError, urllib.error.HTTPError):
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not answer /health: "
-                                   f"{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_until_ok(f"{url}/health", proc, log, 120)
         ran = run_tiny_pipeline(tmp, url, SERVED_MODEL, env)
         yield {"tmp": tmp, "env": env, "url": url, "uri": url, "data": ran["data"],
                "log": ran["log"], "model": SERVED_MODEL}

@@ -11,7 +11,6 @@ import base64
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tests.conftest import _shape_image, free_port, stop_group
+from tests.conftest import _shape_image, free_port, stop_group, wait_until_ok
 from tests.e2e.conftest import SERVED_MODEL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -52,18 +51,7 @@ def server(pipeline):
         stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (OSError, urllib.error.HTTPError):
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow models serve did not answer /ping: "
-                                   f"{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_until_ok(f"{url}/ping", proc, log, 180)
         yield url
     finally:
         stop_group(proc)
