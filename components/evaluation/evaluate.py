@@ -109,9 +109,11 @@ def leaderboard(trials) -> pd.DataFrame:
 def plot_trial_curves(trials, metric: str = "val_f1"):
     """Every trial's per-epoch validation curve on one chart: the search at a glance."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    plotted = 0
     for t in trials:
         values = t.history.get(metric)
         if values:
+            plotted += 1
             label = " ".join(f"{v:.2g}" if isinstance(v, float) else str(v)
                              for v in t.params.values()) or t.trial_id
             ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label[:70])
@@ -121,7 +123,10 @@ def plot_trial_curves(trials, metric: str = "val_f1"):
     ax.set_title(f"{metric} per epoch, all trials" + (f"\n({keys})" if keys else ""),
                  fontsize=10)
     ax.grid(alpha=0.3)
-    if len(trials) <= 16:
+    if not plotted:   # e.g. k-fold CV: a trial reports its folds' mean, not epochs
+        ax.text(0.5, 0.5, f"no per-epoch {metric} in the trials' results", ha="center",
+                va="center", transform=ax.transAxes, fontsize=9)
+    elif plotted <= 16:
         ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     return fig

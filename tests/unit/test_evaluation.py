@@ -23,3 +23,23 @@ def test_leaderboard_is_ranked():
     board = leaderboard([_t("a", 0.9, 0.3), _t("b", 0.95, 0.4), _t("c", 0.95, 0.2)])
     assert board["trial_id"].tolist() == ["c", "b", "a"]
     assert board["rank"].tolist() == [1, 2, 3] and "train.lr" in board
+
+
+def test_trial_curves_with_and_without_per_epoch_history():
+    """A CV search reports no per-epoch val F1: the chart says so instead of an empty plot
+    (matplotlib warned 'No artists with labels found to put in legend')."""
+    import warnings
+
+    from components.evaluation.evaluate import plot_trial_curves
+
+    with_history = _t("a", 0.9, 0.3)
+    with_history.history = {"val_f1": [0.5, 0.7, 0.9]}
+    fig = plot_trial_curves([with_history, _t("b", 0.8, 0.4)])
+    ax = fig.axes[0]
+    assert len(ax.lines) == 1 and ax.get_legend() is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_trial_curves([_t("c", 0.9, 0.3)])
+    ax = fig.axes[0]
+    assert not ax.lines and ax.get_legend() is None
+    assert [t.get_text() for t in ax.texts] == ["no per-epoch val_f1 in the trials' results"]
