@@ -273,3 +273,52 @@ def wait_until_ok(url: str, proc, log: Path, timeout: float) -> None:
         if proc.poll() is not None or time.time() > deadline:
             raise RuntimeError(f"{url} did not answer: {log.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+def stop_ray_nodes(temp_dirs: list[str], gcs_port: int, timeout: float = 30) -> list[int]:
+    """Stop the Ray cluster a test started with `ray start --temp-dir=...` (head at
+    `gcs_port`), and only it: every process whose command line names one of `temp_dirs`
+    (gcs_server, raylet, dashboard, log monitor, ...) or the head's address (the Ray Client
+    server), and everything below them (workers, agents). `ray stop --force` would also stop
+    every other Ray of this user on the machine. Returns the pids that were signalled."""
+    import re
+    import signal
+    import subprocess
+    import time
+
+    head = re.compile(rf"--address=\S+:{gcs_port}\b")
+
+    table = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
+                           text=True).stdout.splitlines()
+    children: dict[int, list[int]] = {}
+    roots = []
+    for line in table:
+        pid, ppid, args = (line.split(None, 2) + [""])[:3]
+        children.setdefault(int(ppid), []).append(int(pid))
+        if (any(d and d in args for d in temp_dirs) or head.search(args)) and \
+                int(pid) != os.getpid():
+            roots.append(int(pid))
+    found, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.append(pid)
+            todo += children.get(pid, [])
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in found:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout
+        while time.time() < deadline and any(_alive(p) for p in found):
+            time.sleep(0.2)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"   # a zombie is gone, only unreaped
+    except FileNotFoundError:
+        return False

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import free_port, make_image_folder
+from tests.conftest import free_port, make_image_folder, stop_ray_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -55,13 +55,17 @@ def servers(tmp_path_factory, s3_server):
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash, mlflow_port = free_port(), free_port(), free_port()
-    node2_tmp = tempfile.mkdtemp(prefix="vt-node2-", dir="/tmp")  # short: socket paths
+    # Each node's own temp dir (short: socket paths), so that teardown stops exactly these
+    # nodes and no other Ray on the machine.
+    head_tmp = tempfile.mkdtemp(prefix="vt-head-", dir="/tmp")
+    node2_tmp = tempfile.mkdtemp(prefix="vt-node2-", dir="/tmp")
     mlflow_proc = None
     try:
         subprocess.run(
             [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
              f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
+             f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
+             f"--temp-dir={head_tmp}"],
             env=env, check=True, capture_output=True, text=True, timeout=120)
         # A second node, as a cluster's worker node joins: the head's address, and the
         # cluster's token (Ray 2.60's token auth; the token file is shared on one machine).
@@ -94,8 +98,8 @@ def servers(tmp_path_factory, s3_server):
                 mlflow_proc.wait(timeout=30)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(mlflow_proc.pid, signal.SIGKILL)
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True,
-                       timeout=120)
+        stop_ray_nodes([head_tmp, node2_tmp], gcs)
+        shutil.rmtree(head_tmp, ignore_errors=True)
         shutil.rmtree(node2_tmp, ignore_errors=True)
 
 
