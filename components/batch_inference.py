@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from components import storage
 from components.inference import ERROR, PREDICTION, PROBABILITY, predict_batches
 from components.serving.image_classifier import is_missing
 
@@ -251,7 +252,7 @@ def ray_batches(model_archive: bytes, paths: list[str], workers: int | None = No
     model_box = [ray.put(model_archive)]
     # Actors do not run in this directory: they read absolute paths, the output keeps the
     # paths as given.
-    items = [{PATH: p, SOURCE: p if "://" in p else os.path.abspath(p)} for p in paths]
+    items = [{PATH: p, SOURCE: p if storage.is_uri(p) else os.path.abspath(p)} for p in paths]
     ds = ray.data.from_items(items, override_num_blocks=num_blocks)
     ds = ds.map_batches(_Classifier, fn_constructor_kwargs={"model_box": model_box,
                                                            "batch_size": batch_size},

@@ -23,7 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from components import storage
-from components.data.ingest import IMAGE_EXTENSIONS
+from components.data.ingest import image_files
 from components.serving import MODEL_FORMAT, preprocessing
 from components.serving import image_classifier as _model_code
 from components.serving.preprocessing import preprocess, softmax  # noqa: F401 (API)
@@ -40,36 +40,17 @@ def expand_paths(paths: list[str]) -> list[str]:
     name order. A path may be an object-storage URI (`s3://bucket/folder`, read through
     `components.storage` with the same credentials as the pipeline's data)."""
     out = []
-    for p in paths:
-        if storage.is_uri(p):
-            out += _expand_uri(str(p))
-            continue
-        p = Path(p)
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file()
-                          and f.suffix.lower() in IMAGE_EXTENSIONS
-                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        elif p.is_file():
-            out.append(str(p))
+    for p in map(str, paths):
+        kind = storage.file_type(p) if storage.is_uri(p) else \
+            ("dir" if Path(p).is_dir() else "file" if Path(p).is_file() else "missing")
+        if kind == "dir":
+            out += [f for f, _ in image_files(p)]
+        elif kind == "file":
+            out.append(p)
         else:
-            raise FileNotFoundError(f"{p} does not exist")
+            raise FileNotFoundError(f"{p} does not exist" + (" (or is not readable)"
+                                                             if storage.is_uri(p) else ""))
     return out
-
-
-def _expand_uri(uri: str) -> list[str]:
-    kind = storage.file_type(uri)
-    if kind == "file":
-        return [uri]
-    if kind == "missing":
-        raise FileNotFoundError(f"{uri} does not exist (or is not readable)")
-    head = uri.partition("?")[0].rstrip("/")
-    found = []
-    for f in storage.list_files(uri):
-        rel = f.partition("?")[0][len(head):].strip("/")
-        if Path(rel).suffix.lower() in IMAGE_EXTENSIONS and \
-                not any(part.startswith(".") for part in rel.split("/")):
-            found.append(f)
-    return sorted(found)
 
 
 class _TensorModel(_model_code.ImageClassifier):

@@ -33,6 +33,24 @@ def is_url(path: str | Path) -> bool:
     return storage.is_uri(path)
 
 
+def image_files(root: str | Path) -> list[tuple[str, tuple[str, ...]]]:
+    """(file, its path parts below `root`) for every image file under the folder `root` (a
+    local path or a URI), hidden files and folders skipped, extensions in any letter case,
+    sorted by file. A URI root's files are URIs (with its ?query)."""
+    found = []
+    if is_url(root):
+        url = str(root).rstrip("/")
+        head = url.partition("?")[0]
+        for f in storage.list_files(url):
+            found.append((f, tuple(f.partition("?")[0][len(head):].strip("/").split("/"))))
+    else:
+        root = Path(root)
+        found = [(str(f), f.relative_to(root).parts) for f in root.rglob("*") if f.is_file()]
+    return sorted((f, parts) for f, parts in found
+                  if Path(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in parts))
+
+
 def _index_url_folder(url: str) -> ImageIndex:
     """The same layout in object storage (s3://, gs://, ...) through `components.storage`:
     every node reads the images from there, none travels with the job."""
@@ -41,19 +59,14 @@ def _index_url_folder(url: str) -> ImageIndex:
         raise FileNotFoundError(f"data.path={url} is not a directory (or not readable)")
     head, query = url.partition("?")[0], "?" + url.partition("?")[2] if "?" in url else ""
     by_class: dict[str, list[str]] = {}
-    for f in storage.list_files(url):
-        rel = f.partition("?")[0][len(head):].strip("/")
-        parts = rel.split("/")
-        if len(parts) < 2 or any(p.startswith(".") for p in parts):
-            continue  # files at the root, hidden files and folders
-        if Path(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS:
+    for f, parts in image_files(url):
+        if len(parts) >= 2:   # files at the root belong to no class
             by_class.setdefault(parts[0], []).append(f)
     classes = sorted(by_class)
     paths, labels = [], []
     for label, name in enumerate(classes):
-        for f in sorted(by_class[name]):
-            paths.append(f)
-            labels.append(label)
+        paths += by_class[name]
+        labels += [label] * len(by_class[name])
     return ImageIndex(head + query, paths, labels, classes)
 
 
