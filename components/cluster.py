@@ -11,6 +11,21 @@ import threading
 from pathlib import Path
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A `host:port` address where nothing listens fails here, in one line: `ray.init` would
+    retry the GCS for minutes. Other forms (`auto`, `ray://...`) are Ray's to resolve."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {address}: "
+                              f"{e.strerror or type(e).__name__}") from None
+
+
 def enable_token_auth() -> None:
     """Ray's clients send the cluster's auth token (Ray 2.60 turns token auth on by default)
     only in token mode: turn it on when a token is at hand (RAY_AUTH_TOKEN,
@@ -30,6 +45,7 @@ def ray_session(address: str | None, num_cpus: int | None = None,
     `runtime_env` is the driver's on a cluster (e.g. code the nodes do not have)."""
     given = bool(address)
     if given:   # inside a Ray job (RAY_ADDRESS), the job's own settings hold
+        check_reachable(address)
         enable_token_auth()   # before ray is imported: it reads RAY_AUTH_MODE then
     import ray
 

@@ -125,12 +125,12 @@ def _classify(args, local_model: str, described: str, paths: list[str], on_ray: 
             archive = bi.pack_model(local_model)
             with console.ray_output_to(log_path):
                 progress = bi.Progress(len(paths), console.stderr())
-                writer = bi.PredictionWriter(args.output, console.stdout())
                 # This code travels with the job: the nodes need torch and mlflow (the
                 # model's own requirements), not visiontune.
                 code = {"py_modules": [str(Path(bi.__file__).resolve().parent)],
                         "excludes": ["__pycache__/"]}
                 with ray_session(address, runtime_env=code if address else None):
+                    writer = bi.PredictionWriter(args.output, console.stdout())
                     workers = min(args.workers or bi.default_workers(), len(paths))
                     print(f"predict: {workers:,} Ray Data workers (1 CPU each) load the model",
                           file=console.stderr(), flush=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import cli_env, make_image_folder, register_untrained_model
+from tests.conftest import cli_env, free_port, make_image_folder, register_untrained_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -178,6 +178,15 @@ def test_mistakes_get_one_line(setup, tmp_path):
     for extra, line in bad:
         p = _predict(setup, *setup["model"], str(setup["images"] / "cat" / "000.png"), *extra)
         assert p.returncode == 1 and p.stderr.strip() == line, p.stderr
+    # a cluster address where nothing listens: one line at once, not minutes of retries
+    port = free_port()
+    start = time.monotonic()
+    p = _predict(setup, *setup["model"], str(setup["images"] / "cat" / "000.png"),
+                 "--address", f"127.0.0.1:{port}")
+    assert p.returncode == 1 and time.monotonic() - start < 60
+    assert p.stderr.strip().splitlines()[-1] == \
+        f"visiontune: error: no Ray cluster answers at 127.0.0.1:{port}: Connection refused"
+    assert "Traceback" not in p.stderr
     env = {**setup["env"], "VISIONTUNE_PREDICT_RAY_ABOVE": "many"}
     p = _predict(setup, *setup["model"], str(setup["images"]), env=env)
     assert p.returncode == 1 and p.stderr.strip() == \
