@@ -59,7 +59,14 @@ class DataConfig:
     on_bad_image: str = field(default="skip", metadata=_choices(
         "skip", "fail", doc="what to do with unreadable/corrupt images"))
     val_fraction: float = field(default=0.15, metadata=_fraction())
-    test_fraction: float = field(default=0.15, metadata=_fraction())
+    test_fraction: float = field(default=0.15, metadata=_fraction(
+        "ignored with data.test_path"))
+    split_seed: int | None = field(default=None, metadata={
+        "doc": "seed of the train/val/test split; default: seed. Keep it to test later runs "
+               "(other training seeds) on the same images"})
+    test_path: str | None = field(default=None, metadata={
+        "doc": "a labelled folder or CSV manifest used as the test split (never for training "
+               "or selection): runs over more or other data.path images share a test set"})
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5], metadata={
         "doc": "normalisation mean per channel (ImageNet's when model.pretrained)"})
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5],

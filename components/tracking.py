@@ -213,6 +213,19 @@ class Tracker:
                   for name, context, frame in datasets]
         self.client.log_inputs(run_id, datasets=inputs)
 
+    def log_model_metrics(self, run_id: str, model_id: str, metrics: dict[str, float],
+                          dataset_name: str, dataset_digest: str) -> None:
+        """Metrics of the LoggedModel `model_id` on one dataset (MLflow 3's lineage: the model
+        page lists them with the dataset's name and digest)."""
+        for key, value in metrics.items():
+            self.client.log_metric(run_id, key, float(value), model_id=model_id,
+                                   dataset_name=dataset_name,
+                                   dataset_digest=dataset_digest[:DATASET_DIGEST_CHARS])
+
+    def model_metrics(self, model_id: str):
+        """The LoggedModel's metrics (each with its dataset_name and dataset_digest)."""
+        return self.client.get_logged_model(model_id).metrics or []
+
     def metric_history(self, run_id: str, key: str) -> list[Metric]:
         return self.client.get_metric_history(run_id, key)
 

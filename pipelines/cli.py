@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from components.config import ConfigError
+from components.evaluation.paired import DEFAULT_RESAMPLES
 from pipelines.predict import RAY_ABOVE as _RAY_ABOVE
 from pipelines.predict import RAY_ABOVE_ENV as _RAY_ABOVE_ENV
 
@@ -87,12 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--token")
     st.add_argument("--logs", action="store_true")
 
-    pr = sub.add_parser("promote", help="move the champion alias to the challenger if it wins")
+    pr = sub.add_parser(
+        "promote", help="score the challenger and the champion on the same images; move the "
+                        "champion alias only when the challenger is shown to be better")
     pr.add_argument("--model", required=True, help="registered model name")
     pr.add_argument("--version", help="challenger version (default: alias challenger)")
-    pr.add_argument("--dry-run", action="store_true", help="decide and print, change nothing")
+    pr.add_argument("--data", metavar="PATH_OR_URI",
+                    help="score both on this labelled folder or CSV manifest (default: the "
+                         "challenger's test split)")
+    pr.add_argument("--confidence", type=float, default=0.95,
+                    help="of the F1 difference's interval (default: 0.95)")
+    pr.add_argument("--non-inferior", type=float, metavar="MARGIN",
+                    help="promote a challenger that is not worse by more than MARGIN of F1 "
+                         "(a smaller or faster model) instead of requiring it to be better")
+    pr.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
+                    help=f"paired bootstrap resamples (default and minimum: "
+                         f"{DEFAULT_RESAMPLES:,})")
+    pr.add_argument("--seed", type=int, default=0, help="of the bootstrap (default: 0)")
+    pr.add_argument("--dry-run", action="store_true",
+                    help="decide, record and print; move no alias and tag no version")
     pr.add_argument("--force", action="store_true",
-                    help="promote even when worse or on other test data")
+                    help="promote whatever the evidence (recorded as forced)")
     _add_config_args(pr)
     rb = sub.add_parser("rollback", help="move champion back to previous-champion")
     rb.add_argument("--model", required=True)
@@ -231,19 +247,50 @@ EXIT_NOT_PROMOTED = 3
 
 def cmd_promote(args) -> int:
     from components.registry import promote
+    from pipelines.training import review_links
 
+    if not 0.5 <= args.confidence < 1:
+        raise ConfigError(f"--confidence={args.confidence} must be in [0.5, 1), e.g. 0.95")
+    if args.non_inferior is not None and not 0 < args.non_inferior < 1:
+        raise ConfigError(f"--non-inferior={args.non_inferior} is a margin of F1 in (0, 1), "
+                          f"e.g. 0.01")
+    if args.resamples < DEFAULT_RESAMPLES:
+        raise ConfigError(f"--resamples={args.resamples}: at least {DEFAULT_RESAMPLES:,}")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg, tracker = _tracking(args)
-    r = promote(tracker, args.model, args.version, min_gain=cfg.registry.min_f1_gain,
-                force=args.force, dry_run=args.dry_run)
-    champ = f"v{r.champion.version} (test F1 {r.champion.test_f1})" if r.champion else "none"
-    verdict = "promote" if r.decision.promote else "keep the champion"
-    print(f"challenger v{r.challenger.version} (test F1 {r.challenger.test_f1}) vs champion "
-          f"{champ}: {verdict}: {r.decision.reason}"
-          + (" [dry run: nothing changed]" if args.dry_run else ""))
+    r = promote(tracker, args.model, args.version, data=args.data, confidence=args.confidence,
+                min_gain=cfg.registry.min_f1_gain, non_inferior=args.non_inferior,
+                resamples=args.resamples, seed=args.seed, force=args.force,
+                dry_run=args.dry_run, echo=lambda line: print(line, flush=True),
+                experiment_name=cfg.tracking.experiment_name)
+    for line in promotion_lines(r):
+        print(line)
+    verdict = "promote" if r.promote else "keep the champion"
+    print(f"{verdict}: {r.reason}" + (" [dry run: no alias moved]" if args.dry_run else ""))
     if r.applied:
         print(f"models:/{args.model}@champion -> version {r.challenger.version}"
               + (f" (previous-champion -> {r.champion.version})" if r.champion else ""))
-    return 0 if r.decision.promote else EXIT_NOT_PROMOTED
+    if r.run_id:
+        link = review_links(tracker.uri, r.experiment_id, r.run_id)["run"]
+        print(f"record: {link}")
+    return 0 if r.promote else EXIT_NOT_PROMOTED
+
+
+def promotion_lines(r) -> list[str]:
+    """The evidence, as the console shows it before the verdict."""
+    p = r.paired
+    if p is None:
+        return []
+    lines = [f"  {p.average} F1: challenger {p.f1_challenger:.4f}, champion "
+             f"{p.f1_champion:.4f}, difference {p.difference:+.4f}, {p.confidence:.0%} "
+             f"interval {p.interval()} ({p.resamples:,} paired resamples)",
+             f"  McNemar exact test: {p.challenger_only} images only the challenger gets "
+             f"right, {p.champion_only} only the champion, p = {p.mcnemar_p:.3g}"]
+    if r.left_out:
+        lines.append(f"  {len(r.left_out):,} images could not be read by a model and were "
+                     f"left out (first: {r.left_out[0][0]}: {r.left_out[0][1]})")
+    return lines
 
 
 def cmd_rollback(args) -> int:
@@ -274,6 +321,7 @@ _USER_ERRORS = (
     ("components.evaluation.evaluate", "NoUsableTrialError"),
     ("components.models.transfer", "WeightsNotFoundError"),
     ("components.registry", "RegistryError"),
+    ("components.registry", "PromotionError"),
     ("components.storage", "StorageError"),
     ("components.tracking", "TrackingError"),
     ("components.tuning.plan", "ResourceError"),

@@ -163,30 +163,44 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
     from components.data.split import min_images_per_class
     from components.training.metrics import check_average
 
+    d = cfg.data
     with record.step("ingest", echo):
-        root = cfg.data.path or str(write_digits_folder(cfg.data.cache_dir))
+        root = d.path or str(write_digits_folder(d.cache_dir))
         index = index_images(root)
         echo(f"  {len(index)} image files in {len(index.classes)} classes under {root}")
+        test_index = index_images(d.test_path) if d.test_path else None
+        if test_index is not None:
+            echo(f"  test set: {len(test_index)} image files in {len(test_index.classes)} "
+                 f"classes under {d.test_path}")
     with record.step("validate", echo):
         # Known only now, and cheaper to refuse here than in every trial.
         check_average(cfg.evaluation.average, len(index.classes))
-        images = validate_images(index, cfg.data.on_bad_image, min_images_per_class(
-            cfg.data.val_fraction, cfg.data.test_fraction),
+        # With a separate test set, data.path only has to fill train and val.
+        images = validate_images(index, d.on_bad_image, min_images_per_class(
+            d.val_fraction, d.test_fraction if test_index is None else d.val_fraction),
             progress=progress_printer(echo, "checked", "images"))
-        for path, reason in images.skipped[:10]:
+        test_images = None if test_index is None else validate_images(
+            test_index, d.on_bad_image, 1, progress=progress_printer(echo, "checked", "images"))
+        skipped = images.skipped + (test_images.skipped if test_images else [])
+        for path, reason in skipped[:10]:
             echo(f"  skipped {path}: {reason}")
-        if len(images.skipped) > 10:
-            echo(f"  ... and {len(images.skipped) - 10} more skipped")
-        record.log_metrics({"data_num_images": len(images.index),
-                            "data_num_skipped": len(images.skipped)})
-        if images.skipped:
-            record.log_text("\n".join(f"{p}\t{r}" for p, r in images.skipped),
+        if len(skipped) > 10:
+            echo(f"  ... and {len(skipped) - 10} more skipped")
+        record.log_metrics({"data_num_images": len(images.index) + (
+            len(test_images.index) if test_images else 0), "data_num_skipped": len(skipped)})
+        if skipped:
+            record.log_text("\n".join(f"{p}\t{r}" for p, r in skipped),
                             "data/skipped_images.tsv")
     with record.step("split", echo):
-        manifest = split_dataset(images, cfg.data.val_fraction, cfg.data.test_fraction,
-                                 cfg.seed)
-        echo(f"  split {manifest.counts()}, fingerprint {manifest.fingerprint[:12]}")
-        record.set_tags({"visiontune.data_fingerprint": manifest.fingerprint})
+        split_seed = cfg.seed if d.split_seed is None else d.split_seed
+        manifest = split_dataset(images, d.val_fraction, d.test_fraction, split_seed,
+                                 test_images)
+        echo(f"  split {manifest.counts()} (split seed {split_seed}"
+             + (f", test split from {d.test_path}" if d.test_path else "")
+             + f"), fingerprint {manifest.fingerprint[:12]}, test images "
+             f"{manifest.test_fingerprint[:12]}")
+        record.set_tags({"visiontune.data_fingerprint": manifest.fingerprint,
+                         "visiontune.test_fingerprint": manifest.test_fingerprint})
         record.log_params({"data_fingerprint": manifest.fingerprint,
                            "data_classes": ",".join(manifest.classes)})
         with tempfile.TemporaryDirectory() as d:
@@ -201,12 +215,21 @@ DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 DIGEST_CHARS = 12  # the prefix of the data fingerprint the console shows too
 
 
+def _dataset_base(manifest) -> str:
+    return manifest.root.rstrip("/").rsplit("/", 1)[-1] or "images"
+
+
+def test_dataset_name(manifest) -> str:
+    """The test split's name as the run's datasets and the model's metrics name it."""
+    return f"{_dataset_base(manifest)}-test"
+
+
 def log_split_datasets(manifest, record) -> None:
     """The split manifest's train/val/test rows (path, label) as the parent run's dataset
     inputs, named after the data folder, with the data fingerprint as their digest."""
     import pandas as pd
 
-    base = manifest.root.rstrip("/").rsplit("/", 1)[-1] or "images"
+    base = _dataset_base(manifest)
     datasets = []
     for split, context in DATASET_CONTEXTS.items():
         paths, labels = manifest.subset(split)
@@ -443,16 +466,27 @@ def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: E
                         "hyperparameters": {k: str(v) for k, v in best.params.items()}}
             model_uri = record.tracker.log_image_classifier(
                 record.run_id, evaluation.model, manifest.classes, prep, metadata)
+            if model_uri.startswith("models:/m-"):
+                # MLflow's lineage: these test metrics are this model's, on these images
+                # (promote reads it to check that two versions were tested on the same).
+                record.tracker.log_model_metrics(
+                    record.run_id, model_uri.removeprefix("models:/"),
+                    {f"test_{k}": v for k, v in report.metrics.items()},
+                    test_dataset_name(manifest), manifest.test_fingerprint)
             record.set_tags({MODEL_URI_TAG: model_uri})
         description = version_description(
             record.pipeline_id, len(manifest.paths), manifest.counts(), manifest.classes,
             manifest.fingerprint, report.metrics, report.average, best.best_val_f1,
-            best.params)
+            best.params, cv=best.cv, test_root=manifest.test_root)
+        # k-fold: best_val_f1 is the folds' mean; the registered model is one fold's
+        val_f1 = best.cv["cv_best_fold_val_f1"] if best.cv else best.best_val_f1
         registered = register_challenger(
             record.tracker, model_uri, cfg.registry.model_name, record.run_id,
-            tags={"data_fingerprint": manifest.fingerprint, "test_f1": report.metrics["f1"],
-                  "test_f1_average": report.average, "val_f1": best.best_val_f1,
-                  "pipeline_id": record.pipeline_id, "model_uri": model_uri},
+            tags={"data_fingerprint": manifest.fingerprint,
+                  "test_fingerprint": manifest.test_fingerprint,
+                  "test_f1": report.metrics["f1"], "test_f1_average": report.average,
+                  "val_f1": val_f1, "pipeline_id": record.pipeline_id, "model_uri": model_uri,
+                  **({"cv_mean_val_f1": best.best_val_f1} if best.cv else {})},
             description=description)
         # The run page's Description says the same, with where the model went and what to
         # open first (it read "No description").

@@ -1,21 +1,31 @@
-"""Evaluation: choose the best trial by validation F1, evaluate it once on the test split."""
+"""Evaluation: choose the best trial by validation F1, evaluate it once on the test split, and
+the paired comparison of two models on the same images (`paired`).
 
-from components.evaluation.comparison import plot_comparison_heatmap, plot_continuous_axes
-from components.evaluation.errors import (
-    per_class_metrics,
-    plot_misclassified,
-    plot_per_class_metrics,
-)
-from components.evaluation.evaluate import (
-    TestReport,
-    evaluate_on_test,
-    leaderboard,
-    plot_confusion_matrix,
-    plot_trial_curves,
-    select_best_trial,
-)
+Names are imported on first use (as in `components.data`): the CLI imports `paired`'s
+constants without paying for torch and matplotlib."""
 
-__all__ = ["TestReport", "evaluate_on_test", "leaderboard", "per_class_metrics",
-           "plot_comparison_heatmap", "plot_confusion_matrix", "plot_continuous_axes",
-           "plot_misclassified", "plot_per_class_metrics", "plot_trial_curves",
-           "select_best_trial"]
+from importlib import import_module
+
+_WHERE = {
+    "plot_comparison_heatmap": "comparison", "plot_continuous_axes": "comparison",
+    "per_class_metrics": "errors", "plot_misclassified": "errors",
+    "plot_per_class_metrics": "errors",
+    "TestReport": "evaluate", "evaluate_on_test": "evaluate", "leaderboard": "evaluate",
+    "plot_confusion_matrix": "evaluate", "plot_trial_curves": "evaluate",
+    "select_best_trial": "evaluate",
+    "PairedDecision": "paired", "decide": "paired", "plot_bootstrap": "paired",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

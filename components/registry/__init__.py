@@ -1,18 +1,23 @@
-"""The MLflow model registry: register a new version, aliases (stages are deprecated)."""
+"""The MLflow model registry: register a new version, aliases (stages are deprecated), and the
+promotion gate (a paired comparison on the same images, recorded as an MLflow run)."""
 
-from components.registry.promotion import (  # noqa: E402
+from components.evaluation.paired import PairedDecision, decide
+from components.registry.promotion import (
     PREVIOUS,
     Candidate,
-    Decision,
-    decide,
+    PromotionError,
+    PromotionResult,
     promote,
     rollback,
+    same_test_images,
 )
 from components.registry.registry import (
     CHALLENGER,
     CHAMPION,
+    AliasConflict,
     RegisteredVersion,
     RegistryError,
+    alias_lock,
     get_alias_version,
     get_version,
     is_not_found,
@@ -22,7 +27,8 @@ from components.registry.registry import (
     version_of_run,
 )
 
-__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "Candidate", "Decision", "RegisteredVersion",
-           "RegistryError", "decide", "get_alias_version", "get_version", "is_not_found",
+__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "AliasConflict", "Candidate", "PairedDecision",
+           "PromotionError", "PromotionResult", "RegisteredVersion", "RegistryError",
+           "alias_lock", "decide", "get_alias_version", "get_version", "is_not_found",
            "model_version_aliases", "promote", "register_challenger", "rollback",
-           "version_description", "version_of_run"]
+           "same_test_images", "version_description", "version_of_run"]

@@ -7,7 +7,12 @@ else raises `RegistryError` before any alias is moved.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
@@ -22,6 +27,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 # INVALID_PARAMETER_VALUE "Registered model alias <alias> not found." (REST prefixes the code
 # to the message). INVALID_PARAMETER_VALUE alone also means a malformed name: not "not found".
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+_EXISTS = "RESOURCE_ALREADY_EXISTS"
 _ALIAS_NOT_FOUND = re.compile(r"Registered model alias \S+ not found")
 
 # A store that cannot answer: MLflow wraps a refused connection in MlflowException
@@ -83,8 +89,76 @@ def _ensure_registered_model(tracker: Tracker, name: str) -> None:
     except _REGISTRY_FAILURES as exc:
         if not is_not_found(exc):
             raise _registry_error(tracker, f"model {name}", exc) from exc
-        tracker.client.create_registered_model(
-            name, description="Image classifier trained and registered by visiontune")
+        try:
+            tracker.client.create_registered_model(
+                name, description="Image classifier trained and registered by visiontune")
+        except MlflowException as exists:
+            # Another pipeline registered the same new name a moment ago: use it.
+            if exists.error_code != _EXISTS:
+                raise
+
+
+# ----------------------------------------------------------------------------- alias lock
+
+LOCK_SUFFIX = ".alias-lock"
+LOCK_OWNER_TAG = "visiontune.lock_owner"
+LOCK_WAIT_S = 60.0     # a holder moves aliases in well under a second; wait for it this long
+LOCK_STALE_S = 600.0   # a lock this old was left by a killed process: taken over
+
+
+class AliasConflict(RegistryError):
+    """The aliases changed while a command compared versions: nothing was moved."""
+
+
+def _lock_age_s(tracker: Tracker, lock: str) -> tuple[float, str] | None:
+    try:
+        held = tracker.client.get_registered_model(lock)
+    except _REGISTRY_FAILURES as exc:
+        if is_not_found(exc):
+            return None
+        raise _registry_error(tracker, f"model {lock}", exc) from exc
+    return time.time() - held.creation_timestamp / 1000, held.tags.get(LOCK_OWNER_TAG, "?")
+
+
+@contextlib.contextmanager
+def alias_lock(tracker: Tracker, name: str, wait_s: float = LOCK_WAIT_S,
+               stale_s: float = LOCK_STALE_S):
+    """Only one promote, rollback or first registration moves `name`'s aliases at a time.
+
+    MLflow has no compare-and-set for aliases; creating a registered model is atomic in every
+    store (a unique name), so the lock is a registered model `<name>.alias-lock` that lives
+    while the aliases move, and is deleted after. One left by a killed process is taken over
+    after `stale_s` seconds."""
+    lock = name + LOCK_SUFFIX
+    owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            tracker.client.create_registered_model(
+                lock, tags={LOCK_OWNER_TAG: owner},
+                description=f"visiontune: held while the aliases of {name} move; deleted after")
+            break
+        except _REGISTRY_FAILURES as exc:
+            if not (isinstance(exc, MlflowException) and exc.error_code == _EXISTS):
+                raise _registry_error(tracker, f"the alias lock {lock}", exc) from exc
+        held = _lock_age_s(tracker, lock)
+        if held is None:
+            continue
+        age, holder = held
+        if age > stale_s:
+            with contextlib.suppress(MlflowException):
+                tracker.client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise AliasConflict(f"the aliases of model {name} are being moved by another "
+                                f"command ({holder}, for {age:.0f} s): try again; if none is "
+                                f"running, delete the registered model {lock!r}")
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(*_REGISTRY_FAILURES):
+            tracker.client.delete_registered_model(lock)
 
 
 def model_version_aliases(tracker: Tracker, name: str, version: str) -> tuple[str, ...]:
@@ -108,7 +182,8 @@ def version_of_run(tracker: Tracker, name: str, run_id: str):
 
 def version_description(pipeline_id: str, num_images: int, split_counts: dict[str, int],
                         classes: list[str], fingerprint: str, test_metrics: dict[str, float],
-                        average: str, val_f1: float, params: dict) -> str:
+                        average: str, val_f1: float, params: dict, cv: dict | None = None,
+                        test_root: str | None = None) -> str:
     """The model version's description (Markdown in the MLflow UI): what it was trained on,
     how good it is, and with which hyperparameters, readable without opening the run."""
     shown = ", ".join(str(c) for c in classes[:12]) + (", ..." if len(classes) > 12 else "")
@@ -116,11 +191,23 @@ def version_description(pipeline_id: str, num_images: int, split_counts: dict[st
     metrics = ", ".join(f"{k} {test_metrics[k]:.4f}" for k in ("accuracy", "precision",
                                                                "recall") if k in test_metrics)
     hyper = "\n".join(f"  - `{k}` = {v}" for k, v in params.items()) or "  - (none searched)"
+    if cv:
+        k, fold = int(cv.get("cv_folds", 0)), int(cv.get("cv_best_fold", 0))
+        scores = (f"best val F1 {cv.get('cv_best_fold_val_f1', float('nan')):.4f} (fold "
+                  f"{fold}'s); mean over {k} folds {val_f1:.4f} +- "
+                  f"{cv.get('cv_val_f1_std', float('nan')):.4f}\n"
+                  f"- **What is registered (k-fold CV)**: the configuration was chosen by its "
+                  f"mean val F1 over {k} folds of train+val; the model is fold {fold}'s (the "
+                  f"best of that configuration's folds), trained on {k - 1}/{k} of train+val. "
+                  f"The test F1 above is this model's, on the test split no fold saw.")
+    else:
+        scores = f"best val F1 {val_f1:.4f}"
+    test_from = f" (the test split is {test_root})" if test_root else ""
     return (f"Image classifier from visiontune pipeline `{pipeline_id}`.\n\n"
             f"- **Test F1: {test_metrics['f1']:.4f}** ({average} average); {metrics}; "
-            f"best val F1 {val_f1:.4f}\n"
-            f"- Data: {num_images} images ({splits}), {len(classes)} classes ({shown}); "
-            f"data fingerprint `{fingerprint}`\n"
+            f"{scores}\n"
+            f"- Data: {num_images} images ({splits}){test_from}, {len(classes)} classes "
+            f"({shown}); data fingerprint `{fingerprint}`\n"
             f"- Hyperparameters of the best trial:\n{hyper}\n")
 
 
@@ -145,8 +232,10 @@ def register_challenger(tracker: Tracker, model_uri: str, name: str, run_id: str
             client.set_registered_model_alias(name, CHALLENGER, existing.version)
             aliases.add(CHALLENGER)
         if get_alias_version(tracker, name, CHAMPION) is None:
-            client.set_registered_model_alias(name, CHAMPION, existing.version)
-            aliases.add(CHAMPION)
+            with alias_lock(tracker, name):
+                if get_alias_version(tracker, name, CHAMPION) is None:
+                    client.set_registered_model_alias(name, CHAMPION, existing.version)
+                    aliases.add(CHAMPION)
         return RegisteredVersion(name, str(existing.version), tuple(sorted(aliases)))
     # Read before creating the version or moving `challenger`: a registry that fails here
     # leaves neither a new version nor a moved alias behind.
@@ -158,6 +247,10 @@ def register_challenger(tracker: Tracker, model_uri: str, name: str, run_id: str
     aliases = [CHALLENGER]
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     if not has_champion:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
-        aliases.append(CHAMPION)
+        # Two pipelines registering a new model at once: only one becomes the champion
+        # without a comparison; the other stays the challenger.
+        with alias_lock(tracker, name):
+            if get_alias_version(tracker, name, CHAMPION) is None:
+                client.set_registered_model_alias(name, CHAMPION, mv.version)
+                aliases.append(CHAMPION)
     return RegisteredVersion(name, str(mv.version), tuple(aliases))

@@ -44,6 +44,12 @@ class TrialResult:
     checkpoint_path: str | None = None
     error: str | None = None
     history: dict[str, list[float]] = field(default_factory=dict)
+    # k-fold CV: folds, best_fold, best_fold_val_f1 (best_val_f1 is then the folds' mean and
+    # checkpoint_path the best fold's model)
+    cv: dict[str, float] | None = None
+
+
+CV_KEYS = ("cv_folds", "cv_best_fold", "cv_best_fold_val_f1", "cv_val_f1_std")
 
 
 @dataclass
@@ -85,10 +91,13 @@ def _cross_validate(job: TrainJob, trial_id: str, storage_path: str,
                        "epoch": m["epoch"], "best_epoch": m["best_epoch"],
                        "checkpoint_path": storage.uri_in(storage_path, result.checkpoint.path)})
     f1s = [s["f1"] for s in scores]
-    best = max(scores, key=lambda s: (s["f1"], -s["loss"]))
+    best_fold = max(range(len(scores)), key=lambda i: (scores[i]["f1"], -scores[i]["loss"]))
+    best = scores[best_fold]
     summary = {"best_val_f1": mean(f1s), "best_val_loss": mean(s["loss"] for s in scores),
                "cv_val_f1_std": pstdev(f1s), "epoch": max(s["epoch"] for s in scores),
-               "best_epoch": best["best_epoch"], "early_stopped": 0}
+               "best_epoch": best["best_epoch"], "early_stopped": 0,
+               "cv_folds": len(scores), "cv_best_fold": best_fold,
+               "cv_best_fold_val_f1": best["f1"]}
     if target is not None:
         target.tracker.log_metrics(run_id, {"cv_mean_val_f1": summary["best_val_f1"],
                                             "cv_std_val_f1": summary["cv_val_f1_std"],
@@ -266,7 +275,7 @@ def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[
         best_epoch=m.get("best_epoch"), epochs=epochs,
         checkpoint_path=storage.uri_in(train_storage, m.get("checkpoint_path")),
         error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
-        history=history)
+        history=history, cv={k: m[k] for k in CV_KEYS if k in m} or None)
 
 
 def build_search_alg(search: SearchConfig, axes: list[Axis], plan: ResourcePlan, seed: int):
