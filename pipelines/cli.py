@@ -246,6 +246,9 @@ EXIT_NOT_PROMOTED = 3
 
 
 def cmd_promote(args) -> int:
+    # Before MLflow is imported (it reads the level then): the decision is the story here.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from components.registry import promote
     from pipelines.training import review_links
 
@@ -256,8 +259,6 @@ def cmd_promote(args) -> int:
                           f"e.g. 0.01")
     if args.resamples < DEFAULT_RESAMPLES:
         raise ConfigError(f"--resamples={args.resamples}: at least {DEFAULT_RESAMPLES:,}")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg, tracker = _tracking(args)
     r = promote(tracker, args.model, args.version, data=args.data, confidence=args.confidence,
                 min_gain=cfg.registry.min_f1_gain, non_inferior=args.non_inferior,

@@ -322,3 +322,38 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[-1][:1] != "Z"   # a zombie is gone, only unreaped
     except FileNotFoundError:
         return False
+
+
+# ---------------------------------------------------------------- versions as the pipeline registers them
+def register_like_the_pipeline(tracking_uri: str, artifacts: str, data: Path, net, name: str,
+                               image_size: int = 4, channels: int = 1,
+                               overrides: tuple[str, ...] = (), params: dict | None = None):
+    """`net` (an nn.Module returning logits) registered as the pipeline registers its best
+    trial, through the pipeline's own steps: a parent run whose data step indexed, validated
+    and split `data` (its manifest logged), the test split evaluated, the model logged and
+    registered as `name`@challenger with the same tags, lineage and description. Only the
+    search is skipped (the network is given). Returns (RegisteredVersion, SplitManifest)."""
+    from components.augment import eval_preprocessing
+    from components.evaluation import evaluate_on_test
+    from components.tuning.driver import TrialResult
+    from pipelines.config import load_config
+    from pipelines.steps import Evaluation, open_record, prepare_data, register_best
+
+    grey = channels == 1
+    cfg = load_config(["data=folder", f"data.path={data}", f"data.image_size={image_size}",
+                       f"data.channels={channels}", f"data.mean={[0.5] if grey else [0.5] * 3}",
+                       f"data.std={[0.5] if grey else [0.5] * 3}", "augment=none",
+                       f"tracking.uri={tracking_uri}", f"tracking.artifact_location={artifacts}",
+                       f"registry.model_name={name}", *overrides])
+    quiet = lambda line: None  # noqa: E731
+    record = open_record(cfg, None, None, quiet)
+    manifest = prepare_data(cfg, record, quiet)
+    prep = eval_preprocessing(cfg.data, cfg.model)
+    paths, labels = manifest.subset("test")
+    report = evaluate_on_test(net.eval(), paths, labels, manifest.classes, prep,
+                              cfg.evaluation.average)
+    best = TrialResult("given", dict(params or {}), "FINISHED", None,
+                       best_val_f1=report.metrics["f1"], checkpoint_path="(given)")
+    registered = register_best(cfg, manifest, Evaluation(best, net, prep, report), record, quiet)
+    record.close("FINISHED")
+    return registered, manifest

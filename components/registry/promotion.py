@@ -122,7 +122,11 @@ def _test_digest(tracker: Tracker, model_id: str | None) -> str | None:
 
 def candidate(tracker: Tracker, mv) -> Candidate:
     f1 = mv.tags.get("test_f1")
-    model_id = getattr(mv, "model_id", None)
+    # MLflow 3.17 returns no model_id with a version (also when it was registered with one);
+    # its source is the LoggedModel's URI.
+    source = mv.source or ""
+    model_id = getattr(mv, "model_id", None) or (
+        source.removeprefix("models:/") if source.startswith("models:/m-") else None)
     tag_fp = mv.tags.get("test_fingerprint") or None
     test_fp = _test_digest(tracker, model_id) or (tag_fp[:DATASET_DIGEST_CHARS]
                                                   if tag_fp else None)
@@ -140,6 +144,12 @@ def images_of_run(tracker: Tracker, run_id: str | None, version: str) -> ScoredI
     if not run_id:
         raise PromotionError(f"version {version} has no run: its test split is unknown; "
                              f"score both models on labelled images with --data PATH")
+    # Listed first: a run without a manifest lists nothing, a failing server raises.
+    if not any(a.path.endswith("manifest.json")
+               for a in tracker.client.list_artifacts(run_id, "data")):
+        raise PromotionError(f"version {version}'s run {run_id} has no split manifest "
+                             f"(data/manifest.json): score both models on labelled images "
+                             f"with --data PATH")
     with tempfile.TemporaryDirectory() as d:
         try:
             folder = tracker.client.download_artifacts(run_id, "data", d)

@@ -121,14 +121,16 @@ def _lock_age_s(tracker: Tracker, lock: str) -> tuple[float, str] | None:
 
 
 @contextlib.contextmanager
-def alias_lock(tracker: Tracker, name: str, wait_s: float = LOCK_WAIT_S,
-               stale_s: float = LOCK_STALE_S):
+def alias_lock(tracker: Tracker, name: str, wait_s: float | None = None,
+               stale_s: float | None = None):
     """Only one promote, rollback or first registration moves `name`'s aliases at a time.
 
     MLflow has no compare-and-set for aliases; creating a registered model is atomic in every
     store (a unique name), so the lock is a registered model `<name>.alias-lock` that lives
     while the aliases move, and is deleted after. One left by a killed process is taken over
     after `stale_s` seconds."""
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
+    stale_s = LOCK_STALE_S if stale_s is None else stale_s
     lock = name + LOCK_SUFFIX
     owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + wait_s

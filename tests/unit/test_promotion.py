@@ -1,118 +1,276 @@
-"""The promotion decision table, and promote/rollback on a SQLite registry (no server)."""
+"""promote and rollback on a SQLite registry (no server): both registered models score the same
+images, the decision is recorded as a run, the alias lock keeps concurrent commands honest.
 
+The versions are registered through the pipeline's own data and register steps
+(`register_like_the_pipeline`), with hand-set networks whose answers are known: `_perfect`
+reads the bright quadrant that tells the classes apart, `_always_cat` ignores the image."""
+
+import threading
+
+import pandas as pd
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from components.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
+    AliasConflict,
     Candidate,
-    decide,
+    PromotionError,
+    alias_lock,
     get_alias_version,
     promote,
     register_challenger,
     rollback,
+    same_test_images,
 )
+from components.registry import registry as registry_module
 from components.tracking import Tracker
+from tests.conftest import make_image_folder, register_like_the_pipeline
 
 FP = "a" * 64
 
 
-@pytest.mark.parametrize("challenger,champion,kw,promoted,reason", [
-    (Candidate("2", 0.90, FP), Candidate("1", 0.85, FP), {}, True, "beats champion"),
-    (Candidate("2", 0.85, FP), Candidate("1", 0.85, FP), {}, False, "improvement"),
-    (Candidate("2", 0.80, FP), Candidate("1", 0.85, FP), {}, False, "-0.0500"),
-    (Candidate("2", 0.86, FP), Candidate("1", 0.85, FP), {"min_gain": 0.02}, False,
-     "at least 0.0200"),
-    (Candidate("2", 0.90, FP), None, {}, True, "no champion yet"),
-    (Candidate("2", 0.99, "b" * 64), Candidate("1", 0.85, FP), {}, False,
-     "data fingerprints differ"),
-    (Candidate("2", 0.99, "b" * 64), Candidate("1", 0.85, FP), {"force": True}, True, "forced"),
-    (Candidate("2", 0.50, FP), Candidate("1", 0.85, FP), {"force": True}, True, "forced"),
-    (Candidate("1", 0.85, FP), Candidate("1", 0.85, FP), {}, False, "already is the champion"),
-    (Candidate("2", 0.90, FP, "macro"), Candidate("1", 0.85, FP, "macro"), {}, True,
-     "beats champion"),
-    (Candidate("2", 0.99, FP, "binary"), Candidate("1", 0.85, FP, "macro"), {}, False,
-     'one is "binary" and the other "macro"'),
-    (Candidate("2", 0.99, FP, "binary"), Candidate("1", 0.85, FP, "macro"), {"force": True}, True,
-     "forced"),
-    # A champion registered before the tag existed: unknown is not "macro".
-    (Candidate("2", 0.99, FP, "macro"), Candidate("1", 0.85, FP), {}, False,
-     'one is "macro" and the other unknown'),
-    (Candidate("2", 0.99, FP, "weighted"), Candidate("1", 0.85, FP), {"force": True}, True,
-     "forced"),
-])
-def test_decision_table(challenger, champion, kw, promoted, reason):
-    d = decide(challenger, champion, **kw)
-    assert d.promote is promoted and reason in d.reason
+def _perfect():
+    """4x4 grey input: cat = top-left quadrant bright, dog = top-right (tests/conftest.py)."""
+    w = torch.zeros(2, 16)
+    for i in (0, 1, 4, 5):
+        w[0, i], w[1, i] = 1.0, -1.0
+    for i in (2, 3, 6, 7):
+        w[0, i], w[1, i] = -1.0, 1.0
+    lin = torch.nn.Linear(16, 2)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.zero_()
+    return torch.nn.Sequential(torch.nn.Flatten(), lin).eval()
 
 
-_PREP = {"image_size": 4, "channels": 1, "color_mode": "L", "mean": [0.5], "std": [0.5]}
-_TINY_NET = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2)).eval()
+def _always_cat():
+    lin = torch.nn.Linear(16, 2)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.copy_(torch.tensor([1.0, 0.0]))
+    return torch.nn.Sequential(torch.nn.Flatten(), lin).eval()
 
 
-@pytest.fixture
-def registry(tmp_path):
-    import mlflow
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("promotion")
+    data = make_image_folder(tmp / "pets", per_class=100, corrupt=False)
+    other = make_image_folder(tmp / "other_pets", per_class=60, seed=5, corrupt=False)
+    uri = f"sqlite:///{tmp}/mlflow.db"
 
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = tracker.ensure_experiment("promo", str(tmp_path / "art"))
-    mlflow.set_tracking_uri(tracker.uri)
+    def register(net, name, folder=data, **kw):
+        return register_like_the_pipeline(uri, str(tmp / "art"), folder, net, name, **kw)[0]
 
-    def register(test_f1, fingerprint=FP, average="macro", log_model=True):
-        run = tracker.create_run(exp, "pipeline", {})
-        # Logging a model takes seconds; the gate itself reads only aliases and tags.
-        uri = tracker.log_image_classifier(run, _TINY_NET, ["a", "b"], _PREP,
-                                           {"class_names": ["a", "b"], "preprocessing": _PREP}) \
-            if log_model else str(tmp_path / "art" / "model")
-        return register_challenger(tracker, uri, "m", run,
-                                   {"test_f1": test_f1, "data_fingerprint": fingerprint,
-                                    "test_f1_average": average})
-    return tracker, register
+    return {"tracker": Tracker(uri), "register": register, "data": data, "other": other,
+            "tmp": tmp}
 
 
-def _alias(tracker, alias):
-    mv = get_alias_version(tracker, "m", alias)
+def _alias(tracker, name, alias):
+    mv = get_alias_version(tracker, name, alias)
     return None if mv is None else str(mv.version)
 
 
-def test_promote_dry_run_force_and_rollback(registry):
-    tracker, register = registry
-    first = register(0.9)
-    assert first.aliases == (CHALLENGER, CHAMPION)
-    register(0.8)  # worse
-    r = promote(tracker, "m")
-    assert not r.decision.promote and _alias(tracker, CHAMPION) == "1"
-    assert tracker.client.get_model_version("m", "2").tags["promotion.decision"] == "rejected"
-    r = promote(tracker, "m", force=True, dry_run=True)
-    assert r.decision.promote and not r.applied and _alias(tracker, CHAMPION) == "1"
-    r = promote(tracker, "m", force=True)
-    assert r.applied and _alias(tracker, CHAMPION) == "2" and _alias(tracker, PREVIOUS) == "1"
-    tags = tracker.client.get_model_version("m", "1").tags
-    assert tags["promotion.decision"] == "promoted" and tags["promotion.challenger_version"] == "2"
-    assert "promotion.time" in tags and tags["promotion.champion_test_f1"] == "0.9"
-    assert rollback(tracker, "m") == ("1", "2")
-    assert _alias(tracker, CHAMPION) == "1" and _alias(tracker, PREVIOUS) == "2"
-    register(0.95)
-    assert promote(tracker, "m").applied and _alias(tracker, CHAMPION) == "3"
+def _run(tracker, run_id):
+    return tracker.client.get_run(run_id)
 
 
-def test_fingerprint_mismatch_is_refused(registry):
-    tracker, register = registry
-    register(0.5)
-    register(0.99, fingerprint="c" * 64)
-    r = promote(tracker, "m")
-    assert not r.decision.promote and "fingerprints differ" in r.decision.reason
+def test_a_worse_challenger_is_rejected_with_its_evidence_recorded(store, tmp_path):
+    tracker, register = store["tracker"], store["register"]
+    assert register(_perfect(), "worse").aliases == (CHALLENGER, CHAMPION)
+    register(_always_cat(), "worse")
+    lines = []
+    r = promote(tracker, "worse", echo=lines.append)
+    assert not r.promote and not r.applied and _alias(tracker, "worse", CHAMPION) == "1"
+    p = r.paired
+    assert p.n == 30 and p.f1_champion == 1.0 and p.f1_challenger < 0.8
+    assert p.ci_high < 0 and "not shown to be better" in r.reason
+    assert any(line.startswith("  30 images: differences below about 0.200") for line in lines)
+    # the record: a promotion run in the model's experiment with everything it decided on
+    run = _run(tracker, r.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["visiontune.role"] == "promotion"
+    assert run.data.tags["promotion.decision"] == "rejected"
+    assert run.info.experiment_id == _run(tracker, r.challenger.run_id).info.experiment_id
+    assert run.data.params["challenger_version"] == "2"
+    assert run.data.params["champion_version"] == "1"
+    assert run.data.params["from_test_split"] == "True"
+    assert run.data.metrics["ci_high"] == pytest.approx(p.ci_high)
+    predictions = pd.read_csv(tracker.client.download_artifacts(
+        r.run_id, "promotion/predictions.csv", str(tmp_path)))
+    assert len(predictions) == 30 and predictions.champion_correct.all()
+    assert (predictions.challenger_prediction == "cat").all()
+    assert {a.path for a in tracker.client.list_artifacts(r.run_id, "promotion")} >= {
+        "promotion/predictions.csv", "promotion/bootstrap.png", "promotion/decision.json",
+        "promotion/images.csv"}
+    # both versions point at it; the champion says it was kept
+    tags = {v: tracker.client.get_model_version("worse", v).tags for v in ("1", "2")}
+    assert tags["2"]["promotion.run_id"] == tags["1"]["promotion.run_id"] == r.run_id
+    assert tags["2"]["promotion.decision"] == "rejected"
+    assert tags["1"]["promotion.decision"] == "kept (v2 rejected)"
+    assert tags["2"]["promotion.interval"].endswith("at 95%")
 
 
-def test_averaging_mismatch_is_refused(registry):
-    tracker, register = registry
-    register(0.5, average="macro", log_model=False)
-    register(0.99, average="binary", log_model=False)  # higher, but of the positive class only
-    r = promote(tracker, "m")
-    assert not r.decision.promote and not r.applied
-    assert (r.challenger.f1_average, r.champion.f1_average) == ("binary", "macro")
-    assert 'one is "binary" and the other "macro"' in r.decision.reason
-    assert _alias(tracker, CHAMPION) == "1" and _alias(tracker, PREVIOUS) is None
-    assert tracker.client.get_model_version("m", "2").tags["promotion.decision"] == "rejected"
+def test_better_is_promoted_forced_is_recorded_and_rollback_swaps(store):
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "better")
+    register(_perfect(), "better")
+    dry = promote(tracker, "better", dry_run=True)
+    assert dry.promote and not dry.applied and _alias(tracker, "better", CHAMPION) == "1"
+    assert _run(tracker, dry.run_id).data.tags["promotion.decision"] == "would promote"
+    assert "promotion.run_id" not in tracker.client.get_model_version("better", "2").tags
+    r = promote(tracker, "better")
+    assert r.applied and r.paired.ci_low > 0 and "the challenger is better" in r.reason
+    assert _alias(tracker, "better", CHAMPION) == "2"
+    assert _alias(tracker, "better", PREVIOUS) == "1"
+    assert tracker.client.get_model_version("better", "1").tags["promotion.decision"] == \
+        "replaced by v2"
+    # the same version again: nothing to compare
+    again = promote(tracker, "better")
+    assert not again.promote and "already is the champion" in again.reason
+    assert rollback(tracker, "better") == ("1", "2")
+    assert _alias(tracker, "better", CHAMPION) == "1" and _alias(tracker, "better", PREVIOUS) == "2"
+    # forced against the evidence: promoted, and the record says so
+    register(_always_cat(), "better")
+    forced = promote(tracker, "better", version="3", force=True)
+    assert forced.applied and forced.paired.rule == "forced"
+    assert _run(tracker, forced.run_id).data.params["forced"] == "True"
+
+
+def test_two_equal_models_are_not_promoted(store):
+    tracker, register = store["tracker"], store["register"]
+    register(_perfect(), "equal")
+    register(_perfect(), "equal")
+    r = promote(tracker, "equal")
+    assert not r.promote and (r.paired.ci_low, r.paired.ci_high) == (0.0, 0.0)
+    assert r.paired.mcnemar_p == 1.0 and _alias(tracker, "equal", CHAMPION) == "1"
+
+
+def test_other_test_images_are_refused_unless_both_score_the_same_data(store):
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "mixed")
+    register(_perfect(), "mixed", folder=store["other"])
+    r = promote(tracker, "mixed")
+    assert not r.promote and r.paired is None and "different test images" in r.reason
+    assert _alias(tracker, "mixed", CHAMPION) == "1"
+    # --data: both scored on a folder neither was trained on, whatever their fingerprints
+    fresh = make_image_folder(store["tmp"] / "fresh", per_class=20, seed=9, corrupt=False)
+    scored = promote(tracker, "mixed", data=str(fresh))
+    assert scored.applied and scored.paired.n == 40 and not scored.images.from_test_split
+    run = _run(tracker, scored.run_id)
+    assert run.data.params["data_source"] == f"--data {fresh}"
+    assert run.data.params["from_test_split"] == "False"
+
+
+def test_unusable_data_and_classes_move_nothing(store):
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "strict")
+    register(_perfect(), "strict")
+    birds = make_image_folder(store["tmp"] / "birds", classes=("cat", "bird"), per_class=5,
+                              corrupt=False)
+    with pytest.raises(PromotionError, match="classes the models do not know: bird"):
+        promote(tracker, "strict", data=str(birds))
+    with pytest.raises(FileNotFoundError):
+        promote(tracker, "strict", data=str(store["tmp"] / "nowhere"))
+    assert _alias(tracker, "strict", CHAMPION) == "1"
+    assert "promotion.decision" not in tracker.client.get_model_version("strict", "2").tags
+
+
+def test_a_champion_that_changes_meanwhile_moves_nothing(store):
+    """A rollback (or another promote) lands while this promote scores: it compared the old
+    champion, so it must not replace the new one."""
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "race")
+    register(_always_cat(), "race")
+    register(_perfect(), "race")
+
+    def meanwhile(line):
+        if line.lstrip().startswith("scoring"):
+            tracker.client.set_registered_model_alias("race", CHAMPION, "2")
+
+    with pytest.raises(AliasConflict, match="changed from v1 to v2 while this promote ran"):
+        promote(tracker, "race", version="3", echo=meanwhile)
+    assert _alias(tracker, "race", CHAMPION) == "2" and _alias(tracker, "race", PREVIOUS) is None
+    runs = tracker.client.search_runs(
+        [e.experiment_id for e in tracker.client.search_experiments()],
+        "tags.`visiontune.model_name` = 'race'")
+    assert [r.data.tags["promotion.decision"] for r in runs] == ["aborted"]
+
+
+def test_the_alias_lock_is_exclusive_and_a_stale_one_is_taken_over(store, monkeypatch):
+    tracker = store["tracker"]
+    monkeypatch.setattr(registry_module, "LOCK_WAIT_S", 1.0)
+    with alias_lock(tracker, "locked"):
+        with pytest.raises(AliasConflict, match="being moved by another command"):
+            with alias_lock(tracker, "locked"):
+                pass
+    with alias_lock(tracker, "locked"):   # released after use
+        pass
+    # one left behind by a killed process, older than LOCK_STALE_S
+    tracker.client.create_registered_model("locked" + registry_module.LOCK_SUFFIX)
+    monkeypatch.setattr(registry_module, "LOCK_STALE_S", 0.0)
+    with alias_lock(tracker, "locked"):
+        pass
+    names = [m.name for m in tracker.client.search_registered_models()]
+    assert not any(n.endswith(registry_module.LOCK_SUFFIX) for n in names)
+
+
+def test_two_new_registrations_at_once_both_register_and_one_is_champion(store):
+    tracker = store["tracker"]
+    exp = tracker.ensure_experiment("race-new", str(store["tmp"] / "art"))
+    runs = [tracker.create_run(exp, "pipeline", {}) for _ in range(2)]
+    results, errors = [], []
+
+    def register(run):
+        try:
+            # each thread its own client, as two pipelines would be
+            results.append(register_challenger(Tracker(tracker.uri), "/nowhere", "brand-new",
+                                               run, {"test_f1": 0.5}))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=register, args=(run,)) for run in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(r.version for r in results) == ["1", "2"]
+    assert sum(CHAMPION in r.aliases for r in results) == 1
+    champion = _alias(tracker, "brand-new", CHAMPION)
+    assert champion in ("1", "2")
+    assert [CHAMPION in r.aliases for r in results if r.version == champion] == [True]
+
+
+def test_same_test_images_rule():
+    a = Candidate("1", 0.9, FP, "macro", "t" * 36)
+    assert same_test_images(a, Candidate("2", 0.9, "b" * 64, "macro", "t" * 36))
+    assert not same_test_images(a, Candidate("2", 0.9, FP, "macro", "u" * 36))
+    # a version from before test fingerprints: the data fingerprint decides
+    assert same_test_images(a, Candidate("2", 0.9, FP))
+    assert not same_test_images(a, Candidate("2", 0.9, "c" * 64))
+    assert not same_test_images(Candidate("1", 0.9, None), Candidate("2", 0.9, None))
+
+
+def test_the_record_recomputes_from_its_predictions(store, tmp_path):
+    """The McNemar table and p-value of a recorded promotion follow from its predictions CSV
+    (scipy), and the registered versions' test metrics are linked to their test images in
+    MLflow's own lineage."""
+    from scipy.stats import binomtest
+
+    tracker = store["tracker"]
+    r = promote(tracker, "worse", dry_run=True)
+    frame = pd.read_csv(tracker.client.download_artifacts(
+        r.run_id, "promotion/predictions.csv", str(tmp_path)))
+    b = int((frame.challenger_correct & ~frame.champion_correct).sum())
+    c = int((~frame.challenger_correct & frame.champion_correct).sum())
+    metrics = MlflowClient(tracker.uri).get_run(r.run_id).data.metrics
+    assert (metrics["challenger_only_right"], metrics["champion_only_right"]) == (b, c)
+    assert metrics["mcnemar_p"] == pytest.approx(binomtest(b, b + c, 0.5).pvalue)
+    mv = tracker.client.get_model_version("worse", "1")
+    linked = tracker.client.get_logged_model(mv.source.removeprefix("models:/")).metrics
+    digests = {m.dataset_digest for m in linked if m.key == "test_f1"}
+    assert digests == {mv.tags["test_fingerprint"][:36]}
