@@ -190,9 +190,10 @@ def cmd_run(args) -> int:
 
 
 def _tracking(args):
-    from components.tracking import Tracker
+    from components.tracking import Tracker, bound_http_retries
     from pipelines.config import load_config
 
+    bound_http_retries()  # a server that went away fails in seconds, not minutes
     cfg = load_config(args.overrides, args.config)
     return cfg, Tracker(cfg.tracking.uri)
 

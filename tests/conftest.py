@@ -325,7 +325,8 @@ def _alive(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------- versions as the pipeline registers them
-def register_like_the_pipeline(tracking_uri: str, artifacts: str, data: Path, net, name: str,
+def register_like_the_pipeline(tracking_uri: str, artifacts: str | None, data: Path, net,
+                               name: str,
                                image_size: int = 4, channels: int = 1,
                                overrides: tuple[str, ...] = (), params: dict | None = None):
     """`net` (an nn.Module returning logits) registered as the pipeline registers its best
@@ -343,8 +344,9 @@ def register_like_the_pipeline(tracking_uri: str, artifacts: str, data: Path, ne
     cfg = load_config(["data=folder", f"data.path={data}", f"data.image_size={image_size}",
                        f"data.channels={channels}", f"data.mean={[0.5] if grey else [0.5] * 3}",
                        f"data.std={[0.5] if grey else [0.5] * 3}", "augment=none",
-                       f"tracking.uri={tracking_uri}", f"tracking.artifact_location={artifacts}",
-                       f"registry.model_name={name}", *overrides])
+                       f"tracking.uri={tracking_uri}", f"registry.model_name={name}",
+                       *([f"tracking.artifact_location={artifacts}"] if artifacts else []),
+                       *overrides])
     quiet = lambda line: None  # noqa: E731
     record = open_record(cfg, None, None, quiet)
     manifest = prepare_data(cfg, record, quiet)

@@ -208,3 +208,72 @@ def test_cache_keeps_decoded_images_only_when_asked_and_when_they_fit(image_fold
     assert cached.image(1) is cached.image(1)                   # decoded once
     assert streamed.image(1) is not streamed.image(1)           # decoded on every read
     assert (cached.image(1) == streamed.image(1)).all() and len(cached._cache) == 1
+
+
+def test_a_separate_test_set_is_the_test_split_and_keeps_its_fingerprint(tmp_path):
+    """data.test_path: its images are the test split whatever the training folder holds, so
+    a later run over more training images is tested on the same images (same test
+    fingerprint) while the data fingerprint changes."""
+    import shutil
+
+    from components.data.split import SplitManifest
+
+    train = make_image_folder(tmp_path / "train", per_class=20, corrupt=False)
+    test = make_image_folder(tmp_path / "test", per_class=8, seed=3, corrupt=False)
+    held_out = validate_images(index_image_folder(test))
+    m = split_dataset(validate_images(index_image_folder(train)), 0.2, 0.15, 0, held_out)
+    assert m.counts() == {"train": 32, "val": 8, "test": 16}
+    assert set(m.subset("test")[0]) == set(held_out.index.paths)
+    assert m.test_root == str(test.resolve())
+    # more training images: another data fingerprint, the same test images
+    more = make_image_folder(tmp_path / "more", per_class=30, seed=1, corrupt=False)
+    m2 = split_dataset(validate_images(index_image_folder(more)), 0.2, 0.15, 0, held_out)
+    assert m2.fingerprint != m.fingerprint and m2.test_fingerprint == m.test_fingerprint
+    # the same test set mounted elsewhere is the same test set
+    shutil.copytree(test, tmp_path / "elsewhere")
+    moved = validate_images(index_image_folder(tmp_path / "elsewhere"))
+    assert split_dataset(validate_images(index_image_folder(train)), 0.2, 0.15, 0,
+                         moved).test_fingerprint == m.test_fingerprint
+    # saved and loaded with the manifest
+    m.save(tmp_path / "saved")
+    loaded = SplitManifest.load(tmp_path / "saved")
+    assert (loaded.test_fingerprint, loaded.test_root) == (m.test_fingerprint, m.test_root)
+    assert loaded.subset("test") == m.subset("test")
+
+
+def test_a_split_seed_moves_the_test_split_and_a_test_set_must_be_unseen(tmp_path):
+    images = validate_images(index_image_folder(make_image_folder(
+        tmp_path / "pets", per_class=20, corrupt=False)))
+    a = split_dataset(images, 0.15, 0.15, 0)
+    assert a.test_fingerprint == split_dataset(images, 0.15, 0.15, 0).test_fingerprint
+    assert a.test_fingerprint != split_dataset(images, 0.15, 0.15, 1).test_fingerprint
+    # a test set with a class the training data lacks, or with a training image in it
+    birds = validate_images(index_image_folder(make_image_folder(
+        tmp_path / "birds", classes=("cat", "bird"), per_class=4, corrupt=False)))
+    with pytest.raises(DataError, match="classes the training data .* lacks: bird"):
+        split_dataset(images, 0.15, 0.15, 0, birds)
+    with pytest.raises(DataError, match="also in data.path .* must never be trained on"):
+        split_dataset(images, 0.15, 0.15, 0, images)
+
+
+def test_the_pipeline_data_step_uses_split_seed_and_test_path(tmp_path):
+    from pipelines.config import load_config
+    from pipelines.steps import open_record, prepare_data
+
+    train = make_image_folder(tmp_path / "train", per_class=20, corrupt=False)
+    test = make_image_folder(tmp_path / "test", per_class=6, seed=3, corrupt=False)
+    base = ["data=folder", f"data.path={train}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+            f"tracking.artifact_location={tmp_path}/art"]
+
+    def manifest(*extra):
+        cfg = load_config([*base, *extra])
+        lines = []
+        return prepare_data(cfg, open_record(cfg, None, None, lines.append), lines.append), lines
+
+    default, _ = manifest("seed=3")
+    seeded, _ = manifest("seed=3", "data.split_seed=0")
+    other_seed, _ = manifest("seed=4", "data.split_seed=0")  # another training seed
+    assert seeded.test_fingerprint == other_seed.test_fingerprint != default.test_fingerprint
+    held, lines = manifest(f"data.test_path={test}")
+    assert held.counts()["test"] == 12 and held.test_root == str(test.resolve())
+    assert any("test set: 12 image files" in line for line in lines)
