@@ -15,6 +15,19 @@ from pipelines.predict import RAY_ABOVE_ENV as _RAY_ABOVE_ENV
 EXIT_FAILED, EXIT_CONFIG = 1, 2
 DEBUG_ENV = "VISIONTUNE_DEBUG"
 
+# MLflow's INFO lines (creating a store's tables, validating the input example), its download
+# progress bars and the "View run ... at" lines it writes to stdout for every run ended on a
+# server are not the command's story (it prints its own links); --verbose keeps them. Set
+# before MLflow is imported: it reads the level then; Ray workers inherit them.
+QUIET_MLFLOW_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING",
+                    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def quiet_mlflow() -> None:
+    for key, value in QUIET_MLFLOW_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 def _config_help() -> str:
     from components.config import field_docs
@@ -164,12 +177,7 @@ def cmd_run(args) -> int:
     from pipelines.training import run_training_pipeline, summary
 
     if not args.verbose:
-        # MLflow's INFO lines (creating a store's tables, validating the input example) and
-        # its download progress bars are not the run's story; --verbose keeps them. Set
-        # before MLflow is imported (`--resume` reads the run's config from MLflow): it reads
-        # the level then; workers inherit both.
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        quiet_mlflow()  # before `--resume` reads the run's config from MLflow
     if args.resume:
         if args.config:
             raise ConfigError("--resume continues a run with its own logged config: --config "
@@ -247,9 +255,7 @@ EXIT_NOT_PROMOTED = 3
 
 
 def cmd_promote(args) -> int:
-    # Before MLflow is imported (it reads the level then): the decision is the story here.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_mlflow()  # the decision is the story here
     from components.registry import promote
     from pipelines.training import review_links
 

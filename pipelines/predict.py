@@ -44,20 +44,19 @@ def resolve_model_uri(model_uri: str) -> tuple[str, str]:
 
 
 def run_predict(args) -> int:
+    from pipelines.cli import _one_line, quiet_mlflow
+    from pipelines.console import console
+
+    if not args.verbose:
+        quiet_mlflow()   # before MLflow is imported
+    else:
+        console.verbose = True
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from components.inference import expand_paths
-    from pipelines.cli import _one_line
     from pipelines.config import load_config
-    from pipelines.console import console
     from pipelines.interrupt import SignalGuard
-
-    if not args.verbose:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    else:
-        console.verbose = True
     for flag, value in (("--workers", args.workers), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise LookupError(f"{flag} must be at least 1, got {value}")

@@ -324,7 +324,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- versions as the pipeline registers them
+# ------------------------------------------------ versions as the pipeline registers them
 def register_like_the_pipeline(tracking_uri: str, artifacts: str | None, data: Path, net,
                                name: str,
                                image_size: int = 4, channels: int = 1,
