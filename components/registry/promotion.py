@@ -231,10 +231,12 @@ def _compare(tracker: Tracker, name: str, challenger: Candidate, champion: Candi
     t = time.perf_counter()
     images = images_of_path(data) if data else images_of_run(tracker, challenger.run_id,
                                                              challenger.version)
+    seconds["images"] = time.perf_counter() - t
     if not images.paths:
         raise PromotionError(f"no images to score in {images.source}")
     echo(f"  images: {len(images.paths):,} from {images.source} (fingerprint "
          f"{images.fingerprint[:12]})")
+    t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="visiontune-promote-") as d:
         models = {}
         for role, c in (("challenger", challenger), ("champion", champion)):

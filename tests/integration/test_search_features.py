@@ -80,3 +80,10 @@ def test_cv_of_pretrained_backbone_with_gradual_unfreezing(tmp_path, local_ray):
                                        client.list_artifacts(result.parent_run_id)}
     assert "augmented_samples.png" not in {a.path for a in client.list_artifacts(run_id)}
     assert 0 <= result.test_metrics["test_f1"] <= 1
+    # what is registered is said exactly: one fold's model, chosen by the folds' mean
+    mv = client.get_model_version(result.registered_name, result.registered_version)
+    assert float(mv.tags["val_f1"]) == pytest.approx(max(folds))
+    assert float(mv.tags["cv_mean_val_f1"]) == pytest.approx(sum(folds) / 2)
+    assert "**What is registered (k-fold CV)**" in mv.description
+    assert any(f"the model is fold {f}'s" in mv.description for f in (0, 1)
+               if folds[f] == max(folds))
