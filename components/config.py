@@ -201,7 +201,8 @@ class RegistryConfig:
     model_name: str = "visiontune-classifier"
     min_f1_gain: float = field(default=0.0, metadata=_check(
         lambda v: v >= 0, "must be >= 0",
-        "promote: test F1 gain the challenger needs over the champion (and always > 0)"))
+        "promote: the F1 gain the challenger must be shown to have (the lower bound of the "
+        "paired interval must be above it)"))
 
 
 @dataclass

@@ -171,8 +171,10 @@ def images_of_path(path: str) -> ScoredImages:
     from components.data.split import compute_fingerprint
     from components.data.validate import validate_images
 
-    index = index_images(path)
-    images = validate_images(index, "skip", 1)
+    try:
+        images = validate_images(index_images(path), "skip", 1)
+    except (OSError, ValueError) as e:   # missing, unreadable, no two classes of images
+        raise PromotionError(f"--data {path}: {first_line(e)}; nothing moved") from None
     idx = images.index
     fp = compute_fingerprint(idx.root, idx.paths, images.digests, idx.labels,
                              ["eval"] * len(idx), idx.classes)

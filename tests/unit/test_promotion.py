@@ -6,6 +6,7 @@ The versions are registered through the pipeline's own data and register steps
 reads the bright quadrant that tells the classes apart, `_always_cat` ignores the image."""
 
 import threading
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -173,7 +174,7 @@ def test_unusable_data_and_classes_move_nothing(store):
                               corrupt=False)
     with pytest.raises(PromotionError, match="classes the models do not know: bird"):
         promote(tracker, "strict", data=str(birds))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(PromotionError, match="--data .*nowhere: .*not a directory"):
         promote(tracker, "strict", data=str(store["tmp"] / "nowhere"))
     assert _alias(tracker, "strict", CHAMPION) == "1"
     assert "promotion.decision" not in tracker.client.get_model_version("strict", "2").tags
@@ -274,3 +275,20 @@ def test_the_record_recomputes_from_its_predictions(store, tmp_path):
     linked = tracker.client.get_logged_model(mv.source.removeprefix("models:/")).metrics
     digests = {m.dataset_digest for m in linked if m.key == "test_f1"}
     assert digests == {mv.tags["test_fingerprint"][:36]}
+
+
+def test_a_version_that_does_not_load_moves_nothing(store):
+    """Its network file gone from the artifact store: one line naming the version."""
+    from urllib.parse import urlparse
+
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "broken")
+    register(_perfect(), "broken")
+    mv = tracker.client.get_model_version("broken", "2")
+    model = tracker.client.get_logged_model(mv.source.removeprefix("models:/"))
+    (network,) = Path(urlparse(model.artifact_location).path).rglob("*.pt2")
+    network.unlink()
+    with pytest.raises(PromotionError, match="cannot load broken version 2: .*nothing moved"):
+        promote(tracker, "broken")
+    assert _alias(tracker, "broken", CHAMPION) == "1"
+    assert "promotion.decision" not in tracker.client.get_model_version("broken", "2").tags
