@@ -119,31 +119,31 @@ def encode_image(img: Image.Image) -> bytes:
                      f"RGB or L first")
 
 
+def _read(path: str) -> bytes:
+    """A local file or an object-storage URI, read here: the model reads only bytes. A file
+    over the model's byte limit is refused before it is read into memory."""
+    if not storage.is_uri(path):
+        with open(path, "rb") as f:
+            data = f.read(preprocessing.max_image_bytes() + 1)
+        return data
+    return storage.read_bytes(path)
+
+
 def _input_frame(images: list) -> tuple[pd.DataFrame, dict[int, str]]:
-    """bytes, paths, object-storage URIs and PIL images -> the model's input (column `image`
-    and/or `path`), and {row: why} for files that could not be read here."""
-    data, paths, unread = [], [], {}
+    """bytes, paths, object-storage URIs and PIL images -> the model's input (column
+    `image`: the bytes of each file, read here), and {row: why} for files that could not be
+    read."""
+    data, unread = [], {}
     for i, im in enumerate(images):
-        if isinstance(im, str) and storage.is_uri(im):
-            # object storage: read here, the model reads local files only
+        if isinstance(im, (str, Path)):
             try:
-                data.append(storage.read_bytes(im))
+                data.append(_read(str(im)))
             except OSError as e:
                 data.append(None)
                 unread[i] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            paths.append(None)
-        elif isinstance(im, (str, Path)):
-            data.append(None)
-            paths.append(str(im))
         else:
             data.append(encode_image(im) if isinstance(im, Image.Image) else bytes(im))
-            paths.append(None)
-    columns = {}
-    if any(d is not None for d in data) or not any(p is not None for p in paths):
-        columns["image"] = pd.Series(data, dtype=object)
-    if any(p is not None for p in paths):
-        columns["path"] = pd.Series(paths, dtype=object)
-    return pd.DataFrame(columns), unread
+    return pd.DataFrame({"image": pd.Series(data, dtype=object)}), unread
 
 
 def predict_batches(model, images: list, batch_size: int = 64) -> Iterator[pd.DataFrame]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import os
 from collections import Counter, deque
@@ -12,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 
-from PIL import Image
-
 from components.data.ingest import DataError, ImageIndex, is_url, open_file
+from components.serving.preprocessing import open_image
 from components.storage import StorageError
 
 __all__ = ["DataError", "ValidatedImages", "check_image", "validate_images"]
@@ -46,8 +44,11 @@ def check_image(path: str) -> tuple[str | None, str | None]:
     try:
         if not data:
             return None, "empty file"
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decodes every byte: catches truncated files that verify() lets pass
+        # The served model's decoder, with its limits: a decompression bomb or a format it
+        # refuses is a skipped, counted image here too. load() decodes every byte of the first
+        # frame: it catches truncated files that verify() lets pass.
+        with open_image(data):
+            pass
     except Exception as e:  # PIL raises many types for broken files
         return None, f"{type(e).__name__}: {e}"
     return hashlib.sha256(data).hexdigest(), None

@@ -6,9 +6,15 @@ that may know nothing of visiontune. So it imports only torch, numpy, PIL, panda
 and it carries the whole eval-time preprocessing.
 
 Input: a DataFrame, one row per image, with a column `image` (the bytes of an image file:
-PNG, JPEG, anything PIL reads; over HTTP, base64 in JSON, which MLflow's scoring server decodes
-for a `binary` column) and/or a column `path` (a file the model's process can read), used for
-rows whose `image` is empty.
+JPEG, PNG, GIF, BMP, WEBP or TIFF; over HTTP, base64 in JSON, which MLflow's scoring server
+decodes for a `binary` column) and/or a column `path`, used for rows whose `image` is empty.
+
+The model reads only what it is sent. A `path` is refused unless the process that serves the
+model names the folders it may read in `VISIONTUNE_ALLOWED_PATH_ROOTS` (os.pathsep-separated);
+then only a regular file whose resolved path lies under one of them is read (no symlink out,
+no FIFO, no device). A refused path gets the same error whether or not it exists, so a client
+learns nothing of the server's files. At most `VISIONTUNE_MAX_IMAGES_PER_REQUEST` rows (default
+1,024) per call; every image within the decoding limits of `preprocessing.py`.
 
 Output: a DataFrame, one row per input row, in order:
   prediction     the class name with the highest probability
@@ -29,7 +35,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
+import stat
 
 import mlflow
 import numpy as np
@@ -42,6 +50,50 @@ PREDICTION, PROBABILITY, ERROR = "prediction", "probability", "error"
 PROB_PREFIX = "prob_"
 BATCH_SIZE = 64               # images decoded and run at once: bounds memory per request
 _BYTES_REPR = re.compile(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # PIL's name for bytes
+PATH_ROOTS_ENV = "VISIONTUNE_ALLOWED_PATH_ROOTS"
+MAX_ROWS_ENV = "VISIONTUNE_MAX_IMAGES_PER_REQUEST"
+DEFAULT_MAX_ROWS = 1024
+PATHS_OFF = (f"PathRefused: this model reads image bytes (column '{IMAGE}'), not paths; the "
+             f"server allows paths only under the folders in {PATH_ROOTS_ENV}")
+PATH_REFUSED = (f"PathRefused: not a regular file under the folders this server allows "
+                f"({PATH_ROOTS_ENV})")
+
+
+class PathRefused(ValueError):
+    pass
+
+
+def allowed_roots() -> list[str]:
+    """The folders `path` rows may name, resolved; none unless the operator sets them."""
+    value = os.environ.get(PATH_ROOTS_ENV, "")
+    return [os.path.realpath(r) for r in value.split(os.pathsep) if r.strip()]
+
+
+def read_allowed_file(path: str, roots: list[str], max_bytes: int) -> bytes:
+    """The bytes of `path` if it resolves to a regular file under one of `roots`; else
+    PathRefused with one text for every reason (missing, outside, symlink out, FIFO, device,
+    folder), so that the answer says nothing about what exists."""
+    if not roots:
+        raise PathRefused(PATHS_OFF)
+    real = os.path.realpath(str(path))
+    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        raise PathRefused(PATH_REFUSED)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the resolved
+        # name cannot have become a symlink since.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        raise PathRefused(PATH_REFUSED) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise PathRefused(PATH_REFUSED)
+        if info.st_size > max_bytes:
+            raise PathRefused(f"PathRefused: the file is larger than {max_bytes:,} bytes")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
 
 
 def output_columns(class_names: list[str]) -> list[str]:
@@ -113,27 +165,38 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return self.prep.softmax(logits.double().numpy())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        return self.classify(image_sources(model_input))
+        sources = image_sources(model_input)
+        limit = int(os.environ.get(MAX_ROWS_ENV, "") or DEFAULT_MAX_ROWS)
+        if len(sources) > limit:
+            raise ValueError(f"{len(sources):,} images in one request; at most {limit:,} "
+                             f"({MAX_ROWS_ENV}): send them in smaller batches")
+        return self.classify(sources)
 
     def classify(self, sources: list) -> pd.DataFrame:
         classes, prep, code = self.class_names, self.preprocessing, self.prep
         c, size = prep["channels"], prep["image_size"]
         probs = np.full((len(sources), len(classes)), np.nan)
         errors: list[str | None] = [None] * len(sources)
+        roots = allowed_roots()
         for start in range(0, len(sources), BATCH_SIZE):
             arrays, rows = [], []
             for i in range(start, min(start + BATCH_SIZE, len(sources))):
                 if sources[i] is None:
                     errors[i] = f"no image: neither '{IMAGE}' nor '{PATH}' is given"
                     continue
+                source = sources[i]
                 try:
-                    img = code.open_image(sources[i])
+                    if isinstance(source, (str, os.PathLike)):  # read only if allowed
+                        source = read_allowed_file(source, roots, code.max_image_bytes())
+                    img = code.open_image(source)
                     try:
                         arrays.append(code.to_array(img, c, size))
                     finally:
-                        if img is not sources[i]:
+                        if img is not source:
                             img.close()
                     rows.append(i)
+                except PathRefused as e:
+                    errors[i] = str(e)
                 except Exception as e:  # PIL raises many types for broken files
                     errors[i] = f"{type(e).__name__}: {_BYTES_REPR.sub('', str(e))}"
             if rows:

@@ -277,3 +277,14 @@ def test_the_pipeline_data_step_uses_split_seed_and_test_path(tmp_path):
     held, lines = manifest(f"data.test_path={test}")
     assert held.counts()["test"] == 12 and held.test_root == str(test.resolve())
     assert any("test set: 12 image files" in line for line in lines)
+
+
+def test_a_decompression_bomb_in_a_folder_is_a_skipped_counted_image(tmp_path):
+    from tests.unit.test_serving_model import _png_header
+
+    folder = make_image_folder(tmp_path / "pets", per_class=6, corrupt=False)
+    (folder / "cat" / "bomb.png").write_bytes(_png_header(20_000, 20_000))
+    v = validate_images(index_image_folder(folder), "skip", 3)
+    (skipped,) = v.skipped
+    assert skipped[0].endswith("bomb.png") and skipped[1].startswith("ImageRefused: ")
+    assert len(v.index) == 12

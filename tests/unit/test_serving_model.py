@@ -126,7 +126,8 @@ def _png(color, size=(7, 5), mode="RGB") -> bytes:
     return buf.getvalue()
 
 
-def test_output_frame_one_row_per_image_and_errors_per_row(tmp_path):
+def test_output_frame_one_row_per_image_and_errors_per_row(tmp_path, monkeypatch):
+    monkeypatch.setenv(mc.PATH_ROOTS_ENV, str(tmp_path))   # paths only under this folder
     red, blue = _png((255, 0, 0)), _png((0, 0, 255))
     (tmp_path / "blue.png").write_bytes(blue)
     big = _file_bytes("RGB", "PNG", w=64, h=64)
@@ -139,7 +140,7 @@ def test_output_frame_one_row_per_image_and_errors_per_row(tmp_path):
     assert frame.error[0] is None and frame.error[2] is None
     assert frame.error[1] == "UnidentifiedImageError: cannot identify image file"
     assert frame.error[3].startswith("OSError") and "truncated" in frame.error[3]
-    assert "FileNotFoundError" in frame.error[4]     # empty bytes: the path is used
+    assert frame.error[4] == mc.PATH_REFUSED     # empty bytes: the path is used (missing)
     assert all(frame.loc[i, "probability"] is None for i in (1, 3, 4))  # JSON null, not NaN
     probs = frame.loc[[0, 2], ["prob_a", "prob_b", "prob_c d"]].to_numpy(float)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
@@ -161,6 +162,99 @@ def test_input_without_image_or_path_is_refused():
     assert row.error[0].startswith("no image")
 
 
+def test_paths_are_read_only_under_an_allowed_root_and_refused_alike(tmp_path, monkeypatch):
+    """A client names a server file: missing, outside, a symlink out, a FIFO, a device, a
+    folder all get one answer, at once; a regular file under the allowed root is read."""
+    import os
+    import time
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "blue.png").write_bytes(_png((0, 0, 255)))
+    (tmp_path / "secret.png").write_bytes(_png((255, 0, 0)))
+    (allowed / "out.png").symlink_to(tmp_path / "secret.png")
+    (allowed / "inside.png").symlink_to(allowed / "blue.png")   # a link within the root
+    os.mkfifo(allowed / "fifo.png")
+    hostile = ["/etc/passwd", str(tmp_path / "secret.png"), str(allowed / "out.png"),
+               str(allowed / "fifo.png"), "/dev/zero", str(allowed), str(allowed / "nope.png"),
+               str(allowed / ".." / "secret.png")]
+    paths = [str(allowed / "blue.png"), str(allowed / "inside.png"), *hostile]
+    off = _classifier().predict(None, pd.DataFrame({"path": paths}))
+    assert (off.error == mc.PATHS_OFF).all()            # no root named: no path is read
+    monkeypatch.setenv(mc.PATH_ROOTS_ENV, str(allowed))
+    start = time.monotonic()
+    frame = _classifier().predict(None, pd.DataFrame({"path": paths}))
+    assert time.monotonic() - start < 2
+    assert frame.prediction[:2].tolist() == ["c d", "c d"] and frame.error[:2].isna().all()
+    assert frame.error[2:].tolist() == [mc.PATH_REFUSED] * len(hostile)
+    assert "passwd" not in mc.PATH_REFUSED and "exist" not in mc.PATH_REFUSED
+
+
+def _png_header(width: int, height: int, bit_depth: int = 8, color: int = 2) -> bytes:
+    """A PNG whose header declares width x height and whose pixel data is a few KB of
+    zlib-compressed zeros (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    row = b"\0" * (1 + width * (3 if color == 2 else 1) * bit_depth // 8)
+    body = zlib.compressobj(9)
+    packed = b"".join(body.compress(row) for _ in range(min(height, 64))) + body.flush()
+    return (b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color, 0, 0, 0))
+            + chunk(b"IDAT", packed) + chunk(b"IEND", b""))
+
+
+def test_decoding_is_bounded_per_image(monkeypatch):
+    import resource
+    import time
+
+    bomb = _png_header(20_000, 20_000)
+    deep = _png_header(12_000, 12_000, bit_depth=16, color=0)
+    assert len(bomb) < 100_000 and len(deep) < 100_000
+    ppm = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(ppm, format="PPM")   # a format Pillow knows, not allowed
+    frames = io.BytesIO()
+    Image.new("RGB", (6, 6), (255, 0, 0)).save(frames, format="GIF", save_all=True,
+                                               append_images=[Image.new("RGB", (6, 6),
+                                                                        (0, 0, 255))])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    frame = _classifier().predict(None, pd.DataFrame({"image": [
+        bomb, deep, ppm.getvalue(), frames.getvalue(), _png((0, 0, 255))]}))
+    assert time.monotonic() - start < 2
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) * 1024 < 300e6
+    assert frame.error[0] == ("ImageRefused: 400,000,000 pixels is more than the limit of "
+                              "50,000,000 (VISIONTUNE_MAX_IMAGE_PIXELS)")
+    assert frame.error[1].startswith("ImageRefused: 12000 x 12000 pixels")
+    assert frame.error[2].startswith("UnidentifiedImageError")
+    assert frame.prediction[3:].tolist() == ["a", "c d"]    # a GIF's first frame: red
+    # the limits are the operator's to change, and the training ingest applies them too
+    monkeypatch.setenv(pp.MAX_PIXELS_ENV, "20")
+    small = _classifier().predict(None, pd.DataFrame({"image": [_png((0, 0, 255))]}))
+    assert small.error[0].startswith("ImageRefused: 7 x 5 pixels")
+    monkeypatch.setenv(pp.MAX_PIXELS_ENV, "1e9")
+    monkeypatch.setenv(pp.MAX_BYTES_ENV, "100")
+    assert _classifier().predict(None, pd.DataFrame({"image": [bomb]})).error[0].startswith(
+        "ImageRefused: ")
+    monkeypatch.setenv(mc.MAX_ROWS_ENV, "2")
+    with pytest.raises(ValueError, match="3 images in one request; at most 2"):
+        _classifier().predict(None, pd.DataFrame({"image": [_png((0, 0, 0))] * 3}))
+
+
+def test_a_16_bit_image_within_the_limit_scales_in_float32():
+    arr = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)
+    img = Image.fromarray(arr)   # mode I;16
+    assert img.mode == "I;16"
+    got = pp.to_array(img, 1, 8)
+    ref = ((arr - arr.min()) * (255.0 / (arr.max() - arr.min()))).astype(np.uint8)
+    expected = np.asarray(Image.fromarray(ref).resize((8, 8), pp.RESAMPLE))[:, :, None]
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
 def test_more_images_than_one_batch_keep_their_order():
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
     images = [_png(colors[i % 3], size=(3 + i % 5, 4)) for i in range(mc.BATCH_SIZE * 2 + 3)]
@@ -176,14 +270,14 @@ def test_model_file_imports_only_what_a_serving_environment_has():
                 if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= {"__future__", "hashlib", "importlib", "io", "os", "re", "mlflow",
-                        "numpy", "pandas", "PIL", "torch"}
+    assert imported <= {"__future__", "hashlib", "importlib", "io", "os", "re", "stat",
+                        "mlflow", "numpy", "pandas", "PIL", "torch"}
     tree = ast.parse(PREPROCESSING_CODE.read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                 if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= {"__future__", "io", "os", "numpy", "PIL"}
+    assert imported <= {"__future__", "io", "os", "re", "warnings", "numpy", "PIL"}
 
 
 # ----------------------------------------------------------------- a logged, registered model
@@ -280,7 +374,11 @@ def test_logged_model_equals_the_network_on_any_image(registered, tmp_path):
     np.testing.assert_allclose(frame[[f"prob_{c}" for c in CLASSES]].to_numpy(float), expected,
                                atol=1e-5)
     assert frame.prediction.tolist() == [CLASSES[k] for k in expected.argmax(1)]
-    by_path = model.predict(pd.DataFrame({"path": paths}))
+    refused = model.predict(pd.DataFrame({"path": paths}))   # by default: bytes only
+    assert (refused.error == mc.PATHS_OFF).all() and refused.prediction.isna().all()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(mc.PATH_ROOTS_ENV, str(tmp_path))
+        by_path = model.predict(pd.DataFrame({"path": paths}))
     pd.testing.assert_frame_equal(by_path, frame)
     one = model.predict(pd.DataFrame({"image": data[:1]}))
     np.testing.assert_allclose(one.probability.to_numpy(float), frame.probability[:1], atol=1e-6)
