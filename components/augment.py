@@ -4,8 +4,14 @@ resize + normalise for evaluation (images arrive already resized by `load_image`
 from __future__ import annotations
 
 import inspect
+import os
 
-import albumentations as A
+# albumentations 2.x asks PyPI for a newer version when imported (2 s timeout): on an offline
+# cluster that stalls the driver and every Train worker, and nothing is downloaded at run time
+# here. Set before the import, in every process that imports this module (workers, jobs).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
 import numpy as np
 import torch
 

@@ -327,11 +327,64 @@ def validate_config(cfg: Config) -> Config:
         except ValueError as e:
             raise ConfigError(f"augment.train: {e}") from None
     check_model(cfg.model)
+    for key in URI_KEYS:
+        section, name = key.split(".")
+        check_no_credentials(key, getattr(getattr(cfg, section), name))
     se = cfg.search
     if se.scheduler == "asha" and d.cv_folds:
         raise ConfigError("search.scheduler=asha needs per-epoch scores; it cannot run with "
                           "data.cv_folds (a trial's score is known only after every fold)")
     return cfg
+
+
+# Where a URI's credentials belong instead: the environment or the library's credential files,
+# which nothing of visiontune records.
+_CREDENTIALS_HINT = ("put credentials in the environment (AWS_ACCESS_KEY_ID / "
+                     "AWS_SECRET_ACCESS_KEY or ~/.aws/credentials for s3://, "
+                     "GOOGLE_APPLICATION_CREDENTIALS for gs://, MLFLOW_TRACKING_USERNAME / "
+                     "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN for the tracking server)")
+_SECRET_QUERY = ("access_key", "secret_key", "session_token", "token", "password", "secret",
+                 "sig", "signature", "x-amz-signature", "x-amz-credential", "x-goog-signature")
+URI_KEYS = ("data.path", "data.test_path", "tracking.uri", "tracking.artifact_location",
+            "ray.storage_path", "ray.address")
+
+
+def uri_secret(uri: str | None) -> str | None:
+    """What in `uri` is a credential (user info, a secret query option), or None. The answer
+    names the kind, never the value."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    if not uri or "://" not in uri:
+        return None
+    try:
+        parts = urlsplit(uri)
+        has_user = parts.username is not None or parts.password is not None
+    except ValueError:
+        return None
+    if has_user:
+        return "a user name or password before '@'"
+    keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)
+            if k.lower() in _SECRET_QUERY]
+    return f"the query option {keys[0]}" if keys else None
+
+
+def masked(uri: str) -> str:
+    """`uri` as it may be printed: user info and query replaced by ***."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    user, at, host = parts.netloc.rpartition("@")
+    return (f"{parts.scheme}://{'***@' if at else ''}{host}{parts.path}"
+            + ("?***" if parts.query else ""))
+
+
+def check_no_credentials(key: str, uri: str | None) -> None:
+    """A credential inside a URI would be logged as a run parameter (readable by every user of
+    the tracking server), written into manifests and printed in errors: refused."""
+    what = uri_secret(uri)
+    if what:
+        raise ConfigError(f"{key}={masked(uri)} carries credentials ({what}): a URI is "
+                          f"recorded in MLflow and printed; {_CREDENTIALS_HINT}")
 
 
 def check_model(m: ModelConfig) -> ModelConfig:

@@ -222,6 +222,18 @@ class Tracker:
                                    dataset_name=dataset_name,
                                    dataset_digest=dataset_digest[:DATASET_DIGEST_CHARS])
 
+    def model_code_digest(self, model_uri: str) -> str:
+        """The sha256 of each code file of the logged model (see components.serving), as the
+        registry tag value: read back from the artifact store, as every loader will read it."""
+        import tempfile
+
+        from components.serving import code_digests, format_digests
+
+        with tempfile.TemporaryDirectory() as d:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=d,
+                                                        tracking_uri=self.uri)
+            return format_digests(code_digests(local))
+
     def model_metrics(self, model_id: str):
         """The LoggedModel's metrics (each with its dataset_name and dataset_digest)."""
         return self.client.get_logged_model(model_id).metrics or []

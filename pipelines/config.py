@@ -14,7 +14,13 @@ from typing import Any
 
 import yaml
 
-from components.config import Config, ConfigError, from_dict, validate_config
+from components.config import (
+    Config,
+    ConfigError,
+    check_no_credentials,
+    from_dict,
+    validate_config,
+)
 
 # Groups whose files hold one section's keys; `cluster` files hold top-level keys.
 SECTION_GROUPS = ("data", "augment", "model", "train", "search")
@@ -144,12 +150,15 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     base = base or Path.cwd()
     cfg = copy.deepcopy(cfg)
     cfg.data.path = _absolute(cfg.data.path, base)
+    cfg.data.test_path = _absolute(cfg.data.test_path, base)
     cfg.data.cache_dir = _absolute(cfg.data.cache_dir, base)
     cfg.model.weights_path = _absolute(cfg.model.weights_path, base)
     cfg.ray.storage_path = _absolute(cfg.ray.storage_path or "ray_results", base)
     # MLflow's own convention: MLFLOW_TRACKING_URI names the server when the config does not
     # (a cluster image sets it once for every job).
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if not cfg.tracking.uri:
+        check_no_credentials("MLFLOW_TRACKING_URI (tracking.uri)", uri)
     if uri is None:
         uri = f"sqlite:///{(base / 'mlflow.db').resolve()}"
     elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

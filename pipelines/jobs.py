@@ -19,6 +19,8 @@ EXCLUDES = [
     ".ruff_cache/", "mlruns/", "mlartifacts/", "ray_results/", "*.db", "*.pt", "*.pth",
     "*.ckpt", "*.pkl", "/data/", "/data_cache/", "/.cache/", "/outputs/", "/build/", "/dist/",
     "/.whl/", "/.gl/", "*.png", "*.jpg", "*.jpeg",
+    # secrets next to the code (infra/README suggests a .env for passwords) never travel
+    ".env", ".env.*", "*.env", ".netrc", ".aws/", ".mlflow/", "*.pem", "*.key",
 ]
 JOB_ID_ENV, CLUSTER_ENV = "VISIONTUNE_RAY_JOB_ID", "VISIONTUNE_RAY_CLUSTER"
 

@@ -54,12 +54,15 @@ def run_predict(args) -> int:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from components.config import check_no_credentials
     from components.inference import expand_paths
     from pipelines.config import load_config
     from pipelines.interrupt import SignalGuard
     for flag, value in (("--workers", args.workers), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise LookupError(f"{flag} must be at least 1, got {value}")
+    check_no_credentials("--tracking-uri", args.tracking_uri)
+    check_no_credentials("--address", args.address)
     uri = args.tracking_uri or load_config([]).tracking.uri
     mlflow.set_tracking_uri(uri)
     paths = expand_paths(args.paths)
@@ -79,10 +82,28 @@ def run_predict(args) -> int:
         except MlflowException as e:
             raise LookupError(f"cannot load {args.model} from {uri}: {_one_line(e)}") from None
         try:
+            _verify_code(pinned, local)   # code changed in the artifact store: not run
             _check(local)  # a model visiontune cannot classify with: one line, before any file
         except ValueError as e:
             raise LookupError(f"cannot classify with {args.model}: {e}") from None
         return _classify(args, local, described, paths, on_ray, console)
+
+
+_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+
+
+def _verify_code(model_uri: str, local_model: str) -> None:
+    """A registered version's code files must be those recorded at registration (a version
+    from before the tag, or a URI that is not a registered version, has nothing to check)."""
+    m = _VERSION_URI.match(model_uri)
+    if not m:
+        return
+    from mlflow import MlflowClient
+
+    from components.serving import CODE_TAG, verify_code
+
+    tags = MlflowClient().get_model_version(m["name"], m["version"]).tags
+    verify_code(local_model, tags.get(CODE_TAG), f"{m['name']} version {m['version']}")
 
 
 def _check(local_model: str) -> None:

@@ -454,6 +454,7 @@ def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: E
     its own preprocessing (`components/serving/image_classifier.py`). Idempotent: a resumed
     run that had already logged or registered reuses that."""
     from components.registry import register_challenger, version_description
+    from components.serving import CODE_TAG
 
     with record.step("register", echo):
         tags = record.run().data.tags
@@ -478,6 +479,9 @@ def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: E
             record.pipeline_id, len(manifest.paths), manifest.counts(), manifest.classes,
             manifest.fingerprint, report.metrics, report.average, best.best_val_f1,
             best.params, cv=best.cv, test_root=manifest.test_root)
+        # What every loader will run, hashed as it lies in the artifact store: predict and
+        # promote refuse the version if a file changes there.
+        code = record.tracker.model_code_digest(model_uri)
         # k-fold: best_val_f1 is the folds' mean; the registered model is one fold's
         val_f1 = best.cv["cv_best_fold_val_f1"] if best.cv else best.best_val_f1
         registered = register_challenger(
@@ -486,6 +490,7 @@ def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: E
                   "test_fingerprint": manifest.test_fingerprint,
                   "test_f1": report.metrics["f1"], "test_f1_average": report.average,
                   "val_f1": val_f1, "pipeline_id": record.pipeline_id, "model_uri": model_uri,
+                  CODE_TAG: code,
                   **({"cv_mean_val_f1": best.best_val_f1} if best.cv else {})},
             description=description)
         # The run page's Description says the same, with where the model went and what to

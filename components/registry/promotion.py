@@ -189,11 +189,16 @@ def load_version(tracker: Tracker, name: str, version: str, dst: str):
     import mlflow
 
     from components.inference import check_model, class_names
+    from components.serving import CODE_TAG, CodeMismatch, verify_code
 
     try:
-        source = tracker.client.get_model_version_download_uri(name, version)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst,
+        mv = tracker.client.get_model_version(name, version)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst,
                                                     tracking_uri=tracker.uri)
+        try:
+            verify_code(local, mv.tags.get(CODE_TAG), f"{name} version {version}")
+        except CodeMismatch as e:
+            raise PromotionError(f"{e}; nothing moved") from None
         info = mlflow.models.Model.load(local)
         check_model(info.metadata or {}, info.flavors)
         model = mlflow.pyfunc.load_model(local)

@@ -23,6 +23,46 @@ WEIGHTS_FILE = "network.pt2"
 _REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pillow")
 
 
+CODE_TAG = "visiontune.code_sha256"   # model version tag: sha256 of each code file
+_CODE_SUFFIXES = (".py", ".pkl", ".pickle", ".cloudpickle")
+
+
+class CodeMismatch(ValueError):
+    """A registered model's code files differ from those recorded at registration."""
+
+
+def code_digests(model_dir: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file of a downloaded model that is run or unpickled
+    when it loads: MLmodel (it names the loader and the code), Python files, pickles."""
+    import hashlib
+
+    root = Path(model_dir)
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*"))
+            if f.is_file() and (f.name == "MLmodel" or f.suffix in _CODE_SUFFIXES)}
+
+
+def format_digests(digests: dict[str, str]) -> str:
+    return ";".join(f"{k}={v}" for k, v in sorted(digests.items()))
+
+
+def verify_code(model_dir: str | Path, recorded: str | None, what: str) -> None:
+    """Refuse (CodeMismatch, naming the file) a model whose code files are not exactly those
+    recorded at registration: a registered model is code that every predict, promote and
+    server runs. A version registered before the tag (`recorded` None) is not checked."""
+    if not recorded:
+        return
+    expected = dict(item.split("=", 1) for item in recorded.split(";") if "=" in item)
+    found = code_digests(model_dir)
+    for name in sorted(set(expected) | set(found)):
+        if expected.get(name) != found.get(name):
+            change = ("is missing" if name not in found else "was added" if name not in expected
+                      else "no longer matches its sha256")
+            raise CodeMismatch(f"{what}: the model file {name} {change} (recorded at "
+                               f"registration in the version tag {CODE_TAG}); refusing to run "
+                               f"a model whose code was changed in the artifact store")
+
+
 def export_network(model, channels: int, image_size: int, path: str | Path) -> Path:
     """Save `model` (an nn.Module returning logits) as a torch.export program: it loads with
     `torch.export.load` alone, without this repository's classes. The batch dimension is
