@@ -5,8 +5,9 @@ initialised at the default 32 px, 10 classes: the time to classify does not depe
 the weights learned) are compared with `visiontune promote --data FOLDER --dry-run`, exactly
 as a user types it, on a generated labelled folder of 270 images (the default run's test
 split) and of 5,000. Both models classify every image; the promotion run's own timings
-(`seconds_images`, `seconds_load_models`, `seconds_scoring`, `seconds_decision`: McNemar and 2,000 bootstrap
-resamples) give the split, the command's wall time includes Python, torch and MLflow start-up.
+(`seconds_images`, `seconds_load_models`, `seconds_scoring`, `seconds_decision`: McNemar and
+2,000 bootstrap resamples) give the split; the command's wall time includes Python, torch and
+MLflow start-up.
 
     python benchmarks/promote_time.py              # about 2 minutes on 2 cores
     python benchmarks/promote_time.py --images 270 # one size

@@ -13,6 +13,10 @@ import pytest
 from tests.conftest import cli_env, free_port, run_tiny_pipeline, stop_group, wait_until_ok
 
 SERVED_MODEL = "e2e-served"
+PLANTED = {"MLFLOW_TRACKING_USERNAME": "vt-planted-user",
+           "MLFLOW_TRACKING_PASSWORD": "vt-planted-password-7f3a9c",
+           "AWS_SECRET_ACCESS_KEY": "vt-planted-aws-secret-51e2b8",
+           "MLFLOW_TRACKING_TOKEN": "vt-planted-token-c04d11"}
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +26,9 @@ def served_pipeline(tmp_path_factory):
     it that registered SERVED_MODEL@champion. Yields tmp, env, url (the tracking URI), data,
     log (the run's console output) and model."""
     tmp = tmp_path_factory.mktemp("served")
-    env = cli_env()
+    # Secrets as an operator passes them, through the environment: none may reach the record
+    # (tests/e2e/test_security.py greps it).
+    env = cli_env(**PLANTED)
     port = free_port()
     log = tmp / "mlflow.log"
     proc = subprocess.Popen(

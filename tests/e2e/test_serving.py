@@ -43,7 +43,10 @@ def server(pipeline):
     child), stopped after the module."""
     port = free_port()
     log = pipeline["tmp"] / "serve.log"
-    env = {**pipeline["env"], "MLFLOW_TRACKING_URI": pipeline["uri"]}
+    # The operator allows path rows under one folder (the `incoming` fixture's); by default
+    # the served model reads only image bytes.
+    env = {**pipeline["env"], "MLFLOW_TRACKING_URI": pipeline["uri"],
+           "VISIONTUNE_ALLOWED_PATH_ROOTS": str(pipeline["tmp"] / "incoming")}
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
@@ -52,9 +55,20 @@ def server(pipeline):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ok(f"{url}/ping", proc, log, 180)
+        SERVERS[url] = proc
         yield url
     finally:
         stop_group(proc)
+
+
+SERVERS: dict = {}   # url -> the server's process (its session holds the scoring workers)
+
+
+def _server_rss_mb(url: str) -> float:
+    """The resident memory of every process of the server's session (uvicorn and its workers)."""
+    out = subprocess.run(["ps", "-o", "rss=", "-s", str(SERVERS[url].pid)], capture_output=True,
+                         text=True).stdout
+    return sum(int(x) for x in out.split()) / 1024
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -210,3 +224,68 @@ def test_response_is_strict_json(server, incoming):
         text = r.read().decode()
     assert "NaN" not in text
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+# ------------------------------------------------------------------ as an attacker would
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def test_paths_a_client_names_are_refused_alike_and_the_server_keeps_answering(
+        server, incoming, tmp_path):
+    """Server files named by a client: /etc/passwd, a FIFO (which blocked a worker thread
+    forever), a symlink out of the allowed folder, a path that does not exist. One answer for
+    all, at once; the allowed folder's own files are read; the server answers after."""
+    import os
+    import time
+
+    good, _ = incoming
+    allowed = good[0].parent
+    os.mkfifo(allowed / "fifo.png")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(good[0].read_bytes())
+    (allowed / "escape.png").symlink_to(outside)
+    hostile = ["/etc/passwd", str(allowed / "fifo.png"), str(allowed / "escape.png"),
+               str(allowed / "does-not-exist.png"), str(outside), "/dev/zero"]
+    for _ in range(3):   # more than the pool of a stuck server would take
+        start = time.monotonic()
+        status, answer = _post(server, {"dataframe_split": {
+            "columns": ["path"], "data": [[p] for p in hostile] + [[str(good[0])]]}})
+        assert time.monotonic() - start < 5
+        assert status == 200, answer
+        rows = answer["predictions"]
+        errors = {r["error"] for r in rows[:-1]}
+        assert len(errors) == 1, errors       # says nothing of what exists
+        (error,) = errors
+        assert error.startswith("PathRefused: not a regular file under the folders")
+        assert rows[-1]["error"] is None and rows[-1]["prediction"] in CLASSES
+    status, _ = _post(server, {"dataframe_split": {"columns": ["image"],
+                                                   "data": [[_b64(good[1].read_bytes())]]}})
+    assert status == 200
+
+
+def test_decompression_bombs_are_row_errors_in_bounded_time_and_memory(server, incoming):
+    import time
+
+    from tests.unit.test_serving_model import _png_header
+
+    good, _ = incoming
+    wide = _png_header(20_000, 20_000)                            # 400 M pixels
+    deep = _png_header(12_000, 12_000, bit_depth=16, color=0)    # 16-bit, 144 M pixels
+    assert len(wide) < 200_000 and len(deep) < 200_000
+    before = _server_rss_mb(server)
+    for bomb in (wide, deep):
+        start = time.monotonic()
+        status, answer = _post(server, {"dataframe_split": {"columns": ["image"], "data": [
+            [_b64(bomb)], [_b64(good[0].read_bytes())]]}})
+        elapsed = time.monotonic() - start
+        assert status == 200, answer
+        bad, ok = answer["predictions"]
+        assert bad["error"].startswith("ImageRefused: ") and bad["prediction"] is None
+        assert ok["error"] is None and ok["prediction"] in CLASSES
+        assert elapsed < 2, elapsed
+    assert _server_rss_mb(server) - before < 300
+    status, refused = _post(server, {"dataframe_split": {"columns": ["image"], "data": [
+        [_b64(good[0].read_bytes())]] * 1025}})
+    assert status == 400 and "at most 1,024" in refused["message"]
