@@ -13,10 +13,11 @@ import pytest
 from tests.conftest import cli_env, free_port, run_tiny_pipeline, stop_group, wait_until_ok
 
 SERVED_MODEL = "e2e-served"
-PLANTED = {"MLFLOW_TRACKING_USERNAME": "vt-planted-user",
-           "MLFLOW_TRACKING_PASSWORD": "vt-planted-password-7f3a9c",
+PLANTED = {"MLFLOW_TRACKING_PASSWORD": "vt-planted-password-7f3a9c",
            "AWS_SECRET_ACCESS_KEY": "vt-planted-aws-secret-51e2b8",
            "MLFLOW_TRACKING_TOKEN": "vt-planted-token-c04d11"}
+# Not a secret: MLflow records the user name as the runs' owner (tag mlflow.user).
+USER = {"MLFLOW_TRACKING_USERNAME": "vt-user"}
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +29,7 @@ def served_pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("served")
     # Secrets as an operator passes them, through the environment: none may reach the record
     # (tests/e2e/test_security.py greps it).
-    env = cli_env(**PLANTED)
+    env = cli_env(**PLANTED, **USER)
     port = free_port()
     log = tmp / "mlflow.log"
     proc = subprocess.Popen(

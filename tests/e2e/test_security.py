@@ -45,3 +45,4 @@ def test_no_planted_secret_anywhere_in_the_record(served_pipeline, tmp_path):
     assert len(everything) > 10_000   # the artifacts were read, not just the tags
     for name, secret in PLANTED.items():
         assert secret not in everything, f"{name} leaked into the record"
+    assert model.tags.get("mlflow.user") == "vt-user"   # its owner, as MLflow records it
