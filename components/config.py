@@ -344,7 +344,9 @@ _CREDENTIALS_HINT = ("put credentials in the environment (AWS_ACCESS_KEY_ID / "
                      "GOOGLE_APPLICATION_CREDENTIALS for gs://, MLFLOW_TRACKING_USERNAME / "
                      "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN for the tracking server)")
 _SECRET_QUERY = ("access_key", "secret_key", "session_token", "token", "password", "secret",
-                 "sig", "signature", "x-amz-signature", "x-amz-credential", "x-goog-signature")
+                 "sig", "signature", "x-amz-signature", "x-amz-credential",
+                 "x-amz-security-token", "x-goog-signature", "x-goog-credential",
+                 "googleaccessid", "api_key", "apikey", "access_token", "account_key")
 URI_KEYS = ("data.path", "data.test_path", "tracking.uri", "tracking.artifact_location",
             "ray.storage_path", "ray.address")
 
@@ -359,8 +361,9 @@ def uri_secret(uri: str | None) -> str | None:
     try:
         parts = urlsplit(uri)
         has_user = parts.username is not None or parts.password is not None
-    except ValueError:
-        return None
+    except ValueError:   # unparseable (e.g. an unclosed '['): look for user info by hand
+        authority = uri.split("://", 1)[1].split("/", 1)[0]
+        return "a user name or password before '@'" if "@" in authority else None
     if has_user:
         return "a user name or password before '@'"
     keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)
@@ -370,12 +373,12 @@ def uri_secret(uri: str | None) -> str | None:
 
 def masked(uri: str) -> str:
     """`uri` as it may be printed: user info and query replaced by ***."""
-    from urllib.parse import urlsplit
 
-    parts = urlsplit(uri)
-    user, at, host = parts.netloc.rpartition("@")
-    return (f"{parts.scheme}://{'***@' if at else ''}{host}{parts.path}"
-            + ("?***" if parts.query else ""))
+    scheme, _, rest = uri.partition("://")
+    authority, slash, path = rest.partition("/")
+    path, q, _ = path.partition("?")
+    user, at, host = authority.rpartition("@")
+    return f"{scheme}://{'***@' if at else ''}{host}{slash}{path}" + ("?***" if q else "")
 
 
 def check_no_credentials(key: str, uri: str | None) -> None:

@@ -138,7 +138,7 @@ def _input_frame(images: list) -> tuple[pd.DataFrame, dict[int, str]]:
         if isinstance(im, (str, Path)):
             try:
                 data.append(_read(str(im)))
-            except OSError as e:
+            except (OSError, ValueError) as e:   # ValueError: a limit set to no number
                 data.append(None)
                 unread[i] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         else:

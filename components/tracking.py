@@ -223,7 +223,7 @@ class Tracker:
                                    dataset_digest=dataset_digest[:DATASET_DIGEST_CHARS])
 
     def model_code_digest(self, model_uri: str) -> str:
-        """The sha256 of each code file of the logged model (see components.serving), as the
+        """The sha256 of each file of the logged model (see components.serving), as the
         registry tag value: read back from the artifact store, as every loader will read it."""
         import tempfile
 

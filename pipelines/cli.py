@@ -266,6 +266,9 @@ def cmd_promote(args) -> int:
                           f"e.g. 0.01")
     if args.resamples < DEFAULT_RESAMPLES:
         raise ConfigError(f"--resamples={args.resamples}: at least {DEFAULT_RESAMPLES:,}")
+    from components.config import check_no_credentials
+
+    check_no_credentials("--data", args.data)   # it is recorded with the decision
     cfg, tracker = _tracking(args)
     r = promote(tracker, args.model, args.version, data=args.data, confidence=args.confidence,
                 min_gain=cfg.registry.min_f1_gain, non_inferior=args.non_inferior,

@@ -99,10 +99,15 @@ def _verify_code(model_uri: str, local_model: str) -> None:
     if not m:
         return
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from components.serving import CODE_TAG, verify_code
 
-    tags = MlflowClient().get_model_version(m["name"], m["version"]).tags
+    try:
+        tags = MlflowClient().get_model_version(m["name"], m["version"]).tags
+    except MlflowException as e:
+        raise ValueError(f"cannot read {m['name']} version {m['version']}'s tags: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
     verify_code(local_model, tags.get(CODE_TAG), f"{m['name']} version {m['version']}")
 
 

@@ -6,10 +6,11 @@ Both models classified the same labelled images. From the per-image results:
   `c` images only the champion gets right; under "equally good" each discordant image is a
   fair coin, so the two-sided p-value is a binomial tail of min(b, c) in b + c;
 - a seeded paired bootstrap of the F1 difference: the same resample of images scores both
-  models, with the F1 averaging both were evaluated with; its percentile interval at
+  models, with one F1 averaging (the challenger's); its two-sided percentile interval at
   `confidence`;
 - the rule: promote only when the interval's lower bound is above `min_gain` (superiority),
-  or, for a challenger chosen for being smaller or faster, above `-margin` (non-inferiority);
+  or, for a challenger chosen for being smaller or faster, above `-margin` (non-inferiority):
+  at confidence 0.95, a one-sided test at the 2.5% level;
 - the floor: the smallest difference this many images can ever show at this confidence.
 
 `decide` is the whole decision; the registry code only gathers predictions and records it.

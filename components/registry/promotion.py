@@ -103,7 +103,10 @@ class PromotionResult:
 
     @property
     def decision(self) -> str:
-        return "promoted" if self.promote else "rejected"
+        """What the record says: "pending" between the verdict and the champion's move."""
+        if not self.promote:
+            return "rejected"
+        return "promoted" if self.applied else "pending"
 
 
 # ----------------------------------------------------------------------------- the versions
@@ -230,6 +233,13 @@ def _compare(tracker: Tracker, name: str, challenger: Candidate, champion: Candi
         return PromotionResult(False, f"version {challenger.version} already is the champion",
                                challenger, champion)
     if data is None and not same_test_images(challenger, champion) and not force:
+        unknown = [f"v{c.version}" for c in (challenger, champion)
+                   if not (c.test_fingerprint or c.data_fingerprint)]
+        if unknown:
+            raise PromotionError(
+                f"{' and '.join(unknown)} of {name} carry no test or data fingerprint (not "
+                f"registered by the pipeline?): which images they were tested on is unknown; "
+                f"score both on labelled images with --data PATH; nothing moved")
         return PromotionResult(
             False, "different test images (test/data fingerprints differ): the champion may "
                    "have trained on the challenger's test split; score both on the same "
@@ -455,23 +465,37 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
         champion = candidate(tracker, current) if current is not None else None
         echo(f"promote: {name} v{challenger.version} (challenger) vs "
              + (f"v{champion.version} (champion)" if champion else "no champion"))
+        # Both models are scored with one averaging: the challenger's (it was selected and
+        # tested with it); a champion tested with another is named in the record.
         average = challenger.f1_average or (champion.f1_average if champion else None) or "auto"
+        if champion and champion.f1_average and champion.f1_average != average:
+            echo(f"  note: v{champion.version} was tested with {champion.f1_average} F1; both "
+                 f"are scored here with {average} F1")
         decide_kw = dict(confidence=confidence, min_gain=min_gain, non_inferior=non_inferior,
                          resamples=resamples, seed=seed)
         result = _compare(tracker, name, challenger, champion, data, force, echo, decide_kw,
                           average, batch_size)
         result.experiment_id = _experiment_of(tracker, challenger, experiment_name)
         settings = {**decide_kw, "min_f1_gain": min_gain, "non_inferior_margin": non_inferior,
-                    "data": data or ""}
+                    "data": data or "",
+                    "champion_test_f1_average": champion.f1_average if champion else ""}
         result.run_id = record_promotion(tracker, result.experiment_id, name, result,
                                          dry_run=dry_run, force=force, settings=settings)
         if result.promote and not dry_run:
-            _move_champion(tracker, name, result)
+            try:
+                _move_champion(tracker, name, result)
+            except AliasConflict as conflict:
+                tracker.set_tags(result.run_id, {"promotion.decision": "aborted",
+                                                 "promotion.reason": str(conflict)[:5000]})
+                raise
     except _FAILURES as e:
         raise RegistryError(f"the MLflow server at {tracker.uri} failed during promote: "
-                            f"{first_line(e)}; no alias was moved") from e
+                            f"{first_line(e)}; the champion was not moved") from e
     if not dry_run and not (champion and champion.version == challenger.version):
         try:
+            if result.applied:   # the record says so only once the champion has moved
+                tracker.set_tags(result.run_id, {"promotion.decision": result.decision,
+                                                 NOTE_TAG: _note(name, result, dry_run)})
             _tag_versions(tracker, name, result)
         except _FAILURES as e:
             raise RegistryError(f"the MLflow server at {tracker.uri} failed while tagging the "
@@ -489,9 +513,6 @@ def _move_champion(tracker: Tracker, name: str, r: PromotionResult) -> None:
         compared = r.champion.version if r.champion else None
         if (str(now.version) if now is not None else None) != compared:
             moved = f"v{now.version}" if now is not None else "none"
-            client.set_tag(r.run_id, "promotion.decision", "aborted")
-            client.set_tag(r.run_id, "promotion.reason",
-                           f"the champion changed to {moved} while this promote ran")
             raise AliasConflict(
                 f"the champion of {name} changed from "
                 f"{'v' + compared if compared else 'none'} to {moved} while this promote ran: "

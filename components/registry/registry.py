@@ -110,6 +110,15 @@ class AliasConflict(RegistryError):
     """The aliases changed while a command compared versions: nothing was moved."""
 
 
+def _lock_owner(tracker: Tracker, lock: str) -> str | None:
+    try:
+        return tracker.client.get_registered_model(lock).tags.get(LOCK_OWNER_TAG, "?")
+    except _REGISTRY_FAILURES as exc:
+        if is_not_found(exc):
+            return None
+        raise _registry_error(tracker, f"model {lock}", exc) from exc
+
+
 def _lock_age_s(tracker: Tracker, lock: str) -> tuple[float, str] | None:
     try:
         held = tracker.client.get_registered_model(lock)
@@ -139,7 +148,10 @@ def alias_lock(tracker: Tracker, name: str, wait_s: float | None = None,
             tracker.client.create_registered_model(
                 lock, tags={LOCK_OWNER_TAG: owner},
                 description=f"visiontune: held while the aliases of {name} move; deleted after")
-            break
+            # Two takeovers of one stale lock can both create: only the last is the holder.
+            if _lock_owner(tracker, lock) == owner:
+                break
+            continue
         except _REGISTRY_FAILURES as exc:
             if not (isinstance(exc, MlflowException) and exc.error_code == _EXISTS):
                 raise _registry_error(tracker, f"the alias lock {lock}", exc) from exc
@@ -147,7 +159,7 @@ def alias_lock(tracker: Tracker, name: str, wait_s: float | None = None,
         if held is None:
             continue
         age, holder = held
-        if age > stale_s:
+        if age > stale_s and _lock_owner(tracker, lock) == holder:   # still the same holder
             with contextlib.suppress(MlflowException):
                 tracker.client.delete_registered_model(lock)
             continue
@@ -160,7 +172,8 @@ def alias_lock(tracker: Tracker, name: str, wait_s: float | None = None,
         yield
     finally:
         with contextlib.suppress(*_REGISTRY_FAILURES):
-            tracker.client.delete_registered_model(lock)
+            if _lock_owner(tracker, lock) == owner:   # never another command's lock
+                tracker.client.delete_registered_model(lock)
 
 
 def model_version_aliases(tracker: Tracker, name: str, version: str) -> tuple[str, ...]:

@@ -23,23 +23,32 @@ WEIGHTS_FILE = "network.pt2"
 _REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pillow")
 
 
-CODE_TAG = "visiontune.code_sha256"   # model version tag: sha256 of each code file
-_CODE_SUFFIXES = (".py", ".pkl", ".pickle", ".cloudpickle")
+CODE_TAG = "visiontune.code_sha256"   # model version tag: sha256 of each of its files
+# Written by MLflow into the folder a registered version is downloaded to (its name and
+# version), so it differs with the URI used: not part of what was registered.
+_DOWNLOAD_NOTES = {"registered_model_meta"}
 
 
 class CodeMismatch(ValueError):
-    """A registered model's code files differ from those recorded at registration."""
+    """A registered model's files differ from those recorded at registration."""
 
 
 def code_digests(model_dir: str | Path) -> dict[str, str]:
-    """{relative path: sha256} of every file of a downloaded model that is run or unpickled
-    when it loads: MLmodel (it names the loader and the code), Python files, pickles."""
+    """{relative path: sha256} of every file of a downloaded model. All of them: MLmodel names
+    the loader and the code, the .py files run, and even the network file is code
+    (`torch.export.load` falls back to a full `torch.load` of it)."""
     import hashlib
 
     root = Path(model_dir)
-    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(root.rglob("*"))
-            if f.is_file() and (f.name == "MLmodel" or f.suffix in _CODE_SUFFIXES)}
+    out = {}
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.relative_to(root).as_posix() not in _DOWNLOAD_NOTES:
+            h = hashlib.sha256()
+            with f.open("rb") as data:
+                for block in iter(lambda: data.read(1 << 20), b""):
+                    h.update(block)
+            out[f.relative_to(root).as_posix()] = h.hexdigest()
+    return out
 
 
 def format_digests(digests: dict[str, str]) -> str:
@@ -47,9 +56,11 @@ def format_digests(digests: dict[str, str]) -> str:
 
 
 def verify_code(model_dir: str | Path, recorded: str | None, what: str) -> None:
-    """Refuse (CodeMismatch, naming the file) a model whose code files are not exactly those
+    """Refuse (CodeMismatch, naming the file) a model whose files are not exactly those
     recorded at registration: a registered model is code that every predict, promote and
-    server runs. A version registered before the tag (`recorded` None) is not checked."""
+    server runs. A version registered before the tag (`recorded` None) is not checked: the
+    check guards against a changed artifact store, not against whoever may also rewrite the
+    registry's tags."""
     if not recorded:
         return
     expected = dict(item.split("=", 1) for item in recorded.split(";") if "=" in item)
@@ -60,7 +71,7 @@ def verify_code(model_dir: str | Path, recorded: str | None, what: str) -> None:
                       else "no longer matches its sha256")
             raise CodeMismatch(f"{what}: the model file {name} {change} (recorded at "
                                f"registration in the version tag {CODE_TAG}); refusing to run "
-                               f"a model whose code was changed in the artifact store")
+                               f"a model whose files were changed in the artifact store")
 
 
 def export_network(model, channels: int, image_size: int, path: str | Path) -> Path:

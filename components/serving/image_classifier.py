@@ -75,8 +75,12 @@ def read_allowed_file(path: str, roots: list[str], max_bytes: int) -> bytes:
     folder), so that the answer says nothing about what exists."""
     if not roots:
         raise PathRefused(PATHS_OFF)
+
+    def inside(p: str) -> bool:
+        return any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
     real = os.path.realpath(str(path))
-    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+    if not inside(real):
         raise PathRefused(PATH_REFUSED)
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the resolved
@@ -85,6 +89,11 @@ def read_allowed_file(path: str, roots: list[str], max_bytes: int) -> bytes:
     except OSError:
         raise PathRefused(PATH_REFUSED) from None
     try:
+        # A folder on the way may have been swapped for a symlink since realpath: what was
+        # opened must itself lie under a root (Linux names it in /proc/self/fd).
+        opened = f"/proc/self/fd/{fd}"
+        if os.path.exists(opened) and not inside(os.path.realpath(opened)):
+            raise PathRefused(PATH_REFUSED)
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise PathRefused(PATH_REFUSED)

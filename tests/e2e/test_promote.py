@@ -303,7 +303,7 @@ def test_tracking_server_stopped_mid_promote_moves_nothing(world):
     try:
         assert proc.returncode == 1, out + err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-        assert "no alias was moved" in err
+        assert "the champion was not moved" in err
     finally:
         world["server"].start()
     assert (alias(world, "outage", "champion"), alias(world, "outage", "previous-champion")) == \

@@ -125,6 +125,8 @@ def test_better_is_promoted_forced_is_recorded_and_rollback_swaps(store):
     assert "promotion.run_id" not in tracker.client.get_model_version("better", "2").tags
     r = promote(tracker, "better")
     assert r.applied and r.paired.ci_low > 0 and "the challenger is better" in r.reason
+    assert _run(tracker, r.run_id).data.tags["promotion.decision"] == "promoted"
+    assert "promoted**" in _run(tracker, r.run_id).data.tags["mlflow.note.content"]
     assert _alias(tracker, "better", CHAMPION) == "2"
     assert _alias(tracker, "better", PREVIOUS) == "1"
     assert tracker.client.get_model_version("better", "1").tags["promotion.decision"] == \
@@ -292,3 +294,24 @@ def test_a_version_that_does_not_load_moves_nothing(store):
         promote(tracker, "broken")
     assert _alias(tracker, "broken", CHAMPION) == "1"
     assert "promotion.decision" not in tracker.client.get_model_version("broken", "2").tags
+
+
+def test_versions_without_fingerprints_need_data(store):
+    """Versions registered outside the pipeline (no run manifest, no fingerprint tags)."""
+    tracker = store["tracker"]
+    exp = tracker.ensure_experiment("outside", str(store["tmp"] / "art"))
+    for _ in range(2):
+        register_challenger(tracker, "/nowhere", "outside", tracker.create_run(exp, "x", {}),
+                            {"test_f1": 0.5})
+    with pytest.raises(PromotionError, match="v2 and v1 of outside carry no test or data "
+                                             "fingerprint.*--data PATH"):
+        promote(tracker, "outside")
+    assert _alias(tracker, "outside", CHAMPION) == "1"
+
+
+def test_promote_refuses_credentials_in_data(capsys):
+    from pipelines.cli import main
+
+    assert main(["promote", "--model", "m", "--data", "s3://AKIA:PLANTED@bucket/new"]) == 2
+    err = capsys.readouterr().err
+    assert "PLANTED" not in err and "--data=s3://***@bucket/new carries credentials" in err

@@ -174,10 +174,11 @@ def test_paths_are_read_only_under_an_allowed_root_and_refused_alike(tmp_path, m
     (tmp_path / "secret.png").write_bytes(_png((255, 0, 0)))
     (allowed / "out.png").symlink_to(tmp_path / "secret.png")
     (allowed / "inside.png").symlink_to(allowed / "blue.png")   # a link within the root
+    (allowed / "sub").symlink_to(tmp_path)                       # a folder link out of it
     os.mkfifo(allowed / "fifo.png")
     hostile = ["/etc/passwd", str(tmp_path / "secret.png"), str(allowed / "out.png"),
                str(allowed / "fifo.png"), "/dev/zero", str(allowed), str(allowed / "nope.png"),
-               str(allowed / ".." / "secret.png")]
+               str(allowed / ".." / "secret.png"), str(allowed / "sub" / "secret.png")]
     paths = [str(allowed / "blue.png"), str(allowed / "inside.png"), *hostile]
     off = _classifier().predict(None, pd.DataFrame({"path": paths}))
     assert (off.error == mc.PATHS_OFF).all()            # no root named: no path is read
