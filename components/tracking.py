@@ -222,6 +222,23 @@ class Tracker:
                                    dataset_name=dataset_name,
                                    dataset_digest=dataset_digest[:DATASET_DIGEST_CHARS])
 
+    def download_model(self, model_uri: str, dst: str | Path) -> str:
+        """A logged (`models:/m-<id>`) or registered (`models:/NAME/VERSION`) model's files,
+        from this store. Resolved here: MLflow resolves a `models:/` URI through the default
+        store (`MLFLOW_TRACKING_URI`) even when given another tracking URI, and a model of
+        this store is then "not found" (seen with a job's environment)."""
+        source = model_uri
+        if model_uri.startswith("models:/m-"):
+            source = self.client.get_logged_model(
+                model_uri.removeprefix("models:/")).artifact_location
+        elif model_uri.startswith("models:/"):
+            name, _, version = model_uri.removeprefix("models:/").rpartition("/")
+            source = self.client.get_model_version_download_uri(name, version)
+            if source.startswith("models:/m-"):
+                return self.download_model(source, dst)
+        return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                   tracking_uri=self.uri)
+
     def model_code_digest(self, model_uri: str) -> str:
         """The sha256 of each file of the logged model (see components.serving), as the
         registry tag value: read back from the artifact store, as every loader will read it."""
@@ -230,9 +247,7 @@ class Tracker:
         from components.serving import code_digests, format_digests
 
         with tempfile.TemporaryDirectory() as d:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=d,
-                                                        tracking_uri=self.uri)
-            return format_digests(code_digests(local))
+            return format_digests(code_digests(self.download_model(model_uri, d)))
 
     def model_metrics(self, model_id: str):
         """The LoggedModel's metrics (each with its dataset_name and dataset_digest)."""

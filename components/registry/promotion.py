@@ -196,8 +196,7 @@ def load_version(tracker: Tracker, name: str, version: str, dst: str):
 
     try:
         mv = tracker.client.get_model_version(name, version)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst,
-                                                    tracking_uri=tracker.uri)
+        local = tracker.download_model(f"models:/{name}/{version}", dst)
         try:
             verify_code(local, mv.tags.get(CODE_TAG), f"{name} version {version}")
         except CodeMismatch as e:

@@ -132,11 +132,11 @@ class _Untrained(torch.nn.Module):
         return self.lin(x.flatten(1))
 
 
-def cli(world, *args, timeout=300) -> subprocess.CompletedProcess:
+def cli(world, *args, timeout=300, **env) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "visiontune"), *args,
                            f"tracking.uri={world['server'].url}"],
-                          cwd=world["tmp"], env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)
+                          cwd=world["tmp"], env={**cli_env(), **env}, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def alias(world, name, which):
@@ -231,7 +231,10 @@ def test_promote_on_new_images_and_on_images_with_an_unknown_class(world):
     reg("fresh", "one_epoch")
     reg("fresh", "six_a")
     new = noisy_folder(world["tmp"] / "collected", 40, seed=11)
-    dry = cli(world, "promote", "--model", "fresh", "--data", str(new), "--dry-run")
+    # A job's environment may name another store: promote still reads its own (MLflow
+    # resolved models:/m-<id> through MLFLOW_TRACKING_URI: "Logged model ... not found").
+    dry = cli(world, "promote", "--model", "fresh", "--data", str(new), "--dry-run",
+              MLFLOW_TRACKING_URI=f"sqlite:///{world['tmp']}/another.db")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert f"images: 160 from --data {new}" in dry.stdout and "[dry run" in dry.stdout
     assert alias(world, "fresh", "champion") == "1"

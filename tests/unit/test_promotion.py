@@ -315,3 +315,4 @@ def test_promote_refuses_credentials_in_data(capsys):
     assert main(["promote", "--model", "m", "--data", "s3://AKIA:PLANTED@bucket/new"]) == 2
     err = capsys.readouterr().err
     assert "PLANTED" not in err and "--data=s3://***@bucket/new carries credentials" in err
+
