@@ -51,8 +51,8 @@ def test_mcnemar_is_scipys_exact_binomial_test(b, c):
                                                      (200, 4, "weighted", 0.99)])
 def test_interval_and_table_match_an_independent_computation(n, k, average, confidence):
     y, a, b = _models(n, k, 0.93, 0.9, seed=n)
-    d = decide(y, a, b, k, average, confidence=confidence, resamples=2000, seed=7)
-    low, high = _plain_bootstrap(y, a, b, k, average, 2000, 7, confidence)
+    d = decide(y, a, b, k, average, confidence=confidence, resamples=1000, seed=7)
+    low, high = _plain_bootstrap(y, a, b, k, average, 1000, 7, confidence)
     assert (d.ci_low, d.ci_high) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
     kw = dict(labels=[1] if average == "binary" else list(range(k)),
               average="macro" if average == "binary" else average, zero_division=0)
@@ -64,7 +64,7 @@ def test_interval_and_table_match_an_independent_computation(n, k, average, conf
         np.sum(~right_a & ~right_b))
     assert d.mcnemar_p == pytest.approx(binomtest(d.challenger_only, d.challenger_only
                                                   + d.champion_only, 0.5).pvalue)
-    assert d.n == n and d.resamples == 2000 and len(d.differences) == 2000
+    assert d.n == n and d.resamples == 1000 and len(d.differences) == 1000
 
 
 def test_power_floor_is_the_fewest_one_sided_images_that_can_be_significant():
