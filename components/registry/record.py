@@ -1,0 +1,150 @@
+"""The record of a promotion: one MLflow run per `visiontune promote` (role `promotion`) with
+both versions, the images, both models' per-image predictions, the 2x2 table, the McNemar
+p-value, the interval, the decision and its reason; and the tags on both versions that point
+at it (what the version's page in the MLflow UI shows)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+
+from components.registry.comparison import Candidate, PromotionResult
+from components.tracking import ROLE_TAG, Tracker
+
+ROLE = "promotion"
+MODEL_NAME_TAG = "visiontune.model_name"
+NOTE_TAG = "mlflow.note.content"
+
+
+# ----------------------------------------------------------------------------- the record
+
+def experiment_of(tracker: Tracker, c: Candidate, fallback: str) -> str:
+    if c.run_id:
+        try:
+            return tracker.client.get_run(c.run_id).info.experiment_id
+        except MlflowException:
+            pass
+    return tracker.ensure_experiment(fallback)
+
+
+def note(name: str, r: PromotionResult, dry_run: bool) -> str:
+    champ = f"v{r.champion.version}" if r.champion else "no champion"
+    verdict = f"dry run, would {'promote' if r.promote else 'reject'}" if dry_run else r.decision
+    lines = [f"**Promotion of {name} v{r.challenger.version} over {champ}: {verdict}**", "",
+             f"- Reason: {r.reason}"]
+    if r.paired is not None:
+        p = r.paired
+        lines += [f"- Images: {p.n:,} from {r.images.source} (fingerprint "
+                  f"`{r.images.fingerprint[:12]}`)",
+                  f"- {p.average} F1: challenger {p.f1_challenger:.4f}, champion "
+                  f"{p.f1_champion:.4f}, difference {p.difference:+.4f}, {p.confidence:.0%} "
+                  f"interval {p.interval()} ({p.resamples:,} paired resamples, seed {p.seed})",
+                  f"- McNemar exact: {p.challenger_only} images only the challenger gets "
+                  f"right, {p.champion_only} only the champion; p = {p.mcnemar_p:.4g}",
+                  f"- {p.power_line()}",
+                  "- Artifacts: `promotion/predictions.csv` (both models, every image), "
+                  "`promotion/bootstrap.png`, `promotion/decision.json`"]
+    return "\n".join(lines) + "\n"
+
+
+def record_promotion(tracker: Tracker, experiment_id: str, name: str, r: PromotionResult, *,
+                     dry_run: bool, force: bool, settings: dict) -> str:
+    """The promotion run: both versions, the images, both models' per-image predictions,
+    the 2x2 table, the p-value, the interval, the decision and its reason."""
+    import matplotlib.pyplot as plt
+
+    from components.evaluation.paired import plot_bootstrap
+
+    champ = r.champion.version if r.champion else ""
+    run_id = tracker.create_run(
+        experiment_id, f"promote v{r.challenger.version} vs v{champ or '-'}",
+        {ROLE_TAG: ROLE, MODEL_NAME_TAG: name, "promotion.decision":
+            ("would promote" if r.promote else "rejected") if dry_run else r.decision,
+         "promotion.reason": r.reason[:5000], "promotion.dry_run": str(dry_run).lower(),
+         NOTE_TAG: note(name, r, dry_run)})
+    try:
+        params = {"model_name": name, "challenger_version": r.challenger.version,
+                  "champion_version": champ, "forced": force, "dry_run": dry_run, **settings}
+        if r.images is not None:
+            params.update(data_source=r.images.source, data_location=r.images.location,
+                          data_fingerprint=r.images.fingerprint,
+                          from_test_split=r.images.from_test_split,
+                          images_left_out=len(r.left_out))
+        if r.paired is not None:
+            p = r.paired
+            params.update(rule=p.rule, threshold=p.threshold, f1_average=p.average,
+                          classes=",".join(sorted(set(r.images.labels))))
+        tracker.log_params(run_id, params)
+        if r.paired is not None:
+            _record_evidence(tracker, run_id, name, r)
+            fig = plot_bootstrap(r.paired, f"{name}: v{r.challenger.version} vs v{champ}")
+            tracker.log_figure(run_id, fig, "promotion/bootstrap.png")
+            plt.close(fig)
+        tracker.end_run(run_id, "FINISHED")
+    except BaseException:
+        try:
+            tracker.end_run(run_id, "FAILED")
+        except Exception:  # the store itself may be what failed
+            pass
+        raise
+    return run_id
+
+
+def _record_evidence(tracker: Tracker, run_id: str, name: str, r: PromotionResult) -> None:
+    import pandas as pd
+
+    p = r.paired
+    tracker.log_metrics(run_id, {
+        "images": p.n, "f1_difference": p.difference, "ci_low": p.ci_low, "ci_high": p.ci_high,
+        "mcnemar_p": p.mcnemar_p, "both_right": p.both_right,
+        "challenger_only_right": p.challenger_only, "champion_only_right": p.champion_only,
+        "both_wrong": p.both_wrong, "detectable_difference": p.detectable,
+        **{f"seconds_{k}": v for k, v in r.seconds.items()}})
+    dataset = f"{name}-promotion-images"
+    for role, c, f1 in (("challenger", r.challenger, p.f1_challenger),
+                        ("champion", r.champion, p.f1_champion)):
+        if c.model_id:   # MLflow's lineage: this model's F1 on these images
+            tracker.log_model_metrics(run_id, c.model_id, {f"{role}_f1": f1}, dataset,
+                                      r.images.fingerprint)
+        else:
+            tracker.log_metrics(run_id, {f"{role}_f1": f1})
+    frame = pd.DataFrame({"path": r.images.paths, "label": r.images.labels})
+    tracker.log_datasets(run_id, [(dataset, "evaluation", frame)], r.images.location,
+                         r.images.fingerprint)
+    with tempfile.TemporaryDirectory() as d:
+        r.predictions.to_csv(Path(d) / "predictions.csv", index=False)
+        frame.to_csv(Path(d) / "images.csv", index=False)
+        (Path(d) / "decision.json").write_text(json.dumps(
+            {**p.as_dict(), "promote": r.promote, "reason": r.reason,
+             "images_fingerprint": r.images.fingerprint, "images_source": r.images.source,
+             "left_out": r.left_out[:1000]}, indent=1))
+        for f in ("predictions.csv", "images.csv", "decision.json"):
+            tracker.log_artifact(run_id, Path(d) / f, "promotion")
+    tracker.log_text(run_id, "\n".join(f"{k}\t{v}" for k, v in r.left_out) or "(none)\n",
+                     "promotion/left_out.tsv")
+
+
+def tag_versions(tracker: Tracker, name: str, r: PromotionResult) -> None:
+    """Each version's page shows its latest decision and the run that holds the evidence."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    common = {"promotion.run_id": r.run_id or "", "promotion.time": stamp,
+              "promotion.challenger_version": r.challenger.version,
+              "promotion.champion_version": r.champion.version if r.champion else "",
+              "promotion.reason": r.reason[:5000]}
+    if r.paired is not None:
+        common.update({"promotion.p_value": f"{r.paired.mcnemar_p:.4g}",
+                       "promotion.interval": f"{r.paired.interval()} at "
+                                             f"{r.paired.confidence:.0%}",
+                       "promotion.f1_difference": f"{r.paired.difference:+.4f}"})
+    roles = [(r.challenger.version, "challenger", r.decision)]
+    if r.champion is not None and r.champion.version != r.challenger.version:
+        kept = f"replaced by v{r.challenger.version}" if r.applied else \
+            f"kept (v{r.challenger.version} rejected)"
+        roles.append((r.champion.version, "champion", kept))
+    for version, role, decision in roles:
+        for k, v in {**common, "promotion.role": role, "promotion.decision": decision}.items():
+            tracker.client.set_model_version_tag(name, version, k, str(v))
