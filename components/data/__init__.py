@@ -3,7 +3,7 @@
 Names are imported on first use: a Train worker needs only `components.data.dataset`, and
 the split's scikit-learn import would cost each worker about 1 s of its start-up."""
 
-from importlib import import_module
+from components.lazy import lazy_names
 
 _WHERE = {
     "write_digits_folder": "builtin",
@@ -14,16 +14,4 @@ _WHERE = {
     "DataError": "validate", "ValidatedImages": "validate", "validate_images": "validate",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_names(__name__, _WHERE)

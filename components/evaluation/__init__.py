@@ -4,7 +4,7 @@ the paired comparison of two models on the same images (`paired`).
 Names are imported on first use (as in `components.data`): the CLI imports `paired`'s
 constants without paying for torch and matplotlib."""
 
-from importlib import import_module
+from components.lazy import lazy_names
 
 _WHERE = {
     "plot_comparison_heatmap": "comparison", "plot_continuous_axes": "comparison",
@@ -16,16 +16,4 @@ _WHERE = {
     "PairedDecision": "paired", "decide": "paired", "plot_bootstrap": "paired",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_names(__name__, _WHERE)
