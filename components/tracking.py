@@ -19,6 +19,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 ROLE_TAG = "visiontune.role"
@@ -27,6 +28,9 @@ PIPELINE_ID_TAG = "visiontune.pipeline_id"
 STEP_TAG = "visiontune.step."
 DATASET_CONTEXT_TAG = "mlflow.data.context"  # what the run page's "Datasets" shows per input
 DATASET_DIGEST_CHARS = 36  # MLflow's SQL stores hold a dataset digest of at most 36 characters
+DATASET_RACE_RETRIES = 3
+# how SQLite, PostgreSQL and MySQL word a unique-key violation, as a tracking server relays it
+_DUPLICATE_KEY = re.compile(r"UNIQUE constraint failed|duplicate key value|Duplicate entry")
 CONFIG_FILE = "config.yaml"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 RUNNING = RunStatus.to_string(RunStatus.RUNNING)
@@ -87,6 +91,10 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _is_duplicate_key(error: MlflowException) -> bool:
+    return bool(_DUPLICATE_KEY.search(str(error)))
 
 
 class Tracker:
@@ -196,8 +204,7 @@ class Tracker:
         import warnings
 
         import mlflow.data
-        from mlflow.entities import DatasetInput, InputTag
-        from mlflow.exceptions import MlflowException
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         def dataset(frame, name: str):
             kwargs = dict(name=name, digest=digest[:DATASET_DIGEST_CHARS], targets=targets)
@@ -208,10 +215,20 @@ class Tracker:
                 except MlflowException:  # a scheme MLflow has no dataset source for
                     return mlflow.data.from_pandas(frame, **kwargs)
 
-        inputs = [DatasetInput(dataset(frame, name)._to_mlflow_entity(),
+        inputs = [DatasetInput(Dataset(**dataset(frame, name).to_dict()),
                                [InputTag(DATASET_CONTEXT_TAG, context)])
                   for name, context, frame in datasets]
-        self.client.log_inputs(run_id, datasets=inputs)
+        for attempt in range(DATASET_RACE_RETRIES + 1):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except MlflowException as e:
+                # Two runs logging the same dataset at once: the SQL store looks the dataset
+                # up, then inserts it, and the slower insert fails on the unique key. The
+                # row exists now, so the same call again links it (seen with two promotes).
+                if attempt == DATASET_RACE_RETRIES or not _is_duplicate_key(e):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_model_metrics(self, run_id: str, model_id: str, metrics: dict[str, float],
                           dataset_name: str, dataset_digest: str) -> None:

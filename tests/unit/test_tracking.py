@@ -81,3 +81,41 @@ def test_store_watch_says_lost_only_after_failures_in_a_row(tmp_path):
     assert [here.lost() for _ in range(3)] == [False, False, False]
     paced = StoreWatch(f"http://127.0.0.1:{port}", every_s=3600, failures=1)
     assert paced.lost() is False  # no check before every_s has passed
+
+
+def test_a_dataset_logged_by_two_runs_at_once_is_linked_to_both(tracker, monkeypatch):
+    """The SQL store looks a dataset up, then inserts it: of two runs logging the same one at
+    once, the slower insert fails on the unique key (the CI run of two concurrent promotes).
+    Here the other run's insert lands first and the store answers as it did then."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    t, exp, first = tracker
+    second = t.create_run(exp, "promotion", {})
+    frame = pd.DataFrame({"path": ["a.png", "b.png"], "label": [0, 1]})
+    real, calls = t.client.log_inputs, []
+
+    def racing(run_id, datasets=None, **kw):
+        calls.append(run_id)
+        if len(calls) == 1:
+            t.log_datasets(first, [("images", "evaluation", frame)], "/data", "d" * 64)
+            raise MlflowException("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint "
+                                  "failed: datasets.experiment_id, datasets.name, datasets.digest")
+        return real(run_id, datasets=datasets, **kw)
+
+    monkeypatch.setattr(t.client, "log_inputs", racing)
+    t.log_datasets(second, [("images", "evaluation", frame)], "/data", "d" * 64)
+    assert calls == [second, first, second]
+    for run in (first, second):
+        inputs = t.client.get_run(run).inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("images", "d" * 36)]
+
+    def broken(run_id, datasets=None, **kw):
+        calls.append(run_id)
+        raise MlflowException("INVALID_PARAMETER_VALUE: something else")
+
+    monkeypatch.setattr(t.client, "log_inputs", broken)
+    calls.clear()
+    with pytest.raises(MlflowException, match="something else"):
+        t.log_datasets(second, [("images", "evaluation", frame)], "/data", "d" * 64)
+    assert calls == [second]      # only a duplicate key is retried
