@@ -57,7 +57,8 @@ def bare_epochs(cfg, manifest, epochs: int, threads: int) -> list[float]:
     from components.models.freezing import build_param_groups
     from components.training.loop import train_one_epoch
     from components.training.optim import build_optimizer, build_scheduler
-    from components.training.worker import TrainJob, _rank_datasets, evaluate_split
+    from components.training.ranks import evaluate_split
+    from components.training.worker import TrainJob, _rank_datasets
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)

@@ -148,7 +148,10 @@ class TrainConfig:
         lambda v: 0 < v < 1, "must be in (0, 1)", "step and plateau schedulers: lr factor"))
     patience: int = field(default=3, metadata=_check(
         lambda v: v >= 0, "must be >= 0", "early stopping: epochs without val_f1 gain; 0 = off"))
-    num_workers: int = field(default=2, metadata=_positive("DDP workers per trial"))
+    num_workers: int | str = field(default="auto", metadata=_check(
+        lambda v: v == "auto" or (isinstance(v, int) and v > 0), "must be auto or an integer > 0",
+        "workers per trial: auto = the plan chooses (trials side by side, or DDP where it pays);"
+        " N = DDP with N Ray Train workers"))
     use_gpu: bool = field(default=False, metadata={"doc": "NCCL + one GPU per worker"})
     cpus_per_worker: float = field(default=1.0, metadata=_positive())
     resources_per_worker: dict = field(default_factory=dict, metadata={
@@ -236,8 +239,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        for tp_ in inner[:-1]:   # int | str: the first type that takes the value
+            try:
+                return _coerce(value, tp_, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -13,6 +13,7 @@ of recomputing or re-logging it. `pipelines.training` only sequences these.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import tempfile
@@ -253,7 +254,7 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
         TrackingTarget,
         run_search,
     )
-    from components.tuning.plan import plan_resources
+    from components.tuning.plan import plan_sweep
     from pipelines.console import console
 
     with record.step("tune", echo):
@@ -271,11 +272,20 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
                                    plan.num_trials)
         with console.ray_output_to(log_path), \
                 ray_session(cfg.ray.address, cfg.ray.num_cpus) as resources:
-            resource_plan = plan_resources(
+            resource_plan = plan_sweep(
                 resources, plan.num_trials, cfg.train.num_workers,
                 worker_resources(cfg.train.cpus_per_worker, cfg.train.use_gpu,
                                  cfg.train.resources_per_worker),
-                cfg.search.max_concurrent_trials)
+                cfg.search.max_concurrent_trials, model_params=model_sizes(cfg, plan),
+                k_fold=bool(cfg.data.cv_folds) or any(a.key == "data.cv_folds"
+                                                      for a in plan.axes))
+            job = dataclasses.replace(job, train=dataclasses.replace(
+                job.train, num_workers=resource_plan.workers_per_trial))
+            record.set_tags({"visiontune.plan.workers_per_trial":
+                             resource_plan.workers_per_trial,
+                             "visiontune.plan.trials_at_once": resource_plan.concurrent_trials,
+                             "visiontune.plan.in_trial": resource_plan.in_trial,
+                             "visiontune.plan.reason": resource_plan.reason})
             echo("  " + resource_plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
             echo(f"  search: {cfg.search.mode} with {cfg.search.algorithm}, scheduler "
                  f"{cfg.search.scheduler}" + (f", {cfg.data.cv_folds}-fold CV per trial"
@@ -296,6 +306,21 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             # The step is not done: a resumed run tunes again (Tune restores the sweep).
             raise SearchStopped(outcome)
     return outcome.trials
+
+
+def model_sizes(cfg: Config, plan: SearchPlan) -> tuple[int, ...]:
+    """The parameter count of each model the sweep trains (`model.name` and its searched
+    values), as built for this data: what the plan weighs data parallelism against."""
+    from components.models import build_model
+
+    names = {cfg.model.name}
+    for axis in plan.axes:
+        if axis.key == "model.name":
+            names.update(axis.args if axis.kind in ("grid", "choice") else ())
+    classes = 10  # the head's size barely moves the count; the data is not indexed yet here
+    return tuple(sum(p.numel() for p in build_model(dataclasses.replace(cfg.model, name=n),
+                                                    classes, cfg.data.channels).parameters())
+                 for n in sorted(names))
 
 
 def log_augmented_samples(cfg: Config, manifest, record) -> None:

@@ -1,22 +1,21 @@
-"""The Ray Train worker adapter: every Ray touch point of training sits here (get_context,
-prepare_model, get_checkpoint, report) around the plain loop in `components.training.loop`."""
+"""One training run, epoch by epoch, in whichever session runs it: a rank of a Ray Train
+worker group (`train_loop_per_worker`, DDP) or a Tune trial's own process (`train_in_trial`).
+The session (`components.training.session`) is the only thing that differs; the steps of an
+epoch (`components.training.loop`) and what the ranks do together
+(`components.training.ranks`) are the same for both."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import resource
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
-import ray.train
-import ray.train.torch
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -32,9 +31,16 @@ from components.data.dataset import EpochShuffle, ImageDataset, shard_indices, u
 from components.models import build_model
 from components.models.freezing import build_param_groups, unfreeze
 from components.timing import mark
-from components.training.loop import finished_metrics, predict, track_best, train_one_epoch
-from components.training.metrics import classification_metrics
+from components.training.loop import finished_metrics, track_best, train_one_epoch
 from components.training.optim import build_optimizer, build_scheduler
+from components.training.ranks import (
+    all_reduce_mean,
+    evaluate_split,
+    peak_rss_mb,
+    state_dict,
+    sync_buffers_from_rank0,
+)
+from components.training.session import RayTrainSession, TrainSession, TuneTrialSession
 
 _IMPORTED = time.time()  # with components.training.IMPORT_STARTED: a worker's import cost
 MODEL_FILE, BEST_MODEL_FILE, STATE_FILE = "model.pt", "best_model.pt", "state.json"
@@ -62,79 +68,12 @@ class TrainJob:
     log_augmented_samples: bool = False
 
 
-def _gather(obj):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def evaluate_split(model: nn.Module, loader, device, num_classes: int, average: str,
-                   amp: bool = False) -> dict[str, float]:
-    """Loss and metrics over the *whole* split: each rank predicts its own disjoint shard,
-    then all predictions are gathered so every rank computes identical numbers."""
-    idx, y, probs, losses = predict(model, loader, device, amp=amp)
-    local = (idx.tolist(), y.tolist(), probs.argmax(1).tolist() if len(idx) else [],
-             losses.tolist())
-    rows = {}
-    for part in _gather(local):
-        for i, label, pred, loss in zip(*part):
-            rows[i] = (label, pred, loss)
-    labels = [rows[i][0] for i in sorted(rows)]
-    preds = [rows[i][1] for i in sorted(rows)]
-    metrics = classification_metrics(labels, preds, num_classes, average)
-    metrics["loss"] = sum(r[2] for r in rows.values()) / max(len(rows), 1)
-    return metrics
-
-
-def _all_reduce_mean(total: float, count: int, device) -> float:
-    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return (t[0] / t[1].clamp(min=1)).item()
-
-
-def _state_dict(model: nn.Module) -> dict:
-    m = model.module if hasattr(model, "module") else model
-    return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-
-
-def _sync_buffers_from_rank0(model: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics).
-
-    DDP broadcasts rank 0's buffers at the start of each training forward, so after an epoch's
-    last batch every rank holds statistics updated by its own last batch. Rank 0 saves the
-    checkpoint: validating before this sync would score a model no one saved. One broadcast
-    per dtype and device: cheap next to an epoch, the same on gloo (CPU) and NCCL (GPU)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for b in model.buffers():  # same order on every rank: the same module tree
-        groups.setdefault((b.dtype, b.device), []).append(b)
-    with torch.no_grad():
-        for buffers in groups.values():
-            flat = torch.cat([b.reshape(-1) for b in buffers])
-            dist.broadcast(flat, src=0)
-            for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
-                b.copy_(part.view_as(b))
-
-
 def _read_checkpoint(checkpoint) -> dict:
     with checkpoint.as_directory() as d:
         return {"saved": torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True),
                 "best": torch.load(Path(d) / BEST_MODEL_FILE, map_location="cpu",
                                    weights_only=True),
                 "state": json.loads((Path(d) / STATE_FILE).read_text())}
-
-
-def _report_again(metrics: dict, checkpoint, rank: int) -> None:
-    """Report a run that had already ended, without training: the Train run was started again
-    (a resumed sweep re-runs a trial whose last report Tune never recorded) and its caller
-    waits for one report. Rank 0 re-attaches the checkpoint: Train copies the stored
-    directory to a new one (not deleted as a local source), then drops the old one."""
-    ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None,
-                     delete_local_checkpoint_after_upload=False)
 
 
 def _rss_mb() -> float:
@@ -195,15 +134,6 @@ def _rank_datasets(job: TrainJob, rank: int, world: int, prep: dict):
     return train_ds, val_ds
 
 
-def _peak_rss_mb(device) -> float:
-    """The largest peak resident memory of any rank's process, in MiB."""
-    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    t = torch.tensor([mine], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def _rank0_logger(job: TrainJob):
     """Rank 0's MLflow logger for the trial's run (created by the trial driver), after tagging
     the node it trains on."""
@@ -227,68 +157,93 @@ def _log_augmented_samples(logger, train_ds, prep: dict, seed: int) -> None:
     plt.close(fig)
 
 
-def _save_and_report(metrics: dict, model, optimizer, scheduler, best_weights, state: dict,
-                     prep: dict) -> float:
-    """Rank 0: write the checkpoint (resume state, best weights, preprocessing) and report it
-    with the epoch's metrics; returns the seconds spent writing it."""
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory() as d:
-        torch.save({"model": _state_dict(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else None},
-                   Path(d) / MODEL_FILE)
-        torch.save(best_weights, Path(d) / BEST_MODEL_FILE)
-        (Path(d) / STATE_FILE).write_text(json.dumps(state))
-        (Path(d) / "preprocessing.json").write_text(json.dumps(prep))
-        saved = time.monotonic() - started
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    return saved
+@dataclass
+class EpochMetrics:
+    """What one epoch reports to Ray (every key) and logs to MLflow (all but `epoch` and
+    `early_stopped`, which the MLflow step and the run's status already say)."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    val_precision: float
+    val_recall: float
+    val_f1: float
+    lr: float
+    best_val_f1: float
+    best_val_loss: float
+    best_epoch: int
+    early_stopped: int
+    # the run's cost: the most memory any rank held, and its start-up
+    peak_rss_mb: float = 0.0
+    time_to_first_batch_s: float = 0.0
+    data_rss_mb: float = 0.0
+
+    def report(self) -> dict:
+        return asdict(self)
+
+    def logged(self, prefix: str = "") -> dict:
+        return {prefix + k: v for k, v in asdict(self).items()
+                if k not in ("epoch", "early_stopped")}
 
 
-def train_loop_per_worker(config: dict) -> None:
-    started, started_rss = time.monotonic(), _rss_mb()
-    job: TrainJob = config["job"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    name = ctx.get_experiment_name()
-    from components.training import IMPORT_STARTED
+@dataclass
+class _Run:
+    """A training run once set up: what each epoch reads and updates."""
 
-    mark("worker_start", trial=name, rank=rank, model=job.model.name,
-         import_started=IMPORT_STARTED, imported=_IMPORTED)
+    job: TrainJob
+    session: TrainSession
+    prep: dict
+    sampler: EpochShuffle
+    train_loader: _FirstBatchClock
+    val_loader: DataLoader
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    when: str | None          # when the scheduler steps: per "batch", "epoch" or on "plateau"
+    amp: bool
+    scaler: object
+    loss_fn: nn.Module
+    state: dict = field(default_factory=lambda: {
+        "epoch": 0, "best_val_f1": -1.0, "best_val_loss": float("inf"), "best_epoch": 0,
+        "epochs_without_gain": 0, "stopped_early": False})
+    best_weights: dict | None = None
+    logger: object = None
 
-    torch.manual_seed(job.seed)  # same initial weights everywhere; DDP also broadcasts rank 0's
-    device = ray.train.torch.get_device()
-    tc = job.train
-    checkpoint = ray.train.get_checkpoint()
-    resumed = _read_checkpoint(checkpoint) if checkpoint is not None else None
-    if resumed is not None:
-        final = finished_metrics(resumed["state"], tc.epochs)
-        if final is not None:  # nothing to train; no epoch is logged twice
-            _report_again(final, checkpoint, rank)
-            return
-    prep = eval_preprocessing(job.data, job.model)
 
-    train_ds, val_ds = _rank_datasets(job, rank, world, prep)
-    mark("worker_data", trial=name, rank=rank)
+def _loaders(job: TrainJob, session: TrainSession, prep: dict, started: float,
+             started_rss: float):
+    train_ds, val_ds = _rank_datasets(job, session.rank, session.world, prep)
+    mark("worker_data", trial=session.name, rank=session.rank)
     # Each rank reads only its own fixed shard of the train split, in a new order each epoch.
-    sampler = EpochShuffle(len(train_ds), seed=job.seed + rank)
-    pin = device.type == "cuda"
-    # A last batch of one image breaks batch norm in training mode; drop the remainder
-    # whenever a shard holds more than one batch. Shards are equally long: every rank runs
-    # the same number of steps.
-    workers = job.data.loader_workers
+    sampler = EpochShuffle(len(train_ds), seed=job.seed + session.rank)
+    pin = session.device.type == "cuda"
+    tc, workers = job.train, job.data.loader_workers
     # Object storage clients (the AWS SDK under pyarrow) are not safe across fork(): loader
     # processes for remote data start from a fresh interpreter.
     remote = any(storage.is_uri(p) for p in job.train_rows[0][:1])
     context = "forkserver" if workers and remote else None
+    # A last batch of one image breaks batch norm in training mode; drop the remainder
+    # whenever a shard holds more than one batch. Shards are equally long: every rank runs
+    # the same number of steps.
     train_loader = _FirstBatchClock(DataLoader(
         train_ds, batch_size=tc.batch_size, sampler=sampler,
         drop_last=len(train_ds) > tc.batch_size, num_workers=workers, pin_memory=pin,
         persistent_workers=workers > 0, multiprocessing_context=context), started, started_rss,
-        name, rank)
+        session.name, session.rank)
     val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 256), num_workers=workers,
                             pin_memory=pin, multiprocessing_context=context)
+    return train_ds, sampler, train_loader, val_loader
 
-    mc = job.model
+
+def _set_up(job: TrainJob, session: TrainSession, resumed: dict | None, started: float,
+            started_rss: float) -> tuple[_Run, ImageDataset]:
+    """Data, model, optimizer and scheduler of the run; a resumed run continues from the
+    saved state."""
+    tc, mc = job.train, job.model
+    prep = eval_preprocessing(job.data, job.model)
+    train_ds, sampler, train_loader, val_loader = _loaders(job, session, prep, started,
+                                                           started_rss)
     model = build_model(mc, job.num_classes, job.data.channels)
     # Before DDP wraps the model: parameters frozen for good must already be excluded.
     groups = build_param_groups(model, tc.lr, freeze=mc.freeze, stage=mc.freeze_stage,
@@ -298,85 +253,136 @@ def train_loop_per_worker(config: dict) -> None:
                                 tuple(tc.betas), tc.eps)
     scheduler, when = build_scheduler(tc.scheduler, optimizer, tc.epochs, len(train_loader),
                                       tc.step_size, tc.gamma)
-    mark("worker_ddp", trial=name, rank=rank)
-    model = ray.train.torch.prepare_model(model)
-    amp = tc.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if amp else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    mark("worker_model", trial=name, rank=rank)
-
-    state = {"epoch": 0, "best_val_f1": -1.0, "best_val_loss": float("inf"), "best_epoch": 0,
-             "epochs_without_gain": 0, "stopped_early": False}
-    best_weights = None
-    if resumed is not None:  # a restarted worker group continues where it stopped
+    mark("worker_ddp", trial=session.name, rank=session.rank)
+    model = session.prepare_model(model)
+    amp = tc.amp and session.device.type == "cuda"
+    run = _Run(job, session, prep, sampler, train_loader, val_loader, model, optimizer,
+               scheduler, when, amp, torch.amp.GradScaler("cuda") if amp else None,
+               nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing))
+    mark("worker_model", trial=session.name, rank=session.rank)
+    if resumed is not None:  # a restarted run continues where it stopped
         saved = resumed["saved"]
         (model.module if hasattr(model, "module") else model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None and saved.get("scheduler"):
             scheduler.load_state_dict(saved["scheduler"])
-        best_weights, state = resumed["best"], resumed["state"]
+        run.best_weights, run.state = resumed["best"], resumed["state"]
+    return run, train_ds
 
-    logger = None
-    if rank == 0 and job.mlflow_run_id:
-        logger = _rank0_logger(job)
-        mark("worker_mlflow", trial=name, rank=rank)
+
+def _train_epoch(run: _Run, epoch: int) -> EpochMetrics:
+    """Train one epoch, validate rank 0's model on the whole val split, step the scheduler
+    and the best-epoch record."""
+    tc, mc, device = run.job.train, run.job.model, run.session.device
+    run.sampler.set_epoch(epoch)
+    if mc.unfreeze_epoch is not None and epoch >= mc.unfreeze_epoch:
+        unfreeze(run.optimizer, run.scheduler)
+    total, count = train_one_epoch(
+        run.model, run.train_loader, run.optimizer, run.loss_fn, device, scaler=run.scaler,
+        amp=run.amp, batch_scheduler=run.scheduler if run.when == "batch" else None,
+        grad_clip=tc.grad_clip, l1=tc.l1)
+    train_loss = all_reduce_mean(total, count, device)
+    # Validate (and save) one model: rank 0's, BatchNorm statistics included.
+    sync_buffers_from_rank0(run.model)
+    unwrapped = run.model.module if hasattr(run.model, "module") else run.model
+    val = evaluate_split(unwrapped, run.val_loader, device, run.job.num_classes,
+                         run.job.average, run.amp)
+    if run.when == "epoch":
+        run.scheduler.step()
+    elif run.when == "plateau":
+        run.scheduler.step(val["f1"])
+    state = run.state
+    improved, stop = track_best(state, epoch, val["f1"], val["loss"], tc.patience)
+    if improved:
+        run.best_weights = state_dict(run.model) if run.session.rank == 0 else None
+    return EpochMetrics(
+        epoch=epoch, train_loss=train_loss, val_loss=val["loss"],
+        val_accuracy=val["accuracy"], val_precision=val["precision"],
+        val_recall=val["recall"], val_f1=val["f1"], lr=run.optimizer.param_groups[0]["lr"],
+        best_val_f1=state["best_val_f1"], best_val_loss=state["best_val_loss"],
+        best_epoch=state["best_epoch"], early_stopped=int(stop),
+        peak_rss_mb=peak_rss_mb(device),
+        time_to_first_batch_s=run.train_loader.first_batch_s or 0.0,
+        data_rss_mb=run.train_loader.data_rss_mb)
+
+
+def _save_and_report(run: _Run, metrics: dict) -> float:
+    """Rank 0: write the checkpoint (resume state, best weights, preprocessing) and report it
+    with the epoch's metrics; returns the seconds spent writing it."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"model": state_dict(run.model), "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict() if run.scheduler else None},
+                   Path(d) / MODEL_FILE)
+        torch.save(run.best_weights, Path(d) / BEST_MODEL_FILE)
+        (Path(d) / STATE_FILE).write_text(json.dumps(run.state))
+        (Path(d) / "preprocessing.json").write_text(json.dumps(run.prep))
+        saved = time.monotonic() - started
+        run.session.report(metrics, checkpoint_dir=d)
+    return saved
+
+
+def _end_epoch(run: _Run, metrics: EpochMetrics, epoch_started: float, trained: float) -> None:
+    """Log the epoch (rank 0, to MLflow), checkpoint it and report it (every rank)."""
+    session = run.session
+    run.state["last_metrics"] = metrics.report()  # what a resumed ended run reports again
+    validated = time.monotonic()
+    logged, save_s = validated, 0.0
+    if session.rank == 0:
+        if run.logger is not None:
+            run.logger.log_epoch(metrics.epoch, metrics.logged(run.job.metric_prefix))
+        logged = time.monotonic()
+        save_s = _save_and_report(run, metrics.report())
+    else:
+        session.report(metrics.report())
+    mark("epoch", trial=session.name, rank=session.rank, epoch=metrics.epoch,
+         train_s=trained - epoch_started, val_s=validated - trained, log_s=logged - validated,
+         save_s=save_s, report_s=time.monotonic() - logged - save_s)
+
+
+def run_training(job: TrainJob, session: TrainSession) -> None:
+    """Train `job` in `session` from its last checkpoint (or from scratch), one report per
+    epoch, until its epochs are done or patience stops it."""
+    started, started_rss = time.monotonic(), _rss_mb()
+    from components.training import IMPORT_STARTED
+
+    mark("worker_start", trial=session.name, rank=session.rank, model=job.model.name,
+         import_started=IMPORT_STARTED, imported=_IMPORTED)
+    torch.manual_seed(job.seed)  # same initial weights everywhere; DDP also broadcasts rank 0's
+    checkpoint = session.checkpoint()
+    resumed = _read_checkpoint(checkpoint) if checkpoint is not None else None
+    if resumed is not None:
+        final = finished_metrics(resumed["state"], job.train.epochs)
+        if final is not None:  # nothing to train; no epoch is logged twice
+            session.report_again(final, checkpoint)
+            return
+    run, train_ds = _set_up(job, session, resumed, started, started_rss)
+    if session.rank == 0 and job.mlflow_run_id:
+        run.logger = _rank0_logger(job)
+        mark("worker_mlflow", trial=session.name, rank=session.rank)
         if (job.log_augmented_samples and checkpoint is None
                 and job.metric_prefix in ("", "fold0/")):
-            _log_augmented_samples(logger, train_ds, prep, job.seed)
-
-    for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+            _log_augmented_samples(run.logger, train_ds, run.prep, job.seed)
+    for epoch in range(run.state["epoch"] + 1, job.train.epochs + 1):
         epoch_started = time.monotonic()
-        sampler.set_epoch(epoch)
-        if mc.unfreeze_epoch is not None and epoch >= mc.unfreeze_epoch:
-            unfreeze(optimizer, scheduler)
-        total, count = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, device, scaler=scaler, amp=amp,
-            batch_scheduler=scheduler if when == "batch" else None, grad_clip=tc.grad_clip,
-            l1=tc.l1)
-        train_loss = _all_reduce_mean(total, count, device)
-        trained = time.monotonic()
-        # Validate (and save) one model: rank 0's, BatchNorm statistics included.
-        _sync_buffers_from_rank0(model)
-        unwrapped = model.module if hasattr(model, "module") else model
-        val = evaluate_split(unwrapped, val_loader, device, job.num_classes, job.average, amp)
-        if when == "epoch":
-            scheduler.step()
-        elif when == "plateau":
-            scheduler.step(val["f1"])
-
-        improved, stop = track_best(state, epoch, val["f1"], val["loss"], tc.patience)
-        if improved:
-            best_weights = _state_dict(model) if rank == 0 else None
-
-        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
-                   "val_accuracy": val["accuracy"], "val_precision": val["precision"],
-                   "val_recall": val["recall"], "val_f1": val["f1"],
-                   "lr": optimizer.param_groups[0]["lr"],
-                   "best_val_f1": state["best_val_f1"], "best_val_loss": state["best_val_loss"],
-                   "best_epoch": state["best_epoch"], "early_stopped": int(stop),
-                   # the worker's cost: the most memory any rank held, and its start-up
-                   "peak_rss_mb": _peak_rss_mb(device),
-                   "time_to_first_batch_s": train_loader.first_batch_s or 0.0,
-                   "data_rss_mb": train_loader.data_rss_mb}
-        state["last_metrics"] = metrics  # what a resumed run that has ended reports again
-        validated = time.monotonic()
-        save_s = 0.0
-        if rank == 0:
-            if logger is not None:
-                logger.log_epoch(epoch, {job.metric_prefix + k: v for k, v in metrics.items()
-                                         if k not in ("epoch", "early_stopped")})
-            logged = time.monotonic()
-            save_s = _save_and_report(metrics, model, optimizer, scheduler, best_weights, state,
-                                      prep)
-        else:
-            logged = validated
-            ray.train.report(metrics)
-        mark("epoch", trial=name, rank=rank, epoch=epoch, train_s=trained - epoch_started,
-             val_s=validated - trained, log_s=logged - validated, save_s=save_s,
-             report_s=time.monotonic() - logged - save_s)
-        if stop:
+        metrics = _train_epoch(run, epoch)
+        _end_epoch(run, metrics, epoch_started, time.monotonic())
+        if metrics.early_stopped:
             break
-    mark("worker_end", trial=name, rank=rank)
+    mark("worker_end", trial=session.name, rank=session.rank)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The `TorchTrainer` entry point: one rank of a Ray Train worker group."""
+    run_training(config["job"], RayTrainSession())
+
+
+def train_in_trial(job: TrainJob) -> None:
+    """Train in the Tune trial's own process (one worker, no worker group)."""
+    from ray import tune
+
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    run_training(job, TuneTrialSession(cpus=cpus, use_gpu=job.train.use_gpu))
 
 
 def load_best_weights(checkpoint: str | Path) -> dict:

@@ -1,8 +1,14 @@
-"""The Tune driver: a function trainable per trial that creates the trial's MLflow child run,
-builds the trial's `TorchTrainer` (the same builder a single training run uses) and fits it.
+"""The Tune driver: a function trainable per trial that creates the trial's MLflow child run
+and trains the trial, in one of two ways the sweep's plan chooses (`components.tuning.plan`):
 
-Current Ray (Train V2) does not accept `Tuner(trainer)`: Tune launches Train from inside a
-function trainable, and Train's `TuneReportCallback` forwards rank 0's metrics to Tune.
+- in the trial's own process (`train_in_trial`): one worker, reused Tune actors, checkpoints
+  reported to Tune, a failed trial retried by Tune from its last checkpoint;
+- data-parallel: the trial builds a `TorchTrainer` (the same builder a single training run
+  uses) and fits it; Train restarts its worker group from the last checkpoint, and Train's
+  `TuneReportCallback` forwards rank 0's metrics to Tune. (Current Ray, Train V2, does not
+  accept `Tuner(trainer)`: Tune launches Train from inside a function trainable.)
+
+Both run the same training loop (`components.training.worker.run_training`).
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from components.data.split import kfold_rows
 from components.timing import mark
 from components.tracking import Tracker
 from components.training.trainer import build_trainer
-from components.training.worker import TrainJob
-from components.tuning.plan import TRIAL_RESOURCES, ResourcePlan
+from components.training.worker import TrainJob, train_in_trial
+from components.tuning.plan import ResourcePlan
 from components.tuning.space import Axis, resolve_params, set_params, to_tune_space
 
 SECTIONS = ("data", "augment", "model", "train")
@@ -107,7 +113,7 @@ def _cross_validate(job: TrainJob, trial_id: str, storage_path: str,
 
 
 def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarget | None,
-             storage_path: str):
+             storage_path: str, in_trial: bool = False):
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     mark("trial_start", trial=trial_id)
@@ -126,8 +132,14 @@ def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarg
     try:
         if trial_job.data.cv_folds:  # may itself be a searched parameter
             _cross_validate(trial_job, trial_id, storage_path, target, run_id)
+        elif in_trial:
+            train_in_trial(trial_job)
         else:
             _fit(trial_job, trial_id, storage_path, [TuneReportCallback()])
+    except SystemExit:
+        # Tune stopped the trial (a scheduler's decision, the sweep's end) at a report:
+        # `TrialRunCloser` records how it ended.
+        raise
     except BaseException:
         if target is not None:
             target.tracker.end_run_if_running(run_id, "FAILED")
@@ -261,6 +273,10 @@ class StopOnRequest(Callback):
 def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[Axis],
                sections: dict, train_storage: str) -> TrialResult:
     m = result.metrics or {}
+    # A Train run's checkpoint comes through TuneReportCallback's metrics; a trial that
+    # trained itself reported its checkpoint to Tune.
+    checkpoint = m.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint
+                                              else None)
     config = resolve_params(result.config or {}, axes, sections)
     trial_id = m.get("trial_id") or Path(result.path).name
     df = result.metrics_dataframe
@@ -273,7 +289,7 @@ def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[
         trial_id=trial_id, params=dict(config), status=status, run_id=run_ids.get(trial_id),
         best_val_f1=m.get("best_val_f1"), best_val_loss=m.get("best_val_loss"),
         best_epoch=m.get("best_epoch"), epochs=epochs,
-        checkpoint_path=storage.uri_in(train_storage, m.get("checkpoint_path")),
+        checkpoint_path=storage.uri_in(train_storage, checkpoint),
         error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
         history=history, cv={k: m[k] for k in CV_KEYS if k in m} or None)
 
@@ -312,14 +328,16 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     `stop_requested()` turns true; returns one result per trial."""
     sections = {s: getattr(job, s) for s in SECTIONS}
     train_storage = storage.join(storage_path, experiment_name, "train")
-    # A trial only drives its Train run (whose workers hold the CPUs/GPUs): it holds a token
-    # amount of a resource every node has, so it never takes a CPU its workers wait for and
-    # needs nothing from the cluster's nodes. The concurrency cap (build_search_alg) keeps
-    # trials from waiting on each other's workers.
+    # A trial that trains itself holds its worker's resources. A trial that drives a Train
+    # run (whose workers hold the CPUs/GPUs) holds a token amount of a resource every node
+    # has, so it never takes a CPU its workers wait for and needs nothing from the cluster's
+    # nodes; the concurrency cap (build_search_alg) keeps trials from waiting on each
+    # other's workers.
+    resources = plan.trial_resources()
     trainable = tune.with_resources(
         tune.with_parameters(vt_trial, job=job, axes=axes, target=target,
-                             storage_path=train_storage),
-        dict(TRIAL_RESOURCES))
+                             storage_path=train_storage, in_trial=plan.in_trial),
+        tune.PlacementGroupFactory([resources]) if plan.in_trial else resources)
     exp_path = storage.join(storage_path, experiment_name)
     stopper = StopOnRequest(stop_requested)
     callbacks = [stopper] + ([TrialRunCloser(target, job.train.epochs)] if target is not None
@@ -346,18 +364,24 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
                 scheduler=scheduler,
                 search_alg=build_search_alg(search, axes, plan, seed),
                 time_budget_s=search.time_budget_s,
-                # The trial actor only drives a Train run; reusing it saves a process start
-                # per trial. Not with a scheduler that stops trials: a reused actor would
-                # keep the stopped trial's Train run (and its CPUs) alive.
-                reuse_actors=scheduler is None,
+                # A reused actor saves a process start (and torch's imports) per trial. A
+                # trial Tune stops ends at its next report, so a trial that trains itself
+                # can always reuse; one that drives a Train run cannot with a scheduler
+                # that stops trials (the reused actor would keep that Train run alive).
+                reuse_actors=plan.in_trial or scheduler is None,
             ),
             run_config=tune.RunConfig(
                 name=experiment_name,
                 storage_path=storage_path,
                 callbacks=callbacks,
-                # A trial's own failures are retried by Ray Train from checkpoints; here we
-                # only want the sweep to go on when one trial fails.
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                # A Train run's failures are retried by Ray Train from its checkpoints; a
+                # trial that trains itself is retried by Tune from its last checkpoint. The
+                # sweep goes on when one trial fails for good.
+                failure_config=tune.FailureConfig(
+                    max_failures=job.train.max_failures if plan.in_trial else 0,
+                    fail_fast=False),
+                # The latest checkpoint holds the resume state and the best weights.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=1,
             ),
         )

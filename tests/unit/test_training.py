@@ -10,7 +10,7 @@ from components.training.optim import (
     build_optimizer,
     build_scheduler,
 )
-from components.training.worker import evaluate_split
+from components.training.ranks import evaluate_split
 
 
 class Blobs(Dataset):
@@ -82,7 +82,7 @@ def test_sharded_evaluation_reassembles_the_whole_split(monkeypatch, tmp_path):
 
     from components.augment import build_eval_transform
     from components.data.dataset import ImageDataset
-    from components.training import worker
+    from components.training import ranks
 
     paths, labels = [], []
     for i in range(7):
@@ -100,11 +100,11 @@ def test_sharded_evaluation_reassembles_the_whole_split(monkeypatch, tmp_path):
                                         torch.device("cpu"))
         return (idx.tolist(), y.tolist(), probs.argmax(1).tolist(), losses.tolist())
 
-    monkeypatch.setattr(worker, "_gather", lambda local: [shard(0), shard(1)])
+    monkeypatch.setattr(ranks, "_gather", lambda local: [shard(0), shard(1)])
     whole = ImageDataset(paths, labels, 1, 4, t)
-    gathered = worker.evaluate_split(model, DataLoader(whole), torch.device("cpu"), 2, "macro")
-    monkeypatch.setattr(worker, "_gather", lambda local: [local])
-    single = worker.evaluate_split(model, DataLoader(whole), torch.device("cpu"), 2, "macro")
+    gathered = ranks.evaluate_split(model, DataLoader(whole), torch.device("cpu"), 2, "macro")
+    monkeypatch.setattr(ranks, "_gather", lambda local: [local])
+    single = ranks.evaluate_split(model, DataLoader(whole), torch.device("cpu"), 2, "macro")
     assert gathered == pytest.approx(single)
 
 
