@@ -241,7 +241,7 @@ def run_tiny_pipeline(tmp: Path, tracking_uri: str, model_name: str, env: dict,
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "visiontune"), "run", f"data.path={data}",
          "data=folder", "data.image_size=16", "augment=none", "search=quick",
-         "train.epochs=2", "train.num_workers=1", "train.batch_size=8", "train.patience=0",
+         "train.epochs=2", "train.batch_size=8", "train.patience=0",
          f"tracking.uri={tracking_uri}", f"ray.storage_path={tmp}/ray_results",
          f"registry.model_name={model_name}", "model.cnn.channels=[8,16]", "ray.num_cpus=2",
          *extra],

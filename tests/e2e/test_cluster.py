@@ -113,11 +113,14 @@ def _cli(servers, *args, timeout=900):
 def submitted(servers):
     data = make_image_folder(servers["tmp"] / "images", per_class=24)
     common = [f"data.path={data}", "data=folder", "data.image_size=16", "augment=none",
-              "search=quick", "train.epochs=2", "train.num_workers=2", "train.batch_size=8",
+              "search=quick", "train.epochs=2", "train.batch_size=8",
               "train.patience=0", f"tracking.uri={servers['tracking']}",
               f"registry.model_name={MODEL}", f"ray.storage_path=s3://{servers['bucket']}/ray",
               "model.cnn.channels=[8,16]"]
-    first = _cli(servers, "submit", "--address", servers["dashboard"], "--follow", *common)
+    # The first run trains each trial data-parallel (2 DDP workers, a Ray Train worker
+    # group); the second with the planner's choice (each trial in its own Tune process).
+    first = _cli(servers, "submit", "--address", servers["dashboard"], "--follow", *common,
+                 "train.num_workers=2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     # A second run on the same data that cannot learn: it must not take the champion.
     worse = _cli(servers, "submit", "--address", servers["dashboard"], "--follow", *common,
@@ -141,11 +144,14 @@ def test_submit_prints_job_and_records_run_tree_on_the_server(servers, submitted
         children = client.search_runs(
             [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-        # Two 2-worker trials at once on two 2-CPU nodes: one trial per node.
+        # Two trials at once on two 2-CPU nodes, one per node: 2 DDP workers each, or (the
+        # plan's choice) each in its own process with 2 CPUs as torch threads.
         assert len({c.data.tags["visiontune.node_id"] for c in children}) == 2
         pipeline_id = parent.data.tags["visiontune.pipeline_id"]
-        keys = servers["s3"].keys(servers["bucket"], f"ray/{pipeline_id}/train/")
+        keys = servers["s3"].keys(servers["bucket"], f"ray/{pipeline_id}/")
         assert len([k for k in keys if k.endswith("/best_model.pt")]) == 2, keys
+    assert [p.data.tags["visiontune.plan.in_trial"] for p in parents] == ["False", "True"]
+    assert "2 CPU" in parents[1].data.tags["visiontune.plan.reason"]
     # artifacts are served by the tracking server, not a shared disk; checkpoints are in S3
     assert exp.artifact_location.startswith("mlflow-artifacts:")
     jobs = _cli(servers, "jobs", "--address", servers["dashboard"])

@@ -85,7 +85,7 @@ class Workspace:
     """A temp folder that is the command's cwd: ./mlflow.db and ./ray_results are the
     pipeline's defaults there, so `visiontune run --resume ID` needs no other argument."""
 
-    def __init__(self, root: Path, env: dict[str, str]):
+    def __init__(self, root: Path, env: dict[str, str], num_workers: int | str = 2):
         self.root, self.env = root, env
         self.started: list[Pipeline] = []
         # Big enough that an epoch takes about a second: a fault lands mid-trial reliably.
@@ -96,7 +96,7 @@ class Workspace:
             "defaults": {"data": "folder", "augment": "none", "search": "quick"},
             "data": {"path": str(data), "image_size": 32},
             "model": {"cnn": {"channels": [8, 16]}},
-            "train": {"epochs": EPOCHS, "batch_size": 8, "patience": 0, "num_workers": 2},
+            "train": {"epochs": EPOCHS, "batch_size": 8, "patience": 0, "num_workers": num_workers},
             "search": {"mode": "grid", "space": {
                 "train.optimizer": {"grid": ["adam", "sgd_momentum"]}}},
             "registry": {"model_name": MODEL},
@@ -209,18 +209,30 @@ class Workspace:
         assert self.client().get_model_version_by_alias(MODEL, "champion").run_id == parent_id
 
 
-@pytest.fixture
-def workspace(tmp_path):
+def _workspace(root: Path, num_workers: int | str):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "NO_ALBUMENTATIONS_UPDATE": "1"}
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "VISIONTUNE_DEBUG"):
         env.pop(key, None)
-    ws = Workspace(tmp_path, env)
+    ws = Workspace(root, env, num_workers)
     try:
         yield ws
     finally:
         for p in ws.started:
             kill_session(p.pid)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """Trials of 2 DDP workers each (a Ray Train worker group per trial)."""
+    yield from _workspace(tmp_path, 2)
+
+
+@pytest.fixture
+def workspace_in_trial(tmp_path):
+    """The planner's choice on this machine: each trial trains in its Tune trial's process,
+    two side by side."""
+    yield from _workspace(tmp_path, "auto")
 
 
 @pytest.fixture

@@ -1,10 +1,13 @@
 """Real faults during a pipeline run, and the MLflow record each one must leave.
 
-A sweep of 2 trials x 6 epochs (2 DDP workers each) on a generated 3-class folder, local Ray
-started by the command, MLflow in ./mlflow.db of the command's cwd (or a real server)."""
+A sweep of 2 trials x 6 epochs on a generated 3-class folder, local Ray started by the
+command, MLflow in ./mlflow.db of the command's cwd (or a real server). `workspace` trains
+each trial with 2 DDP workers (a Ray Train worker group); `workspace_in_trial` with the
+planner's choice here (each trial in its own Tune trial process, two side by side)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -46,6 +49,55 @@ def _train_workers(parent_pid: int) -> list[int]:
             if int(line.split()[1]) == parent_pid and "RayTrainWorker" in line]
 
 
+def _trial_processes(parent_pid: int) -> list[int]:
+    """The Tune trial actors of the command (a trial that trains itself runs in one)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True)
+    return [int(line.split()[0]) for line in out.stdout.splitlines()
+            if int(line.split()[1]) == parent_pid and "ray::ImplicitFunc" in line]
+
+
+def _epochs_reported_to_tune(workspace, pipeline_id: str) -> list[list[int]]:
+    """Per trial, the epochs in the order the trial reported them to Tune (result.json)."""
+    found = []
+    for f in sorted((workspace.root / "ray_results" / pipeline_id).glob("*/result.json")):
+        found.append([json.loads(line)["epoch"] for line in f.read_text().splitlines()
+                      if line.strip()])
+    return found
+
+
+@pytest.fixture(params=["workspace", "workspace_in_trial"])
+def any_workspace(request):
+    """Both ways a trial trains: a DDP worker group, or its own Tune trial process."""
+    return request.getfixturevalue(request.param)
+
+
+def test_sigkill_of_the_trial_process_that_trains_is_retried_from_its_checkpoint(
+        workspace_in_trial):
+    """Tune retries the trial in a new process from its last checkpoint: it goes on from the
+    epoch after it (its reports to Tune never go back), and its MLflow history has every
+    epoch exactly once."""
+    ws = workspace_in_trial
+    run = ws.start("run", "--config", str(ws.config), "search.space.train.optimizer={grid: [adam]}")
+    kid = ws.wait_for(ws.a_trial_mid_training, run)
+    trials = _trial_processes(run.pid)
+    assert len(trials) == 1, trials
+    os.kill(trials[0], signal.SIGKILL)
+    assert run.wait(timeout=600) == 0, run.output()[-4000:]
+    assert _trial_processes(run.pid) == []
+    parent = ws.client().get_run(kid.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+    assert ws.client().get_run(kid.info.run_id).info.status == "FINISHED"
+    assert ws.epochs_logged(kid.info.run_id) == list(range(1, EPOCHS + 1))
+    pipeline_id = parent.data.tags["visiontune.pipeline_id"]
+    (reported,) = _epochs_reported_to_tune(ws, pipeline_id)
+    assert reported == sorted(reported) and set(reported) == set(range(1, EPOCHS + 1)), reported
+    # Tune's own record of the failure it retried
+    (error,) = (ws.root / "ray_results" / pipeline_id).glob("*/error.txt")
+    assert "Failure # 1" in error.read_text()
+    assert [v.run_id for v in ws.versions()] == [parent.info.run_id]
+    _assert_no_process_left(run.pid)
+
+
 def test_sigkill_of_one_train_worker_mid_trial(workspace):
     """The worker group restarts from the last checkpoint: the trial finishes, and its
     val_f1 history has every epoch exactly once. (One trial is enough here.)"""
@@ -64,7 +116,8 @@ def test_sigkill_of_one_train_worker_mid_trial(workspace):
     _assert_no_process_left(run.pid)
 
 
-def test_ctrl_c_then_resume_by_id_alone(workspace):
+def test_ctrl_c_then_resume_by_id_alone(any_workspace):
+    workspace = any_workspace
     run = workspace.start("run", "--config", str(workspace.config))
     parent = workspace.wait_for(workspace.first_trial_finished, run)
     started = time.time()
@@ -94,7 +147,8 @@ def test_ctrl_c_then_resume_by_id_alone(workspace):
     assert len(workspace.versions()) == 1
 
 
-def test_sigterm_ends_killed_with_nothing_running(workspace):
+def test_sigterm_ends_killed_with_nothing_running(any_workspace):
+    workspace = any_workspace
     run = workspace.start("run", "--config", str(workspace.config))
     parent = workspace.wait_for(workspace.parent, run)
     workspace.wait_for(workspace.a_trial_mid_training, run)

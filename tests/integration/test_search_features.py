@@ -31,7 +31,7 @@ def test_asha_stops_weak_trials_and_mlflow_records_them_killed(tmp_path, local_r
     epochs = 4
     cfg = load_config(_common(tmp_path, data) + [
         "search.mode=grid", "search.scheduler=asha", "search.grace_period=1",
-        "search.reduction_factor=2", f"train.epochs={epochs}", "train.num_workers=1",
+        "search.reduction_factor=2", f"train.epochs={epochs}",  # the plan: trials in-process
         "train.optimizer=sgd_momentum", "model.cnn.channels=[8,16]",
         # two trials that learn at once, two that cannot learn at all (lr ~ 0)
         "search.space={train.lr: {grid: [0.1, 0.05, 1.0e-9, 1.0e-10]}}",
@@ -50,7 +50,9 @@ def test_asha_stops_weak_trials_and_mlflow_records_them_killed(tmp_path, local_r
             assert len(steps) < epochs  # the epochs it ran, no more
         else:
             assert len(steps) == epochs
-    assert client.get_run(result.parent_run_id).data.metrics["trials_killed"] == len(killed)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.metrics["trials_killed"] == len(killed)
+    assert parent.data.tags["visiontune.plan.in_trial"] == "True"  # stopped at a report by Tune
 
 
 def test_cv_of_pretrained_backbone_with_gradual_unfreezing(tmp_path, local_ray):

@@ -60,6 +60,12 @@ def test_public_override_keys():
     assert (cfg.registry.model_name, cfg.ray.address, cfg.seed) == ("cats", "auto", 3)
 
 
+def test_num_workers_is_auto_unless_a_number_is_given():
+    assert load_config([], resolve=False).train.num_workers == "auto"
+    assert load_config(["train.num_workers=auto"], resolve=False).train.num_workers == "auto"
+    assert load_config(["train.num_workers=2"], resolve=False).train.num_workers == 2
+
+
 def test_group_pick_and_experiment_precedence(tmp_path):
     exp = tmp_path / "e.yaml"
     exp.write_text("defaults:\n  model: resnet18\ntrain:\n  epochs: 9\n")
@@ -86,6 +92,9 @@ def test_experiment_search_space_replaces_the_default_one():
     (["data.val_fraction=0.5", "data.test_fraction=0.45"], "must leave >= 10% for training"),
     (["augment.train=[{name: Sharpen}]"], "unknown augmentation 'Sharpen'"),
     (["train.epochs"], "must look like key=value"),
+    (["train.num_workers=0"], "train.num_workers=0 must be auto or an integer > 0"),
+    (["train.num_workers=many"], "train.num_workers='many' must be auto or an integer > 0"),
+    (["train.num_workers=1.5"], "must be auto or an integer > 0"),
 ])
 def test_bad_config_is_a_one_line_error(override, message):
     with pytest.raises(ConfigError) as e:

@@ -1,7 +1,7 @@
 import pytest
 
 from components.config import Config, ConfigError, SearchConfig
-from components.tuning.plan import ResourceError, plan_resources
+from components.tuning.plan import TRIAL_RESOURCES, ResourceError, plan_resources, plan_sweep
 from components.tuning.space import (
     GRID_POINT,
     check_search,
@@ -166,3 +166,57 @@ def test_worker_resources():
     assert worker_resources(1, False) == {"CPU": 1.0}
     assert worker_resources(2, True, {"memory": 4e9}) == {"CPU": 2.0, "GPU": 1.0, "memory": 4e9}
     assert worker_resources(1, True, {"GPU": 0.5}) == {"CPU": 1.0, "GPU": 0.5}
+
+
+CNN, RESNET18 = 95_000, 11_200_000   # about the sizes of the two built-in choices
+GPU1 = {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_auto_plan_on_a_laptop_runs_trials_side_by_side():
+    plan = plan_sweep({"CPU": 2}, 8, "auto", CPU1, model_params=(CNN, RESNET18))
+    assert (plan.in_trial, plan.workers_per_trial, plan.concurrent_trials) == (True, 1, 2)
+    assert plan.trial_resources() == {"CPU": 1.0}
+    assert "data parallelism would not pay" in plan.reason and "0.1 M-11.2 M" in plan.reason
+    line = plan.describe(6)
+    assert "in the trial's own process" in line and "4 wave(s)" in line and "why:" in line
+
+
+def test_an_explicit_worker_count_is_ddp_as_before():
+    plan = plan_sweep({"CPU": 2}, 8, 2, CPU1, model_params=(CNN,))
+    assert (plan.in_trial, plan.workers_per_trial, plan.concurrent_trials) == (False, 2, 1)
+    assert plan.trial_resources() == TRIAL_RESOURCES   # its Train workers hold the CPUs
+    assert "train.num_workers=2" in plan.reason
+    one = plan_sweep({"CPU": 2}, 8, 1, CPU1)
+    assert (one.in_trial, one.workers_per_trial, one.concurrent_trials) == (False, 1, 2)
+
+
+def test_auto_plan_on_four_nodes_of_eight_gpus():
+    nodes = [{"CPU": 32.0, "GPU": 8.0}] * 4
+    big = plan_sweep(nodes, 8, "auto", GPU1, model_params=(CNN, RESNET18))
+    # fewer trials than GPUs and a model that keeps GPUs busy: DDP within a node
+    assert (big.in_trial, big.workers_per_trial, big.concurrent_trials) == (False, 4, 8)
+    small = plan_sweep(nodes, 8, "auto", GPU1, model_params=(CNN,))
+    assert (small.in_trial, small.workers_per_trial, small.concurrent_trials) == (True, 1, 8)
+    assert small.trial_resources() == GPU1 and "cannot keep more than one GPU" in small.reason
+    many = plan_sweep(nodes, 100, "auto", GPU1, model_params=(RESNET18,))
+    assert (many.in_trial, many.workers_per_trial, many.concurrent_trials) == (True, 1, 32)
+    two = plan_sweep(nodes, 2, "auto", GPU1, model_params=(RESNET18,))
+    assert two.workers_per_trial == 8   # a trial's workers stay on one node's GPUs
+
+
+def test_auto_plan_gives_spare_cpus_to_trials_as_threads():
+    plan = plan_sweep({"CPU": 16}, 2, "auto", CPU1, model_params=(RESNET18,))
+    assert (plan.in_trial, plan.concurrent_trials) == (True, 2)
+    assert plan.trial_resources() == {"CPU": 8.0} and "8 CPUs as torch threads" in plan.reason
+    # threads never span nodes: two 4-CPU nodes give one trial 4 threads
+    split = plan_sweep([{"CPU": 4}, {"CPU": 4}], 1, "auto", CPU1, model_params=(RESNET18,))
+    assert split.trial_resources() == {"CPU": 4.0} and split.concurrent_trials == 1
+    capped = plan_sweep({"CPU": 16}, 12, "auto", CPU1, max_concurrent=4)
+    assert capped.concurrent_trials == 4 and capped.trial_resources() == {"CPU": 4.0}
+
+
+def test_auto_plan_keeps_k_fold_on_ray_train_and_says_what_cannot_fit():
+    kfold = plan_sweep({"CPU": 2}, 4, "auto", CPU1, k_fold=True)
+    assert (kfold.in_trial, kfold.workers_per_trial, kfold.concurrent_trials) == (False, 1, 2)
+    with pytest.raises(ResourceError, match="GPU"):
+        plan_sweep({"CPU": 8}, 4, "auto", GPU1)
