@@ -23,9 +23,9 @@ def load_image(path_or_image, channels: int, image_size: int) -> np.ndarray:
         from components.data.ingest import open_file
 
         with open_file(str(path_or_image)) as f:
-            img = open_image(f.read())
+            img = open_image(f.read(), image_size)
     else:
-        img = open_image(str(path_or_image))
+        img = open_image(str(path_or_image), image_size)
     with img:
         return to_array(img, channels, image_size)
 

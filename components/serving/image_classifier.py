@@ -197,7 +197,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 try:
                     if isinstance(source, (str, os.PathLike)):  # read only if allowed
                         source = read_allowed_file(source, roots, code.max_image_bytes())
-                    img = code.open_image(source)
+                    img = code.open_image(source, size)
                     try:
                         arrays.append(code.to_array(img, c, size))
                     finally:

@@ -6,7 +6,10 @@ predict` all decode and resize with these functions. The model carries its own c
 file imports only numpy and PIL (no mlflow, no torch, nothing of this repository): a serving
 process that knows nothing of visiontune loads it from the model's artifacts.
 
-Steps: the header checked against the limits below, then the first frame decoded; EXIF
+Steps: the header checked against the limits below, then the first frame decoded (a JPEG
+much larger than the target size at a reduced scale: libjpeg's DCT-domain downscaling,
+Pillow's `draft`, to the smallest scale that keeps at least twice the target size on both
+sides, before the bilinear resize; about 4.5x faster for a 12 MP photo to 224 px); EXIF
 orientation applied; 16-bit and float greyscale scaled into 8 bits (in float32); converted to L
 (1 channel) or RGB (3; an alpha channel is dropped, palettes expanded); bilinear resize to
 image_size x image_size (aspect ratio not kept); pixel / 255; (x - mean) / std; NCHW float32.
@@ -38,6 +41,10 @@ MAX_PIXELS_ENV, MAX_BYTES_ENV = "VISIONTUNE_MAX_IMAGE_PIXELS", "VISIONTUNE_MAX_I
 DEFAULT_MAX_PIXELS = 50_000_000    # a 48 MP phone photo passes; Pillow's default is 179 M
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _ROWS = 512   # rows of a 16-bit image scaled at once: memory stays a few MB per row block
+DRAFT_FACTOR = 2
+# Changes whenever these steps change what a given file decodes to: preprocessed data
+# (components.data.preprocessed) built by another version is not reused.
+VERSION = 2
 
 
 class ImageRefused(ValueError):
@@ -60,9 +67,11 @@ def max_image_bytes() -> int:
     return _limit(MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
 
 
-def open_image(source) -> Image.Image:
+def open_image(source, image_size: int | None = None) -> Image.Image:
     """Bytes of an image file, a path, or a PIL image -> its first frame, decoded, within the
-    limits (`ImageRefused` otherwise; PIL's own errors for broken files)."""
+    limits (`ImageRefused` otherwise; PIL's own errors for broken files). With `image_size`
+    (the square it will be resized to), a JPEG is decoded at the smallest reduced scale that
+    keeps at least `DRAFT_FACTOR` x `image_size` pixels on both sides."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -88,6 +97,10 @@ def open_image(source) -> Image.Image:
         img.close()
         raise ImageRefused(f"{width} x {height} pixels is more than the limit of "
                            f"{max_pixels():,} ({MAX_PIXELS_ENV})")
+    if image_size and img.format == "JPEG":
+        # Both sides stay >= DRAFT_FACTOR x the square's side: the resize that follows
+        # still averages several source pixels per output pixel.
+        img.draft(img.mode, (DRAFT_FACTOR * image_size, DRAFT_FACTOR * image_size))
     img.load()  # the first frame only; a truncated file fails here, for this image only
     return img
 
@@ -134,7 +147,7 @@ def normalize(batch: np.ndarray, mean, std) -> np.ndarray:
 def preprocess(images: list, preprocessing: dict) -> np.ndarray:
     """Images (bytes, paths or PIL images) -> the float32 NCHW batch the network takes."""
     c, size = preprocessing["channels"], preprocessing["image_size"]
-    batch = np.stack([to_array(open_image(im), c, size) for im in images])
+    batch = np.stack([to_array(open_image(im, size), c, size) for im in images])
     return normalize(batch, preprocessing["mean"], preprocessing["std"])
 
 

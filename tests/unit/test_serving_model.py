@@ -69,7 +69,7 @@ def test_model_preprocessing_equals_the_training_loader(tmp_path, mode, fmt, cha
     data = _file_bytes(mode, fmt)
     path = tmp_path / f"x.{fmt.lower()}"
     path.write_bytes(data)
-    got = pp.to_array(pp.open_image(data), channels, 12)
+    got = pp.to_array(pp.open_image(data, 12), channels, 12)
     np.testing.assert_array_equal(got, load_image(str(path), channels, 12))
     mean, std = PREP["mean"][:channels], PREP["std"][:channels]
     batch = pp.preprocess([data, str(path)], {**PREP, "channels": channels,
@@ -78,6 +78,49 @@ def test_model_preprocessing_equals_the_training_loader(tmp_path, mode, fmt, cha
     assert batch.shape == (2, channels, 12, 12) and batch.dtype == np.float32
     np.testing.assert_allclose(batch[0], expected, atol=1e-5)
     np.testing.assert_array_equal(batch[0], batch[1])
+
+
+def _photo_jpeg(w: int, h: int, seed: int = 0) -> bytes:
+    """A smooth photo-like JPEG (gradients, a disc, mild noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    disc = ((x - w / 2) ** 2 + (y - h / 2) ** 2 < (h / 3) ** 2) * 80.0
+    arr = np.stack([x / w * 200 + disc, y / h * 200, (x + y) / (w + h) * 255 - disc], -1)
+    arr = (arr + rng.normal(0, 6, arr.shape)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_large_jpeg_is_decoded_at_reduced_scale_everywhere_alike(tmp_path, channels):
+    """A JPEG much larger than the target is decoded at a reduced scale (at least twice the
+    target on both sides), close to a full decode + resize, and the training loader, the
+    model's preprocessing and the served model's batch all give the same pixels."""
+    data = _photo_jpeg(1600, 1200)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    with pp.open_image(data, 64) as img:
+        assert img.size == (200, 150)            # 1/8: the smallest scale keeping >= 128 px
+    with pp.open_image(data, 200) as img:
+        assert img.size == (800, 600)
+    with pp.open_image(data) as img:
+        assert img.size == (1600, 1200)          # no target: a full decode
+    reduced = pp.to_array(pp.open_image(data, 64), channels, 64)
+    full = pp.to_array(pp.open_image(data), channels, 64)
+    diff = np.abs(reduced.astype(int) - full)
+    assert diff.mean() < 1.0 and diff.max() <= 8, (diff.mean(), diff.max())
+    np.testing.assert_array_equal(load_image(str(path), channels, 64), reduced)
+    batch = pp.preprocess([data], {**PREP, "channels": channels, "image_size": 64,
+                                   "mean": PREP["mean"][:channels],
+                                   "std": PREP["std"][:channels]})
+    mean, std = PREP["mean"][:channels], PREP["std"][:channels]
+    expected = build_eval_transform(channels, mean, std)(image=reduced)["image"].numpy()
+    np.testing.assert_allclose(batch[0], expected, atol=1e-5)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, format="PNG")
+    with pp.open_image(png.getvalue(), 64) as img:
+        assert img.size == (1600, 1200)          # only JPEG has a reduced-scale decode
 
 
 def _exif_jpeg(orientation: int) -> tuple[bytes, np.ndarray]:
