@@ -78,6 +78,10 @@ class DataConfig:
         "k-fold CV on train+val: a trial scores the mean val F1 over folds"))
     loader_workers: int = field(default=0, metadata=_check(
         lambda v: v >= 0, "must be >= 0", "DataLoader worker processes per training worker"))
+    preprocess: bool = field(default=True, metadata={
+        "doc": "decode every image once per sweep into a store beside the checkpoints "
+               "(ray.storage_path/preprocessed/), reused by later runs over the same files; "
+               "trials read it instead of decoding"})
     cache: str = field(default="auto", metadata=_choices(
         "auto", "memory", "none", doc="decoded images: memory = each training worker keeps "
         "its own shard after the first epoch, none = decode every epoch, auto = memory when "

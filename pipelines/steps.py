@@ -13,6 +13,7 @@ of recomputing or re-logging it. `pipelines.training` only sequences these.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -148,9 +149,14 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
     from components.data import SplitManifest
 
     if record.step_done("split"):
+        from components.data.preprocessed import open_store
+
         with tempfile.TemporaryDirectory() as d:
             record.download("data", d)
             manifest = SplitManifest.load(Path(d) / "data")
+        stores = record.run().data.tags.get(DECODED_TAG, "")
+        manifest.decoded = tuple(s for s in map(open_store, filter(None, stores.split("\n")))
+                                 if s is not None)
         echo(f"  data: the run's manifest {manifest.counts()}, fingerprint "
              f"{manifest.fingerprint[:12]}")
         return manifest
@@ -158,7 +164,6 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
     from components.data import (
         index_images,
         split_dataset,
-        validate_images,
         write_digits_folder,
     )
     from components.data.split import min_images_per_class
@@ -177,11 +182,10 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
         # Known only now, and cheaper to refuse here than in every trial.
         check_average(cfg.evaluation.average, len(index.classes))
         # With a separate test set, data.path only has to fill train and val.
-        images = validate_images(index, d.on_bad_image, min_images_per_class(
-            d.val_fraction, d.test_fraction if test_index is None else d.val_fraction),
-            progress=progress_printer(echo, "checked", "images"))
-        test_images = None if test_index is None else validate_images(
-            test_index, d.on_bad_image, 1, progress=progress_printer(echo, "checked", "images"))
+        images = _validated(cfg, index, min_images_per_class(
+            d.val_fraction, d.test_fraction if test_index is None else d.val_fraction), echo)
+        test_images = None if test_index is None else _validated(cfg, test_index, 1, echo)
+        _log_decoded([v for v in (images, test_images) if v is not None], record, echo)
         skipped = images.skipped + (test_images.skipped if test_images else [])
         for path, reason in skipped[:10]:
             echo(f"  skipped {path}: {reason}")
@@ -209,6 +213,55 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
                 record.log_artifact(path, "data")
         log_split_datasets(manifest, record)
     return manifest
+
+
+DECODED_TAG = "visiontune.decoded_images"   # the stores of decoded images, one per line
+
+
+def _validated(cfg: Config, index, min_per_class: int, echo: Echo):
+    """The readable images of `index`; with data.preprocess, decoded once into a store (or
+    found in one an earlier run built)."""
+    from components.data import validate_images
+    from components.data.validate import DecodeTarget
+
+    d = cfg.data
+    target = None
+    if d.preprocess:
+        # On a cluster the images are decoded by Ray tasks on every node.
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        target = DecodeTarget(cfg.ray.storage_path, d.image_size, d.channels,
+                              cluster=(lambda: _cluster_session(cfg)) if address else None)
+    return validate_images(index, d.on_bad_image, min_per_class,
+                           progress=progress_printer(echo, "read" if target else "checked",
+                                                     "images"),
+                           decode_to=target,
+                           decoding=progress_printer(echo, "decoded", "images"))
+
+
+@contextlib.contextmanager
+def _cluster_session(cfg: Config):
+    """The cluster's Ray for a step before the sweep; Ray's own output to the run's log."""
+    from components.cluster import ray_session
+    from pipelines.console import console
+
+    log = Path(tempfile.gettempdir()) / "visiontune" / "ray-data-step.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with console.ray_output_to(log), ray_session(cfg.ray.address, cfg.ray.num_cpus):
+        yield
+
+
+def _log_decoded(validated: list, record, echo: Echo) -> None:
+    stores = [v.decoded for v in validated if v.decoded is not None]
+    for s in stores:
+        size = f"{len(s.paths)} images at {s.image_size} px x {s.channels} channel(s)"
+        if s.decoded:
+            echo(f"  decoded {size} once for the sweep into {s.location}")
+        else:
+            echo(f"  reusing the decoded images of an earlier run: {s.location} ({size}; "
+                 "nothing decoded)")
+    if stores:
+        record.set_tags({DECODED_TAG: "\n".join(s.location for s in stores)})
+        record.log_metrics({"data_decoded_images": sum(s.decoded for s in stores)})
 
 
 # The run page's "Datasets": one input per split, in MLflow's context words.
@@ -262,7 +315,8 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             data=cfg.data, augment=cfg.augment, model=cfg.model, train=cfg.train,
             average=cfg.evaluation.average, seed=cfg.seed,
             train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
-            num_classes=len(manifest.classes), tracking_uri=cfg.tracking.uri)
+            num_classes=len(manifest.classes), tracking_uri=cfg.tracking.uri,
+            decoded=manifest.decoded)
         target = TrackingTarget(record.tracker, record.experiment_id, record.run_id)
         log_augmented_samples(cfg, manifest, record)
         log_path = ray_log_path(cfg, record.pipeline_id)
@@ -398,7 +452,7 @@ def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
         prep = eval_preprocessing(sections["data"], sections["model"])
         test_paths, test_labels = manifest.subset("test")
         report = evaluate_on_test(model, test_paths, test_labels, manifest.classes, prep,
-                                  cfg.evaluation.average)
+                                  cfg.evaluation.average, decoded=manifest.decoded)
         echo(f"  best trial {best.trial_id}: val_f1={best.best_val_f1:.4f} "
              f"test_f1={report.metrics['f1']:.4f} ({report.average})")
         if logged:

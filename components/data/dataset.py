@@ -34,28 +34,39 @@ class ImageDataset(Dataset):
     """Yields (image tensor CxHxW, label, index). The index lets evaluation gather predictions
     from every DDP rank and put each one back on its row, with no duplicates.
 
-    Images are decoded when first asked for. With `cache`, each decoded image is kept for the
-    next epoch (this dataset's rows only: a rank's shard, never the whole split); without it,
-    every epoch decodes again and memory does not grow with the data."""
+    With `decoded` (the sweep's store of decoded images, `components.data.preprocessed`) an
+    image is read from it, already at this size. Otherwise images are decoded when first
+    asked for: with `cache`, each decoded image is kept for the next epoch (this dataset's rows
+    only: a rank's shard, never the whole split); without it, every epoch decodes again and
+    memory does not grow with the data. `decodes` counts the files this dataset decoded."""
 
     def __init__(self, paths: list[str], labels: list[int], channels: int, image_size: int,
                  transform: Callable[..., dict], cache: bool = False,
-                 ids: list[int] | None = None):
+                 ids: list[int] | None = None, decoded=None):
         """`ids`: the index each row reports (default its position), e.g. its row number in
-        the whole split when this dataset holds one rank's shard."""
+        the whole split when this dataset holds one rank's shard; `decoded`: a
+        `DecodedLookup` holding these paths at this size and channels."""
         self.paths, self.labels = list(paths), list(labels)
         self.ids = list(ids) if ids is not None else list(range(len(self.paths)))
         self.channels, self.image_size = channels, image_size
         self.transform = transform
-        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+        self.decoded = decoded
+        self._cache: dict[int, np.ndarray] | None = {} if cache and decoded is None else None
+        self.decodes = 0
+
+    def _load(self, i: int) -> np.ndarray:
+        if self.decoded is not None and self.paths[i] in self.decoded:
+            return self.decoded.image(self.paths[i])
+        self.decodes += 1
+        return load_image(self.paths[i], self.channels, self.image_size)
 
     def image(self, i: int) -> np.ndarray:
-        """Row `i` decoded (uint8 HxWxC), from the cache when it holds it."""
+        """Row `i` decoded (uint8 HxWxC), from the store or the cache when they hold it."""
         if self._cache is None:
-            return load_image(self.paths[i], self.channels, self.image_size)
+            return self._load(i)
         img = self._cache.get(i)
         if img is None:
-            img = self._cache[i] = load_image(self.paths[i], self.channels, self.image_size)
+            img = self._cache[i] = self._load(i)
         return img
 
     def __len__(self) -> int:

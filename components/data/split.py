@@ -34,6 +34,9 @@ class SplitManifest:
     # their training data differ, with data.test_path). "" in manifests from before it.
     test_fingerprint: str = ""
     test_root: str | None = None   # data.test_path's root when the test split came from there
+    # The stores its images were decoded into (components.data.preprocessed), if any: where
+    # trials read them. Not saved with the manifest (the run's tags say where they are).
+    decoded: tuple = ()
 
     def subset(self, split: str) -> tuple[list[str], list[int]]:
         rows = [(p, y) for p, y, s in zip(self.paths, self.labels, self.splits) if s == split]
@@ -126,8 +129,10 @@ def split_dataset(images: ValidatedImages, val_fraction: float, test_fraction: f
                                   ["test"] * len(test_rows[0]), idx.classes)
     if test_images is not None:   # the training data and the separate test set together
         fp = hashlib.sha256(f"{fp}\ntest:{test_fp}".encode()).hexdigest()
+    decoded = tuple(v.decoded for v in (images, test_images)
+                    if v is not None and v.decoded is not None)
     return SplitManifest(idx.root, paths, labels, splits, list(idx.classes), fp, test_fp,
-                         None if test_images is None else test_root)
+                         None if test_images is None else test_root, decoded)
 
 
 def _test_rows(test: ValidatedImages, classes: list[str], train_digests: list[str]):

@@ -47,10 +47,14 @@ class TestReport:
 
 def evaluate_on_test(model: torch.nn.Module, paths: list[str], labels: list[int],
                      classes: list[str], preprocessing: dict, average: str = "auto",
-                     batch_size: int = 256) -> TestReport:
+                     batch_size: int = 256, decoded: tuple = ()) -> TestReport:
+    """`decoded`: the sweep's stores of decoded images (read instead of decoding the files)."""
+    from components.data.preprocessed import DecodedLookup
+
     c, size = preprocessing["channels"], preprocessing["image_size"]
     ds = ImageDataset(paths, labels, c, size,
-                      build_eval_transform(c, preprocessing["mean"], preprocessing["std"]))
+                      build_eval_transform(c, preprocessing["mean"], preprocessing["std"]),
+                      decoded=DecodedLookup(decoded, size, c) if decoded else None)
     idx, y, probs, _ = predict(model, DataLoader(ds, batch_size=batch_size), torch.device("cpu"))
     order = idx.argsort()
     y, probs = y[order].numpy(), probs[order].numpy()

@@ -28,6 +28,7 @@ from components.augment import (
 )
 from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
 from components.data.dataset import EpochShuffle, ImageDataset, shard_indices, use_cache
+from components.data.preprocessed import DecodedLookup
 from components.models import build_model
 from components.models.freezing import build_param_groups, unfreeze
 from components.timing import mark
@@ -66,6 +67,9 @@ class TrainJob:
     # The pipeline logs one grid of augmented samples on its parent run; a trial logs its own
     # only when it searches the augmentation (its grid differs from the parent's).
     log_augmented_samples: bool = False
+    # The sweep's stores of decoded images (components.data.preprocessed): ranks read their
+    # rows there instead of decoding files.
+    decoded: tuple = ()
 
 
 def _read_checkpoint(checkpoint) -> dict:
@@ -122,15 +126,16 @@ def _rank_datasets(job: TrainJob, rank: int, world: int, prep: dict):
     # into each): with data.loader_workers > 0 every epoch decodes, in those processes.
     cache = d.loader_workers == 0 and use_cache(d.cache, len(rows) + len(val_rows), channels,
                                                 size, d.cache_max_mb)
+    decoded = DecodedLookup(job.decoded, size, channels) if job.decoded else None
     train_ds = ImageDataset(
         [paths[i] for i in rows], [labels[i] for i in rows], channels, size,
         build_train_transform(job.augment.train, size, channels, prep["mean"], prep["std"],
                               seed=job.seed + rank),
-        cache=cache, ids=rows)
+        cache=cache, ids=rows, decoded=decoded)
     val_ds = ImageDataset([job.val_rows[0][i] for i in val_rows],
                           [job.val_rows[1][i] for i in val_rows], channels, size,
                           build_eval_transform(channels, prep["mean"], prep["std"]),
-                          cache=cache, ids=val_rows)
+                          cache=cache, ids=val_rows, decoded=decoded)
     return train_ds, val_ds
 
 
@@ -178,6 +183,7 @@ class EpochMetrics:
     peak_rss_mb: float = 0.0
     time_to_first_batch_s: float = 0.0
     data_rss_mb: float = 0.0
+    images_decoded: int = 0   # files rank 0 decoded so far (0 with the sweep's store)
 
     def report(self) -> dict:
         return asdict(self)
@@ -303,7 +309,9 @@ def _train_epoch(run: _Run, epoch: int) -> EpochMetrics:
         best_epoch=state["best_epoch"], early_stopped=int(stop),
         peak_rss_mb=peak_rss_mb(device),
         time_to_first_batch_s=run.train_loader.first_batch_s or 0.0,
-        data_rss_mb=run.train_loader.data_rss_mb)
+        data_rss_mb=run.train_loader.data_rss_mb,
+        images_decoded=run.train_loader.loader.dataset.decodes
+        + run.val_loader.dataset.decodes)
 
 
 def _save_and_report(run: _Run, metrics: dict) -> float:

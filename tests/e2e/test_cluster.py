@@ -122,9 +122,11 @@ def submitted(servers):
     first = _cli(servers, "submit", "--address", servers["dashboard"], "--follow", *common,
                  "train.num_workers=2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    # A second run on the same data that cannot learn: it must not take the champion.
+    # A second run on the same images, read from the bucket, that cannot learn: it must not
+    # take the champion.
+    in_bucket = servers["s3"].upload_folder(data, servers["bucket"], "images")
     worse = _cli(servers, "submit", "--address", servers["dashboard"], "--follow", *common,
-                 "train.lr=1.0e-9", "train.epochs=1")
+                 f"data.path={in_bucket}", "train.lr=1.0e-9", "train.epochs=1")
     assert worse.returncode == 0, worse.stdout[-3000:] + worse.stderr[-3000:]
     return {"data": data, "first": first.stdout, "worse": worse.stdout}
 
@@ -151,6 +153,22 @@ def test_submit_prints_job_and_records_run_tree_on_the_server(servers, submitted
         keys = servers["s3"].keys(servers["bucket"], f"ray/{pipeline_id}/")
         assert len([k for k in keys if k.endswith("/best_model.pt")]) == 2, keys
     assert [p.data.tags["visiontune.plan.in_trial"] for p in parents] == ["False", "True"]
+    # Decoded once, in the bucket (by Ray tasks on the cluster), and read by the trials on
+    # both nodes: no trial decoded a file.
+    from components.data.ingest import index_images
+
+    # every indexed file once, but the empty one (refused as it is read)
+    attempted = len(index_images(str(submitted["data"]))) - 1
+    for parent in parents:
+        store = parent.data.tags["visiontune.decoded_images"]
+        assert store.startswith(f"s3://{servers['bucket']}/ray/preprocessed/"), store
+        prefix = store.removeprefix(f"s3://{servers['bucket']}/")
+        assert sorted(k.rsplit("/", 1)[-1] for k in servers["s3"].keys(
+            servers["bucket"], prefix)) == ["images.npy", "index.json"]
+        assert parent.data.metrics["data_decoded_images"] == attempted
+        children = client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert [c.data.metrics["images_decoded"] for c in children] == [0, 0]
     assert "2 CPU" in parents[1].data.tags["visiontune.plan.reason"]
     # artifacts are served by the tracking server, not a shared disk; checkpoints are in S3
     assert exp.artifact_location.startswith("mlflow-artifacts:")
