@@ -32,8 +32,10 @@ and measures, in the same run:
    (C) `large` with data.preprocess=false (each trial decodes its own rows; slow).
    Per sweep: wall seconds, the validate and tune steps' seconds (from the console), the
    images decoded (the parent run's `data_decoded_images` + each trial's last
-   `images_decoded`, train and val rows; the test set's decode in the evaluate step is not
-   counted), the first trial's and the median trial's `time_to_first_batch_s`, test F1.
+   `images_decoded`: rank 0's train and val rows), the first trial's (the first to start)
+   and the median trial's `time_to_first_batch_s`, test F1. Not counted in (C): the validate
+   step's check, which decodes every file once at full scale, and the evaluate step's decode
+   of the test split.
 
 What the content does to speed: a reduced-scale decode skips most of the IDCT, colour
 conversion and upsampling but still entropy-decodes every coefficient, so the more detail
@@ -46,15 +48,17 @@ Then it checks the issue's criteria: reduced-scale decode + resize of 12 MP JPEG
 at least 4x faster per core than full decode + resize; sweep (A) decodes each image once
 (decodes == images); wall(A) <= wall(B) + 1.5 x the decode floor (both sides printed).
 
-    python benchmarks/photos.py               # N = 2000 per set: about 20 minutes on 2 cores
-                                              # the first time (writing the 2,000 12 MP
-                                              # JPEGs, about 5 GB, takes 6-8 of them), about
-                                              # 10-12 minutes once they exist
-    python benchmarks/photos.py --with-old    # + sweep (C): several more minutes
+    python benchmarks/photos.py               # N = 2000 per set: roughly 10-15 minutes on
+                                              # 2 cores the first time (writing the 2,000
+                                              # 12 MP JPEGs, about 4.5 GB, takes about 5),
+                                              # 6-10 minutes once they exist (an estimate:
+                                              # only --quick was timed)
+    python benchmarks/photos.py --with-old    # + sweep (C): about 5 minutes more
     python benchmarks/photos.py --n 500       # fewer images per set
     python benchmarks/photos.py --noise 8     # noisier, bigger JPEGs (another folder)
     python benchmarks/photos.py --quick       # smoke check: 60 images per set, a sample of 10,
-                                              # the same sweeps: about 5 minutes
+                                              # the same sweeps: about 1.5 minutes (2 with
+                                              # --with-old)
 
 Results: benchmarks/results/photos.json (`--quick`: photos_quick.json), each sweep's output in
 benchmarks/results/photos_logs/, the images in benchmarks/results/photos_data/n<N>/ (none of
@@ -464,7 +468,7 @@ def print_summary(out: dict) -> None:
     n = out["n"]
     print(f"\n== photos benchmark, {n} images per set, {out['machine']['cpus']} CPUs")
     print(f"  data (noise sigma {out['noise']:g}): " + ", ".join(
-        f"{k} {v['mb']:.0f} MB ({v['mb'] / max(v['images'], 1):.2f} MB per image)"
+        f"{k} {v['mb']:.1f} MB ({v['mb'] * 1024 / max(v['images'], 1):.0f} KB an image)"
         for k, v in out["sets"].items()))
     print(f"\n  decode + resize, one thread, files in memory (sample of {out['sample']})")
     print(f"  {'set':<8} {'px':>4} {'full img/s':>10} {'reduced img/s':>13} {'speedup':>8} "
