@@ -1,8 +1,10 @@
 """Data that does not fit in a worker: the old loading (every Train worker decodes the whole
-train split before its first batch) against the new one (each rank reads only its own shard,
-decoding as it goes, cached only when the shard fits `data.cache_max_mb`).
+train split before its first batch) against the two a trial uses now: each rank reads only
+its own shard, decoding as it goes (cached only when the shard fits `data.cache_max_mb`), or
+reads its own rows from the sweep's store of decoded images (`data.preprocess`, the default:
+built once by the validate step, read with pread, nothing decoded in the worker).
 
-One run measures both, side by side, on the same generated folder (at least 20,000 RGB images
+One run measures all three, side by side, on the same generated folder (at least 20,000 RGB images
 at 128 px, written once under ~/.cache/visiontune/, never committed): one Ray Train run of
 2 workers x 1 CPU x 1 epoch each, the same model, batch size and augmentation. Each worker
 reports its peak RSS, the memory it gained from the training function's start to its first
@@ -16,6 +18,7 @@ to that first batch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -72,6 +75,7 @@ def old_loop(config: dict) -> None:
     from components.augment import build_train_transform, eval_preprocessing
     from components.data.dataset import ImageDataset
     from components.training import worker
+    from components.training.ranks import peak_rss_mb
 
     started, started_rss = time.monotonic(), worker._rss_mb()
     job = config["job"]
@@ -94,7 +98,7 @@ def old_loop(config: dict) -> None:
     from components.training.loop import train_one_epoch
 
     train_one_epoch(model, loader, opt, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
-    metrics = {"peak_rss_mb": worker._peak_rss_mb(torch.device("cpu")),
+    metrics = {"peak_rss_mb": peak_rss_mb(torch.device("cpu")),
                "time_to_first_batch_s": loader.first_batch_s,
                "data_rss_mb": loader.data_rss_mb, "epoch": 1}
     # Train V2 keeps a run's metrics with its checkpoint: rank 0 attaches an empty one.
@@ -124,6 +128,7 @@ def run_one(loop, job, storage: str, name: str) -> dict:
     return {"peak_rss_mb": round(m["peak_rss_mb"], 1),
             "data_rss_mb": round(m["data_rss_mb"], 1),
             "time_to_first_batch_s": round(m["time_to_first_batch_s"], 2),
+            "images_decoded_rank0": m.get("images_decoded"),
             "run_wall_s": round(time.monotonic() - start, 1)}
 
 
@@ -140,6 +145,7 @@ def main() -> int:
     from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
     from components.data import index_images, split_dataset, validate_images
     from components.data.dataset import decoded_bytes, use_cache
+    from components.data.validate import DecodeTarget
     from components.training.worker import TrainJob
     from pipelines.steps import progress_printer
 
@@ -169,10 +175,21 @@ def main() -> int:
     ray.init(num_cpus=2, configure_logging=False)  # the dashboard: Train's PG cleaner
     try:
         with tempfile.TemporaryDirectory() as storage:
-            for name, loop in (("old: whole split decoded in every worker", old_loop),
-                               ("new: own shard, decoded as read", new_loop)):
+            # The sweep's store, as the validate step builds it (its cost is the decode pass
+            # the other two pay in every trial; it is timed apart, not in the runs below).
+            start = time.monotonic()
+            store = validate_images(index_images(root), decode_to=DecodeTarget(
+                storage, args.size, 3), decoding=progress_printer(print, "decoded",
+                                                                  "images")).decoded
+            store_s = time.monotonic() - start
+            print(f"decoded store built in {store_s:.0f} s: {store.location}", flush=True)
+            with_store = dataclasses.replace(job, decoded=(store,))
+            for name, loop, j in (("old: whole split decoded in every worker", old_loop, job),
+                                  ("shard: own shard, decoded as read", new_loop, job),
+                                  ("store: own rows from the decoded store", new_loop,
+                                   with_store)):
                 print(f"running {name} ...", flush=True)
-                results[name] = run_one(loop, job, storage, name.split(":")[0])
+                results[name] = run_one(loop, j, storage, name.split(":")[0])
                 print(f"  {results[name]}", flush=True)
     finally:
         ray.shutdown()
@@ -182,6 +199,7 @@ def main() -> int:
                    f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
         "images": len(checked.index), "image_size": args.size, "train_images": n_train,
         "decoded_train_split_mib": round(split_mb, 1), "validate_s": round(validate_s, 1),
+        "store_build_s": round(store_s, 1),
         "workers": 2, "epochs": 1, "results": results,
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     out = Path(args.out)
@@ -189,10 +207,11 @@ def main() -> int:
     out.write_text(json.dumps(report, indent=2))
     print(f"\ndecoded train split: {split_mb:.0f} MiB; a quarter: {split_mb / 4:.0f} MiB")
     print(f"{'loading':42} {'peak RSS/worker':>15} {'data RSS/worker':>15} "
-          f"{'share of split':>14} {'first batch':>11}")
+          f"{'share of split':>14} {'first batch':>11} {'decoded by rank 0':>17}")
     for name, r in results.items():
         print(f"{name:42} {r['peak_rss_mb']:>11.0f} MiB {r['data_rss_mb']:>11.0f} MiB "
-              f"{r['data_rss_mb'] / split_mb:>14.2f} {r['time_to_first_batch_s']:>9.1f} s")
+              f"{r['data_rss_mb'] / split_mb:>14.2f} {r['time_to_first_batch_s']:>9.1f} s "
+              f"{r['images_decoded_rank0'] if r['images_decoded_rank0'] is not None else '-':>17}")
     print(f"written to {out}")
     return 0
 

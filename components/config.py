@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from components.credentials import URI_KEYS, check_no_credentials
+from components.errors import ConfigError
 from components.names import (
     ACTIVATION_NAMES,
     INITIALIZER_NAMES,
@@ -20,10 +22,6 @@ from components.names import (
     POOLING_NAMES,
     SCHEDULER_NAMES,
 )
-
-
-class ConfigError(ValueError):
-    """A bad key or value in the configuration (the CLI exits with code 2)."""
 
 
 def _choices(*values, doc: str = "") -> dict:
@@ -351,57 +349,6 @@ def validate_config(cfg: Config) -> Config:
 
 # Where a URI's credentials belong instead: the environment or the library's credential files,
 # which nothing of visiontune records.
-_CREDENTIALS_HINT = ("put credentials in the environment (AWS_ACCESS_KEY_ID / "
-                     "AWS_SECRET_ACCESS_KEY or ~/.aws/credentials for s3://, "
-                     "GOOGLE_APPLICATION_CREDENTIALS for gs://, MLFLOW_TRACKING_USERNAME / "
-                     "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN for the tracking server)")
-_SECRET_QUERY = ("access_key", "secret_key", "session_token", "token", "password", "secret",
-                 "sig", "signature", "x-amz-signature", "x-amz-credential",
-                 "x-amz-security-token", "x-goog-signature", "x-goog-credential",
-                 "googleaccessid", "api_key", "apikey", "access_token", "account_key")
-URI_KEYS = ("data.path", "data.test_path", "tracking.uri", "tracking.artifact_location",
-            "ray.storage_path", "ray.address")
-
-
-def uri_secret(uri: str | None) -> str | None:
-    """What in `uri` is a credential (user info, a secret query option), or None. The answer
-    names the kind, never the value."""
-    from urllib.parse import parse_qsl, urlsplit
-
-    if not uri or "://" not in uri:
-        return None
-    try:
-        parts = urlsplit(uri)
-        has_user = parts.username is not None or parts.password is not None
-    except ValueError:   # unparseable (e.g. an unclosed '['): look for user info by hand
-        authority = uri.split("://", 1)[1].split("/", 1)[0]
-        return "a user name or password before '@'" if "@" in authority else None
-    if has_user:
-        return "a user name or password before '@'"
-    keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)
-            if k.lower() in _SECRET_QUERY]
-    return f"the query option {keys[0]}" if keys else None
-
-
-def masked(uri: str) -> str:
-    """`uri` as it may be printed: user info and query replaced by ***."""
-
-    scheme, _, rest = uri.partition("://")
-    authority, slash, path = rest.partition("/")
-    path, q, _ = path.partition("?")
-    user, at, host = authority.rpartition("@")
-    return f"{scheme}://{'***@' if at else ''}{host}{slash}{path}" + ("?***" if q else "")
-
-
-def check_no_credentials(key: str, uri: str | None) -> None:
-    """A credential inside a URI would be logged as a run parameter (readable by every user of
-    the tracking server), written into manifests and printed in errors: refused."""
-    what = uri_secret(uri)
-    if what:
-        raise ConfigError(f"{key}={masked(uri)} carries credentials ({what}): a URI is "
-                          f"recorded in MLflow and printed; {_CREDENTIALS_HINT}")
-
-
 def check_model(m: ModelConfig) -> ModelConfig:
     """Rules across model keys; also run on every trial's combination of search values."""
     if m.name == "cnn" and (m.freeze != "none" or m.backbone_lr_mult != 1.0 or m.pretrained):
@@ -412,27 +359,3 @@ def check_model(m: ModelConfig) -> ModelConfig:
     if m.unfreeze_epoch is not None and m.freeze == "none":
         raise ConfigError("model.unfreeze_epoch needs model.freeze=backbone or stage")
     return m
-
-
-def field_docs(cls: type = Config, prefix: str = "", values=None) -> list[tuple[str, str, str]]:
-    """(dotted key, value, help) for every leaf key: what `visiontune run --help` prints.
-    `values` (a config object) supplies the values shown; default: the dataclass defaults."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        tp = typing.get_type_hints(cls)[f.name]
-        sub = getattr(values, f.name) if values is not None else None
-        if dataclasses.is_dataclass(tp):
-            rows += field_docs(tp, key + ".", sub)
-            continue
-        if values is not None:
-            default = sub
-        else:
-            default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
-                       else f.default)
-        choices = f.metadata.get("choices")
-        text = f.metadata.get("doc", "")
-        if choices is not None and not callable(choices):
-            text = (text + "; " if text else "") + "one of " + "|".join(map(str, choices))
-        rows.append((key, "" if key == "search.space" else repr(default), text))
-    return rows

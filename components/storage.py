@@ -72,8 +72,9 @@ def _filesystem(scheme: str, netloc: str, query: str):
             ffs = fsspec.filesystem(scheme)
         except Exception:
             raise StorageError(f"cannot open {scheme}://{netloc}: {reason}") from arrow_error
+        # fsspec's public form of the filesystem class's own path rule.
         return (pafs.PyFileSystem(pafs.FSSpecHandler(ffs)),
-                lambda u: ffs._strip_protocol(u).rstrip("/") or "/")
+                lambda u: fsspec.core.strip_protocol(u).rstrip("/") or "/")
 
     def inner(u: str) -> str:
         parts = urlsplit(u)

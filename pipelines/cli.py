@@ -8,50 +8,15 @@ import sys
 import traceback
 
 from components.config import ConfigError
+from components.errors import first_line
 from components.evaluation.paired import DEFAULT_RESAMPLES
+from pipelines.cli_help import LazyConfigHelp
+from pipelines.console import quiet_mlflow
 from pipelines.predict import RAY_ABOVE as _RAY_ABOVE
 from pipelines.predict import RAY_ABOVE_ENV as _RAY_ABOVE_ENV
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
 DEBUG_ENV = "VISIONTUNE_DEBUG"
-
-# MLflow's INFO lines (creating a store's tables, validating the input example), its download
-# progress bars and the "View run ... at" lines it writes to stdout for every run ended on a
-# server are not the command's story (it prints its own links); --verbose keeps them. Set
-# before MLflow is imported: it reads the level then; Ray workers inherit them.
-QUIET_MLFLOW_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING",
-                    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-
-
-def quiet_mlflow() -> None:
-    for key, value in QUIET_MLFLOW_ENV.items():
-        os.environ.setdefault(key, value)
-
-
-def _config_help() -> str:
-    from components.config import field_docs
-    from pipelines.config import GROUPS, conf_dir, group_options, load_config
-
-    lines = ["config groups (pick one with group=option):"]
-    try:
-        root = conf_dir()
-        for g in GROUPS:
-            lines.append(f"  {g:<10} {' | '.join(group_options(g, root))}")
-        lines.append(f"  experiment files: {root / 'experiment'}/*.yaml (use --config)")
-    except ConfigError as e:
-        lines.append(f"  ({e})")
-    try:
-        values = load_config([], resolve=False)
-        lines.append("\nconfig keys with the default config's values (override with key=value, "
-                     "e.g. train.epochs=3):")
-    except ConfigError:
-        values = None
-        lines.append("\nconfig keys (override with key=value, e.g. train.epochs=3):")
-    for key, default, doc in field_docs(values=values):
-        lines.append(f"  {key:<28} {default:<22} {doc}")
-    return "\n".join(lines)
-
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -68,10 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help=f"show Python tracebacks (also {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_pipeline_commands(sub)
+    _add_registry_commands(sub)
+    _add_predict_command(sub)
+    for command in sub.choices.values():  # `visiontune run --debug` works as well
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
+    return parser
+
+
+def _add_pipeline_commands(sub) -> None:
+    """run, and the Ray job commands: submit, jobs, status."""
     run = sub.add_parser(
         "run", help="run the training pipeline (ingest, validate, split, tune, evaluate, "
                     "register)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_LazyEpilog())
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LazyConfigHelp())
     _add_config_args(run)
     run.add_argument("--resume", metavar="PIPELINE_ID",
                      help="continue an interrupted run with its own logged config (its id is "
@@ -101,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--token")
     st.add_argument("--logs", action="store_true")
 
+
+def _add_registry_commands(sub) -> None:
+    """promote and rollback."""
     pr = sub.add_parser(
         "promote", help="score the challenger and the champion on the same images; move the "
                         "champion alias only when the challenger is shown to be better")
@@ -127,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--model", required=True)
     _add_config_args(rb)
 
+
+def _add_predict_command(sub) -> None:
     pd = sub.add_parser("predict", help="classify images with a registered model")
     pd.add_argument("--model", required=True, help="e.g. models:/NAME@champion")
     pd.add_argument("paths", nargs="+", metavar="PATH",
@@ -144,29 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--batch-size", type=int, default=64, help="images per model call")
     pd.add_argument("--verbose", action="store_true",
                     help="show Ray's and MLflow's own output on the terminal")
-    for command in sub.choices.values():  # `visiontune run --debug` works as well
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help=argparse.SUPPRESS)
-    return parser
-
-
-class _LazyEpilog(str):
-    """The key table needs torchvision's model list; build it only when --help prints it."""
-
-    def __new__(cls):
-        return super().__new__(cls, "")
-
-    def __bool__(self):
-        return True
-
-    def __str__(self):
-        return _config_help()
-
-    def splitlines(self, *a, **k):
-        return _config_help().splitlines(*a, **k)
-
-    def __iter__(self):
-        return iter(_config_help())
 
 
 def cmd_run(args) -> int:
@@ -370,15 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         known = isinstance(e, _user_errors())
-        text = _one_line(e) if known else f"{type(e).__name__}: {_one_line(e)} (run with " \
-            f"--debug or {DEBUG_ENV}=1 for the traceback)"
+        line = first_line(e, None)
+        text = line if known else (f"{type(e).__name__}: {line} (run with --debug or "
+                                   f"{DEBUG_ENV}=1 for the traceback)")
         _report(f"error: {text}", debug)
         return EXIT_FAILED
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def _report(text: str, debug: bool) -> None:

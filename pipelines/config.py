@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,27 @@ _REPLACED_MAPPINGS = {"space"}
 
 
 def conf_dir() -> Path:
-    """conf/ of this checkout (editable install, Ray job working_dir) or $VISIONTUNE_CONF_DIR."""
+    """$VISIONTUNE_CONF_DIR, else conf/ of this checkout (editable install, Ray job
+    working_dir), of the current folder, or the copy a `pip install .` or a wheel installs
+    (`<prefix>/share/visiontune/conf`, pyproject.toml's data-files)."""
     env = os.environ.get("VISIONTUNE_CONF_DIR")
     candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[1] / "conf", Path.cwd() / "conf"]
+    candidates += [Path(__file__).resolve().parents[1] / "conf", Path.cwd() / "conf",
+                   Path(sys.prefix) / "share" / "visiontune" / "conf"]
     for c in candidates:
         if (c / "config.yaml").is_file():
             return c
     raise ConfigError(f"cannot find conf/config.yaml (looked in {', '.join(map(str, candidates))});"
                       " set VISIONTUNE_CONF_DIR")
+
+
+def experiment_file(name: str | Path, root: Path | None = None) -> Path:
+    """`--config`: a YAML file, or the name of one of conf/experiment/ (`quick`): how an
+    installed visiontune, run from any folder, names the experiments it ships."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    return (root or conf_dir()) / "experiment" / f"{name}.yaml"
 
 
 def group_options(group: str, root: Path | None = None) -> list[str]:
@@ -110,7 +123,7 @@ def compose(overrides: list[str] | None = None, config_file: str | Path | None =
     root = root or conf_dir()
     base = load_yaml(root / "config.yaml")
     choices: dict[str, str] = dict(base.pop("defaults", {}) or {})
-    experiment = load_yaml(Path(config_file)) if config_file else {}
+    experiment = load_yaml(experiment_file(config_file, root)) if config_file else {}
     choices.update(experiment.pop("defaults", {}) or {})
     dotted = []
     for text in overrides or []:

@@ -13,6 +13,19 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+# MLflow's INFO lines (creating a store's tables, validating the input example), its download
+# progress bars and the "View run ... at" lines it writes to stdout for every run ended on a
+# server are not the command's story (it prints its own links); --verbose keeps them. Set
+# before MLflow is imported: it reads the level then; Ray workers inherit them.
+QUIET_MLFLOW_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING",
+                    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def quiet_mlflow() -> None:
+    for key, value in QUIET_MLFLOW_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 class Console:
     def __init__(self) -> None:

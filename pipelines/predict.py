@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 # From this many images on, `predict` without --ray/--no-ray runs on Ray: below it, starting
-# Ray and loading the model in every actor costs more than the actors save (README: "Batch
-# prediction on the cluster" has the measurement this is set from).
+# Ray and loading the model in every actor costs more than the actors save (docs/serving.md,
+# "Many images: `predict --ray`", has the measurement this is set from).
 RAY_ABOVE = 20_000
 RAY_ABOVE_ENV = "VISIONTUNE_PREDICT_RAY_ABOVE"   # sets it for a shell, a job or a cluster
 MAX_SKIP_LINES = 20          # unreadable files named one by one; past that, only counted
@@ -44,8 +44,8 @@ def resolve_model_uri(model_uri: str) -> tuple[str, str]:
 
 
 def run_predict(args) -> int:
-    from pipelines.cli import _one_line, quiet_mlflow
-    from pipelines.console import console
+    from components.errors import first_line
+    from pipelines.console import console, quiet_mlflow
 
     if not args.verbose:
         quiet_mlflow()   # before MLflow is imported
@@ -80,7 +80,8 @@ def run_predict(args) -> int:
             pinned, described = resolve_model_uri(args.model)
             local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp)
         except MlflowException as e:
-            raise LookupError(f"cannot load {args.model} from {uri}: {_one_line(e)}") from None
+            raise LookupError(f"cannot load {args.model} from {uri}: "
+                              f"{first_line(e, None)}") from None
         try:
             _verify_code(pinned, local)   # code changed in the artifact store: not run
             _check(local)  # a model visiontune cannot classify with: one line, before any file

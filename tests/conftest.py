@@ -166,7 +166,7 @@ def register_untrained_model(tracking_uri: str, name: str, classes=("cat", "dog"
                              image_size: int = 16, model: str = "cnn",
                              artifact_location: str | None = None) -> str:
     """A freshly initialised network of `model` ('cnn' or a torchvision backbone, no pretrained
-    weights) logged the way the pipeline logs its champion (`Tracker.log_image_classifier`) and
+    weights) logged the way the pipeline logs its champion (`log_image_classifier`) and
     registered as `name`@champion: a real registered model in seconds, for tests and
     benchmarks of what happens after training. Returns the model version."""
     import torch
@@ -174,6 +174,7 @@ def register_untrained_model(tracking_uri: str, name: str, classes=("cat", "dog"
     from components.config import CnnConfig, ModelConfig
     from components.models import build_model
     from components.registry import register_challenger
+    from components.serving.packaging import log_image_classifier
     from components.tracking import Tracker
 
     torch.manual_seed(0)
@@ -185,7 +186,7 @@ def register_untrained_model(tracking_uri: str, name: str, classes=("cat", "dog"
     exp = tracker.ensure_experiment("visiontune-test-models", artifact_location)
     run = tracker.create_run(exp, "untrained", {})
     meta = {"class_names": list(classes), "preprocessing": prep, "pipeline_id": "untrained"}
-    uri = tracker.log_image_classifier(run, net, list(classes), prep, meta)
+    uri = log_image_classifier(tracker, run, net, list(classes), prep, meta)
     version = register_challenger(tracker, uri, name, run, {"test_f1": 0.0})
     tracker.end_run(run)
     return str(version.version)

@@ -5,21 +5,21 @@ the bucket) where every node reads it. Every trial's ranks read their rows from 
 decoding the files again; augmentation stays per epoch and per trial.
 
 A store is keyed by what decides its contents: the data's root, each file's relative path and
-bytes hash, the image size, the channels, the preprocessing's VERSION and this format's. A later run (or a
-resumed one) over the same files reuses it; one changed image, another size or another
-preprocessing builds a new one.
+bytes hash, the image size, the channels, the preprocessing's VERSION and this format's. A
+later run (or a resumed one) over the same files reuses it; one changed image, another size or
+another preprocessing builds a new one.
 
 Layout of `<storage_path>/preprocessed/<key>/`: `images.npy` (N x size x size x channels,
 uint8, rows in `index.json`'s order; a row whose file did not decode stays zero) and
 `index.json` (the paths, the images that did not decode and why), written last: a store
 without it is incomplete and is built again.
 
-Why one .npy file (measured in docs/performance.md, "Decoded once per sweep"): a row is a
-fixed-size slice at a computable offset, so a rank reads exactly its rows with one `pread`
-each (random access for shuffling, no index to parse, no memory that grows with the data: read
-rows go through the page cache, not the process's heap), numpy writes and reads it with no
-other library, and in a bucket it is one object per dataset that each node copies once to its
-local disk.
+Why one .npy file (docs/data.md, "Decoded once per sweep"; measured in docs/performance.md): a
+row is a fixed-size slice at a computable offset, so a rank reads exactly its rows with one
+`pread` each (random access for shuffling, no index to parse, no memory that grows with the
+data: read rows go through the page cache, not the process's heap), numpy writes and reads it
+with no other library, and in a bucket it is one object per dataset that each node copies once
+to its local disk.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ epoch (`components.training.loop`) and what the ranks do together
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -32,6 +31,13 @@ from components.data.preprocessed import DecodedLookup
 from components.models import build_model
 from components.models.freezing import build_param_groups, unfreeze
 from components.timing import mark
+from components.training.checkpoint import (
+    BEST_MODEL_FILE,
+    MODEL_FILE,
+    PREPROCESSING_FILE,
+    STATE_FILE,
+    read_checkpoint,
+)
 from components.training.loop import finished_metrics, track_best, train_one_epoch
 from components.training.optim import build_optimizer, build_scheduler
 from components.training.ranks import (
@@ -44,7 +50,6 @@ from components.training.ranks import (
 from components.training.session import RayTrainSession, TrainSession, TuneTrialSession
 
 _IMPORTED = time.time()  # with components.training.IMPORT_STARTED: a worker's import cost
-MODEL_FILE, BEST_MODEL_FILE, STATE_FILE = "model.pt", "best_model.pt", "state.json"
 
 
 @dataclass
@@ -70,14 +75,6 @@ class TrainJob:
     # The sweep's stores of decoded images (components.data.preprocessed): ranks read their
     # rows there instead of decoding files.
     decoded: tuple = ()
-
-
-def _read_checkpoint(checkpoint) -> dict:
-    with checkpoint.as_directory() as d:
-        return {"saved": torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True),
-                "best": torch.load(Path(d) / BEST_MODEL_FILE, map_location="cpu",
-                                   weights_only=True),
-                "state": json.loads((Path(d) / STATE_FILE).read_text())}
 
 
 def _rss_mb() -> float:
@@ -324,7 +321,7 @@ def _save_and_report(run: _Run, metrics: dict) -> float:
                    Path(d) / MODEL_FILE)
         torch.save(run.best_weights, Path(d) / BEST_MODEL_FILE)
         (Path(d) / STATE_FILE).write_text(json.dumps(run.state))
-        (Path(d) / "preprocessing.json").write_text(json.dumps(run.prep))
+        (Path(d) / PREPROCESSING_FILE).write_text(json.dumps(run.prep))
         saved = time.monotonic() - started
         run.session.report(metrics, checkpoint_dir=d)
     return saved
@@ -358,7 +355,7 @@ def run_training(job: TrainJob, session: TrainSession) -> None:
          import_started=IMPORT_STARTED, imported=_IMPORTED)
     torch.manual_seed(job.seed)  # same initial weights everywhere; DDP also broadcasts rank 0's
     checkpoint = session.checkpoint()
-    resumed = _read_checkpoint(checkpoint) if checkpoint is not None else None
+    resumed = read_checkpoint(checkpoint) if checkpoint is not None else None
     if resumed is not None:
         final = finished_metrics(resumed["state"], job.train.epochs)
         if final is not None:  # nothing to train; no epoch is logged twice
@@ -391,11 +388,3 @@ def train_in_trial(job: TrainJob) -> None:
 
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     run_training(job, TuneTrialSession(cpus=cpus, use_gpu=job.train.use_gpu))
-
-
-def load_best_weights(checkpoint: str | Path) -> dict:
-    """The best epoch's weights from a checkpoint directory: a local path or a URI on the
-    run's storage (s3://..., read through the same filesystem Ray wrote it with)."""
-    data = storage.read_bytes(storage.join(str(checkpoint), BEST_MODEL_FILE))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-

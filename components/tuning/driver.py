@@ -14,23 +14,29 @@ Both run the same training loop (`components.training.worker.run_training`).
 from __future__ import annotations
 
 import dataclasses
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from components import storage
 from components.config import SearchConfig
 from components.data.split import kfold_rows
 from components.timing import mark
-from components.tracking import Tracker
 from components.training.trainer import build_trainer
 from components.training.worker import TrainJob, train_in_trial
+from components.tuning.callbacks import (
+    ConsoleProgress,
+    StopOnRequest,
+    SweepCallbacks,
+    TrackingTarget,
+    TrialRunCloser,
+    ended_status,
+    live_callbacks,
+)
 from components.tuning.plan import ResourcePlan
 from components.tuning.space import Axis, resolve_params, set_params, to_tune_space
 
@@ -62,13 +68,6 @@ CV_KEYS = ("cv_folds", "cv_best_fold", "cv_best_fold_val_f1", "cv_val_f1_std")
 class SearchOutcome:
     trials: list[TrialResult]
     complete: bool   # False: the sweep was stopped before every trial ended (Ctrl-C, SIGTERM)
-
-
-@dataclass
-class TrackingTarget:
-    tracker: Tracker
-    experiment_id: str
-    parent_run_id: str
 
 
 def _fit(job: TrainJob, name: str, storage_path: str, callbacks: list):
@@ -149,127 +148,6 @@ def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarg
     mark("trial_end", trial=trial_id)
 
 
-def ended_status(metrics: dict | None, planned_epochs: int) -> str:
-    """FINISHED when a trial ran all its epochs or stopped itself (patience); KILLED when
-    something else (the scheduler) stopped it earlier."""
-    m = metrics or {}
-    done = int(m.get("epoch", 0) or 0) >= planned_epochs or bool(m.get("early_stopped"))
-    return "FINISHED" if done else "KILLED"
-
-
-class TrialRunCloser(Callback):
-    """Closes child runs their trial could not close. A trial the scheduler stops is killed
-    before its own code can end the run, also at its last epoch (ASHA stops at max_t);
-    a crashed trial's process may be gone."""
-
-    def __init__(self, target: TrackingTarget, planned_epochs: int):
-        self.target = target
-        self.planned_epochs = planned_epochs
-
-    def _close(self, trial, status: str) -> None:
-        t = self.target
-        run_id = t.tracker.find_trial_run(t.experiment_id, t.parent_run_id, trial.trial_id)
-        if run_id:
-            t.tracker.end_run_if_running(run_id, status)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._close(trial, ended_status(trial.last_result, self.planned_epochs))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, "FAILED")
-
-    def on_experiment_end(self, trials, **info):
-        for trial in trials:
-            self._close(trial, "KILLED")
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-class ConsoleProgress(Callback):
-    """The sweep for a person: a line when a trial starts (what it tries), a live line per
-    epoch on a terminal, a line when it ends (status, best val F1, epochs, time) with the best
-    so far. Tune's own tables go to the log with the rest of Ray's output."""
-
-    def __init__(self, echo: Callable[[str], None], status: Callable[[str], None],
-                 axes: list[Axis], sections: dict, planned_epochs: int, num_trials: int):
-        self.echo, self.status = echo, status
-        self.axes, self.sections = axes, sections
-        self.planned_epochs, self.num_trials = planned_epochs, num_trials
-        self.number: dict[str, int] = {}
-        self.started: dict[str, float] = {}
-        self.best: tuple[float, str] | None = None
-
-    def __getstate__(self):
-        # Pickled into the experiment state by Tune: the terminal stays here.
-        return {}
-
-    def _name(self, trial) -> str:
-        n = self.number.setdefault(trial.trial_id, len(self.number) + 1)
-        return f"trial {n}/{self.num_trials} {trial.trial_id}"
-
-    def _params(self, trial) -> str:
-        params = resolve_params(trial.config or {}, self.axes, self.sections)
-        return " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in params.items())
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        import time
-
-        self.started[trial.trial_id] = time.monotonic()
-        self.echo(f"  {self._name(trial)} started: {self._params(trial)}")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "val_f1" not in result:
-            return
-        self.status(f"  {self._name(trial)} epoch {int(result.get('epoch', 0))}/"
-                    f"{self.planned_epochs}: val_f1 {result['val_f1']:.4f} (best "
-                    f"{result.get('best_val_f1', result['val_f1']):.4f})")
-
-    def _ended(self, trial, status: str, detail: str = "") -> None:
-        import time
-
-        m = trial.last_result or {}
-        took = time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
-        f1 = m.get("best_val_f1")
-        if f1 is not None and (self.best is None or f1 > self.best[0]):
-            self.best = (f1, trial.trial_id)
-        text = (f"  {self._name(trial)} {status}: best val_f1 "
-                f"{'-' if f1 is None else f'{f1:.4f}'} at epoch {m.get('best_epoch', '-')}, "
-                f"{int(m.get('epoch', 0) or 0)} epochs, {took:.0f} s")
-        if self.best is not None:
-            text += f" | best so far {self.best[0]:.4f} ({self.best[1]})"
-        self.echo(text + detail)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._ended(trial, ended_status(trial.last_result, self.planned_epochs))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._ended(trial, "FAILED", " (its error: the run's Ray log and the trial's MLflow run)")
-
-
-class StopOnRequest(Callback):
-    """Ends the sweep the way Tune's own Ctrl-C handling does (the experiment state is saved,
-    unfinished trials stay resumable with `Tuner.restore`) once `requested()` is true.
-
-    Tune listens on SIGUSR1 for that stop; the signal is raised from inside Tune's loop, where
-    Tune's handler is certainly installed (the default action of SIGUSR1 would end the process).
-    """
-
-    def __init__(self, requested: Callable[[], bool]):
-        self.requested = requested
-        self.sent = False
-
-    def __getstate__(self):
-        # Pickled into the experiment state by Tune: the driver's signal state stays here.
-        return {"requested": lambda: False, "sent": False}
-
-    def on_step_begin(self, iteration, trials, **info):
-        if not self.sent and self.requested():
-            self.sent = True
-            signal.raise_signal(signal.SIGUSR1)
-
-
 def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[Axis],
                sections: dict, train_storage: str) -> TrialResult:
     m = result.metrics or {}
@@ -323,9 +201,11 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
                storage_path: str, experiment_name: str, seed: int,
                target: TrackingTarget | None = None, resume: bool = False,
                stop_requested: Callable[[], bool] = lambda: False,
-               progress: ConsoleProgress | None = None) -> SearchOutcome:
+               progress: ConsoleProgress | None = None,
+               cost: Callable[[dict], float] | None = None) -> SearchOutcome:
     """Run (or, with `resume`, continue) the search until every trial ended or
-    `stop_requested()` turns true; returns one result per trial."""
+    `stop_requested()` turns true; returns one result per trial. `cost`: a grid point's
+    expected training time, to launch the costliest first (`to_tune_space`)."""
     sections = {s: getattr(job, s) for s in SECTIONS}
     train_storage = storage.join(storage_path, experiment_name, "train")
     # A trial that trains itself holds its worker's resources. A trial that drives a Train
@@ -345,15 +225,13 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     if resume and tune.Tuner.can_restore(exp_path):
         # Finished trials keep their results; unfinished and errored ones run again and
         # their Train runs continue from their last checkpoints (same names, same storage).
+        # The restored run config's SweepCallbacks call this process's callbacks.
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
-        # The restored run config holds the callbacks as pickled at the first start, with
-        # no way to ask for a stop; Tune has no public setter for them.
-        tuner._local_tuner.get_run_config().callbacks = callbacks
     else:
         scheduler = build_scheduler(search, job.train.epochs)
         param_space, num_samples = to_tune_space(axes, search.mode, sections,
-                                                 search.num_samples, search.max_trials)
+                                                 search.num_samples, search.max_trials, cost)
         if search.algorithm == "optuna":
             param_space.pop("grid_point", None)
         tuner = tune.Tuner(
@@ -373,7 +251,7 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
             run_config=tune.RunConfig(
                 name=experiment_name,
                 storage_path=storage_path,
-                callbacks=callbacks,
+                callbacks=[SweepCallbacks(experiment_name)],
                 # A Train run's failures are retried by Ray Train from its checkpoints; a
                 # trial that trains itself is retried by Tune from its last checkpoint. The
                 # sweep goes on when one trial fails for good.
@@ -386,7 +264,8 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
             ),
         )
     mark("sweep_start", name=experiment_name)
-    grid = tuner.fit()
+    with live_callbacks(experiment_name, callbacks):
+        grid = tuner.fit()
     mark("sweep_end", name=experiment_name)
     run_ids: dict[str, str] = {}
     if target is not None:

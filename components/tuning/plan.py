@@ -3,13 +3,13 @@
 once. Every trial's workers must fit the cluster together, because a Ray Train worker group
 that cannot start is retried instead of failing.
 
-The rule of `train.num_workers: auto` (`plan_sweep`), measured in the README ("How a sweep
-uses the cluster"): a trial trains in its own process on one worker's resources, as many side
-by side as the cluster holds, unless there are fewer trials than GPUs and the model is large
-enough to keep several GPUs busy; then each trial trains data-parallel (DDP) on the GPUs of
-one node. On CPUs, data parallelism costs a gradient all-reduce per step and a worker group
-per trial; the spare CPUs of a sweep with fewer trials than CPUs become torch threads of
-each trial's process instead."""
+The rule of `train.num_workers: auto` (`plan_sweep`), measured in docs/performance.md ("How a
+sweep uses the cluster"): a trial trains in its own process on one worker's resources, as many
+side by side as the cluster holds, unless there are fewer trials than GPUs and the model is
+large enough to keep several GPUs busy; then each trial trains data-parallel (DDP) on the GPUs
+of one node. On CPUs, data parallelism costs a gradient all-reduce per step and a worker group
+per trial; the spare CPUs of a sweep with fewer trials than CPUs become torch threads of each
+trial's process instead."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,10 +350,13 @@ def _domain(a: Axis):
 
 
 def to_tune_space(axes: list[Axis], mode: str, sections: dict[str, Any], num_samples: int,
-                  max_trials: int | None = None) -> tuple[dict[str, Any], int]:
+                  max_trials: int | None = None,
+                  cost: Callable[[dict], float] | None = None) -> tuple[dict[str, Any], int]:
     """(param_space, num_samples for TuneConfig). Grid points are expanded here, repeated
     `num_samples` times and cut at `max_trials`, so Tune sees one explicit grid and draws the
-    random axes once per variant."""
+    random axes once per variant. With `cost` (a grid point's expected training time), the
+    costliest points are launched first (stable otherwise): trials side by side then end
+    together instead of one long trial running alone at the end."""
     from ray import tune
 
     if mode == "random":
@@ -362,5 +366,7 @@ def to_tune_space(axes: list[Axis], mode: str, sections: dict[str, Any], num_sam
     points = grid_points(axes, mode, sections) * num_samples
     if max_trials:
         points = points[:max_trials]
+    if cost is not None:
+        points = sorted(points, key=cost, reverse=True)
     space[GRID_POINT] = tune.grid_search(points)
     return space, 1

@@ -24,9 +24,10 @@ from components.data.ingest import index_images
 from components.data.split import split_dataset
 from components.data.validate import validate_images
 from components.models import build_model
+from components.training.checkpoint import BEST_MODEL_FILE, MODEL_FILE
 from components.training.ranks import evaluate_split
 from components.training.trainer import build_trainer
-from components.training.worker import BEST_MODEL_FILE, MODEL_FILE, TrainJob
+from components.training.worker import TrainJob
 from tests.conftest import make_image_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

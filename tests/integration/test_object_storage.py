@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from components import storage
 from components.data import index_images, split_dataset, validate_images
 from components.data.dataset import load_image
-from components.training.worker import BEST_MODEL_FILE, load_best_weights
+from components.training.checkpoint import BEST_MODEL_FILE, load_best_weights
 from tests.conftest import make_image_folder
 
 pytestmark = [pytest.mark.integration]

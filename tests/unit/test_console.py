@@ -41,7 +41,7 @@ def test_verbose_shows_everything_on_the_terminal(tmp_path):
 
 
 def test_one_line_per_trial_start_and_end_with_the_best_so_far():
-    from components.tuning.driver import ConsoleProgress
+    from components.tuning.callbacks import ConsoleProgress
     from components.tuning.space import parse_space
 
     lines = []

@@ -161,7 +161,7 @@ def test_misclassified_gallery_most_confident_first_and_limited():
     assert loaded == ["d.png", "e.png"]
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["true dog\npred cat (0.95)\nd.png", "true bird\npred cat (0.70)\ne.png"]
-    assert "2 of 3 shown" in fig._suptitle.get_text()
+    assert "2 of 3 shown" in fig.get_suptitle()
 
 
 @pytest.mark.parametrize("wrong", [1, 2, 3, 7])
@@ -174,7 +174,8 @@ def test_misclassified_gallery_title_fits_its_figure(wrong):
                           "probability": [0.9] * (wrong + 20)})
     fig = plot_misclassified(preds, lambda p: np.zeros((8, 8, 3), np.uint8))
     fig.canvas.draw()
-    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    title = next(t for t in fig.texts if t.get_text() == fig.get_suptitle())
+    box = title.get_window_extent(fig.canvas.get_renderer())
     width = fig.get_figwidth() * fig.dpi
     assert box.x0 >= 0 and box.x1 <= width, (box, width)
 

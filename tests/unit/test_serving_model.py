@@ -22,6 +22,7 @@ from components.data.dataset import load_image
 from components.serving import MODEL_CODE, MODEL_FORMAT, PREPROCESSING_CODE
 from components.serving import image_classifier as mc
 from components.serving import preprocessing as pp
+from components.serving.packaging import log_image_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["a", "b", "c d"]
@@ -331,7 +332,7 @@ MODEL = "serving-unit"
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    """A small CNN logged by `Tracker.log_image_classifier` and registered as champion."""
+    """A small CNN logged by `log_image_classifier` and registered as champion."""
     import mlflow
 
     from components.config import CnnConfig, ModelConfig
@@ -347,7 +348,7 @@ def registered(tmp_path_factory):
     run = tracker.create_run(exp, "pipeline", {})
     meta = {"class_names": CLASSES, "preprocessing": PREP, "data_fingerprint": "f" * 64,
             "pipeline_id": "vt-test", "hyperparameters": {"train.lr": "0.1"}}
-    uri = tracker.log_image_classifier(run, net, CLASSES, PREP, meta)
+    uri = log_image_classifier(tracker, run, net, CLASSES, PREP, meta)
     version = register_challenger(tracker, uri, MODEL, run, {"test_f1": 0.5})
     assert version.aliases == ("challenger", "champion")
     with pytest.MonkeyPatch.context() as env:
@@ -599,7 +600,7 @@ def test_each_model_runs_the_preprocessing_logged_with_it(registered, tmp_path, 
     monkeypatch.setattr(components.serving, "PREPROCESSING_CODE", changed)
     tracker = registered["tracker"]
     run = tracker.create_run(tracker.ensure_experiment("serving"), "other", {})
-    other_uri = tracker.log_image_classifier(run, registered["net"], CLASSES, PREP,
+    other_uri = log_image_classifier(tracker, run, registered["net"], CLASSES, PREP,
                                              {"class_names": CLASSES, "preprocessing": PREP})
     image = pd.DataFrame({"image": [_png((200, 10, 10)), _png((10, 10, 200))]})
     first = mlflow.pyfunc.load_model(registered["uri"])

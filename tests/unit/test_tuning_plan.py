@@ -49,6 +49,37 @@ def test_tune_space_per_mode():
     assert len(capped[GRID_POINT]["grid_search"]) == 5
 
 
+def test_the_costliest_grid_points_are_launched_first_and_the_rest_keep_their_order():
+    axes = parse_space(SPACE)
+    plain = to_tune_space(axes, "grid", SECTIONS, 1)[0][GRID_POINT]["grid_search"]
+    size = {"cnn": 1, "resnet18": 100}
+    ordered = to_tune_space(axes, "grid", SECTIONS, 1,
+                            cost=lambda p: size[p["model.name"]])[0][GRID_POINT]["grid_search"]
+    assert sorted(map(repr, ordered)) == sorted(map(repr, plain))   # the same trials
+    assert [p["model.name"] for p in ordered] == ["resnet18"] * 6 + ["cnn"] * 6
+    # Stable: within one model, the config's order.
+    assert [p for p in ordered if p["model.name"] == "cnn"] == \
+        [p for p in plain if p["model.name"] == "cnn"]
+    # max_trials picks the trials before they are ordered: the same trials as without cost.
+    capped = to_tune_space(axes, "grid", SECTIONS, 1, max_trials=3,
+                           cost=lambda p: size[p["model.name"]])[0][GRID_POINT]["grid_search"]
+    assert sorted(map(repr, capped)) == sorted(map(repr, plain[:3]))
+    assert capped[0]["model.name"] == "resnet18"
+
+
+def test_trials_are_ordered_by_cost_only_when_they_run_side_by_side():
+    from pipelines.steps.tune import _trial_cost
+
+    sizes = {"cnn": 100_000, "resnet18": 11_000_000}
+    side_by_side = plan_sweep({"CPU": 2}, 8, "auto", {"CPU": 1}, model_params=(1, 2))
+    one_at_a_time = plan_sweep({"CPU": 2}, 8, 2, {"CPU": 1})
+    cost = _trial_cost(CFG, sizes, side_by_side)
+    assert cost({"model.name": "resnet18"}) > cost({"model.name": "cnn"})
+    assert cost({}) == sizes[CFG.model.name]          # a point that does not set the model
+    assert _trial_cost(CFG, sizes, one_at_a_time) is None
+    assert _trial_cost(CFG, {"cnn": 1}, side_by_side) is None   # one model: nothing to order
+
+
 CONDITIONAL = {
     "train.optimizer": {"grid": ["adam", "sgd_momentum", "nesterov"]},
     "train.momentum": {"grid": [0.8, 0.95], "when": {"train.optimizer": ["sgd_momentum",

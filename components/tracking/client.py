@@ -1,4 +1,5 @@
-"""The one MLflow adapter: experiment and run tree, rank-0 epoch logging, artifacts, models.
+"""The MLflow client side: the tracking URI check, bounded HTTP retries, the store watch and
+`Tracker`, the adapter every process of a run logs through.
 
 Everything goes through an explicit tracking URI and `MlflowClient`, never MLflow's global
 "active run", so the driver, Tune trials and Ray Train workers (other processes, other working
@@ -7,12 +8,10 @@ directories) all write to the same place and the same runs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
+
+from components.errors import first_line
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 ROLE_TAG = "visiontune.role"
@@ -53,11 +54,6 @@ def bound_http_retries() -> dict[str, str]:
     for key, value in HTTP_RETRY_ENV.items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in HTTP_RETRY_ENV}
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def check_tracking_uri(uri: str, timeout_s: int = 10) -> None:
@@ -274,184 +270,6 @@ class Tracker:
         return self.client.get_metric_history(run_id, key)
 
     # ------------------------------------------------------------------ models
-    def log_image_classifier(self, run_id: str, model, class_names: list[str],
-                             preprocessing: dict, metadata: dict, name: str = "model") -> str:
-        """Log `model` (an nn.Module returning logits, eval mode) as visiontune's image
-        classifier: an MLflow pyfunc from code (`components/serving/image_classifier.py`,
-        copied into the model) that takes raw image bytes or paths and carries its own
-        preprocessing, and the network as a torch.export program (artifact `weights`), so
-        `mlflow models serve` and `mlflow.pyfunc.load_model` need nothing from this repository.
-        Returns the model URI."""
-        import copy
-        import tempfile
-
-        import pandas as pd
-        from mlflow.models import ModelSignature
-        from mlflow.types import ColSpec, DataType, Schema
-
-        from components.serving import (
-            MODEL_CODE,
-            MODEL_FORMAT,
-            PREPROCESSING_CODE,
-            WEIGHTS_FILE,
-            example_image_bytes,
-            export_network,
-            pip_requirements,
-        )
-
-        c, size = preprocessing["channels"], preprocessing["image_size"]
-        signature = ModelSignature(
-            inputs=Schema([ColSpec(DataType.binary, "image", required=False),
-                           ColSpec(DataType.string, "path", required=False)]),
-            outputs=Schema([ColSpec(DataType.string, "prediction"),
-                            ColSpec(DataType.double, "probability"),
-                            *(ColSpec(DataType.double, f"prob_{k}") for k in class_names),
-                            ColSpec(DataType.string, "error", required=False)]))
-        mlflow.set_tracking_uri(self.uri)
-        with tempfile.TemporaryDirectory() as d:
-            weights = export_network(model, c, size, Path(d) / WEIGHTS_FILE)
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name=name, python_model=str(MODEL_CODE), artifacts={"weights": str(weights),
-                                                     "preprocessing": str(PREPROCESSING_CODE)},
-                    model_config={"class_names": [str(k) for k in class_names],
-                                  "preprocessing": copy.deepcopy(preprocessing)},
-                    signature=signature,
-                    input_example=pd.DataFrame({"image": [example_image_bytes(c, size)]}),
-                    metadata={**metadata, "model_format": MODEL_FORMAT},
-                    pip_requirements=pip_requirements())
-        # start_run(run_id=...) ends the run on exit; the pipeline decides its final status.
-        self.client.update_run(run_id, status="RUNNING")
-        return info.model_uri
-
-
-class EpochLogger:
-    """Rank 0's view of a trial's child run: logs each epoch's metrics once.
-
-    After a worker-group restart, epochs already in the run's history (up to the checkpoint
-    the workers resumed from, or beyond it if they crashed after logging) are not logged again.
-    """
-
-    def __init__(self, tracker: Tracker, run_id: str, key: str = "val_f1"):
-        self.tracker, self.run_id = tracker, run_id
-        history = tracker.metric_history(run_id, key)
-        self.last_logged_epoch = max((m.step for m in history), default=0)
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
-        if epoch <= self.last_logged_epoch:
-            return False
-        self.tracker.log_metrics(self.run_id, metrics, step=epoch)
-        self.last_logged_epoch = epoch
-        return True
-
-
-
-class PipelineRecord:
-    """The MLflow parent run of one pipeline run: its config, what each step recorded, and how
-    it ended. Steps write through it; `--resume` reads back from it."""
-
-    def __init__(self, tracker: Tracker, experiment_id: str, run_id: str, pipeline_id: str):
-        self.tracker, self.experiment_id = tracker, experiment_id
-        self.run_id, self.pipeline_id = run_id, pipeline_id
-
-    @classmethod
-    def create(cls, tracker: Tracker, experiment_id: str, pipeline_id: str,
-               tags: dict[str, str], config: dict, config_yaml: str) -> PipelineRecord:
-        tags = {ROLE_TAG: "pipeline", PIPELINE_ID_TAG: pipeline_id, **tags}
-        record = cls(tracker, experiment_id,
-                     tracker.create_run(experiment_id, pipeline_id, tags), pipeline_id)
-        record.log_params(config)
-        record.log_text(config_yaml, CONFIG_FILE)
-        return record
-
-    @classmethod
-    def find(cls, tracker: Tracker, pipeline_id: str) -> PipelineRecord | None:
-        """The parent run tagged with `pipeline_id`, in whichever experiment it is."""
-        if "'" in pipeline_id:
-            return None
-        experiments = [e.experiment_id for e in tracker.client.search_experiments()]
-        runs = tracker.client.search_runs(
-            experiments, f"tags.`{PIPELINE_ID_TAG}` = '{pipeline_id}' and "
-                         f"tags.`{ROLE_TAG}` = 'pipeline'", max_results=1) if experiments else []
-        if not runs:
-            return None
-        return cls(tracker, runs[0].info.experiment_id, runs[0].info.run_id, pipeline_id)
-
-    # ------------------------------------------------------------------ reading back
-    def run(self):
-        return self.tracker.client.get_run(self.run_id)
-
-    def status(self) -> str:
-        return self.tracker.run_status(self.run_id)
-
-    def config_text(self) -> str:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            return Path(self.tracker.client.download_artifacts(
-                self.run_id, CONFIG_FILE, d)).read_text()
-
-    def step_done(self, name: str) -> bool:
-        return self.run().data.tags.get(STEP_TAG + name) == "done"
-
-    def download(self, artifact_path: str, dst: str | Path) -> Path:
-        return Path(self.tracker.client.download_artifacts(self.run_id, artifact_path, str(dst)))
-
-    # ------------------------------------------------------------------ writing
-    def reopen(self) -> None:
-        self.tracker.client.update_run(self.run_id, status="RUNNING")
-
-    def close(self, status: str) -> None:
-        self.tracker.end_run(self.run_id, status)
-
-    def close_open_trials(self, status: str) -> int:
-        """End every trial run still RUNNING (its trial was stopped with the sweep)."""
-        closed = 0
-        for run in self.tracker.child_runs(self.experiment_id, self.run_id):
-            if run.info.status == RUNNING:
-                self.tracker.end_run(run.info.run_id, status)
-                closed += 1
-        return closed
-
-    @contextlib.contextmanager
-    def step(self, name: str, echo: Callable[[str], None]) -> Iterator[None]:
-        """Tag visiontune.step.<name> running -> done | failed, and time the step."""
-        start = time.time()
-        echo(f"[visiontune] {name} ...")
-        self.set_tags({STEP_TAG + name: "running"})
-        try:
-            yield
-        except BaseException:
-            with contextlib.suppress(Exception):  # the store itself may be what failed
-                self.set_tags({STEP_TAG + name: "failed"})
-            echo(f"[visiontune] {name} stopped after {time.time() - start:.1f}s")
-            raise
-        secs = time.time() - start
-        self.log_metrics({f"step_seconds_{name}": secs})
-        self.set_tags({STEP_TAG + name: "done"})
-        echo(f"[visiontune] {name} done in {secs:.1f}s")
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self.tracker.log_params(self.run_id, params)
-
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics(self.run_id, metrics)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self.tracker.set_tags(self.run_id, tags)
-
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self.tracker.log_artifact(self.run_id, local_path, artifact_path)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self.tracker.log_text(self.run_id, text, artifact_file)
-
-    def log_figure(self, figure, artifact_file: str) -> None:
-        self.tracker.log_figure(self.run_id, figure, artifact_file)
-
-    def log_datasets(self, datasets: list[tuple[str, str, Any]], source: str, digest: str,
-                     targets: str | None = None) -> None:
-        self.tracker.log_datasets(self.run_id, datasets, source, digest, targets)
 
 
 class StoreWatch:

@@ -1,0 +1,45 @@
+"""The steps of the training pipeline, each a function with typed inputs and outputs.
+
+Every step records its result on the pipeline's MLflow parent run (a `PipelineRecord`) and
+marks itself done there; a resumed run recovers a done step's result from that record instead
+of recomputing or re-logging it. `pipelines.training` only sequences these.
+
+  plan_search(cfg)                                  -> SearchPlan       (nothing recorded)
+  prepare_data(cfg, record)                         -> SplitManifest    data/ artifacts
+  tune_trials(cfg, plan, manifest, record)          -> SearchOutcome    trial child runs
+  evaluate_best(cfg, plan, manifest, trials, record) -> Evaluation      evaluation/ artifacts
+  register_best(cfg, manifest, evaluation, record)  -> RegisteredVersion model + registry
+"""
+
+from pipelines.steps.common import (
+    SECTIONS,
+    Echo,
+    SearchPlan,
+    git_commit,
+    new_pipeline_id,
+    open_record,
+    plan_search,
+    progress_printer,
+)
+from pipelines.steps.data import (
+    DATASET_CONTEXTS,
+    DECODED_TAG,
+    log_split_datasets,
+    prepare_data,
+    test_dataset_name,
+)
+from pipelines.steps.evaluate import (
+    MODEL_URI_TAG,
+    NOTE_TAG,
+    VERSION_TAG,
+    Evaluation,
+    evaluate_best,
+    register_best,
+)
+from pipelines.steps.tune import SearchStopped, model_sizes, tune_trials
+
+__all__ = ["DATASET_CONTEXTS", "DECODED_TAG", "MODEL_URI_TAG", "NOTE_TAG", "SECTIONS",
+           "VERSION_TAG", "Echo", "Evaluation", "SearchPlan", "SearchStopped",
+           "evaluate_best", "git_commit", "log_split_datasets", "model_sizes",
+           "new_pipeline_id", "open_record", "plan_search", "prepare_data", "progress_printer",
+           "register_best", "test_dataset_name", "tune_trials"]

@@ -1,0 +1,129 @@
+"""What every step shares: the parent run's record, the search plan, progress lines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components import storage
+from components.config import Config, ConfigError, to_dict
+
+Echo = Callable[[str], None]
+SECTIONS = ("data", "augment", "model", "train")
+SOURCE_NAME = "visiontune run"  # the entry point, as the run page's "Source" names it
+
+
+def new_pipeline_id() -> str:
+    return time.strftime("vt-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------- the record
+
+def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | None,
+                echo: Echo):
+    """The parent run: a new one, or with `resume` the run of that pipeline id (reopened
+    unless it already finished)."""
+    from components.tracking import PipelineRecord, Tracker
+
+    tracker = Tracker(cfg.tracking.uri)
+    if resume:
+        record = PipelineRecord.find(tracker, resume)
+        if record is None:
+            raise ConfigError(f"--resume {resume}: no pipeline run with that id in the MLflow "
+                              f"store {cfg.tracking.uri}")
+        if record.status() != "FINISHED":
+            record.reopen()
+            echo(f"[visiontune] resuming pipeline {resume} (MLflow run {record.run_id})")
+        return record
+
+    from pipelines.jobs import CLUSTER_ENV, JOB_ID_ENV
+
+    tags = dict(extra_tags or {})
+    if os.environ.get(JOB_ID_ENV):  # submitted with `visiontune submit`
+        tags["visiontune.ray_job_id"] = os.environ[JOB_ID_ENV]
+        tags["visiontune.ray_cluster_address"] = os.environ.get(CLUSTER_ENV, "")
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    # The run page's "Source": MlflowClient.create_run sets none of these by itself.
+    tags.setdefault("mlflow.source.name", SOURCE_NAME)
+    tags.setdefault("mlflow.source.type", "JOB" if os.environ.get(JOB_ID_ENV) else "LOCAL")
+    experiment_id = tracker.ensure_experiment(cfg.tracking.experiment_name,
+                                              cfg.tracking.artifact_location)
+    config = to_dict(cfg)
+    pipeline_id = new_pipeline_id()
+    return PipelineRecord.create(tracker, experiment_id, pipeline_id, tags, config,
+                                 yaml.safe_dump(config, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- plan
+
+@dataclass(frozen=True)
+class SearchPlan:
+    axes: list               # parsed search-space axes
+    base: dict[str, Any]     # the config sections a trial's parameters are applied to
+    num_trials: int
+
+
+def plan_search(cfg: Config) -> SearchPlan:
+    """Everything the search space implies, checked before data, Ray or MLflow are touched."""
+    from components.models.transfer import pretrained_weights_file
+    from components.tuning.space import (
+        check_search,
+        check_space,
+        count_trials,
+        grid_points,
+        parse_space,
+        set_params,
+    )
+
+    axes = parse_space(cfg.search.space)
+    base = {s: getattr(cfg, s) for s in SECTIONS}
+    check_space(axes, base, cfg.search.mode)
+    check_search(cfg.search, axes)
+    # Pretrained weights are needed on every worker: a missing file fails here, not in
+    # every trial.
+    for point in grid_points(axes, cfg.search.mode, base) or [{}]:
+        m = set_params(base, point)["model"]
+        if m.pretrained:
+            pretrained_weights_file(m.name, m.weights_path)
+    num_trials = count_trials(axes, cfg.search.mode, cfg.search.num_samples, base,
+                              cfg.search.max_trials)
+    # Checkpoints go there from every trial: a missing bucket or credentials fail here, once.
+    storage.check_writable(cfg.ray.storage_path)
+    return SearchPlan(axes, base, num_trials)
+
+
+
+def progress_printer(echo: Echo, verb: str, unit: str, every_s: float = 5.0):
+    """A `progress(done, total)` callback that prints a line at most every `every_s` seconds
+    (and the last one, when anything was printed): long folders show they are moving."""
+    started = time.monotonic()
+    last = [started]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or (done == total and last[0] > started):
+            last[0] = now
+            rate = done / max(now - started, 1e-9)
+            left = (total - done) / rate if rate > 0 else 0
+            echo(f"  {verb} {done}/{total} {unit} ({100 * done / max(total, 1):.0f}%, "
+                 f"{rate:.0f}/s, ~{left:.0f} s left)")
+    return progress

@@ -1,0 +1,161 @@
+"""The data steps: ingest, validate (decoding once per sweep), split, and their record."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from components.config import Config
+from pipelines.steps.common import Echo, progress_printer
+
+# ----------------------------------------------------------------------------- data
+
+def prepare_data(cfg: Config, record, echo: Echo = print):
+    """ingest -> validate -> split; a resumed run reads the manifest it logged instead."""
+    from components.data import SplitManifest
+
+    if record.step_done("split"):
+        from components.data.preprocessed import open_store
+
+        with tempfile.TemporaryDirectory() as d:
+            record.download("data", d)
+            manifest = SplitManifest.load(Path(d) / "data")
+        stores = record.run().data.tags.get(DECODED_TAG, "")
+        manifest.decoded = tuple(s for s in map(open_store, filter(None, stores.split("\n")))
+                                 if s is not None)
+        echo(f"  data: the run's manifest {manifest.counts()}, fingerprint "
+             f"{manifest.fingerprint[:12]}")
+        return manifest
+
+    from components.data import (
+        index_images,
+        split_dataset,
+        write_digits_folder,
+    )
+    from components.data.split import min_images_per_class
+    from components.training.metrics import check_average
+
+    d = cfg.data
+    with record.step("ingest", echo):
+        root = d.path or str(write_digits_folder(d.cache_dir))
+        index = index_images(root)
+        echo(f"  {len(index)} image files in {len(index.classes)} classes under {root}")
+        test_index = index_images(d.test_path) if d.test_path else None
+        if test_index is not None:
+            echo(f"  test set: {len(test_index)} image files in {len(test_index.classes)} "
+                 f"classes under {d.test_path}")
+    with record.step("validate", echo):
+        # Known only now, and cheaper to refuse here than in every trial.
+        check_average(cfg.evaluation.average, len(index.classes))
+        # With a separate test set, data.path only has to fill train and val.
+        images = _validated(cfg, index, min_images_per_class(
+            d.val_fraction, d.test_fraction if test_index is None else d.val_fraction), echo)
+        test_images = None if test_index is None else _validated(cfg, test_index, 1, echo)
+        _log_decoded([v for v in (images, test_images) if v is not None], record, echo)
+        skipped = images.skipped + (test_images.skipped if test_images else [])
+        for path, reason in skipped[:10]:
+            echo(f"  skipped {path}: {reason}")
+        if len(skipped) > 10:
+            echo(f"  ... and {len(skipped) - 10} more skipped")
+        record.log_metrics({"data_num_images": len(images.index) + (
+            len(test_images.index) if test_images else 0), "data_num_skipped": len(skipped)})
+        if skipped:
+            record.log_text("\n".join(f"{p}\t{r}" for p, r in skipped),
+                            "data/skipped_images.tsv")
+    with record.step("split", echo):
+        split_seed = cfg.seed if d.split_seed is None else d.split_seed
+        manifest = split_dataset(images, d.val_fraction, d.test_fraction, split_seed,
+                                 test_images)
+        echo(f"  split {manifest.counts()} (split seed {split_seed}"
+             + (f", test split from {d.test_path}" if d.test_path else "")
+             + f"), fingerprint {manifest.fingerprint[:12]}, test images "
+             f"{manifest.test_fingerprint[:12]}")
+        record.set_tags({"visiontune.data_fingerprint": manifest.fingerprint,
+                         "visiontune.test_fingerprint": manifest.test_fingerprint})
+        record.log_params({"data_fingerprint": manifest.fingerprint,
+                           "data_classes": ",".join(manifest.classes)})
+        with tempfile.TemporaryDirectory() as d:
+            for path in manifest.save(d):
+                record.log_artifact(path, "data")
+        log_split_datasets(manifest, record)
+    return manifest
+
+
+DECODED_TAG = "visiontune.decoded_images"   # the stores of decoded images, one per line
+
+
+def _validated(cfg: Config, index, min_per_class: int, echo: Echo):
+    """The readable images of `index`; with data.preprocess, decoded once into a store (or
+    found in one an earlier run built)."""
+    from components.data import validate_images
+    from components.data.validate import DecodeTarget
+
+    d = cfg.data
+    target = None
+    if d.preprocess:
+        # On a cluster the images are decoded by Ray tasks on every node.
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        target = DecodeTarget(cfg.ray.storage_path, d.image_size, d.channels,
+                              cluster=(lambda: _cluster_session(cfg)) if address else None)
+    return validate_images(index, d.on_bad_image, min_per_class,
+                           progress=progress_printer(echo, "read" if target else "checked",
+                                                     "images"),
+                           decode_to=target,
+                           decoding=progress_printer(echo, "decoded", "images"))
+
+
+@contextlib.contextmanager
+def _cluster_session(cfg: Config):
+    """The cluster's Ray for a step before the sweep; Ray's own output to the run's log."""
+    from components.cluster import ray_session
+    from pipelines.console import console
+
+    log = Path(tempfile.gettempdir()) / "visiontune" / "ray-data-step.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with console.ray_output_to(log), ray_session(cfg.ray.address, cfg.ray.num_cpus):
+        yield
+
+
+def _log_decoded(validated: list, record, echo: Echo) -> None:
+    stores = [v.decoded for v in validated if v.decoded is not None]
+    for s in stores:
+        size = f"{len(s.paths)} images at {s.image_size} px x {s.channels} channel(s)"
+        if s.decoded:
+            echo(f"  decoded {size} once for the sweep into {s.location}")
+        else:
+            echo(f"  reusing the decoded images of an earlier run: {s.location} ({size}; "
+                 "nothing decoded)")
+    if stores:
+        record.set_tags({DECODED_TAG: "\n".join(s.location for s in stores)})
+        record.log_metrics({"data_decoded_images": sum(s.decoded for s in stores)})
+
+
+# The run page's "Datasets": one input per split, in MLflow's context words.
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+DIGEST_CHARS = 12  # the prefix of the data fingerprint the console shows too
+
+
+def _dataset_base(manifest) -> str:
+    return manifest.root.rstrip("/").rsplit("/", 1)[-1] or "images"
+
+
+def test_dataset_name(manifest) -> str:
+    """The test split's name as the run's datasets and the model's metrics name it."""
+    return f"{_dataset_base(manifest)}-test"
+
+
+def log_split_datasets(manifest, record) -> None:
+    """The split manifest's train/val/test rows (path, label) as the parent run's dataset
+    inputs, named after the data folder, with the data fingerprint as their digest."""
+    import pandas as pd
+
+    base = _dataset_base(manifest)
+    datasets = []
+    for split, context in DATASET_CONTEXTS.items():
+        paths, labels = manifest.subset(split)
+        frame = pd.DataFrame({"path": paths, "label": [manifest.classes[y] for y in labels]})
+        datasets.append((f"{base}-{split}", context, frame))
+    record.log_datasets(datasets, manifest.root, manifest.fingerprint[:DIGEST_CHARS],
+                        targets="label")

@@ -1,0 +1,182 @@
+"""The evaluate and register steps: the best trial on the test split, then its model in the
+registry."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.config import Config
+from pipelines.steps.common import Echo, SearchPlan
+from pipelines.steps.data import test_dataset_name
+
+# ----------------------------------------------------------------------------- evaluate
+
+@dataclass
+class Evaluation:
+    best: Any            # TrialResult
+    model: Any           # torch.nn.Module with the best epoch's weights, eval mode
+    preprocessing: dict
+    report: Any          # TestReport
+
+
+def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
+                  echo: Echo = print) -> Evaluation:
+    """The best trial by val F1, loaded from its best epoch and run once on the test split.
+    Recomputed on resume (deterministic, seconds); logged only once."""
+    import matplotlib.pyplot as plt
+
+    from components.augment import eval_preprocessing
+    from components.evaluation import (
+        evaluate_on_test,
+        leaderboard,
+        plot_confusion_matrix,
+        plot_trial_curves,
+        select_best_trial,
+    )
+    from components.models import build_model
+    from components.training.checkpoint import load_best_weights
+    from components.tuning.space import set_params
+
+    logged = record.step_done("evaluate")
+    with record.step("evaluate", echo):
+        best = select_best_trial(trials)
+        sections = set_params(plan.base, best.params)
+        model = build_model(sections["model"], len(manifest.classes), sections["data"].channels)
+        model.load_state_dict(load_best_weights(best.checkpoint_path))
+        model.eval()
+        prep = eval_preprocessing(sections["data"], sections["model"])
+        test_paths, test_labels = manifest.subset("test")
+        report = evaluate_on_test(model, test_paths, test_labels, manifest.classes, prep,
+                                  cfg.evaluation.average, decoded=manifest.decoded)
+        echo(f"  best trial {best.trial_id}: val_f1={best.best_val_f1:.4f} "
+             f"test_f1={report.metrics['f1']:.4f} ({report.average})")
+        if logged:
+            return Evaluation(best, model, prep, report)
+        record.log_metrics({**{f"test_{k}": v for k, v in report.metrics.items()},
+                            "best_val_f1": best.best_val_f1})
+        record.log_params({"best_trial_id": best.trial_id, "test_f1_average": report.average,
+                           **{f"best.{k}": v for k, v in best.params.items()}})
+        with tempfile.TemporaryDirectory() as d:
+            pred_csv = Path(d) / "test_predictions.csv"
+            report.predictions[["path", "label", "prediction", "probability"]].to_csv(
+                pred_csv, index=False)
+            record.log_artifact(pred_csv, "evaluation")
+            board = Path(d) / "leaderboard.csv"
+            leaderboard(trials).to_csv(board, index=False)
+            record.log_artifact(board, "evaluation")
+        record.log_text(report.report, "evaluation/classification_report.txt")
+        for fig, name in ((plot_confusion_matrix(report.confusion, manifest.classes),
+                           "evaluation/confusion_matrix.png"),
+                          (plot_trial_curves(trials), "evaluation/val_f1_curves.png")):
+            record.log_figure(fig, name)
+            plt.close(fig)
+        log_review_artifacts(plan, manifest, trials, report, prep, record)
+    return Evaluation(best, model, prep, report)
+
+
+def log_review_artifacts(plan: SearchPlan, manifest, trials, report, prep: dict,
+                         record) -> None:
+    """What a reviewer opens after the confusion matrix: the search compared over its axes,
+    per-class metrics, and the misclassified test images."""
+    import matplotlib.pyplot as plt
+
+    from components.data.dataset import load_image
+    from components.evaluation import (
+        leaderboard,
+        per_class_metrics,
+        plot_comparison_heatmap,
+        plot_continuous_axes,
+        plot_misclassified,
+        plot_per_class_metrics,
+    )
+    from components.evaluation.comparison import PANEL_KEY
+
+    board = leaderboard(trials)
+    categorical = [a.key for a in plan.axes if a.is_categorical]
+    continuous = [a.key for a in plan.axes if not a.is_categorical]
+    hue = PANEL_KEY if PANEL_KEY in categorical else None
+    table = per_class_metrics(report.predictions, manifest.classes)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "per_class_metrics.csv"
+        table.to_csv(path, index=False)
+        record.log_artifact(path, "evaluation")
+    figures = {
+        "evaluation/comparison_heatmap.png": plot_comparison_heatmap(board, categorical),
+        "evaluation/continuous_axes.png": plot_continuous_axes(
+            board, continuous, tuple(a.key for a in plan.axes if a.kind == "loguniform"), hue),
+        "evaluation/per_class_metrics.png": plot_per_class_metrics(table),
+        "evaluation/misclassified.png": plot_misclassified(
+            report.predictions,
+            lambda p: load_image(p, prep["channels"], prep["image_size"])),
+    }
+    for name, fig in figures.items():
+        if fig is not None:  # a search with no categorical (or continuous) axis has none
+            record.log_figure(fig, name)
+            plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- register
+
+MODEL_URI_TAG = "visiontune.model_uri"
+VERSION_TAG = "visiontune.registered_version"
+NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI (Markdown)
+
+
+def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: Echo = print):
+    """Log the model and register it as `challenger` (and `champion` when there is none).
+    The model is an MLflow pyfunc from code that takes raw images (bytes or paths) and carries
+    its own preprocessing (`components/serving/image_classifier.py`). Idempotent: a resumed
+    run that had already logged or registered reuses that."""
+    from components.registry import register_challenger, version_description
+    from components.serving import CODE_TAG
+    from components.serving.packaging import log_image_classifier
+
+    with record.step("register", echo):
+        tags = record.run().data.tags
+        model_uri = tags.get(MODEL_URI_TAG)
+        best, prep, report = evaluation.best, evaluation.preprocessing, evaluation.report
+        if model_uri is None:
+            metadata = {"class_names": manifest.classes, "preprocessing": prep,
+                        "data_fingerprint": manifest.fingerprint,
+                        "pipeline_id": record.pipeline_id,
+                        "hyperparameters": {k: str(v) for k, v in best.params.items()}}
+            model_uri = log_image_classifier(record.tracker, record.run_id, evaluation.model,
+                                             manifest.classes, prep, metadata)
+            if model_uri.startswith("models:/m-"):
+                # MLflow's lineage: these test metrics are this model's, on these images
+                # (promote reads it to check that two versions were tested on the same).
+                record.tracker.log_model_metrics(
+                    record.run_id, model_uri.removeprefix("models:/"),
+                    {f"test_{k}": v for k, v in report.metrics.items()},
+                    test_dataset_name(manifest), manifest.test_fingerprint)
+            record.set_tags({MODEL_URI_TAG: model_uri})
+        description = version_description(
+            record.pipeline_id, len(manifest.paths), manifest.counts(), manifest.classes,
+            manifest.fingerprint, report.metrics, report.average, best.best_val_f1,
+            best.params, cv=best.cv, test_root=manifest.test_root)
+        # What every loader will run, hashed as it lies in the artifact store: predict and
+        # promote refuse the version if a file changes there.
+        code = record.tracker.model_code_digest(model_uri)
+        # k-fold: best_val_f1 is the folds' mean; the registered model is one fold's
+        val_f1 = best.cv["cv_best_fold_val_f1"] if best.cv else best.best_val_f1
+        registered = register_challenger(
+            record.tracker, model_uri, cfg.registry.model_name, record.run_id,
+            tags={"data_fingerprint": manifest.fingerprint,
+                  "test_fingerprint": manifest.test_fingerprint,
+                  "test_f1": report.metrics["f1"], "test_f1_average": report.average,
+                  "val_f1": val_f1, "pipeline_id": record.pipeline_id, "model_uri": model_uri,
+                  CODE_TAG: code,
+                  **({"cv_mean_val_f1": best.best_val_f1} if best.cv else {})},
+            description=description)
+        # The run page's Description says the same, with where the model went and what to
+        # open first (it read "No description").
+        note = (f"Registered as **{registered.name} version {registered.version}** (aliases: "
+                f"{', '.join(registered.aliases) or 'none'}).\n\n{description}\n"
+                f"At a glance (Artifacts): `evaluation/comparison_heatmap.png` (the search), "
+                f"`evaluation/misclassified.png`, `evaluation/per_class_metrics.png`, "
+                f"`evaluation/leaderboard.csv`.\n")
+        record.set_tags({VERSION_TAG: registered.version, NOTE_TAG: note})
+    return registered

@@ -1,0 +1,79 @@
+"""Installed as users install it, not as a checkout: a wheel of the project in a fresh
+virtualenv gives a working `visiontune` in an empty folder, conf/ included (it ships as data
+files, found under <prefix>/share/visiontune/conf), and the quick experiment named as the
+README tells an installed user to name it (`--config quick`) runs end to end.
+
+The fresh virtualenv gets the project's dependencies (torch, Ray, MLflow: gigabytes) from this
+one's site-packages through a path file instead of a new download; the project itself comes
+only from the wheel (this checkout's editable-install hook is not loaded there)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import site
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_conf_file_is_shipped_as_data():
+    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = {str(f) for patterns in spec["data-files"].values() for pattern in patterns
+               for f in ROOT.glob(pattern)}
+    conf = {str(f) for f in (ROOT / "conf").rglob("*.yaml")}
+    assert conf <= shipped, f"conf files a wheel would leave out: {sorted(conf - shipped)}"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_wheel_in_a_fresh_venv_runs_the_quick_experiment_from_an_empty_folder(tmp_path):
+    dist = tmp_path / "dist"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+                            "-w", str(dist), "-q"], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(dist.glob("visiontune-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    new_site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    # The dependencies, as plain paths appended after the new venv's own site-packages.
+    (Path(new_site) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    install = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    where = subprocess.run([str(py), "-c", "import components, pipelines.config as c; "
+                            "print(components.__file__); print(c.conf_dir())"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert where[0].startswith(new_site), where        # the wheel's code, not the checkout's
+    assert where[1] == str(venv / "share" / "visiontune" / "conf"), where
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VISIONTUNE_", "RAY_"))}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # Its own session: whatever it starts (a local Ray) is ended with it, also on a failure.
+    proc = subprocess.Popen([str(venv / "bin" / "visiontune"), "run", "--config", "quick",
+                             "train.epochs=1", "ray.num_cpus=2"], cwd=empty, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, (out[-3000:], err[-3000:])
+    assert "registered: models:/visiontune-classifier/1" in out
+    assert (empty / "mlflow.db").is_file() and (empty / "ray_results").is_dir()
+    bad = subprocess.run([str(venv / "bin" / "visiontune"), "run", "--config", "nosuch"],
+                         cwd=empty, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "config file not found" in bad.stderr + bad.stdout
+    assert "Traceback" not in bad.stderr

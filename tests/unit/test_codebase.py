@@ -1,0 +1,150 @@
+"""Rules of the codebase a newcomer relies on (docs/layout.md), checked on the source itself:
+modules and functions of a readable size, no import cycle, no private API of the libraries
+(ray, mlflow, fsspec and the rest: they change without notice between releases)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = sorted([*ROOT.glob("components/**/*.py"), *ROOT.glob("pipelines/*.py")])
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def test_no_module_is_too_long():
+    long = {str(p.relative_to(ROOT)): n for p in SOURCES
+            if (n := p.read_text().count("\n")) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_no_function_is_too_long():
+    long = [f"{p.relative_to(ROOT)}:{f.lineno} {f.name} ({f.end_lineno - f.lineno + 1} lines)"
+            for p in SOURCES for f in ast.walk(_tree(p))
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def _own_names() -> set[str]:
+    """Every name this project defines: functions, classes, attributes it assigns."""
+    names = set()
+    for p in SOURCES + sorted(ROOT.glob("tests/**/*.py")) + sorted(ROOT.glob("benchmarks/*.py")):
+        for node in ast.walk(_tree(p)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+    return names
+
+
+def test_no_private_attribute_of_a_library_is_used():
+    """An attribute `x._name` (not a dunder) that this project does not define itself is a
+    library's private API; so is importing a private module or name from a library. Tests
+    may import a library's own validator to hold the project's files to it (Ray's job
+    excludes, its cluster-config checks, MLflow's password rule), never reach into an
+    object's private attributes."""
+    own = _own_names()
+    found = []
+    tests = sorted(ROOT.glob("tests/**/*.py"))
+    for p in SOURCES + tests:
+        for node in ast.walk(_tree(p)):
+            where = f"{p.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute):
+                a = node.attr
+                if a.startswith("_") and not a.startswith("__") and a not in own:
+                    found.append(f"{where} .{a}")
+            elif (isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                  and p not in tests):
+                top = node.module.split(".")[0]
+                if top in ("components", "pipelines", "tests", "__future__"):
+                    continue
+                private = [m for m in node.module.split(".") if m.startswith("_")]
+                private += [a.name for a in node.names if a.name.startswith("_")]
+                if private:
+                    found.append(f"{where} from {node.module} import {private}")
+    assert not found, f"private library APIs: {found}"
+
+
+def test_every_module_imports_alone_without_a_cycle():
+    """Each module imported first, alone, in a fresh interpreter: a cycle that only works
+    in one import order fails here (ImportError on a partly initialised module)."""
+    modules = [_module(p) for p in SOURCES if p.name != "__main__.py"]
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    for m in [k for k in sys.modules if k.split('.')[0] in ('components', "
+            "'pipelines')]:\n"
+            "        del sys.modules[m]\n"
+            "    importlib.import_module(name)\n")
+    failed = []
+    for name in modules:
+        r = subprocess.run([sys.executable, "-c", code, name], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        if r.returncode:
+            failed.append(f"{name}: {r.stderr.strip().splitlines()[-1]}")
+    assert not failed, failed
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The project modules a module imports at its top level (not inside functions)."""
+    out = set()
+    for node in _tree(path).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] in ("components", "pipelines"):
+                out.add(node.module)
+                out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names
+                       if a.name.split(".")[0] in ("components", "pipelines"))
+    return out
+
+
+def test_no_import_cycle_between_modules():
+    """The graph of top-level imports between the project's modules has no cycle."""
+    modules = {_module(p): p for p in SOURCES}
+    graph = {m: {d for d in _top_level_imports(p) if d in modules and d != m}
+             for m, p in modules.items()}
+    cycles, state = [], {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in graph[m]:
+            if state.get(d) == "open":
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_pure_modules_import_neither_ray_nor_mlflow():
+    pure = ["components/augment.py", "components/training/loop.py",
+            "components/training/metrics.py", "components/evaluation/paired.py",
+            "components/data/split.py", "components/serving/preprocessing.py",
+            *map(str, sorted(p.relative_to(ROOT) for p in ROOT.glob("components/models/*.py")))]
+    bad = []
+    for rel in pure:
+        for node in ast.walk(_tree(ROOT / rel)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{rel}: {n}" for n in names if n.split(".")[0] in ("ray", "mlflow")]
+    assert not bad, bad
