@@ -10,6 +10,8 @@ import signal
 import threading
 from pathlib import Path
 
+from components import storage
+
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """A `host:port` address where nothing listens fails here, in one line: `ray.init` would
@@ -17,7 +19,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     import socket
 
     host, _, port = address.rpartition(":")
-    if "://" in address or not port.isdigit():
+    if storage.is_uri(address) or not port.isdigit():
         return
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()

@@ -177,7 +177,6 @@ class SearchConfig:
         "stop launching and stop running trials after this many seconds"))
     num_samples: int = field(default=1, metadata=_positive(
         "random draws (per grid point in grid+random)"))
-    metric: str = field(default="val_f1", metadata=_choices("val_f1", doc="selection metric"))
     max_concurrent_trials: int | None = field(default=None, metadata={
         "doc": "cap on parallel trials; default: as many as the cluster fits"})
     space: dict = field(default_factory=dict, metadata={

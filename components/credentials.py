@@ -3,6 +3,7 @@ What counts as a credential in a URI, how a URI is shown with them masked, and t
 
 from __future__ import annotations
 
+from components import storage
 from components.errors import ConfigError
 
 _CREDENTIALS_HINT = ("put credentials in the environment (AWS_ACCESS_KEY_ID / "
@@ -22,7 +23,7 @@ def uri_secret(uri: str | None) -> str | None:
     names the kind, never the value."""
     from urllib.parse import parse_qsl, urlsplit
 
-    if not uri or "://" not in uri:
+    if not storage.is_uri(uri):
         return None
     try:
         parts = urlsplit(uri)

@@ -70,7 +70,7 @@ class _TensorModel(_model_code.ImageClassifier):
         return self.classify(_model_code.image_sources(model_input))
 
 
-def check_model(metadata: dict, flavors: dict) -> str:
+def check_model_format(metadata: dict, flavors: dict) -> str:
     """'images' for a model of this format, 'tensor' for one of an older visiontune (pytorch
     flavour, pt2); anything else: ValueError in one line."""
     fmt = metadata.get("model_format")
@@ -91,7 +91,7 @@ def image_model(model):
     if isinstance(model, _model_code.ImageClassifier):
         return model   # already one (a model of an older version, wrapped)
     meta = model.metadata.metadata or {}
-    if check_model(meta, model.metadata.flavors) == "images":
+    if check_model_format(meta, model.metadata.flavors) == "images":
         return model
     return _TensorModel(model, meta)
 

@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 
+from components import storage
 from components.config import ConfigError
 from components.errors import first_line
 from components.evaluation.paired import DEFAULT_RESAMPLES
@@ -171,7 +172,7 @@ def cmd_submit(args) -> int:
     # Fail fast on a bad config, here rather than in a job minutes later.
     cfg = load_config(args.overrides, args.config, resolve=False)
     path = cfg.data.path
-    if path and "://" not in path and not path.startswith("/"):
+    if path and not storage.is_uri(path) and not path.startswith("/"):
         raise ConfigError(f"data.path={path} is relative: on a cluster it must be a path every "
                           "node sees (absolute, on shared storage) or a URL")
     if cfg.tracking.uri is None or not cfg.tracking.uri.startswith(("http://", "https://")):

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from components import storage
 from components.config import (
     Config,
     ConfigError,
@@ -153,7 +154,7 @@ def load_config(overrides: list[str] | None = None, config_file: str | Path | No
 
 
 def _absolute(path: str | None, base: Path) -> str | None:
-    if path is None or "://" in path:
+    if path is None or storage.is_uri(path):
         return path
     return str((base / Path(path).expanduser()).resolve())
 
@@ -176,7 +177,7 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
         uri = f"sqlite:///{(base / 'mlflow.db').resolve()}"
     elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
-    elif "://" not in uri:  # a plain folder: MLflow's file store
+    elif not storage.is_uri(uri):  # a plain folder: MLflow's file store
         uri = str((base / uri).resolve())
     cfg.tracking.uri = uri
     if cfg.tracking.artifact_location is None and not uri.startswith(("http://", "https://")):

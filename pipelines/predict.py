@@ -115,10 +115,10 @@ def _verify_code(model_uri: str, local_model: str) -> None:
 def _check(local_model: str) -> None:
     from mlflow.models import Model
 
-    from components.inference import check_model
+    from components.inference import check_model_format
 
     info = Model.load(local_model)
-    check_model(info.metadata or {}, info.flavors)
+    check_model_format(info.metadata or {}, info.flavors)
 
 
 def _classify(args, local_model: str, described: str, paths: list[str], on_ray: bool,

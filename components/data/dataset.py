@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from components import storage
 from components.serving.preprocessing import open_image, to_array
 
 
@@ -19,7 +20,7 @@ def load_image(path_or_image, channels: int, image_size: int) -> np.ndarray:
     (`components.serving.preprocessing`, logged with it)."""
     if isinstance(path_or_image, Image.Image):
         img = path_or_image
-    elif "://" in str(path_or_image):  # object storage (components.storage)
+    elif storage.is_uri(path_or_image):  # object storage
         from components.data.ingest import open_file
 
         with open_file(str(path_or_image)) as f:

@@ -29,16 +29,12 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def is_url(path: str | Path) -> bool:
-    return storage.is_uri(path)
-
-
 def image_files(root: str | Path) -> list[tuple[str, tuple[str, ...]]]:
     """(file, its path parts below `root`) for every image file under the folder `root` (a
     local path or a URI), hidden files and folders skipped, extensions in any letter case,
     sorted by file. A URI root's files are URIs (with its ?query)."""
     found = []
-    if is_url(root):
+    if storage.is_uri(root):
         url = str(root).rstrip("/")
         head = url.partition("?")[0]
         for f in storage.list_files(url):
@@ -72,14 +68,14 @@ def _index_url_folder(url: str) -> ImageIndex:
 
 def open_file(path: str):
     """A binary file object for a local path or an object-storage URI."""
-    return storage.open_input(path) if is_url(path) else open(path, "rb")
+    return storage.open_input(path) if storage.is_uri(path) else open(path, "rb")
 
 
 def index_image_folder(root: str | Path) -> ImageIndex:
     """Every image under root/<class>/ (sub-folders of a class included), sorted for
     reproducibility. Hidden files and folders, files at the root and non-image files are
     ignored; extensions match in any letter case. `root` may be a URI (s3://...)."""
-    if is_url(root):
+    if storage.is_uri(root):
         return _index_url_folder(str(root))
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -96,7 +92,7 @@ def index_image_folder(root: str | Path) -> ImageIndex:
 
 def _parent(path: str) -> str:
     """The folder a path or URI is in (a URI keeps its ?query)."""
-    if not is_url(path):
+    if not storage.is_uri(path):
         return str(Path(path).parent)
     head, sep, query = path.partition("?")
     return head.rstrip("/").rsplit("/", 1)[0] + sep + query
@@ -110,7 +106,7 @@ def index_csv_manifest(csv_path: str | Path) -> ImageIndex:
     import io
 
     csv_path = str(csv_path)
-    if not is_url(csv_path):
+    if not storage.is_uri(csv_path):
         csv_path = str(Path(csv_path).expanduser().resolve())
     if storage.file_type(csv_path) != "file":
         raise FileNotFoundError(f"data.path={csv_path} does not exist")
@@ -124,7 +120,7 @@ def index_csv_manifest(csv_path: str | Path) -> ImageIndex:
     classes = sorted({label for _, label in rows})
     lookup = {c: i for i, c in enumerate(classes)}
     parent = _parent(csv_path)
-    paths = [p if is_url(p) else storage.join(parent, p) if is_url(parent)
+    paths = [p if storage.is_uri(p) else storage.join(parent, p) if storage.is_uri(parent)
              else str((Path(parent) / p).resolve()) for p, _ in rows]
     return ImageIndex(parent, paths, [lookup[y] for _, y in rows], classes)
 

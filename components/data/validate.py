@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 
-from components.data.ingest import DataError, ImageIndex, is_url, open_file
+from components import storage
+from components.data.ingest import DataError, ImageIndex, open_file
 from components.data.preprocessed import DecodedImages, build_store, open_store, store_key
 from components.data.preprocessed import store_location as _store_location
 from components.serving.preprocessing import open_image
@@ -58,7 +59,7 @@ def check_image(path: str, decode: bool = True) -> tuple[str | None, str | None]
     except FileNotFoundError as e:
         return None, f"FileNotFoundError: {e}"
     except OSError as e:
-        if is_url(path):
+        if storage.is_uri(path):
             # Object storage that fails to answer (throttling, network, expired credentials)
             # is not a bad image: skipping would quietly change the data and its fingerprint.
             raise StorageError(f"reading {path} failed: {str(e).splitlines()[0]}") from e

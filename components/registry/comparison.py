@@ -161,7 +161,7 @@ def load_version(tracker: Tracker, name: str, version: str, dst: str):
     """The registered model as a pyfunc (its own preprocessing inside), and its classes."""
     import mlflow
 
-    from components.inference import check_model, class_names
+    from components.inference import check_model_format, class_names
     from components.serving import CODE_TAG, CodeMismatch, verify_code
 
     try:
@@ -172,7 +172,7 @@ def load_version(tracker: Tracker, name: str, version: str, dst: str):
         except CodeMismatch as e:
             raise PromotionError(f"{e}; nothing moved") from None
         info = mlflow.models.Model.load(local)
-        check_model(info.metadata or {}, info.flavors)
+        check_model_format(info.metadata or {}, info.flavors)
         model = mlflow.pyfunc.load_model(local)
     except (MlflowException, OSError, ValueError, ImportError, RuntimeError) as e:
         raise PromotionError(f"cannot load {name} version {version}: {first_line(e)}; "

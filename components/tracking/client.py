@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
+from components import storage
 from components.errors import first_line
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
@@ -116,8 +117,9 @@ class Tracker:
             return exp.experiment_id
         # Explicit: MLflow's default artifact root is ./mlruns of whichever process creates
         # the experiment, e.g. a temporary directory under `ray job submit`.
-        location = Path(artifact_location).as_uri() if artifact_location and "://" not in \
-            artifact_location else artifact_location
+        location = (Path(artifact_location).as_uri()
+                    if artifact_location and not storage.is_uri(artifact_location)
+                    else artifact_location)
         return self.client.create_experiment(name, artifact_location=location)
 
     def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str],

@@ -38,9 +38,13 @@ from components.tuning.callbacks import (
     live_callbacks,
 )
 from components.tuning.plan import ResourcePlan
-from components.tuning.space import Axis, resolve_params, set_params, to_tune_space
-
-SECTIONS = ("data", "augment", "model", "train")
+from components.tuning.space import (
+    TRIAL_SECTIONS,
+    Axis,
+    resolve_params,
+    set_params,
+    to_tune_space,
+)
 
 
 @dataclass
@@ -116,7 +120,7 @@ def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarg
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     mark("trial_start", trial=trial_id)
-    base = {s: getattr(job, s) for s in SECTIONS}
+    base = {s: getattr(job, s) for s in TRIAL_SECTIONS}
     params = resolve_params(config, axes, base)
     sections = set_params(base, params)
     run_id = None
@@ -185,7 +189,7 @@ def build_search_alg(search: SearchConfig, axes: list[Axis], plan: ResourcePlan,
                                              max_concurrent=plan.concurrent_trials)
 
 
-def build_scheduler(search: SearchConfig, epochs: int):
+def build_trial_scheduler(search: SearchConfig, epochs: int):
     if search.scheduler == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -206,7 +210,7 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     """Run (or, with `resume`, continue) the search until every trial ended or
     `stop_requested()` turns true; returns one result per trial. `cost`: a grid point's
     expected training time, to launch the costliest first (`to_tune_space`)."""
-    sections = {s: getattr(job, s) for s in SECTIONS}
+    sections = {s: getattr(job, s) for s in TRIAL_SECTIONS}
     train_storage = storage.join(storage_path, experiment_name, "train")
     # A trial that trains itself holds its worker's resources. A trial that drives a Train
     # run (whose workers hold the CPUs/GPUs) holds a token amount of a resource every node
@@ -229,7 +233,7 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
-        scheduler = build_scheduler(search, job.train.epochs)
+        scheduler = build_trial_scheduler(search, job.train.epochs)
         param_space, num_samples = to_tune_space(axes, search.mode, sections,
                                                  search.num_samples, search.max_trials, cost)
         if search.algorithm == "optuna":

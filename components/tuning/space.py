@@ -29,7 +29,10 @@ from components.models import check_model_input
 
 RANDOM_KINDS = {"choice": None, "uniform": 2, "loguniform": 2, "randint": 2, "quniform": 3}
 KINDS = ("grid", *RANDOM_KINDS)
+# The config sections a search may set, and those a trial trains with (what a trial's
+# parameters are applied to; evaluation is the pipeline's, after the sweep).
 TUNABLE_SECTIONS = ("data", "augment", "model", "train", "evaluation")
+TRIAL_SECTIONS = ("data", "augment", "model", "train")
 GRID_POINT = "grid_point"  # the Tune config key holding one (already filtered) grid point
 
 

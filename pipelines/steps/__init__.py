@@ -12,7 +12,6 @@ of recomputing or re-logging it. `pipelines.training` only sequences these.
 """
 
 from pipelines.steps.common import (
-    SECTIONS,
     Echo,
     SearchPlan,
     git_commit,
@@ -38,7 +37,7 @@ from pipelines.steps.evaluate import (
 )
 from pipelines.steps.tune import SearchStopped, model_sizes, tune_trials
 
-__all__ = ["DATASET_CONTEXTS", "DECODED_TAG", "MODEL_URI_TAG", "NOTE_TAG", "SECTIONS",
+__all__ = ["DATASET_CONTEXTS", "DECODED_TAG", "MODEL_URI_TAG", "NOTE_TAG",
            "VERSION_TAG", "Echo", "Evaluation", "SearchPlan", "SearchStopped",
            "evaluate_best", "git_commit", "log_split_datasets", "model_sizes",
            "new_pipeline_id", "open_record", "plan_search", "prepare_data", "progress_printer",

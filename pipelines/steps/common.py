@@ -17,7 +17,6 @@ from components import storage
 from components.config import Config, ConfigError, to_dict
 
 Echo = Callable[[str], None]
-SECTIONS = ("data", "augment", "model", "train")
 SOURCE_NAME = "visiontune run"  # the entry point, as the run page's "Source" names it
 
 
@@ -86,6 +85,7 @@ def plan_search(cfg: Config) -> SearchPlan:
     """Everything the search space implies, checked before data, Ray or MLflow are touched."""
     from components.models.transfer import pretrained_weights_file
     from components.tuning.space import (
+        TRIAL_SECTIONS,
         check_search,
         check_space,
         count_trials,
@@ -95,7 +95,7 @@ def plan_search(cfg: Config) -> SearchPlan:
     )
 
     axes = parse_space(cfg.search.space)
-    base = {s: getattr(cfg, s) for s in SECTIONS}
+    base = {s: getattr(cfg, s) for s in TRIAL_SECTIONS}
     check_space(axes, base, cfg.search.mode)
     check_search(cfg.search, axes)
     # Pretrained weights are needed on every worker: a missing file fails here, not in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -23,8 +24,9 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
             record.download("data", d)
             manifest = SplitManifest.load(Path(d) / "data")
         stores = record.run().data.tags.get(DECODED_TAG, "")
-        manifest.decoded = tuple(s for s in map(open_store, filter(None, stores.split("\n")))
-                                 if s is not None)
+        # The stores are not saved with the manifest: the run's tag says where they are.
+        manifest = dataclasses.replace(manifest, decoded=tuple(
+            s for s in map(open_store, filter(None, stores.split("\n"))) if s is not None))
         echo(f"  data: the run's manifest {manifest.counts()}, fingerprint "
              f"{manifest.fingerprint[:12]}")
         return manifest
