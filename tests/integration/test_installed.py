@@ -49,16 +49,19 @@ def test_a_wheel_in_a_fresh_venv_runs_the_quick_experiment_from_an_empty_folder(
     install = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]
+    # From an empty folder, as a user would: `python -c` puts the current folder first on
+    # sys.path, so from the checkout it would import the checkout's code.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VISIONTUNE_", "RAY_")) and k != "PYTHONPATH"}
+    env.pop("MLFLOW_TRACKING_URI", None)
     where = subprocess.run([str(py), "-c", "import components, pipelines.config as c; "
-                            "print(components.__file__); print(c.conf_dir())"],
-                           capture_output=True, text=True, check=True).stdout.split()
+                            "print(components.__file__); print(c.conf_dir())"], cwd=empty,
+                           env=env, capture_output=True, text=True, check=True).stdout.split()
     assert where[0].startswith(new_site), where        # the wheel's code, not the checkout's
     assert where[1] == str(venv / "share" / "visiontune" / "conf"), where
 
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VISIONTUNE_", "RAY_"))}
-    env.pop("MLFLOW_TRACKING_URI", None)
     # Its own session: whatever it starts (a local Ray) is ended with it, also on a failure.
     proc = subprocess.Popen([str(venv / "bin" / "visiontune"), "run", "--config", "quick",
                              "train.epochs=1", "ray.num_cpus=2"], cwd=empty, env=env,
