@@ -91,3 +91,19 @@ def _restore_handlers(handlers: dict) -> None:
             signal.signal(sig, handler)
 
 
+def ray_map(fn, items: list[tuple]):
+    """(index, fn(*item)) for every item, as Ray tasks of 1 CPU over the connected cluster, at
+    most twice its CPUs in flight, yielded as they finish."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn)
+    todo = iter(enumerate(items))
+    limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    running: dict = {}
+    while True:
+        while len(running) < limit and (next_item := next(todo, None)) is not None:
+            running[task.remote(*next_item[1])] = next_item[0]
+        if not running:
+            return
+        (ready,), _ = ray.wait(list(running), num_returns=1)
+        yield running.pop(ready), ray.get(ready)

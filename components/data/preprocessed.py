@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -121,52 +121,20 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _decode_here(paths, image_size, channels, rows, bad, progress, threads=None) -> None:
-    """On this machine's cores (threads: decoding and resizing release the GIL)."""
-    threads = threads or min(8, (os.cpu_count() or 1) * 2)
-    done = 0
-    with ThreadPoolExecutor(threads) as pool:
-        parts = _chunks(len(paths), 16)
-        for part, (out, failed) in zip(parts, pool.map(
-                lambda r: _decode_chunk([paths[i] for i in r], image_size, channels), parts)):
-            rows[part.start:part.stop] = out
-            bad.update(failed)
-            done += len(part)
-            if progress is not None:
-                progress(done, len(paths))
-
-
-def _decode_on_ray(paths, image_size, channels, rows, bad, progress) -> None:
-    """Ray tasks over the connected cluster, a bounded number in flight; rows are written
-    here as the tasks finish."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(_decode_chunk)
-    todo = iter(_chunks(len(paths), 32))
-    limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    running: dict = {}
-    done = 0
-    while True:
-        while len(running) < limit and (part := next(todo, None)) is not None:
-            running[task.remote([paths[i] for i in part], image_size, channels)] = part
-        if not running:
-            return
-        (ready,), _ = ray.wait(list(running), num_returns=1)
-        part = running.pop(ready)
-        out, failed = ray.get(ready)
-        rows[part.start:part.stop] = out
-        bad.update(failed)
-        done += len(part)
-        if progress is not None:
-            progress(done, len(paths))
+def map_on_threads(fn: Callable, items: list[tuple]) -> Iterator[tuple[int, object]]:
+    """(index, fn(*item)) for every item, on this machine's cores (threads: decoding and
+    resizing release the GIL), in order."""
+    with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) * 2)) as pool:
+        yield from enumerate(pool.map(lambda item: fn(*item), items))
 
 
 def build_store(storage_path: str, key: str, paths: list[str], image_size: int,
                 channels: int, *, progress: Callable[[int, int], None] | None = None,
-                on_ray: bool = False) -> DecodedImages:
-    """Decode `paths` into a new store: on this machine's cores, or with `on_ray` in Ray
-    tasks across the connected cluster. Written locally first and published with its index
-    last, so a stopped build leaves nothing that looks complete."""
+                map_chunks: Callable | None = None) -> DecodedImages:
+    """Decode `paths` into a new store, in chunks run by `map_chunks(fn, items)` (yielding
+    `(index, fn(*items[index]))` in any order): this machine's threads by default, Ray tasks
+    across a cluster with `components.cluster.ray_map`. Written locally first and published
+    with its index last, so a stopped build leaves nothing that looks complete."""
     location = store_location(storage_path, key)
     remote = storage.is_uri(location)
     work = tempfile.mkdtemp(prefix=f"vt-preprocess-{key[:8]}-",
@@ -176,8 +144,15 @@ def build_store(storage_path: str, key: str, paths: list[str], image_size: int,
                                          dtype=np.uint8,
                                          shape=(len(paths), image_size, image_size, channels))
         bad: dict[str, str] = {}
-        decode = _decode_on_ray if on_ray else _decode_here
-        decode(paths, image_size, channels, rows, bad, progress)
+        parts = _chunks(len(paths), 32)
+        items = [([paths[i] for i in part], image_size, channels) for part in parts]
+        done = 0
+        for k, (out, failed) in (map_chunks or map_on_threads)(_decode_chunk, items):
+            rows[parts[k].start:parts[k].stop] = out
+            bad.update(failed)
+            done += len(parts[k])
+            if progress is not None:
+                progress(done, len(paths))
         rows.flush()
         meta = {"format": FORMAT, "key": key, "image_size": image_size, "channels": channels,
                 "paths": list(paths), "bad": bad}

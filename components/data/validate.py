@@ -42,8 +42,8 @@ class DecodeTarget:
     storage_path: str
     image_size: int
     channels: int
-    # Decode in Ray tasks across a cluster: opens the connection (a context manager), which
-    # is only made when there is something to decode.
+    # Decode across a cluster: a context manager that opens the connection (made only when
+    # there is something to decode) and yields the `map_chunks` that runs on it.
     cluster: Callable[[], contextlib.AbstractContextManager] | None = None
 
 
@@ -110,10 +110,10 @@ def _decoded(index: ImageIndex, found: list[tuple[str | None, str | None]],
                     target.image_size, target.channels)
     store = open_store(_store_location(target.storage_path, key))
     if store is None:
-        with target.cluster() if target.cluster else contextlib.nullcontext():
+        with target.cluster() if target.cluster else contextlib.nullcontext() as map_chunks:
             store = build_store(target.storage_path, key, [p for p, _ in readable],
                                 target.image_size, target.channels, progress=decoding,
-                                on_ray=target.cluster is not None)
+                                map_chunks=map_chunks)
     return store, [(d, store.bad.get(p, r) if d is not None else r)
                    for p, (d, r) in zip(index.paths, found)]
 

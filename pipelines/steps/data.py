@@ -110,14 +110,15 @@ def _validated(cfg: Config, index, min_per_class: int, echo: Echo):
 
 @contextlib.contextmanager
 def _cluster_session(cfg: Config):
-    """The cluster's Ray for a step before the sweep; Ray's own output to the run's log."""
-    from components.cluster import ray_session
+    """The cluster's Ray for a step before the sweep (Ray's own output to a log), and the map
+    that runs the decoding as Ray tasks on it."""
+    from components.cluster import ray_map, ray_session
     from pipelines.console import console
 
     log = Path(tempfile.gettempdir()) / "visiontune" / "ray-data-step.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with console.ray_output_to(log), ray_session(cfg.ray.address, cfg.ray.num_cpus):
-        yield
+        yield ray_map
 
 
 def _log_decoded(validated: list, record, echo: Echo) -> None:
