@@ -147,14 +147,13 @@ def main() -> int:
     from components.data.dataset import decoded_bytes, use_cache
     from components.data.validate import DecodeTarget
     from components.training.worker import TrainJob
-    from pipelines.steps import progress_printer
+    from pipelines.console import Progress
 
     root = Path(args.data_dir or Path.home() / ".cache" / "visiontune" /
                 f"bench-{args.images}-{args.size}")
     make_folder(root, args.images, args.size)
     start = time.monotonic()
-    checked = validate_images(index_images(root), progress=progress_printer(print, "checked",
-                                                                            "images"))
+    checked = validate_images(index_images(root), progress=Progress("checked", echo=print))
     validate_s = time.monotonic() - start
     manifest = split_dataset(checked, 0.1, 0.1, 0)
     train_rows = manifest.subset("train")
@@ -179,8 +178,7 @@ def main() -> int:
             # the other two pay in every trial; it is timed apart, not in the runs below).
             start = time.monotonic()
             store = validate_images(index_images(root), decode_to=DecodeTarget(
-                storage, args.size, 3), decoding=progress_printer(print, "decoded",
-                                                                  "images")).decoded
+                storage, args.size, 3), decoding=Progress("decoded", echo=print)).decoded
             store_s = time.monotonic() - start
             print(f"decoded store built in {store_s:.0f} s: {store.location}", flush=True)
             with_store = dataclasses.replace(job, decoded=(store,))

@@ -8,8 +8,9 @@ import os
 
 # albumentations 2.x asks PyPI for a newer version when imported (2 s timeout): on an offline
 # cluster that stalls the driver and every Train worker, and nothing is downloaded at run time
-# here. Set before the import, in every process that imports this module (workers, jobs).
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# here. Set before the import, in every process that imports this module (workers, jobs);
+# set, not defaulted: an empty or "0" value inherited from a shell would turn the check on.
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 
 import albumentations as A  # noqa: E402
 import numpy as np

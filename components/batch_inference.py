@@ -22,7 +22,6 @@ import math
 import os
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,73 +93,11 @@ class PredictionWriter:
             os.replace(self._partial, self.output)
 
 
-# ------------------------------------------------------------------------------- progress
-class Progress:
-    """`predict: 1,536/3,000 images (51%), 412 images/s, 2 unreadable, 4 s left` on stderr: a
-    live line on a terminal, a line every `every_s` seconds otherwise (logs, CI). The rate is
-    measured from the first answer on: starting Ray and loading the model come before it."""
-
-    def __init__(self, total: int, stream=None, every_s: float = 5.0):
-        self.total, self.stream, self.every_s = total, stream or sys.stderr, every_s
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = self._last = time.monotonic()
-        self.first: float | None = None   # when the first answer came
-        self._first_count = 0             # images in it (they are not in the rate)
-        self.done = self.failed = 0
-
-    def rate(self) -> float | None:
-        """Images per second since the first answer (None until a second one came)."""
-        if self.first is None or self.done + self.failed <= self._first_count:
-            return None
-        return (self.done + self.failed - self._first_count) / max(time.monotonic() -
-                                                                   self.first, 1e-9)
-
-    def line(self) -> str:
-        seen = self.done + self.failed
-        pct = 100.0 * seen / self.total if self.total else 100.0
-        text = f"predict: {seen:,}/{self.total:,} images ({pct:.0f}%)"
-        rate = self.rate()
-        if rate:
-            text += f", {rate:,.0f} images/s"
-        if self.failed:
-            text += f", {self.failed:,} unreadable"
-        if rate and seen < self.total:
-            text += f", {math.ceil((self.total - seen) / rate)} s left"
-        return text
-
-    def update(self, done: int, failed: int) -> None:
-        now = time.monotonic()
-        if self.first is None:
-            self.first, self._first_count = now, done + failed
-        self.done += done
-        self.failed += failed
-        if self.tty and now - self._last >= 0.2:
-            self.stream.write("\r\033[K" + self.line())
-            self.stream.flush()
-            self._last = now
-        elif not self.tty and now - self._last >= self.every_s:
-            print(self.line(), file=self.stream, flush=True)
-            self._last = now
-
-    def finish(self) -> str:
-        """Clears the live line; returns the summary: all images over the whole time, and
-        the rate once answers were coming."""
-        if self.tty:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-        seconds = time.monotonic() - self.start
-        seen = self.done + self.failed
-        text = f"{seen:,} images in {seconds:.1f} s ({seen / max(seconds, 1e-9):,.0f} images/s"
-        rate = self.rate()
-        if rate and self.first - self.start >= 1.0:
-            text += f"; {rate:,.0f} images/s after {self.first - self.start:.0f} s of start-up"
-        return text + ")"
-
-
-def consume(batches: Iterator[pd.DataFrame], writer: PredictionWriter, progress: Progress,
+def consume(batches: Iterator[pd.DataFrame], writer: PredictionWriter, progress,
             on_skipped) -> int:
-    """Write each batch's classified rows; `on_skipped(path, reason)` for the others. Returns
-    the number of images classified."""
+    """Write each batch's classified rows; `on_skipped(path, reason)` for the others, and
+    `progress.update(classified, unreadable)` after each batch. Returns the number of images
+    classified."""
     classified = 0
     for frame in batches:
         bad = ~frame[ERROR].map(is_missing).to_numpy(bool)

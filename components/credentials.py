@@ -18,34 +18,51 @@ URI_KEYS = ("data.path", "data.test_path", "tracking.uri", "tracking.artifact_lo
             "ray.storage_path", "ray.address")
 
 
+def _userinfo_end(rest: str) -> int:
+    """In `rest` (a URI after its `scheme://`), the index of the '@' that ends a user name or
+    password, or -1. Not `urlsplit`'s view: it ends the authority at the first '/', '?' or
+    '#', and half of all AWS secret keys hold a '/' (`s3://AKIA..:wJalr/K7MD..@bucket/x`
+    would read as host 'AKIA..' and a path). So whatever comes before the first '@' is taken
+    as `user:password` when it holds a ':' that is neither in a path (a '/' before it) nor a
+    port followed by a path (`host:5000/a@b`); a bare `user@` counts as urlsplit counts it."""
+    at = rest.find("@")
+    if at < 0:
+        return -1
+    before = rest[:at]
+    head, colon, tail = before.partition(":")
+    if not colon:
+        return -1 if any(c in before for c in "/?#") else at
+    if any(c in head for c in "/?#"):
+        return -1
+    port, slash, _ = tail.partition("/")
+    return -1 if port.isdigit() and slash else at
+
+
 def uri_secret(uri: str | None) -> str | None:
     """What in `uri` is a credential (user info, a secret query option), or None. The answer
     names the kind, never the value."""
-    from urllib.parse import parse_qsl, urlsplit
+    from urllib.parse import parse_qsl
 
     if not storage.is_uri(uri):
         return None
-    try:
-        parts = urlsplit(uri)
-        has_user = parts.username is not None or parts.password is not None
-    except ValueError:   # unparseable (e.g. an unclosed '['): look for user info by hand
-        authority = uri.split("://", 1)[1].split("/", 1)[0]
-        return "a user name or password before '@'" if "@" in authority else None
-    if has_user:
+    rest = uri.split("://", 1)[1]
+    if _userinfo_end(rest) >= 0:
         return "a user name or password before '@'"
-    keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)
+    query = rest.partition("?")[2].partition("#")[0]
+    keys = [k for k, _ in parse_qsl(query, keep_blank_values=True)
             if k.lower() in _SECRET_QUERY]
     return f"the query option {keys[0]}" if keys else None
 
 
 def masked(uri: str) -> str:
-    """`uri` as it may be printed: user info and query replaced by ***."""
-
-    scheme, _, rest = uri.partition("://")
-    authority, slash, path = rest.partition("/")
-    path, q, _ = path.partition("?")
-    user, at, host = authority.rpartition("@")
-    return f"{scheme}://{'***@' if at else ''}{host}{slash}{path}" + ("?***" if q else "")
+    """`uri` as it may be printed: user info, query and fragment replaced by ***."""
+    scheme, sep, rest = uri.partition("://")
+    end = _userinfo_end(rest)
+    if end >= 0:
+        rest = "***@" + rest[end + 1:]
+    rest, q, _ = rest.partition("?")
+    rest, h, _ = rest.partition("#")
+    return f"{scheme}{sep}{rest}" + ("?***" if q else "#***" if h else "")
 
 
 def check_no_credentials(key: str, uri: str | None) -> None:

@@ -1,6 +1,10 @@
 """The names the configuration accepts for things built with torch, without importing torch:
 the command line validates a config and answers `--help` in well under a second. Each module
-that builds the things checks its registry against these lists (tests/unit/test_config.py)."""
+that builds the things checks its registry against these lists (tests/unit/test_config.py).
+And the ids this project gives what it starts (pipeline runs, Ray jobs)."""
+
+import time
+import uuid
 
 ACTIVATION_NAMES = ("relu", "leaky_relu", "prelu", "elu", "gelu", "tanh", "sigmoid")
 POOLING_NAMES = ("max", "avg")
@@ -9,3 +13,8 @@ INITIALIZER_NAMES = ("default", "zeros", "uniform", "normal", "xavier_uniform", 
 OPTIMIZER_NAMES = ("sgd", "sgd_momentum", "nesterov", "adam", "adamw", "nadam", "rmsprop",
                    "adagrad", "adadelta")
 SCHEDULER_NAMES = ("none", "step", "cosine", "onecycle", "plateau")
+
+
+def new_id(prefix: str) -> str:
+    """`<prefix>-20261204-153012-1a2b3c`: sorts by start time, unique across machines."""
+    return time.strftime(f"{prefix}-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]

@@ -166,9 +166,12 @@ def _tracking(args):
 
 
 def cmd_submit(args) -> int:
+    from components.config import check_no_credentials
     from pipelines.config import load_config
     from pipelines.jobs import dashboard_url, follow, submit
 
+    # The address is recorded with every run of the job (visiontune.ray_cluster_address).
+    check_no_credentials("--address", args.address)
     # Fail fast on a bad config, here rather than in a job minutes later.
     cfg = load_config(args.overrides, args.config, resolve=False)
     path = cfg.data.path

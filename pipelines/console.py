@@ -8,9 +8,11 @@ Ray's log monitor thread as well as Python's; the pipeline keeps a copy of the t
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # MLflow's INFO lines (creating a store's tables, validating the input example), its download
@@ -98,3 +100,86 @@ class Console:
 
 
 console = Console()
+
+
+class Progress:
+    """The one progress line of long work: `predict: 1,536/3,000 images (51%), 412 images/s,
+    2 unreadable, 4 s left`. On a terminal stream it is a live line; given `echo` (the
+    pipeline's steps) or a stream that is not a terminal (logs, CI), a line every `every_s`
+    seconds and, when any was printed, the last one. The rate is measured from the first
+    update on: what comes before it (starting Ray, loading a model) is start-up, not work."""
+
+    def __init__(self, label: str, total: int = 0, unit: str = "images", *,
+                 echo: Callable[[str], None] | None = None, stream=None, every_s: float = 5.0):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.echo = echo
+        self.stream = None if echo else stream or sys.stderr
+        self.tty = self.stream is not None and hasattr(self.stream, "isatty") \
+            and self.stream.isatty()
+        self.start = self._last = time.monotonic()
+        self.first: float | None = None   # when the first update came
+        self._first_count = 0             # items in it (they are not in the rate)
+        self.done = self.failed = 0
+        self.printed = False
+
+    def rate(self) -> float | None:
+        """Items per second since the first update (None until a second one came)."""
+        if self.first is None or self.done + self.failed <= self._first_count:
+            return None
+        return (self.done + self.failed - self._first_count) / max(time.monotonic() -
+                                                                   self.first, 1e-9)
+
+    def line(self) -> str:
+        seen = self.done + self.failed
+        pct = 100.0 * seen / self.total if self.total else 100.0
+        text = f"{self.label} {seen:,}/{self.total:,} {self.unit} ({pct:.0f}%)"
+        rate = self.rate()
+        if rate:
+            text += f", {rate:,.0f} {self.unit}/s"
+        if self.failed:
+            text += f", {self.failed:,} unreadable"
+        if rate and seen < self.total:
+            text += f", {math.ceil((self.total - seen) / rate)} s left"
+        return text
+
+    def update(self, done: int, failed: int = 0) -> None:
+        """`done` more items, `failed` more that could not be read."""
+        now = time.monotonic()
+        if self.first is None:
+            self.first, self._first_count = now, done + failed
+        self.done += done
+        self.failed += failed
+        if self.tty and now - self._last >= 0.2:
+            self.stream.write("\r\033[K" + self.line())
+            self.stream.flush()
+            self._last = now
+        elif not self.tty and (now - self._last >= self.every_s or (
+                self.printed and self.done + self.failed >= self.total)):
+            self._print(self.line())
+            self._last = now
+
+    def __call__(self, done: int, total: int) -> None:
+        """The `progress(done so far, total)` callback the data components take."""
+        self.total = total
+        self.update(done - self.done - self.failed)
+
+    def _print(self, text: str) -> None:
+        self.printed = True
+        if self.echo is not None:
+            self.echo(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def finish(self) -> str:
+        """Clears a live line; returns the summary: all items over the whole time, and the
+        rate once they were coming."""
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        seconds = time.monotonic() - self.start
+        seen, unit = self.done + self.failed, self.unit
+        text = f"{seen:,} {unit} in {seconds:.1f} s ({seen / max(seconds, 1e-9):,.0f} {unit}/s"
+        rate = self.rate()
+        if rate and self.first - self.start >= 1.0:
+            text += f"; {rate:,.0f} {unit}/s after {self.first - self.start:.0f} s of start-up"
+        return text + ")"

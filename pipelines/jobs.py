@@ -6,8 +6,9 @@ import os
 import shlex
 import sys
 import time
-import uuid
 from pathlib import Path
+
+from components.names import new_id
 
 AGENT_WAIT_S = 60   # how long submit waits for a new head's job agent
 
@@ -110,7 +111,7 @@ def build_entrypoint(overrides: list[str], config_file: str | None) -> str:
 def submit(address: str, overrides: list[str], config_file: str | None = None,
            token: str | None = None, env: dict[str, str] | None = None) -> tuple[str, object]:
     client = job_client(address, token)
-    job_id = time.strftime("visiontune-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    job_id = new_id("visiontune")
     from components.tracking import HTTP_RETRY_ENV
 
     # The job's processes get bounded MLflow retries too (a lost server ends the job with

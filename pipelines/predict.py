@@ -124,6 +124,7 @@ def _check(local_model: str) -> None:
 def _classify(args, local_model: str, described: str, paths: list[str], on_ray: bool,
               console) -> int:
     from components import batch_inference as bi
+    from pipelines.console import Progress
 
     where = "in this process"
     log_path = None
@@ -150,7 +151,7 @@ def _classify(args, local_model: str, described: str, paths: list[str], on_ray: 
 
             archive = bi.pack_model(local_model)
             with console.ray_output_to(log_path):
-                progress = bi.Progress(len(paths), console.stderr())
+                progress = Progress("predict:", len(paths), stream=console.stderr())
                 # This code travels with the job: the nodes need torch and mlflow (the
                 # model's own requirements), not visiontune.
                 code = {"py_modules": [str(Path(bi.__file__).resolve().parent)],
@@ -167,7 +168,7 @@ def _classify(args, local_model: str, described: str, paths: list[str], on_ray: 
         else:
             import mlflow
 
-            progress = bi.Progress(len(paths))
+            progress = Progress("predict:", len(paths))
             model = mlflow.pyfunc.load_model(local_model)
             writer = bi.PredictionWriter(args.output)
             classified = bi.consume(bi.local_batches(model, paths, args.batch_size), writer,

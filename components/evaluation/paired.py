@@ -6,7 +6,8 @@ Both models classified the same labelled images. From the per-image results:
   `c` images only the champion gets right; under "equally good" each discordant image is a
   fair coin, so the two-sided p-value is a binomial tail of min(b, c) in b + c;
 - a seeded paired bootstrap of the F1 difference: the same resample of images scores both
-  models, with one F1 averaging (the challenger's); its two-sided percentile interval at
+  models, with one F1 averaging (the challenger's) over the classes that occur among the
+  images or the predictions (`scored_labels`); its two-sided percentile interval at
   `confidence`;
 - the rule: promote only when the interval's lower bound is above `min_gain` (superiority),
   or, for a challenger chosen for being smaller or faster, above `-margin` (non-inferiority):
@@ -100,11 +101,22 @@ def power_line(n: int, confidence: float) -> str:
             f"noise at {confidence:.0%} confidence")
 
 
-def _f1_rows(weights: np.ndarray, y: np.ndarray, p: np.ndarray, num_classes: int,
+def scored_labels(y, challenger, champion, num_classes: int, average: str) -> np.ndarray:
+    """The classes an F1 averages over: the positive class (binary); otherwise every class
+    that occurs among the images or either model's predictions, as scikit-learn's default
+    `labels` (a class no image has and no model predicts would add 0/0 = 0 to both models'
+    macro F1 and shrink their difference: images gathered with `--data` may lack some)."""
+    if average == "binary":
+        return np.array([1])
+    present = np.unique(np.concatenate([np.asarray(v, dtype=np.int64).reshape(-1)
+                                        for v in (y, challenger, champion)]))
+    return present[(present >= 0) & (present < num_classes)]
+
+
+def _f1_rows(weights: np.ndarray, y: np.ndarray, p: np.ndarray, labels: np.ndarray,
              average: str) -> np.ndarray:
-    """F1 for each row of `weights` (how often each image is in that resample), as
-    `classification_metrics` computes it (every class counts, 0/0 is 0)."""
-    labels = np.array([1]) if average == "binary" else np.arange(num_classes)
+    """F1 for each row of `weights` (how often each image is in that resample) over `labels`,
+    as `classification_metrics` computes it (0/0 is 0)."""
     hit = (y[:, None] == labels) & (p[:, None] == labels)
     tp = weights @ hit.astype(np.float64)
     predicted = weights @ (p[:, None] == labels).astype(np.float64)
@@ -129,7 +141,7 @@ def bootstrap_differences(y, challenger, champion, num_classes: int, average: st
     """F1(challenger) - F1(champion) on each of `resamples` paired resamples: both models are
     scored on the same drawn images (`np.random.default_rng(seed)`, `resample_indices`)."""
     y, a, b = (np.asarray(v, dtype=np.int64) for v in (y, challenger, champion))
-    n = len(y)
+    n, labels = len(y), scored_labels(y, challenger, champion, num_classes, average)
     rng = np.random.default_rng(seed)
     out = np.empty(resamples)
     for start in range(0, resamples, _CHUNK):
@@ -137,8 +149,8 @@ def bootstrap_differences(y, challenger, champion, num_classes: int, average: st
         idx = resample_indices(rng, n, m)
         weights = np.bincount((idx + n * np.arange(m)[:, None]).ravel(),
                               minlength=m * n).reshape(m, n).astype(np.float64)
-        out[start:start + m] = (_f1_rows(weights, y, a, num_classes, average)
-                                - _f1_rows(weights, y, b, num_classes, average))
+        out[start:start + m] = (_f1_rows(weights, y, a, labels, average)
+                                - _f1_rows(weights, y, b, labels, average))
     return out
 
 
@@ -164,9 +176,9 @@ def decide(labels, challenger, champion, num_classes: int, average: str = "auto"
                   challenger_only=int(np.sum(right_a & ~right_b)),
                   champion_only=int(np.sum(~right_a & right_b)),
                   both_wrong=int(np.sum(~right_a & ~right_b)))
-    ones = np.ones((1, len(y)))
-    f1_a = float(_f1_rows(ones, y, a, num_classes, average)[0])
-    f1_b = float(_f1_rows(ones, y, b, num_classes, average)[0])
+    ones, labels = np.ones((1, len(y))), scored_labels(y, a, b, num_classes, average)
+    f1_a = float(_f1_rows(ones, y, a, labels, average)[0])
+    f1_b = float(_f1_rows(ones, y, b, labels, average)[0])
     diffs = bootstrap_differences(y, a, b, num_classes, average, resamples, seed)
     tail = (1 - confidence) / 2
     low, high = (float(q) for q in np.quantile(diffs, [tail, 1 - tail]))

@@ -6,9 +6,7 @@ at it (what the version's page in the MLflow UI shows)."""
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
@@ -115,15 +113,12 @@ def _record_evidence(tracker: Tracker, run_id: str, name: str, r: PromotionResul
     frame = pd.DataFrame({"path": r.images.paths, "label": r.images.labels})
     tracker.log_datasets(run_id, [(dataset, "evaluation", frame)], r.images.location,
                          r.images.fingerprint)
-    with tempfile.TemporaryDirectory() as d:
-        r.predictions.to_csv(Path(d) / "predictions.csv", index=False)
-        frame.to_csv(Path(d) / "images.csv", index=False)
-        (Path(d) / "decision.json").write_text(json.dumps(
-            {**p.as_dict(), "promote": r.promote, "reason": r.reason,
-             "images_fingerprint": r.images.fingerprint, "images_source": r.images.source,
-             "left_out": r.left_out[:1000]}, indent=1))
-        for f in ("predictions.csv", "images.csv", "decision.json"):
-            tracker.log_artifact(run_id, Path(d) / f, "promotion")
+    tracker.log_table(run_id, r.predictions, "promotion/predictions.csv")
+    tracker.log_table(run_id, frame, "promotion/images.csv")
+    tracker.log_text(run_id, json.dumps(
+        {**p.as_dict(), "promote": r.promote, "reason": r.reason,
+         "images_fingerprint": r.images.fingerprint, "images_source": r.images.source,
+         "left_out": r.left_out[:1000]}, indent=1), "promotion/decision.json")
     tracker.log_text(run_id, "\n".join(f"{k}\t{v}" for k, v in r.left_out) or "(none)\n",
                      "promotion/left_out.tsv")
 

@@ -259,13 +259,19 @@ def register_challenger(tracker: Tracker, model_uri: str, name: str, run_id: str
     mv = client.create_model_version(name, model_uri, run_id=run_id,
                                      tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
     _describe(tracker, mv, description)
-    aliases = [CHALLENGER]
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     if not has_champion:
         # Two pipelines registering a new model at once: only one becomes the champion
-        # without a comparison; the other stays the challenger.
+        # without a comparison; the other is the challenger, to be compared with it (also
+        # when the champion's own registration moved `challenger` after this one did).
         with alias_lock(tracker, name):
-            if get_alias_version(tracker, name, CHAMPION) is None:
+            champion = get_alias_version(tracker, name, CHAMPION)
+            if champion is None:
                 client.set_registered_model_alias(name, CHAMPION, mv.version)
-                aliases.append(CHAMPION)
-    return RegisteredVersion(name, str(mv.version), tuple(aliases))
+            elif str(champion.version) != str(mv.version):
+                challenger = get_alias_version(tracker, name, CHALLENGER)
+                if challenger is None or str(challenger.version) == str(champion.version):
+                    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    # Read back: with another registration racing, what this version holds now.
+    return RegisteredVersion(name, str(mv.version),
+                             tuple(sorted(model_version_aliases(tracker, name, mv.version))))

@@ -14,7 +14,9 @@ model names the folders it may read in `VISIONTUNE_ALLOWED_PATH_ROOTS` (os.paths
 then only a regular file whose resolved path lies under one of them is read (no symlink out,
 no FIFO, no device). A refused path gets the same error whether or not it exists, so a client
 learns nothing of the server's files. At most `VISIONTUNE_MAX_IMAGES_PER_REQUEST` rows (default
-1,024) per call; every image within the decoding limits of `preprocessing.py`.
+1,024) per call; every image within the decoding limits of `preprocessing.py`, and the
+request's images within its pixel budget (`VISIONTUNE_MAX_REQUEST_PIXELS`: the rows after it
+is spent get an error).
 
 Output: a DataFrame, one row per input row, in order:
   prediction     the class name with the highest probability
@@ -187,6 +189,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         probs = np.full((len(sources), len(classes)), np.nan)
         errors: list[str | None] = [None] * len(sources)
         roots = allowed_roots()
+        # Old models' preprocessing copies have no request budget: they keep their limits.
+        budget = code.max_request_pixels() if hasattr(code, "max_request_pixels") else None
         for start in range(0, len(sources), BATCH_SIZE):
             arrays, rows = [], []
             for i in range(start, min(start + BATCH_SIZE, len(sources))):
@@ -197,7 +201,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 try:
                     if isinstance(source, (str, os.PathLike)):  # read only if allowed
                         source = read_allowed_file(source, roots, code.max_image_bytes())
-                    img = code.open_image(source, size)
+                    if budget is None:
+                        img = code.open_image(source, size)
+                    else:
+                        img = code.open_image(source, size, pixels_left=budget)
+                        budget -= img.size[0] * img.size[1]
                     try:
                         arrays.append(code.to_array(img, c, size))
                     finally:

@@ -18,8 +18,12 @@ Limits, the same for training, `visiontune predict` and the served model (what a
 send must not stall or exhaust a server): only the formats of `FORMATS`; at most
 `max_pixels()` pixels (default 50 million, `VISIONTUNE_MAX_IMAGE_PIXELS`), checked on the
 header before any pixel is decoded (Pillow's own limit is 179 million and only warns below);
-at most `max_image_bytes()` bytes per file (default 64 MB, `VISIONTUNE_MAX_IMAGE_BYTES`).
-An image over a limit raises `ImageRefused`: one row's error, one skipped training image.
+at most `max_image_bytes()` bytes per file (default 64 MB, `VISIONTUNE_MAX_IMAGE_BYTES`);
+and, for the served model, at most `max_request_pixels()` pixels decoded per request (default
+1,000 million, `VISIONTUNE_MAX_REQUEST_PIXELS`, counted at the scale actually decoded: a
+JPEG's reduced one), so that many images just under the per-image limit cannot hold a
+scoring worker for minutes. An image over a limit raises `ImageRefused`: one row's error, one
+skipped training image.
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 # format Pillow knows is code a client could reach.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 MAX_PIXELS_ENV, MAX_BYTES_ENV = "VISIONTUNE_MAX_IMAGE_PIXELS", "VISIONTUNE_MAX_IMAGE_BYTES"
+MAX_REQUEST_PIXELS_ENV = "VISIONTUNE_MAX_REQUEST_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000    # a 48 MP phone photo passes; Pillow's default is 179 M
+# About 15 s of decoding on one core (a 49 M pixel PNG takes ~0.7 s); 64 photos of 12 MP
+# (a batch of `visiontune predict`) stay well under it, JPEGs far under (reduced scale).
+DEFAULT_MAX_REQUEST_PIXELS = 1_000_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _ROWS = 512   # rows of a 16-bit image scaled at once: memory stays a few MB per row block
 DRAFT_FACTOR = 2
@@ -67,11 +75,18 @@ def max_image_bytes() -> int:
     return _limit(MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
 
 
-def open_image(source, image_size: int | None = None) -> Image.Image:
+def max_request_pixels() -> int:
+    return _limit(MAX_REQUEST_PIXELS_ENV, DEFAULT_MAX_REQUEST_PIXELS)
+
+
+def open_image(source, image_size: int | None = None,
+               pixels_left: int | None = None) -> Image.Image:
     """Bytes of an image file, a path, or a PIL image -> its first frame, decoded, within the
     limits (`ImageRefused` otherwise; PIL's own errors for broken files). With `image_size`
     (the square it will be resized to), a JPEG is decoded at the smallest reduced scale that
-    keeps at least `DRAFT_FACTOR` x `image_size` pixels on both sides."""
+    keeps at least `DRAFT_FACTOR` x `image_size` pixels on both sides. `pixels_left`: what a
+    request has left of `max_request_pixels()` (checked before decoding, at the decoded
+    scale)."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -101,6 +116,11 @@ def open_image(source, image_size: int | None = None) -> Image.Image:
         # Both sides stay >= DRAFT_FACTOR x the square's side: the resize that follows
         # still averages several source pixels per output pixel.
         img.draft(img.mode, (DRAFT_FACTOR * image_size, DRAFT_FACTOR * image_size))
+    if pixels_left is not None and img.size[0] * img.size[1] > pixels_left:
+        img.close()
+        raise ImageRefused(f"{width} x {height} pixels is more than this request has left of "
+                           f"its {max_request_pixels():,} ({MAX_REQUEST_PIXELS_ENV}): send "
+                           "fewer images per request")
     img.load()  # the first frame only; a truncated file fails here, for this image only
     return img
 

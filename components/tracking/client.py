@@ -195,6 +195,16 @@ class Tracker:
     def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
         self.client.log_figure(run_id, figure, artifact_file)
 
+    def log_table(self, run_id: str, frame, artifact_file: str) -> None:
+        """A pandas table as a CSV artifact (`evaluation/leaderboard.csv`): the file a reviewer
+        downloads or opens in the artifact view. (MLflow's own `log_table` writes JSON.)"""
+        import tempfile
+
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as d:
+            frame.to_csv(Path(d) / name, index=False)
+            self.log_artifact(run_id, Path(d) / name, folder or None)
+
     def log_datasets(self, run_id: str, datasets: list[tuple[str, str, Any]], source: str,
                      digest: str, targets: str | None = None) -> None:
         """Each `(name, context, pandas frame)` as a dataset input of the run, all from

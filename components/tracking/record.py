@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from components.tracking.client import (
     CONFIG_FILE,
@@ -40,9 +40,12 @@ class EpochLogger:
 
 
 
+T = TypeVar("T")
+
+
 class PipelineRecord:
     """The MLflow parent run of one pipeline run: its config, what each step recorded, and how
-    it ended. Steps write through it; `--resume` reads back from it."""
+    it ended. Steps write through it; `--resume` reads back from it (`run_step`)."""
 
     def __init__(self, tracker: Tracker, experiment_id: str, run_id: str, pipeline_id: str):
         self.tracker, self.experiment_id = tracker, experiment_id
@@ -107,6 +110,28 @@ class PipelineRecord:
                 closed += 1
         return closed
 
+    def run_step(self, name: str, echo: Callable[[str], None], compute: Callable[..., T],
+                 save: Callable[[T], None], load: Callable[[], T] | None = None,
+                 inputs: Callable[[], tuple] = tuple) -> T:
+        """Step `name`, once per pipeline run: `compute(*inputs())` its result and `save` it on
+        this run; the step is tagged done only once both succeeded. A resumed run whose step is
+        done gets its result back instead: `load()` reads it from this record or, with no
+        `load` (a result that is deterministic and cheap, such as the test evaluation), it is
+        computed again and not saved twice. `inputs` (earlier steps of their own, such as
+        ingest and validate before split) run only when the step does."""
+        if self.step_done(name):
+            if load is not None:
+                value = load()
+                echo(f"[visiontune] {name}: done before; its result read back from the run")
+                return value
+            with self.step(name, echo):
+                return compute(*inputs())
+        args = inputs()
+        with self.step(name, echo):
+            value = compute(*args)
+            save(value)
+        return value
+
     @contextlib.contextmanager
     def step(self, name: str, echo: Callable[[str], None]) -> Iterator[None]:
         """Tag visiontune.step.<name> running -> done | failed, and time the step."""
@@ -142,6 +167,9 @@ class PipelineRecord:
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self.tracker.log_figure(self.run_id, figure, artifact_file)
+
+    def log_table(self, frame, artifact_file: str) -> None:
+        self.tracker.log_table(self.run_id, frame, artifact_file)
 
     def log_datasets(self, datasets: list[tuple[str, str, Any]], source: str, digest: str,
                      targets: str | None = None) -> None:

@@ -30,7 +30,7 @@ from components.data.dataset import EpochShuffle, ImageDataset, shard_indices, u
 from components.data.preprocessed import DecodedLookup
 from components.models import build_model
 from components.models.freezing import build_param_groups, unfreeze
-from components.timing import mark
+from components.timing import mark, timed
 from components.training.checkpoint import (
     BEST_MODEL_FILE,
     MODEL_FILE,
@@ -273,23 +273,25 @@ def _set_up(job: TrainJob, session: TrainSession, resumed: dict | None, started:
     return run, train_ds
 
 
-def _train_epoch(run: _Run, epoch: int) -> EpochMetrics:
+def _train_epoch(run: _Run, epoch: int, spans: dict[str, float]) -> EpochMetrics:
     """Train one epoch, validate rank 0's model on the whole val split, step the scheduler
-    and the best-epoch record."""
+    and the best-epoch record (`spans`: the seconds of training and of validation)."""
     tc, mc, device = run.job.train, run.job.model, run.session.device
     run.sampler.set_epoch(epoch)
     if mc.unfreeze_epoch is not None and epoch >= mc.unfreeze_epoch:
         unfreeze(run.optimizer, run.scheduler)
-    total, count = train_one_epoch(
-        run.model, run.train_loader, run.optimizer, run.loss_fn, device, scaler=run.scaler,
-        amp=run.amp, batch_scheduler=run.scheduler if run.when == "batch" else None,
-        grad_clip=tc.grad_clip, l1=tc.l1)
-    train_loss = all_reduce_mean(total, count, device)
-    # Validate (and save) one model: rank 0's, BatchNorm statistics included.
-    sync_buffers_from_rank0(run.model)
-    unwrapped = run.model.module if hasattr(run.model, "module") else run.model
-    val = evaluate_split(unwrapped, run.val_loader, device, run.job.num_classes,
-                         run.job.average, run.amp)
+    with timed(spans, "train_s"):
+        total, count = train_one_epoch(
+            run.model, run.train_loader, run.optimizer, run.loss_fn, device, scaler=run.scaler,
+            amp=run.amp, batch_scheduler=run.scheduler if run.when == "batch" else None,
+            grad_clip=tc.grad_clip, l1=tc.l1)
+        train_loss = all_reduce_mean(total, count, device)
+    with timed(spans, "val_s"):
+        # Validate (and save) one model: rank 0's, BatchNorm statistics included.
+        sync_buffers_from_rank0(run.model)
+        unwrapped = run.model.module if hasattr(run.model, "module") else run.model
+        val = evaluate_split(unwrapped, run.val_loader, device, run.job.num_classes,
+                             run.job.average, run.amp)
     if run.when == "epoch":
         run.scheduler.step()
     elif run.when == "plateau":
@@ -311,38 +313,35 @@ def _train_epoch(run: _Run, epoch: int) -> EpochMetrics:
         + run.val_loader.dataset.decodes)
 
 
-def _save_and_report(run: _Run, metrics: dict) -> float:
-    """Rank 0: write the checkpoint (resume state, best weights, preprocessing) and report it
-    with the epoch's metrics; returns the seconds spent writing it."""
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory() as d:
-        torch.save({"model": state_dict(run.model), "optimizer": run.optimizer.state_dict(),
-                    "scheduler": run.scheduler.state_dict() if run.scheduler else None},
-                   Path(d) / MODEL_FILE)
-        torch.save(run.best_weights, Path(d) / BEST_MODEL_FILE)
-        (Path(d) / STATE_FILE).write_text(json.dumps(run.state))
-        (Path(d) / PREPROCESSING_FILE).write_text(json.dumps(run.prep))
-        saved = time.monotonic() - started
-        run.session.report(metrics, checkpoint_dir=d)
-    return saved
+def _write_checkpoint(run: _Run, folder: str) -> None:
+    """Rank 0's checkpoint: the resume state, the best weights and the preprocessing."""
+    torch.save({"model": state_dict(run.model), "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict() if run.scheduler else None},
+               Path(folder) / MODEL_FILE)
+    torch.save(run.best_weights, Path(folder) / BEST_MODEL_FILE)
+    (Path(folder) / STATE_FILE).write_text(json.dumps(run.state))
+    (Path(folder) / PREPROCESSING_FILE).write_text(json.dumps(run.prep))
 
 
-def _end_epoch(run: _Run, metrics: EpochMetrics, epoch_started: float, trained: float) -> None:
-    """Log the epoch (rank 0, to MLflow), checkpoint it and report it (every rank)."""
+def _end_epoch(run: _Run, metrics: EpochMetrics, spans: dict[str, float]) -> None:
+    """Log the epoch (rank 0, to MLflow), checkpoint it (rank 0) and report it (every rank);
+    the timing mark carries the epoch's spans."""
     session = run.session
     run.state["last_metrics"] = metrics.report()  # what a resumed ended run reports again
-    validated = time.monotonic()
-    logged, save_s = validated, 0.0
+    spans.update(log_s=0.0, save_s=0.0)
     if session.rank == 0:
         if run.logger is not None:
-            run.logger.log_epoch(metrics.epoch, metrics.logged(run.job.metric_prefix))
-        logged = time.monotonic()
-        save_s = _save_and_report(run, metrics.report())
+            with timed(spans, "log_s"):
+                run.logger.log_epoch(metrics.epoch, metrics.logged(run.job.metric_prefix))
+        with tempfile.TemporaryDirectory() as d:
+            with timed(spans, "save_s"):
+                _write_checkpoint(run, d)
+            with timed(spans, "report_s"):
+                session.report(metrics.report(), checkpoint_dir=d)
     else:
-        session.report(metrics.report())
-    mark("epoch", trial=session.name, rank=session.rank, epoch=metrics.epoch,
-         train_s=trained - epoch_started, val_s=validated - trained, log_s=logged - validated,
-         save_s=save_s, report_s=time.monotonic() - logged - save_s)
+        with timed(spans, "report_s"):
+            session.report(metrics.report())
+    mark("epoch", trial=session.name, rank=session.rank, epoch=metrics.epoch, **spans)
 
 
 def run_training(job: TrainJob, session: TrainSession) -> None:
@@ -369,9 +368,9 @@ def run_training(job: TrainJob, session: TrainSession) -> None:
                 and job.metric_prefix in ("", "fold0/")):
             _log_augmented_samples(run.logger, train_ds, run.prep, job.seed)
     for epoch in range(run.state["epoch"] + 1, job.train.epochs + 1):
-        epoch_started = time.monotonic()
-        metrics = _train_epoch(run, epoch)
-        _end_epoch(run, metrics, epoch_started, time.monotonic())
+        spans: dict[str, float] = {}
+        metrics = _train_epoch(run, epoch, spans)
+        _end_epoch(run, metrics, spans)
         if metrics.early_stopped:
             break
     mark("worker_end", trial=session.name, rank=session.rank)

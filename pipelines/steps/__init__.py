@@ -18,7 +18,6 @@ from pipelines.steps.common import (
     new_pipeline_id,
     open_record,
     plan_search,
-    progress_printer,
 )
 from pipelines.steps.data import (
     DATASET_CONTEXTS,
@@ -40,5 +39,5 @@ from pipelines.steps.tune import SearchStopped, model_sizes, tune_trials
 __all__ = ["DATASET_CONTEXTS", "DECODED_TAG", "MODEL_URI_TAG", "NOTE_TAG",
            "VERSION_TAG", "Echo", "Evaluation", "SearchPlan", "SearchStopped",
            "evaluate_best", "git_commit", "log_split_datasets", "model_sizes",
-           "new_pipeline_id", "open_record", "plan_search", "prepare_data", "progress_printer",
+           "new_pipeline_id", "open_record", "plan_search", "prepare_data",
            "register_best", "test_dataset_name", "tune_trials"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +13,14 @@ import yaml
 
 from components import storage
 from components.config import Config, ConfigError, to_dict
+from components.names import new_id
 
 Echo = Callable[[str], None]
 SOURCE_NAME = "visiontune run"  # the entry point, as the run page's "Source" names it
 
 
 def new_pipeline_id() -> str:
-    return time.strftime("vt-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    return new_id("vt")
 
 
 def git_commit() -> str | None:
@@ -109,21 +108,3 @@ def plan_search(cfg: Config) -> SearchPlan:
     # Checkpoints go there from every trial: a missing bucket or credentials fail here, once.
     storage.check_writable(cfg.ray.storage_path)
     return SearchPlan(axes, base, num_trials)
-
-
-
-def progress_printer(echo: Echo, verb: str, unit: str, every_s: float = 5.0):
-    """A `progress(done, total)` callback that prints a line at most every `every_s` seconds
-    (and the last one, when anything was printed): long folders show they are moving."""
-    started = time.monotonic()
-    last = [started]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - last[0] >= every_s or (done == total and last[0] > started):
-            last[0] = now
-            rate = done / max(now - started, 1e-9)
-            left = (total - done) / rate if rate > 0 else 0
-            echo(f"  {verb} {done}/{total} {unit} ({100 * done / max(total, 1):.0f}%, "
-                 f"{rate:.0f}/s, ~{left:.0f} s left)")
-    return progress

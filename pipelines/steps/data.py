@@ -9,33 +9,36 @@ import tempfile
 from pathlib import Path
 
 from components.config import Config
-from pipelines.steps.common import Echo, progress_printer
+from pipelines.console import Progress
+from pipelines.steps.common import Echo
 
 # ----------------------------------------------------------------------------- data
 
 def prepare_data(cfg: Config, record, echo: Echo = print):
     """ingest -> validate -> split; a resumed run reads the manifest it logged instead."""
-    from components.data import SplitManifest
+    from components.data import split_dataset
 
-    if record.step_done("split"):
-        from components.data.preprocessed import open_store
+    d = cfg.data
+    split_seed = cfg.seed if d.split_seed is None else d.split_seed
 
-        with tempfile.TemporaryDirectory() as d:
-            record.download("data", d)
-            manifest = SplitManifest.load(Path(d) / "data")
-        stores = record.run().data.tags.get(DECODED_TAG, "")
-        # The stores are not saved with the manifest: the run's tag says where they are.
-        manifest = dataclasses.replace(manifest, decoded=tuple(
-            s for s in map(open_store, filter(None, stores.split("\n"))) if s is not None))
-        echo(f"  data: the run's manifest {manifest.counts()}, fingerprint "
-             f"{manifest.fingerprint[:12]}")
+    def split(images, test_images):
+        manifest = split_dataset(images, d.val_fraction, d.test_fraction, split_seed,
+                                 test_images)
+        echo(f"  split {manifest.counts()} (split seed {split_seed}"
+             + (f", test split from {d.test_path}" if d.test_path else "")
+             + f"), fingerprint {manifest.fingerprint[:12]}, test images "
+             f"{manifest.test_fingerprint[:12]}")
         return manifest
 
-    from components.data import (
-        index_images,
-        split_dataset,
-        write_digits_folder,
-    )
+    return record.run_step("split", echo, split, save=lambda m: _save_split(m, record),
+                           load=lambda: _load_split(record, echo),
+                           inputs=lambda: _ingest_and_validate(cfg, record, echo))
+
+
+def _ingest_and_validate(cfg: Config, record, echo: Echo):
+    """The images of data.path (and data.test_path) that can be read, each decoded once into
+    the sweep's store when data.preprocess is on: (images, test images or None)."""
+    from components.data import index_images, write_digits_folder
     from components.data.split import min_images_per_class
     from components.training.metrics import check_average
 
@@ -66,22 +69,35 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
         if skipped:
             record.log_text("\n".join(f"{p}\t{r}" for p, r in skipped),
                             "data/skipped_images.tsv")
-    with record.step("split", echo):
-        split_seed = cfg.seed if d.split_seed is None else d.split_seed
-        manifest = split_dataset(images, d.val_fraction, d.test_fraction, split_seed,
-                                 test_images)
-        echo(f"  split {manifest.counts()} (split seed {split_seed}"
-             + (f", test split from {d.test_path}" if d.test_path else "")
-             + f"), fingerprint {manifest.fingerprint[:12]}, test images "
-             f"{manifest.test_fingerprint[:12]}")
-        record.set_tags({"visiontune.data_fingerprint": manifest.fingerprint,
-                         "visiontune.test_fingerprint": manifest.test_fingerprint})
-        record.log_params({"data_fingerprint": manifest.fingerprint,
-                           "data_classes": ",".join(manifest.classes)})
-        with tempfile.TemporaryDirectory() as d:
-            for path in manifest.save(d):
-                record.log_artifact(path, "data")
-        log_split_datasets(manifest, record)
+    return images, test_images
+
+
+def _save_split(manifest, record) -> None:
+    """The manifest (data/ artifacts), its fingerprints and the split's dataset inputs."""
+    record.set_tags({"visiontune.data_fingerprint": manifest.fingerprint,
+                     "visiontune.test_fingerprint": manifest.test_fingerprint})
+    record.log_params({"data_fingerprint": manifest.fingerprint,
+                       "data_classes": ",".join(manifest.classes)})
+    with tempfile.TemporaryDirectory() as d:
+        for path in manifest.save(d):
+            record.log_artifact(path, "data")
+    log_split_datasets(manifest, record)
+
+
+def _load_split(record, echo: Echo):
+    """The manifest a run saved, with the stores of decoded images its tag names."""
+    from components.data import SplitManifest
+    from components.data.preprocessed import open_store
+
+    with tempfile.TemporaryDirectory() as d:
+        record.download("data", d)
+        manifest = SplitManifest.load(Path(d) / "data")
+    stores = record.run().data.tags.get(DECODED_TAG, "")
+    # The stores are not saved with the manifest: the run's tag says where they are.
+    manifest = dataclasses.replace(manifest, decoded=tuple(
+        s for s in map(open_store, filter(None, stores.split("\n"))) if s is not None))
+    echo(f"  data: the run's manifest {manifest.counts()}, fingerprint "
+         f"{manifest.fingerprint[:12]}")
     return manifest
 
 
@@ -102,10 +118,8 @@ def _validated(cfg: Config, index, min_per_class: int, echo: Echo):
         target = DecodeTarget(cfg.ray.storage_path, d.image_size, d.channels,
                               cluster=(lambda: _cluster_session(cfg)) if address else None)
     return validate_images(index, d.on_bad_image, min_per_class,
-                           progress=progress_printer(echo, "read" if target else "checked",
-                                                     "images"),
-                           decode_to=target,
-                           decoding=progress_printer(echo, "decoded", "images"))
+                           progress=Progress("  read" if target else "  checked", echo=echo),
+                           decode_to=target, decoding=Progress("  decoded", echo=echo))
 
 
 @contextlib.contextmanager

@@ -3,9 +3,7 @@ registry."""
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from components.config import Config
@@ -25,23 +23,14 @@ class Evaluation:
 def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
                   echo: Echo = print) -> Evaluation:
     """The best trial by val F1, loaded from its best epoch and run once on the test split.
-    Recomputed on resume (deterministic, seconds); logged only once."""
-    import matplotlib.pyplot as plt
-
+    Recomputed on resume (deterministic, seconds); recorded only once."""
     from components.augment import eval_preprocessing
-    from components.evaluation import (
-        evaluate_on_test,
-        leaderboard,
-        plot_confusion_matrix,
-        plot_trial_curves,
-        select_best_trial,
-    )
+    from components.evaluation import evaluate_on_test, select_best_trial
     from components.models import build_model
     from components.training.checkpoint import load_best_weights
     from components.tuning.space import set_params
 
-    logged = record.step_done("evaluate")
-    with record.step("evaluate", echo):
+    def evaluate() -> Evaluation:
         best = select_best_trial(trials)
         sections = set_params(plan.base, best.params)
         model = build_model(sections["model"], len(manifest.classes), sections["data"].channels)
@@ -53,28 +42,35 @@ def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
                                   cfg.evaluation.average, decoded=manifest.decoded)
         echo(f"  best trial {best.trial_id}: val_f1={best.best_val_f1:.4f} "
              f"test_f1={report.metrics['f1']:.4f} ({report.average})")
-        if logged:
-            return Evaluation(best, model, prep, report)
-        record.log_metrics({**{f"test_{k}": v for k, v in report.metrics.items()},
-                            "best_val_f1": best.best_val_f1})
-        record.log_params({"best_trial_id": best.trial_id, "test_f1_average": report.average,
-                           **{f"best.{k}": v for k, v in best.params.items()}})
-        with tempfile.TemporaryDirectory() as d:
-            pred_csv = Path(d) / "test_predictions.csv"
-            report.predictions[["path", "label", "prediction", "probability"]].to_csv(
-                pred_csv, index=False)
-            record.log_artifact(pred_csv, "evaluation")
-            board = Path(d) / "leaderboard.csv"
-            leaderboard(trials).to_csv(board, index=False)
-            record.log_artifact(board, "evaluation")
-        record.log_text(report.report, "evaluation/classification_report.txt")
-        for fig, name in ((plot_confusion_matrix(report.confusion, manifest.classes),
-                           "evaluation/confusion_matrix.png"),
-                          (plot_trial_curves(trials), "evaluation/val_f1_curves.png")):
-            record.log_figure(fig, name)
-            plt.close(fig)
-        log_review_artifacts(plan, manifest, trials, report, prep, record)
-    return Evaluation(best, model, prep, report)
+        return Evaluation(best, model, prep, report)
+
+    return record.run_step(
+        "evaluate", echo, evaluate,
+        save=lambda e: _save_evaluation(plan, manifest, trials, e, record))
+
+
+def _save_evaluation(plan: SearchPlan, manifest, trials, evaluation: Evaluation,
+                     record) -> None:
+    """The test metrics, the predictions, the leaderboard and the plots, on the parent run."""
+    import matplotlib.pyplot as plt
+
+    from components.evaluation import leaderboard, plot_confusion_matrix, plot_trial_curves
+
+    best, report = evaluation.best, evaluation.report
+    record.log_metrics({**{f"test_{k}": v for k, v in report.metrics.items()},
+                        "best_val_f1": best.best_val_f1})
+    record.log_params({"best_trial_id": best.trial_id, "test_f1_average": report.average,
+                       **{f"best.{k}": v for k, v in best.params.items()}})
+    record.log_table(report.predictions[["path", "label", "prediction", "probability"]],
+                     "evaluation/test_predictions.csv")
+    record.log_table(leaderboard(trials), "evaluation/leaderboard.csv")
+    record.log_text(report.report, "evaluation/classification_report.txt")
+    for fig, name in ((plot_confusion_matrix(report.confusion, manifest.classes),
+                       "evaluation/confusion_matrix.png"),
+                      (plot_trial_curves(trials), "evaluation/val_f1_curves.png")):
+        record.log_figure(fig, name)
+        plt.close(fig)
+    log_review_artifacts(plan, manifest, trials, report, evaluation.preprocessing, record)
 
 
 def log_review_artifacts(plan: SearchPlan, manifest, trials, report, prep: dict,
@@ -99,10 +95,7 @@ def log_review_artifacts(plan: SearchPlan, manifest, trials, report, prep: dict,
     continuous = [a.key for a in plan.axes if not a.is_categorical]
     hue = PANEL_KEY if PANEL_KEY in categorical else None
     table = per_class_metrics(report.predictions, manifest.classes)
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "per_class_metrics.csv"
-        table.to_csv(path, index=False)
-        record.log_artifact(path, "evaluation")
+    record.log_table(table, "evaluation/per_class_metrics.csv")
     figures = {
         "evaluation/comparison_heatmap.png": plot_comparison_heatmap(board, categorical),
         "evaluation/continuous_axes.png": plot_continuous_axes(
@@ -128,55 +121,80 @@ NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI (Mar
 def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: Echo = print):
     """Log the model and register it as `challenger` (and `champion` when there is none).
     The model is an MLflow pyfunc from code that takes raw images (bytes or paths) and carries
-    its own preprocessing (`components/serving/image_classifier.py`). Idempotent: a resumed
-    run that had already logged or registered reuses that."""
-    from components.registry import register_challenger, version_description
+    its own preprocessing (`components/serving/image_classifier.py`). A resumed run whose
+    register step is done reads the version back from its record."""
+    from components.registry import RegisteredVersion, model_version_aliases
+
+    name = cfg.registry.model_name
+
+    def registered_before() -> RegisteredVersion:
+        version = record.run().data.tags[VERSION_TAG]
+        return RegisteredVersion(name, version,
+                                 model_version_aliases(record.tracker, name, version))
+
+    return record.run_step(
+        "register", echo, lambda: _register(name, manifest, evaluation, record),
+        save=lambda registered: _save_registered(registered, manifest, evaluation, record),
+        load=registered_before)
+
+
+def _register(name: str, manifest, evaluation: Evaluation, record):
+    """The logged model, registered. Both halves are idempotent (a run interrupted between
+    them, or after them, is resumed): the model logged once (its URI tagged on the run), and
+    `register_challenger` returns the version this run already registered."""
+    from components.registry import register_challenger
     from components.serving import CODE_TAG
     from components.serving.packaging import log_image_classifier
 
-    with record.step("register", echo):
-        tags = record.run().data.tags
-        model_uri = tags.get(MODEL_URI_TAG)
-        best, prep, report = evaluation.best, evaluation.preprocessing, evaluation.report
-        if model_uri is None:
-            metadata = {"class_names": manifest.classes, "preprocessing": prep,
-                        "data_fingerprint": manifest.fingerprint,
-                        "pipeline_id": record.pipeline_id,
-                        "hyperparameters": {k: str(v) for k, v in best.params.items()}}
-            model_uri = log_image_classifier(record.tracker, record.run_id, evaluation.model,
-                                             manifest.classes, prep, metadata)
-            if model_uri.startswith("models:/m-"):
-                # MLflow's lineage: these test metrics are this model's, on these images
-                # (promote reads it to check that two versions were tested on the same).
-                record.tracker.log_model_metrics(
-                    record.run_id, model_uri.removeprefix("models:/"),
-                    {f"test_{k}": v for k, v in report.metrics.items()},
-                    test_dataset_name(manifest), manifest.test_fingerprint)
-            record.set_tags({MODEL_URI_TAG: model_uri})
-        description = version_description(
-            record.pipeline_id, len(manifest.paths), manifest.counts(), manifest.classes,
-            manifest.fingerprint, report.metrics, report.average, best.best_val_f1,
-            best.params, cv=best.cv, test_root=manifest.test_root)
-        # What every loader will run, hashed as it lies in the artifact store: predict and
-        # promote refuse the version if a file changes there.
-        code = record.tracker.model_code_digest(model_uri)
-        # k-fold: best_val_f1 is the folds' mean; the registered model is one fold's
-        val_f1 = best.cv["cv_best_fold_val_f1"] if best.cv else best.best_val_f1
-        registered = register_challenger(
-            record.tracker, model_uri, cfg.registry.model_name, record.run_id,
-            tags={"data_fingerprint": manifest.fingerprint,
-                  "test_fingerprint": manifest.test_fingerprint,
-                  "test_f1": report.metrics["f1"], "test_f1_average": report.average,
-                  "val_f1": val_f1, "pipeline_id": record.pipeline_id, "model_uri": model_uri,
-                  CODE_TAG: code,
-                  **({"cv_mean_val_f1": best.best_val_f1} if best.cv else {})},
-            description=description)
-        # The run page's Description says the same, with where the model went and what to
-        # open first (it read "No description").
-        note = (f"Registered as **{registered.name} version {registered.version}** (aliases: "
-                f"{', '.join(registered.aliases) or 'none'}).\n\n{description}\n"
-                f"At a glance (Artifacts): `evaluation/comparison_heatmap.png` (the search), "
-                f"`evaluation/misclassified.png`, `evaluation/per_class_metrics.png`, "
-                f"`evaluation/leaderboard.csv`.\n")
-        record.set_tags({VERSION_TAG: registered.version, NOTE_TAG: note})
-    return registered
+    best, prep, report = evaluation.best, evaluation.preprocessing, evaluation.report
+    model_uri = record.run().data.tags.get(MODEL_URI_TAG)
+    if model_uri is None:
+        metadata = {"class_names": manifest.classes, "preprocessing": prep,
+                    "data_fingerprint": manifest.fingerprint,
+                    "pipeline_id": record.pipeline_id,
+                    "hyperparameters": {k: str(v) for k, v in best.params.items()}}
+        model_uri = log_image_classifier(record.tracker, record.run_id, evaluation.model,
+                                         manifest.classes, prep, metadata)
+        if model_uri.startswith("models:/m-"):
+            # MLflow's lineage: these test metrics are this model's, on these images
+            # (promote reads it to check that two versions were tested on the same).
+            record.tracker.log_model_metrics(
+                record.run_id, model_uri.removeprefix("models:/"),
+                {f"test_{k}": v for k, v in report.metrics.items()},
+                test_dataset_name(manifest), manifest.test_fingerprint)
+        record.set_tags({MODEL_URI_TAG: model_uri})
+    # What every loader will run, hashed as it lies in the artifact store: predict and
+    # promote refuse the version if a file changes there.
+    code = record.tracker.model_code_digest(model_uri)
+    # k-fold: best_val_f1 is the folds' mean; the registered model is one fold's
+    val_f1 = best.cv["cv_best_fold_val_f1"] if best.cv else best.best_val_f1
+    return register_challenger(
+        record.tracker, model_uri, name, record.run_id,
+        tags={"data_fingerprint": manifest.fingerprint,
+              "test_fingerprint": manifest.test_fingerprint,
+              "test_f1": report.metrics["f1"], "test_f1_average": report.average,
+              "val_f1": val_f1, "pipeline_id": record.pipeline_id, "model_uri": model_uri,
+              CODE_TAG: code, **({"cv_mean_val_f1": best.best_val_f1} if best.cv else {})},
+        description=_description(manifest, evaluation, record))
+
+
+def _description(manifest, evaluation: Evaluation, record) -> str:
+    from components.registry import version_description
+
+    best, report = evaluation.best, evaluation.report
+    return version_description(
+        record.pipeline_id, len(manifest.paths), manifest.counts(), manifest.classes,
+        manifest.fingerprint, report.metrics, report.average, best.best_val_f1,
+        best.params, cv=best.cv, test_root=manifest.test_root)
+
+
+def _save_registered(registered, manifest, evaluation: Evaluation, record) -> None:
+    """The version on the parent run, and the run page's Description saying the same, with
+    where the model went and what to open first (it read "No description")."""
+    note = (f"Registered as **{registered.name} version {registered.version}** (aliases: "
+            f"{', '.join(registered.aliases) or 'none'}).\n\n"
+            f"{_description(manifest, evaluation, record)}\n"
+            f"At a glance (Artifacts): `evaluation/comparison_heatmap.png` (the search), "
+            f"`evaluation/misclassified.png`, `evaluation/per_class_metrics.png`, "
+            f"`evaluation/leaderboard.csv`.\n")
+    record.set_tags({VERSION_TAG: registered.version, NOTE_TAG: note})

@@ -1,12 +1,14 @@
 """No secret in the record: the shared tiny run (tests/e2e/conftest.py) ran with credentials in
 its environment as an operator passes them (MLflow user, password and token, an AWS secret
 key). Everything that run left on the real `mlflow server` - params, tags, metrics, datasets,
-the registered version, the LoggedModel and every artifact's bytes - is searched for them."""
+the registered model and version, the LoggedModel with its own files and every artifact's
+bytes - is searched for them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -38,8 +40,18 @@ def test_no_planted_secret_anywhere_in_the_record(served_pipeline, tmp_path):
     for i, run in enumerate(runs):
         texts += _texts_of_run(client, run, tmp_path / str(i))
     model = client.get_logged_model(version.source.removeprefix("models:/"))
+    registered = client.get_registered_model(served_pipeline["model"])
     texts += [*model.params.values(), *model.tags.values(), version.description or "",
-              *version.tags.values()]
+              *version.tags.values(), registered.description or "",
+              *registered.tags.values()]
+    # The model's own files (MLmodel, requirements, input example, code, network) live in the
+    # LoggedModel's artifact location, not among the run's artifacts.
+    files = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=model.artifact_location, dst_path=str(tmp_path / "model"),
+        tracking_uri=served_pipeline["uri"]))
+    model_files = [f for f in files.rglob("*") if f.is_file()]
+    assert any(f.name == "MLmodel" for f in model_files), model_files
+    texts += [f.read_bytes().decode("latin-1") for f in model_files]
     everything = "\n".join(texts)
     assert "logs/ray.log" in {a.path for a in client.list_artifacts(parent.info.run_id, "logs")}
     assert len(everything) > 10_000   # the artifacts were read, not just the tags

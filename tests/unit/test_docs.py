@@ -73,3 +73,22 @@ def test_the_readme_links_every_docs_page():
     pages = {f"docs/{p.name}" for p in PAGES[1:]}
     linked = {t.partition("#")[0] for t in readme}
     assert pages <= linked, f"docs pages the README does not link: {sorted(pages - linked)}"
+
+
+def test_every_limit_of_the_served_model_is_documented_with_its_default():
+    """The Security table of docs/serving.md names every limit the served model reads from its
+    environment, with the default the code uses: a new limit, or a changed default, shows up
+    in the page an operator reads."""
+    from components.serving import image_classifier as mc
+    from components.serving import preprocessing as pp
+
+    table = (ROOT / "docs" / "serving.md").read_text()
+    limits = {pp.MAX_PIXELS_ENV: pp.DEFAULT_MAX_PIXELS, pp.MAX_BYTES_ENV: pp.DEFAULT_MAX_BYTES,
+              pp.MAX_REQUEST_PIXELS_ENV: pp.DEFAULT_MAX_REQUEST_PIXELS,
+              mc.MAX_ROWS_ENV: mc.DEFAULT_MAX_ROWS}
+    for env, default in limits.items():
+        row = next((line for line in table.splitlines() if line.startswith(f"| `{env}` |")), "")
+        assert f"{default:,}" in row, f"{env} (default {default:,}) not in docs/serving.md"
+    assert f"| `{mc.PATH_ROOTS_ENV}` |" in table
+    readme = (ROOT / "README.md").read_text()
+    assert "## Security" in readme and "serving.md#security" in readme

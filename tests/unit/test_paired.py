@@ -26,9 +26,10 @@ def _models(n, k, acc_a, acc_b, seed):
 
 def _plain_bootstrap(y, a, b, k, average, resamples, seed, confidence):
     """The textbook paired bootstrap, one resample at a time: the same drawn images for both
-    models, scikit-learn's F1 (every class counts, 0/0 = 0), percentile interval."""
+    models, scikit-learn's F1 over the classes of the images and predictions (0/0 = 0),
+    percentile interval."""
     rng = np.random.default_rng(seed)
-    labels = [1] if average == "binary" else list(range(k))
+    labels = [1] if average == "binary" else sorted(set(y) | set(a) | set(b))
     diffs = []
     for _ in range(resamples):
         i = rng.integers(0, len(y), len(y))
@@ -65,6 +66,23 @@ def test_interval_and_table_match_an_independent_computation(n, k, average, conf
     assert d.mcnemar_p == pytest.approx(binomtest(d.challenger_only, d.challenger_only
                                                   + d.champion_only, 0.5).pvalue)
     assert d.n == n and d.resamples == 1000 and len(d.differences) == 1000
+
+
+def test_a_class_no_image_has_and_no_model_predicts_does_not_shrink_the_difference():
+    """Images gathered for `promote --data` may lack a class both models know: macro F1 over
+    the classes that occur (scikit-learn's default labels), not 0/0 = 0 for the others."""
+    y, a, b = _models(300, 3, 0.95, 0.8, seed=3)      # classes 0-2 only
+    d = decide(y, a, b, 5, "macro", resamples=1000, seed=1)   # the models know 5
+    assert d.f1_challenger == pytest.approx(f1_score(y, a, average="macro"))
+    assert d.difference == pytest.approx(f1_score(y, a, average="macro")
+                                         - f1_score(y, b, average="macro"))
+    low, high = _plain_bootstrap(y, a, b, 5, "macro", 1000, 1, 0.95)
+    assert (d.ci_low, d.ci_high) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    # a class a model predicts though no image has it counts (F1 0), as scikit-learn counts it
+    a2 = a.copy()
+    a2[:5] = 4
+    d2 = decide(y, a2, b, 5, "macro", resamples=200, seed=1)
+    assert d2.f1_challenger == pytest.approx(f1_score(y, a2, average="macro"))
 
 
 def test_power_floor_is_the_fewest_one_sided_images_that_can_be_significant():

@@ -246,6 +246,10 @@ def test_two_new_registrations_at_once_both_register_and_one_is_champion(store):
     champion = _alias(tracker, "brand-new", CHAMPION)
     assert champion in ("1", "2")
     assert [CHAMPION in r.aliases for r in results if r.version == champion] == [True]
+    # the other is the challenger, so a plain `promote` compares it with the champion
+    other = next(r for r in results if r.version != champion)
+    assert other.aliases == (CHALLENGER,) and _alias(tracker, "brand-new", CHALLENGER) == \
+        other.version
 
 
 def test_same_test_images_rule():
@@ -264,8 +268,10 @@ def test_the_record_recomputes_from_its_predictions(store, tmp_path):
     MLflow's own lineage."""
     from scipy.stats import binomtest
 
-    tracker = store["tracker"]
-    r = promote(tracker, "worse", dry_run=True)
+    tracker, register = store["tracker"], store["register"]
+    register(_perfect(), "recompute")
+    register(_always_cat(), "recompute")
+    r = promote(tracker, "recompute", dry_run=True)
     frame = pd.read_csv(tracker.client.download_artifacts(
         r.run_id, "promotion/predictions.csv", str(tmp_path)))
     b = int((frame.challenger_correct & ~frame.champion_correct).sum())
@@ -273,7 +279,7 @@ def test_the_record_recomputes_from_its_predictions(store, tmp_path):
     metrics = MlflowClient(tracker.uri).get_run(r.run_id).data.metrics
     assert (metrics["challenger_only_right"], metrics["champion_only_right"]) == (b, c)
     assert metrics["mcnemar_p"] == pytest.approx(binomtest(b, b + c, 0.5).pvalue)
-    mv = tracker.client.get_model_version("worse", "1")
+    mv = tracker.client.get_model_version("recompute", "1")
     linked = tracker.client.get_logged_model(mv.source.removeprefix("models:/")).metrics
     digests = {m.dataset_digest for m in linked if m.key == "test_f1"}
     assert digests == {mv.tags["test_fingerprint"][:36]}
@@ -316,3 +322,45 @@ def test_promote_refuses_credentials_in_data(capsys):
     err = capsys.readouterr().err
     assert "PLANTED" not in err and "--data=s3://***@bucket/new carries credentials" in err
 
+
+
+def _cli(args: list[str], capsys) -> tuple[int, list[str]]:
+    from pipelines.cli import main
+
+    code = main(args)
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_the_cli_rule_options_change_the_decision_and_say_so(store, capsys):
+    """`--non-inferior`, `--confidence` and `registry.min_f1_gain` through the command as
+    users type it, with the printed decision and the recorded rule."""
+    tracker, register = store["tracker"], store["register"]
+    uri = f"tracking.uri={tracker.uri}"
+    register(_perfect(), "rules")
+    register(_perfect(), "rules")     # v2: as good as the champion, no better
+    code, out = _cli(["promote", "--model", "rules", uri], capsys)
+    assert code == 3 and out[-2].startswith("keep the champion: not shown to be better")
+    assert _alias(tracker, "rules", CHAMPION) == "1"
+    # a smaller or faster model that is not worse: promoted, stated as non-inferiority
+    code, out = _cli(["promote", "--model", "rules", "--non-inferior", "0.05", uri], capsys)
+    assert code == 0, out
+    assert any("not worse by more than 0.0500 (non-inferiority, not superiority)" in line
+               for line in out), out
+    assert _alias(tracker, "rules", CHAMPION) == "2"
+    runs = tracker.client.search_runs(
+        [e.experiment_id for e in tracker.client.search_experiments()],
+        "tags.`visiontune.model_name` = 'rules'", order_by=["attributes.start_time DESC"])
+    assert runs[0].data.params["rule"] == "non-inferiority"
+    # better, but not by the gain asked for; the interval at the confidence asked for
+    register(_always_cat(), "rules")
+    register(_perfect(), "rules")      # v4, against v3 as the champion: binary F1 1 vs 0
+    tracker.client.set_registered_model_alias("rules", CHAMPION, "3")
+    code, out = _cli(["promote", "--model", "rules", "--version", "4", "--confidence", "0.8",
+                      "registry.min_f1_gain=1.0", uri], capsys)
+    assert code == 3, out
+    assert any("80% interval [+1.0000, +1.0000]" in line for line in out), out
+    assert out[-2].startswith("keep the champion: not shown to be better") and \
+        "reaches +1.0000 (registry.min_f1_gain)" in out[-2]
+    code, out = _cli(["promote", "--model", "rules", "--version", "4",
+                      "registry.min_f1_gain=0.1", uri], capsys)
+    assert code == 0 and _alias(tracker, "rules", CHAMPION) == "4"

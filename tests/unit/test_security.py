@@ -24,6 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
     ("data.test_path=gs://tok:PLANTED@bucket/test", "PLANTED"),
     ("ray.storage_path=s3://bucket/ray?secret_key=PLANTED", "PLANTED"),
     ("tracking.artifact_location=s3://bucket/a?X-Amz-Signature=PLANTED", "PLANTED"),
+    # A '/', '#' or '?' inside the secret (half of all AWS secret keys hold a '/') ends the
+    # authority for urlsplit, which then sees no password at all.
+    ("data.path=s3://AKIAPLANTED:wJalr/K7MDPLANTED@bucket/x", "K7MDPLANTED"),
+    ("tracking.uri=http://u:p/ssPLANTED@127.0.0.1:5000", "ssPLANTED"),
+    ("tracking.uri=http://u:p#ssPLANTED@127.0.0.1:5000", "ssPLANTED"),
+    ("ray.storage_path=s3://AKIAPLANTED:ab?cdPLANTED@bucket/ray", "cdPLANTED"),
 ])
 def test_credentials_in_a_uri_are_refused_without_printing_them(override, secret, capsys):
     with pytest.raises(ConfigError, match="carries credentials") as info:
@@ -35,11 +41,28 @@ def test_credentials_in_a_uri_are_refused_without_printing_them(override, secret
     assert err.startswith("visiontune: config error: ")
 
 
+@pytest.mark.parametrize("uri", [
+    "s3://bucket/users/me@example.org/photos", "s3://bucket/a:b@c/d",
+    "http://127.0.0.1:5000/mlflow@team", "gs://bucket/x?prefix=a@b", "file:///data/a@b:c",
+    "s3://bucket/x", "http://127.0.0.1:5000"])
+def test_an_at_sign_in_a_path_is_not_taken_for_credentials(uri):
+    from components.credentials import masked, uri_secret
+
+    assert uri_secret(uri) is None
+    assert masked(uri).split("?")[0] == uri.split("?")[0]
+
+
 def test_a_tracking_uri_with_credentials_from_the_environment_is_refused(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://me:PLANTED@mlflow.example.org")
     with pytest.raises(ConfigError, match=r"MLFLOW_TRACKING_URI .*https://\*\*\*@mlflow") as e:
         load_config([])
     assert "PLANTED" not in str(e.value)
+
+
+def test_submit_refuses_an_address_with_credentials(capsys):
+    code = main(["submit", "--address", "http://u:PLANTED@127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "PLANTED" not in err and "carries credentials" in err
 
 
 def test_predict_refuses_a_tracking_uri_with_credentials(capsys):
@@ -59,8 +82,10 @@ print(json.dumps(sorted(set(events))))
 """
 
 
-def _sockets_at_import(module: str) -> list[str]:
+def _sockets_at_import(module: str, inherited: str | None = None) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    if inherited is not None:
+        env["NO_ALBUMENTATIONS_UPDATE"] = inherited
     out = subprocess.run([sys.executable, "-c", _PROBE.format(module=module)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -72,6 +97,8 @@ def test_importing_the_augmentation_opens_no_socket():
     the project sets it itself (the environment here has it unset)."""
     assert _sockets_at_import("albumentations"), "the control should reach for the network"
     assert _sockets_at_import("components.augment") == []
+    # a value a shell left empty (or "0") would turn albumentations' check back on
+    assert _sockets_at_import("components.augment", inherited="") == []
     # a Train worker's whole import (torch, Ray, MLflow too: Ray binds a local socket) reaches
     # for no other host
     outbound = {"socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "urllib.Request"}

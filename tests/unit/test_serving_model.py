@@ -290,6 +290,22 @@ def test_decoding_is_bounded_per_image(monkeypatch):
         _classifier().predict(None, pd.DataFrame({"image": [_png((0, 0, 0))] * 3}))
 
 
+def test_a_request_spends_a_pixel_budget_and_the_next_one_has_its_own(monkeypatch):
+    """Many images just under the per-image limit cannot hold a scoring worker for minutes:
+    the rows after the request's budget is spent are refused, before they are decoded."""
+    monkeypatch.setenv(pp.MAX_REQUEST_PIXELS_ENV, "80")    # two 7 x 5 images, not three
+    images = pd.DataFrame({"image": [_png((0, 0, 255))] * 3})
+    for _ in range(2):
+        frame = _classifier().predict(None, images)
+        assert frame.error[:2].tolist() == [None, None]
+        assert frame.prediction[:2].tolist() == ["c d", "c d"]
+        assert frame.error[2] == ("ImageRefused: 7 x 5 pixels is more than this request has "
+                                  "left of its 80 (VISIONTUNE_MAX_REQUEST_PIXELS): send fewer "
+                                  "images per request")
+    monkeypatch.setenv(pp.MAX_REQUEST_PIXELS_ENV, "1000")
+    assert _classifier().predict(None, images).error.isna().all()
+
+
 def test_a_16_bit_image_within_the_limit_scales_in_float32():
     arr = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)
     img = Image.fromarray(arr)   # mode I;16
