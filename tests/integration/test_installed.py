@@ -1,11 +1,12 @@
-"""Installed as users install it, not as a checkout: a wheel of the project in a fresh
-virtualenv gives a working `visiontune` in an empty folder, conf/ included (it ships as data
-files, found under <prefix>/share/visiontune/conf), and the quick experiment named as the
-README tells an installed user to name it (`--config quick`) runs end to end.
+"""Installed as users install it, not as a checkout: a wheel of the project, or `pip install .`
+of a clone (not editable), in a fresh virtualenv gives a working `visiontune` in an empty
+folder, conf/ included (it ships as data files, found under <prefix>/share/visiontune/conf),
+and the quick experiment named as the README tells an installed user to name it
+(`--config quick`) runs end to end.
 
 The fresh virtualenv gets the project's dependencies (torch, Ray, MLflow: gigabytes) from this
 one's site-packages through a path file instead of a new download; the project itself comes
-only from the wheel (this checkout's editable-install hook is not loaded there)."""
+only from the wheel or the folder (this checkout's editable-install hook is not loaded there)."""
 
 from __future__ import annotations
 
@@ -31,14 +32,33 @@ def test_every_conf_file_is_shipped_as_data():
     assert conf <= shipped, f"conf files a wheel would leave out: {sorted(conf - shipped)}"
 
 
+def _package(how: str, tmp_path: Path) -> str:
+    """What `pip install` is given: a wheel built from the checkout (`pip wheel .`), or the
+    project folder itself (`pip install .`, not editable), from a copy of the tracked files as
+    a fresh clone has them (no build/ or egg-info of the checkout's own)."""
+    if how == "wheel":
+        dist = tmp_path / "dist"
+        build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+                                "-w", str(dist), "-q"], capture_output=True, text=True,
+                               timeout=600)
+        assert build.returncode == 0, build.stderr[-2000:]
+        return str(next(dist.glob("visiontune-*.whl")))
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        if (ROOT / rel).is_file():
+            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+            (clone / rel).write_bytes((ROOT / rel).read_bytes())
+    return str(clone)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_wheel_in_a_fresh_venv_runs_the_quick_experiment_from_an_empty_folder(tmp_path):
-    dist = tmp_path / "dist"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
-                            "-w", str(dist), "-q"], capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stderr[-2000:]
-    wheel = next(dist.glob("visiontune-*.whl"))
+@pytest.mark.parametrize("how", ["wheel", "folder"])
+def test_installed_in_a_fresh_venv_runs_the_quick_experiment_from_an_empty_folder(how,
+                                                                                tmp_path):
+    package = _package(how, tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
@@ -46,7 +66,7 @@ def test_a_wheel_in_a_fresh_venv_runs_the_quick_experiment_from_an_empty_folder(
                               capture_output=True, text=True, check=True).stdout.strip()
     # The dependencies, as plain paths appended after the new venv's own site-packages.
     (Path(new_site) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    install = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+    install = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", package],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]
     # From an empty folder, as a user would: `python -c` puts the current folder first on

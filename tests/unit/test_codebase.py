@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = sorted([*ROOT.glob("components/**/*.py"), *ROOT.glob("pipelines/*.py")])
+SOURCES = sorted([*ROOT.glob("components/**/*.py"), *ROOT.glob("pipelines/**/*.py")])
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
@@ -149,3 +149,31 @@ def test_pure_modules_import_neither_ray_nor_mlflow():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             bad += [f"{rel}: {n}" for n in names if n.split(".")[0] in ("ray", "mlflow")]
     assert not bad, bad
+
+
+def test_the_metric_names_trials_report_are_the_epoch_metrics_fields():
+    """What the tuning code reads from a trial's reported result (`m["best_val_f1"]`,
+    `m.get("epoch")`, the schedulers' and searchers' `metric=`) is a field of `EpochMetrics`,
+    the one definition of an epoch's metrics: a renamed field fails here, not in a sweep."""
+    import dataclasses
+    import re
+
+    from components.training.worker import EpochMetrics
+
+    fields = {f.name for f in dataclasses.fields(EpochMetrics)}
+    metric = re.compile(r"^(epoch|early_stopped|(train|val|best_val)_\w+|best_epoch|lr)$")
+    read = set()
+    for rel in ("components/tuning/driver.py", "components/tuning/callbacks.py"):
+        for node in ast.walk(_tree(ROOT / rel)):
+            keys = []
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+                keys.append(node.slice.value)
+            elif isinstance(node, ast.Call):
+                if isinstance(node.func, ast.Attribute) and node.func.attr == "get" and \
+                        node.args and isinstance(node.args[0], ast.Constant):
+                    keys.append(node.args[0].value)
+                keys += [k.value.value for k in node.keywords if k.arg in ("metric", "time_attr")
+                         and isinstance(k.value, ast.Constant)]
+            read |= {k for k in keys if isinstance(k, str) and metric.match(k)}
+    assert read, "the scan found no metric names: the test no longer reads the code"
+    assert read <= fields, f"read but not reported: {sorted(read - fields)}"

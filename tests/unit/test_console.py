@@ -68,3 +68,49 @@ def test_one_line_per_trial_start_and_end_with_the_best_so_far():
     assert lines[1].endswith("| best so far 0.9100 (t_a)")
     assert lines[2] == "  trial 2/2 t_b started: optimizer=sgd lr=0.01"
     assert "t_b FAILED: best val_f1 0.5000" in lines[3] and "best so far 0.9100 (t_a)" in lines[3]
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_lines_every_few_seconds_with_the_rate_after_start_up(monkeypatch):
+    """One progress class for the data steps (lines through `echo`, a cumulative callback)
+    and predict (increments, unreadable images): the rate counts from the first update, a
+    line at most every `every_s` seconds, and the last one when any was printed."""
+    import pipelines.console as pc
+
+    clock = _Clock()
+    monkeypatch.setattr(pc.time, "monotonic", clock)
+    lines = []
+    progress = pc.Progress("  decoded", echo=lines.append, every_s=5)
+    clock.now += 10          # start-up before the first image: not in the rate
+    progress(10, 1000)       # the callback form: done so far, total
+    assert lines == ["  decoded 10/1,000 images (1%)"]
+    clock.now += 2
+    progress(210, 1000)
+    assert len(lines) == 1   # 2 s after the last line
+    clock.now += 4
+    progress(610, 1000)
+    assert lines[-1] == "  decoded 610/1,000 images (61%), 100 images/s, 4 s left"
+    clock.now += 1
+    progress(1000, 1000)     # the last one, though only 1 s later
+    assert lines[-1].startswith("  decoded 1,000/1,000 images (100%)") and len(lines) == 3
+    assert progress.finish().startswith("1,000 images in 17.0 s (59 images/s; 141 images/s "
+                                        "after 10 s of start-up")
+
+    quiet = []
+    short = pc.Progress("  checked", echo=quiet.append, every_s=5)
+    short(3, 3)              # done before the first interval: nothing printed
+    assert quiet == []
+
+    written = []             # a log file, not a terminal: whole lines
+    predict = pc.Progress("predict:", 100, stream=SimpleNamespace(
+        isatty=lambda: False, write=written.append, flush=lambda: None))
+    clock.now += 6
+    predict.update(40, 2)
+    assert "".join(written) == "predict: 42/100 images (42%), 2 unreadable\n"

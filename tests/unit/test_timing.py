@@ -4,6 +4,8 @@ from any process."""
 import subprocess
 import sys
 
+import pytest
+
 from components import timing
 
 
@@ -28,3 +30,17 @@ def test_marks_from_several_processes_read_back(tmp_path, monkeypatch):
     assert marks[0]["event"] == "fit_start" and marks[-1] == {**marks[-1], "t": 123.0}
     assert sorted({m["pid"] for m in marks if m["event"] == "epoch"}) == \
         sorted(p.pid for p in procs)
+
+
+def test_timed_adds_each_span_also_when_the_block_raises():
+    import time
+
+    spans = {}
+    with timing.timed(spans, "train_s"):
+        time.sleep(0.05)
+    with timing.timed(spans, "train_s"):
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError), timing.timed(spans, "val_s"):
+        time.sleep(0.02)
+        raise RuntimeError("boom")
+    assert 0.1 <= spans["train_s"] < 0.5 and 0.02 <= spans["val_s"] < 0.3

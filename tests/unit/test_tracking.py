@@ -119,3 +119,57 @@ def test_a_dataset_logged_by_two_runs_at_once_is_linked_to_both(tracker, monkeyp
     with pytest.raises(MlflowException, match="something else"):
         t.log_datasets(second, [("images", "evaluation", frame)], "/data", "d" * 64)
     assert calls == [second]      # only a duplicate key is retried
+
+
+def test_a_step_runs_once_and_a_resumed_run_reads_its_result_back(tracker):
+    """`PipelineRecord.run_step`: computed and saved once, tagged done only after both; a
+    resumed run loads the saved result (or recomputes it, unsaved, without `load`); a step
+    that failed while saving runs again."""
+    from components.tracking import PipelineRecord
+
+    t, exp, parent = tracker
+    record = PipelineRecord(t, exp, parent, "vt-test")
+    calls, lines = [], []
+
+    def compute(x):
+        calls.append(("compute", x))
+        return x * 2
+
+    def save(value):
+        calls.append(("save", value))
+        record.log_metrics({"doubled": value})
+
+    assert record.run_step("double", lines.append, compute, save,
+                           load=lambda: "from the record", inputs=lambda: (21,)) == 42
+    assert calls == [("compute", 21), ("save", 42)] and record.step_done("double")
+    # resumed: inputs and compute do not run again, nothing is saved twice
+    assert record.run_step("double", lines.append, compute, save, load=lambda: "loaded",
+                           inputs=lambda: calls.append("inputs") or (1,)) == "loaded"
+    assert calls == [("compute", 21), ("save", 42)]
+    assert "[visiontune] double: done before; its result read back from the run" in lines
+    # without `load`: computed again, not saved
+    assert record.run_step("double", lines.append, compute, save, inputs=lambda: (5,)) == 10
+    assert calls[-1] == ("compute", 5) and ("save", 10) not in calls
+    assert [m.value for m in t.metric_history(parent, "doubled")] == [42]
+
+    def broken_save(value):
+        raise OSError("store lost")
+
+    with pytest.raises(OSError):
+        record.run_step("fragile", lines.append, compute, broken_save, inputs=lambda: (1,))
+    assert not record.step_done("fragile")
+    assert t.client.get_run(parent).data.tags["visiontune.step.fragile"] == "failed"
+    assert record.run_step("fragile", lines.append, compute, save, inputs=lambda: (3,)) == 6
+
+
+def test_a_table_is_logged_as_a_csv_artifact(tracker, tmp_path):
+    import pandas as pd
+
+    t, exp, parent = tracker
+    frame = pd.DataFrame({"trial_id": ["a", "b"], "best_val_f1": [0.9, 0.8]})
+    t.log_table(parent, frame, "evaluation/leaderboard.csv")
+    t.log_table(parent, frame.head(1), "top.csv")
+    got = pd.read_csv(t.client.download_artifacts(parent, "evaluation/leaderboard.csv",
+                                                  str(tmp_path)))
+    assert got.equals(frame)
+    assert [a.path for a in t.client.list_artifacts(parent)] == ["evaluation", "top.csv"]
