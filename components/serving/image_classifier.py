@@ -85,8 +85,12 @@ def read_allowed_file(path: str, roots: list[str], max_bytes: int) -> bytes:
     if not inside(real):
         raise PathRefused(PATH_REFUSED)
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the resolved
-        # name cannot have become a symlink since.
+        # Not even opened unless it is a regular file (opening a device can act on it)...
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            raise PathRefused(PATH_REFUSED)
+        # ... and checked again on what was opened. O_NONBLOCK: opening a FIFO (swapped in
+        # since) must not wait for a writer; O_NOFOLLOW: the resolved name cannot have become
+        # a symlink since.
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         raise PathRefused(PATH_REFUSED) from None
