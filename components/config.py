@@ -21,6 +21,7 @@ from components.names import (
     OPTIMIZER_NAMES,
     POOLING_NAMES,
     SCHEDULER_NAMES,
+    backbone_names,
 )
 
 
@@ -41,9 +42,8 @@ def _fraction(doc=""):
 
 
 def _model_names() -> tuple[str, ...]:
-    # Imported lazily: listing torchvision's registry imports every model module.
-    from components.models.transfer import backbone_names
-
+    # Called only when a name other than "cnn" is checked: listing torchvision's registry
+    # imports every model module.
     return ("cnn", *backbone_names())
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from components.models.initializers import apply_initializer
+from components.names import backbone_names
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -29,11 +30,6 @@ def _torchvision():
     import torchvision
 
     return torchvision
-
-
-def backbone_names() -> list[str]:
-    torchvision = _torchvision()
-    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def hub_weights_path(arch: str) -> Path:

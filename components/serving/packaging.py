@@ -59,3 +59,14 @@ def log_image_classifier(tracker: Tracker, run_id: str, model, class_names: list
     # start_run(run_id=...) ends the run on exit; the pipeline decides its final status.
     tracker.client.update_run(run_id, status="RUNNING")
     return info.model_uri
+
+
+def model_code_digest(tracker: Tracker, model_uri: str) -> str:
+    """The sha256 of each file of the logged model (`components.serving.code_digests`), as the
+    registry tag value: read back from the artifact store, as every loader will read it."""
+    import tempfile
+
+    from components.serving import code_digests, format_digests
+
+    with tempfile.TemporaryDirectory() as d:
+        return format_digests(code_digests(tracker.download_model(model_uri, d)))

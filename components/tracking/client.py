@@ -264,16 +264,6 @@ class Tracker:
         return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
                                                    tracking_uri=self.uri)
 
-    def model_code_digest(self, model_uri: str) -> str:
-        """The sha256 of each file of the logged model (see components.serving), as the
-        registry tag value: read back from the artifact store, as every loader will read it."""
-        import tempfile
-
-        from components.serving import code_digests, format_digests
-
-        with tempfile.TemporaryDirectory() as d:
-            return format_digests(code_digests(self.download_model(model_uri, d)))
-
     def model_metrics(self, model_id: str):
         """The LoggedModel's metrics (each with its dataset_name and dataset_digest)."""
         return self.client.get_logged_model(model_id).metrics or []

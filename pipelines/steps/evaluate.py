@@ -144,7 +144,7 @@ def _register(name: str, manifest, evaluation: Evaluation, record):
     `register_challenger` returns the version this run already registered."""
     from components.registry import register_challenger
     from components.serving import CODE_TAG
-    from components.serving.packaging import log_image_classifier
+    from components.serving.packaging import log_image_classifier, model_code_digest
 
     best, prep, report = evaluation.best, evaluation.preprocessing, evaluation.report
     model_uri = record.run().data.tags.get(MODEL_URI_TAG)
@@ -165,7 +165,7 @@ def _register(name: str, manifest, evaluation: Evaluation, record):
         record.set_tags({MODEL_URI_TAG: model_uri})
     # What every loader will run, hashed as it lies in the artifact store: predict and
     # promote refuse the version if a file changes there.
-    code = record.tracker.model_code_digest(model_uri)
+    code = model_code_digest(record.tracker, model_uri)
     # k-fold: best_val_f1 is the folds' mean; the registered model is one fold's
     val_f1 = best.cv["cv_best_fold_val_f1"] if best.cv else best.best_val_f1
     return register_challenger(
