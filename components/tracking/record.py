@@ -124,8 +124,10 @@ class PipelineRecord:
                 value = load()
                 echo(f"[visiontune] {name}: done before; its result read back from the run")
                 return value
-            with self.step(name, echo):
-                return compute(*inputs())
+            # Outside `step`: a failure now must not turn a recorded step back into "failed"
+            # (the next resume would save its result a second time).
+            echo(f"[visiontune] {name}: done before; computed again, recorded once")
+            return compute(*inputs())
         args = inputs()
         with self.step(name, echo):
             value = compute(*args)

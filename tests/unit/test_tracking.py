@@ -150,6 +150,10 @@ def test_a_step_runs_once_and_a_resumed_run_reads_its_result_back(tracker):
     # without `load`: computed again, not saved
     assert record.run_step("double", lines.append, compute, save, inputs=lambda: (5,)) == 10
     assert calls[-1] == ("compute", 5) and ("save", 10) not in calls
+    # ... and a failure while computing it again leaves the step done (saved once)
+    with pytest.raises(ZeroDivisionError):
+        record.run_step("double", lines.append, lambda: 1 / 0, save)
+    assert record.step_done("double")
     assert [m.value for m in t.metric_history(parent, "doubled")] == [42]
 
     def broken_save(value):
