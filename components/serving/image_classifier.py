@@ -193,8 +193,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         probs = np.full((len(sources), len(classes)), np.nan)
         errors: list[str | None] = [None] * len(sources)
         roots = allowed_roots()
-        # Old models' preprocessing copies have no request budget: they keep their limits.
-        budget = code.max_request_pixels() if hasattr(code, "max_request_pixels") else None
+        # A model's own copies of this file and of preprocessing.py are logged together: its
+        # preprocessing always has the budget this code spends.
+        budget = code.max_request_pixels()
         for start in range(0, len(sources), BATCH_SIZE):
             arrays, rows = [], []
             for i in range(start, min(start + BATCH_SIZE, len(sources))):
@@ -205,11 +206,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 try:
                     if isinstance(source, (str, os.PathLike)):  # read only if allowed
                         source = read_allowed_file(source, roots, code.max_image_bytes())
-                    if budget is None:
-                        img = code.open_image(source, size)
-                    else:
-                        img = code.open_image(source, size, pixels_left=budget)
-                        budget -= img.size[0] * img.size[1]
+                    img = code.open_image(source, size, pixels_left=budget)
+                    budget -= img.size[0] * img.size[1]
                     try:
                         arrays.append(code.to_array(img, c, size))
                     finally:

@@ -45,8 +45,11 @@ def server(pipeline):
     log = pipeline["tmp"] / "serve.log"
     # The operator allows path rows under one folder (the `incoming` fixture's); by default
     # the served model reads only image bytes.
+    # A request may decode 60 M pixels in all (the default is 1,000 M): the budget test below
+    # spends it with two images; every other request here is far under it.
     env = {**pipeline["env"], "MLFLOW_TRACKING_URI": pipeline["uri"],
-           "VISIONTUNE_ALLOWED_PATH_ROOTS": str(pipeline["tmp"] / "incoming")}
+           "VISIONTUNE_ALLOWED_PATH_ROOTS": str(pipeline["tmp"] / "incoming"),
+           "VISIONTUNE_MAX_REQUEST_PIXELS": "60000000"}
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
@@ -301,3 +304,29 @@ def test_decompression_bombs_are_row_errors_in_bounded_time_and_memory(server, i
     status, _ = _post(server, {"dataframe_split": {"columns": ["image"],
                                                    "data": [[_b64(good[0].read_bytes())]]}})
     assert status == 200
+
+
+def test_a_request_over_its_pixel_budget_gets_row_errors_and_the_next_one_is_answered(
+        server, incoming):
+    """Images each under the per-image limit, together over the request's budget: the rows
+    after it is spent are refused before they are decoded, the rest classified, quickly; the
+    next request has its own budget."""
+    import time
+
+    from tests.unit.test_serving_model import _png_header
+
+    good, _ = incoming
+    big = _b64(_png_header(6_000, 6_000))     # 36 M pixels: one fits in 60 M, two do not
+    start = time.monotonic()
+    status, answer = _post(server, {"dataframe_split": {"columns": ["image"], "data": [
+        [big], [big], [_b64(good[0].read_bytes())]]}})
+    assert status == 200, answer
+    first, second, small = answer["predictions"]
+    assert first["error"] is None and first["prediction"] in CLASSES
+    assert second["prediction"] is None and second["error"].startswith(
+        "ImageRefused: 6000 x 6000 pixels is more than this request has left of its "
+        "60,000,000 (VISIONTUNE_MAX_REQUEST_PIXELS)")
+    assert small["error"] is None and small["prediction"] in CLASSES   # 80 px at most: fits
+    assert time.monotonic() - start < 10
+    status, again = _post(server, {"dataframe_split": {"columns": ["image"], "data": [[big]]}})
+    assert status == 200 and again["predictions"][0]["error"] is None
