@@ -86,6 +86,10 @@ class DataConfig:
         "a worker's shard fits in cache_max_mb"))
     cache_max_mb: float = field(default=256, metadata=_check(
         lambda v: v >= 0, "must be >= 0", "data.cache=auto: the most a worker keeps decoded"))
+    near_copy_distance: int = field(default=4, metadata=_check(
+        lambda v: 0 <= v <= 64, "must be in [0, 64]",
+        "near-copies: images whose 64-bit perceptual hashes differ in at most this many bits "
+        "are one group, kept in one split (0: exact copies only)"))
 
 
 @dataclass
@@ -207,6 +211,14 @@ class RegistryConfig:
         lambda v: v >= 0, "must be >= 0",
         "promote: the F1 gain the challenger must be shown to have (the lower bound of the "
         "paired interval must be above it)"))
+    max_comparisons: int = field(default=10, metadata=_positive(
+        "promote: comparisons allowed on the same test images before fresh ones (--data) are "
+        "needed: every look at them spends their evidence"))
+    max_class_drop: float | None = field(default=None, metadata=_check(
+        lambda v: 0 <= v <= 1, "must be in [0, 1]",
+        "promote: refuse when any class's F1 drops by more than this (off by default)"))
+    min_images: int = field(default=30, metadata=_positive(
+        "promote: the fewest images neither model trained or selected on that it decides on"))
 
 
 @dataclass

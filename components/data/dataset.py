@@ -121,3 +121,19 @@ class EpochShuffle(Sampler[int]):
         g = torch.Generator()
         g.manual_seed(self.seed * 100_003 + self.epoch)
         return iter(torch.randperm(self.num_rows, generator=g).tolist())
+
+
+def seed_loader_worker(worker_id: int) -> None:
+    """`DataLoader(worker_init_fn=...)`: each loader process draws its own augmentations.
+    Every worker starts with a copy of the dataset's transform and its RNG state, so without
+    this they all apply the same random crops and flips (torch's documented recipe: seed each
+    worker's libraries from torch's per-worker seed, base seed + worker id)."""
+    import random
+
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):   # albumentations keeps its own generator
+        transform.set_random_seed(seed)

@@ -17,7 +17,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 from components.augment import build_eval_transform  # noqa: E402
 from components.data.dataset import ImageDataset  # noqa: E402
 from components.training.loop import predict  # noqa: E402
-from components.training.metrics import classification_metrics, resolve_average  # noqa: E402
+from components.training.metrics import (  # noqa: E402
+    classification_metrics,
+    f1_interval,
+    resolve_average,
+    thin_classes,
+)
 
 
 class NoUsableTrialError(RuntimeError):
@@ -43,6 +48,9 @@ class TestReport:
     predictions: pd.DataFrame          # path, label, prediction, probability
     confusion: np.ndarray
     report: str                        # scikit-learn's classification report
+    # the 95% bootstrap interval of the test F1 over images: the test split is one draw
+    f1_interval: tuple[float, float] = (0.0, 0.0)
+    warnings: tuple[str, ...] = ()     # classes the test split lacks or holds few images of
 
 
 def evaluate_on_test(model: torch.nn.Module, paths: list[str], labels: list[int],
@@ -72,7 +80,8 @@ def evaluate_on_test(model: torch.nn.Module, paths: list[str], labels: list[int]
         metrics=metrics, average=avg, predictions=frame,
         confusion=confusion_matrix(y, pred, labels=list(range(n))),
         report=classification_report(y, pred, labels=list(range(n)), target_names=classes,
-                                     digits=4, zero_division=0))
+                                     digits=4, zero_division=0),
+        f1_interval=f1_interval(y, pred, n, avg), warnings=tuple(thin_classes(y, n, classes)))
 
 
 def plot_confusion_matrix(cm: np.ndarray, classes: list[str], title: str = "Test set"):

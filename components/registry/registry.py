@@ -198,7 +198,8 @@ def version_of_run(tracker: Tracker, name: str, run_id: str):
 def version_description(pipeline_id: str, num_images: int, split_counts: dict[str, int],
                         classes: list[str], fingerprint: str, test_metrics: dict[str, float],
                         average: str, val_f1: float, params: dict, cv: dict | None = None,
-                        test_root: str | None = None) -> str:
+                        test_root: str | None = None,
+                        test_interval: tuple[float, float] | None = None) -> str:
     """The model version's description (Markdown in the MLflow UI): what it was trained on,
     how good it is, and with which hyperparameters, readable without opening the run."""
     shown = ", ".join(str(c) for c in classes[:12]) + (", ..." if len(classes) > 12 else "")
@@ -216,10 +217,13 @@ def version_description(pipeline_id: str, num_images: int, split_counts: dict[st
                   f"best of that configuration's folds), trained on {k - 1}/{k} of train+val. "
                   f"The test F1 above is this model's, on the test split no fold saw.")
     else:
-        scores = f"best val F1 {val_f1:.4f}"
+        scores = (f"val F1 {val_f1:.4f} (the selection score: the best of the sweep's trials "
+                  f"on the validation split, optimistic)")
     test_from = f" (the test split is {test_root})" if test_root else ""
+    interval = (" [{:.4f}, {:.4f}] 95% interval over test images".format(*test_interval)
+                if test_interval else "")
     return (f"Image classifier from visiontune pipeline `{pipeline_id}`.\n\n"
-            f"- **Test F1: {test_metrics['f1']:.4f}** ({average} average); {metrics}; "
+            f"- **Test F1: {test_metrics['f1']:.4f}**{interval} ({average} average); {metrics}; "
             f"{scores}\n"
             f"- Data: {num_images} images ({splits}){test_from}, {len(classes)} classes "
             f"({shown}); data fingerprint `{fingerprint}`\n"

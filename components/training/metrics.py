@@ -40,14 +40,28 @@ def check_average(average: str, num_classes: int) -> str:
 resolve_average = check_average
 
 
+def scored_labels(num_classes: int, average: str, *arrays) -> np.ndarray:
+    """The classes an F1 averages over, one rule for validation, the test split and promote:
+    the positive class (binary); otherwise every class that occurs among the labels or the
+    predictions in `arrays`, scikit-learn's default `labels`. A class no image has and no
+    model predicts would add 0/0 = 0 to a macro F1: a test split lacking a class (a separate
+    data.test_path, images given to promote) would score lower for no fault of the model, and
+    shrink the difference between two models."""
+    if average == "binary":
+        return np.array([1])
+    present = np.unique(np.concatenate([np.asarray(v, dtype=np.int64).reshape(-1)
+                                        for v in arrays] or [np.zeros(0, np.int64)]))
+    return present[(present >= 0) & (present < num_classes)]
+
+
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int,
                            average: str = "auto") -> dict[str, float]:
-    """accuracy, precision, recall, f1. Every class counts, also one missing from this split's
-    predictions (labels=range(num_classes)); 0/0 counts as 0, as scikit-learn warns."""
+    """accuracy, precision, recall, f1 over `scored_labels` (the classes that occur among the
+    labels or predictions); 0/0 counts as 0, as scikit-learn warns."""
     average = resolve_average(average, num_classes)
     t = np.asarray(y_true, dtype=np.int64).reshape(-1)
     p = np.asarray(y_pred, dtype=np.int64).reshape(-1)
-    labels = np.array([1]) if average == "binary" else np.arange(num_classes)
+    labels = scored_labels(num_classes, average, t, p)
     tp = np.array([np.sum((t == k) & (p == k)) for k in labels], dtype=np.float64)
     predicted = np.array([np.sum(p == k) for k in labels], dtype=np.float64)
     actual = np.array([np.sum(t == k) for k in labels], dtype=np.float64)
@@ -77,3 +91,66 @@ def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 def _accuracy(t: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean(t == p)) if len(t) else 0.0
+
+
+def weighted_f1(weights: np.ndarray, y: np.ndarray, p: np.ndarray, labels: np.ndarray,
+                average: str) -> np.ndarray:
+    """F1 for each row of `weights` (how often each image counts in that resample) over
+    `labels`, as `classification_metrics` computes it (0/0 is 0): the bootstrap's workhorse."""
+    predicted_as = (p[:, None] == labels).astype(np.float64)
+    actual_is = (y[:, None] == labels).astype(np.float64)
+    tp = weights @ (predicted_as * actual_is)
+    predicted, actual = weights @ predicted_as, weights @ actual_is
+    f1 = _divide(2 * tp, predicted + actual)
+    if average == "weighted":
+        total = actual.sum(axis=1)
+        return _divide((f1 * actual).sum(axis=1), total)
+    return f1.mean(axis=1)
+
+
+def resample_weights(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
+    """`count` bootstrap resamples of n images as per-image counts (count x n): the same
+    stream whether drawn at once or in chunks."""
+    idx = rng.integers(0, n, size=(count, n))
+    return np.bincount((idx + n * np.arange(count)[:, None]).ravel(),
+                       minlength=count * n).reshape(count, n).astype(np.float64)
+
+
+def f1_interval(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int,
+                average: str = "auto", confidence: float = 0.95, resamples: int = 2000,
+                seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of F1 over images (resampled with replacement, the
+    label set fixed to the one the point estimate uses): how far the test F1 could move on
+    another draw of test images of this size."""
+    average = resolve_average(average, num_classes)
+    t = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    p = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if len(t) == 0:
+        return 0.0, 0.0
+    labels, rng = scored_labels(num_classes, average, t, p), np.random.default_rng(seed)
+    chunk = max(1, min(resamples, 2_000_000 // max(len(t), 1)))
+    values = np.concatenate([
+        weighted_f1(resample_weights(rng, len(t), min(chunk, resamples - s)), t, p, labels,
+                    average) for s in range(0, resamples, chunk)])
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def thin_classes(y_true: Sequence[int], num_classes: int, classes: Sequence[str],
+                 few: int = 20) -> list[str]:
+    """Warnings about a test split that cannot measure every class: one lacking a class (its
+    F1 is then not part of the score) or holding fewer than `few` images of one (its F1 moves
+    by 1/support per image)."""
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64).reshape(-1),
+                         minlength=num_classes)
+    missing = [classes[i] for i in range(num_classes) if counts[i] == 0]
+    small = [f"{classes[i]} ({counts[i]})" for i in range(num_classes) if 0 < counts[i] < few]
+    out = []
+    if missing:
+        out.append(f"the test split has no image of {', '.join(missing)}: F1 averages over "
+                   f"the other classes only")
+    if small:
+        out.append(f"the test split has fewer than {few} images of {', '.join(small)}: "
+                   f"their F1 is measured coarsely")
+    return out

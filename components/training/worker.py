@@ -26,7 +26,13 @@ from components.augment import (
     plot_augmented_samples,
 )
 from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
-from components.data.dataset import EpochShuffle, ImageDataset, shard_indices, use_cache
+from components.data.dataset import (
+    EpochShuffle,
+    ImageDataset,
+    seed_loader_worker,
+    shard_indices,
+    use_cache,
+)
 from components.data.preprocessed import DecodedLookup
 from components.models import build_model
 from components.models.freezing import build_param_groups, unfreeze
@@ -229,11 +235,15 @@ def _loaders(job: TrainJob, session: TrainSession, prep: dict, started: float,
     # A last batch of one image breaks batch norm in training mode; drop the remainder
     # whenever a shard holds more than one batch. Shards are equally long: every rank runs
     # the same number of steps.
+    # Loader processes seed their augmentations from the generator (one per rank, seeded),
+    # each its own: without it they all drew the same crops and flips.
     train_loader = _FirstBatchClock(DataLoader(
         train_ds, batch_size=tc.batch_size, sampler=sampler,
         drop_last=len(train_ds) > tc.batch_size, num_workers=workers, pin_memory=pin,
-        persistent_workers=workers > 0, multiprocessing_context=context), started, started_rss,
-        session.name, session.rank)
+        persistent_workers=workers > 0, multiprocessing_context=context,
+        worker_init_fn=seed_loader_worker if workers else None,
+        generator=torch.Generator().manual_seed(job.seed + session.rank)), started,
+        started_rss, session.name, session.rank)
     val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 256), num_workers=workers,
                             pin_memory=pin, multiprocessing_context=context)
     return train_ds, sampler, train_loader, val_loader

@@ -40,8 +40,12 @@ def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
         test_paths, test_labels = manifest.subset("test")
         report = evaluate_on_test(model, test_paths, test_labels, manifest.classes, prep,
                                   cfg.evaluation.average, decoded=manifest.decoded)
-        echo(f"  best trial {best.trial_id}: val_f1={best.best_val_f1:.4f} "
-             f"test_f1={report.metrics['f1']:.4f} ({report.average})")
+        low, high = report.f1_interval
+        echo(f"  best trial {best.trial_id}: val_f1={best.best_val_f1:.4f} (selection score: "
+             f"best of {len(trials)}, optimistic) test_f1={report.metrics['f1']:.4f} "
+             f"[{low:.4f}, {high:.4f}] ({report.average}, 95% interval over test images)")
+        for warning in report.warnings:
+            echo(f"  note: {warning}")
         return Evaluation(best, model, prep, report)
 
     return record.run_step(
@@ -58,6 +62,8 @@ def _save_evaluation(plan: SearchPlan, manifest, trials, evaluation: Evaluation,
 
     best, report = evaluation.best, evaluation.report
     record.log_metrics({**{f"test_{k}": v for k, v in report.metrics.items()},
+                        "test_f1_low": report.f1_interval[0],
+                        "test_f1_high": report.f1_interval[1],
                         "best_val_f1": best.best_val_f1})
     record.log_params({"best_trial_id": best.trial_id, "test_f1_average": report.average,
                        **{f"best.{k}": v for k, v in best.params.items()}})
@@ -173,6 +179,7 @@ def _register(name: str, manifest, evaluation: Evaluation, record):
         tags={"data_fingerprint": manifest.fingerprint,
               "test_fingerprint": manifest.test_fingerprint,
               "test_f1": report.metrics["f1"], "test_f1_average": report.average,
+              "test_f1_interval": "[{:.4f}, {:.4f}] at 95%".format(*report.f1_interval),
               "val_f1": val_f1, "pipeline_id": record.pipeline_id, "model_uri": model_uri,
               CODE_TAG: code, **({"cv_mean_val_f1": best.best_val_f1} if best.cv else {})},
         description=_description(manifest, evaluation, record))
@@ -185,7 +192,8 @@ def _description(manifest, evaluation: Evaluation, record) -> str:
     return version_description(
         record.pipeline_id, len(manifest.paths), manifest.counts(), manifest.classes,
         manifest.fingerprint, report.metrics, report.average, best.best_val_f1,
-        best.params, cv=best.cv, test_root=manifest.test_root)
+        best.params, cv=best.cv, test_root=manifest.test_root,
+        test_interval=report.f1_interval)
 
 
 def _save_registered(registered, manifest, evaluation: Evaluation, record) -> None:

@@ -147,3 +147,33 @@ def test_optuna_searcher_suggests_from_the_space():
     assert alg.suggest("t2") is None  # ConcurrencyLimiter: 2 trials at once
     for s in suggested:
         assert s["train.optimizer"] in ("adam", "sgd_momentum") and 1e-4 <= s["train.lr"] <= 1e-2
+
+
+def test_loader_workers_draw_their_own_augmentations(tmp_path):
+    """data.loader_workers > 0: every loader process starts with a copy of the transform and
+    its RNG; seeded per worker (torch's recipe) they must not apply identical augmentations,
+    and the same generator seed gives the same draws again."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from components.augment import build_train_transform
+    from components.data.dataset import ImageDataset, seed_loader_worker
+
+    path = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(path)
+    transform = build_train_transform([{"name": "Affine", "rotate": 30, "translate_percent": 0.1}],
+                                      32, 3, [0.5] * 3, [0.5] * 3, seed=0)
+    ds = ImageDataset([str(path)] * 8, [0] * 8, 3, 32, transform)
+
+    def draws(seed: int, init):
+        loader = DataLoader(ds, batch_size=4, num_workers=2, worker_init_fn=init,
+                            generator=torch.Generator().manual_seed(seed))
+        return [batch[0] for batch in loader]   # batch 0 from worker 0, batch 1 from worker 1
+
+    unseeded = draws(0, None)
+    assert torch.equal(unseeded[0], unseeded[1])   # the defect: both workers drew alike
+    seeded = draws(0, seed_loader_worker)
+    assert not torch.equal(seeded[0], seeded[1])
+    again = draws(0, seed_loader_worker)
+    assert all(torch.equal(a, b) for a, b in zip(seeded, again))
