@@ -98,10 +98,12 @@ def _parent(path: str) -> str:
     return head.rstrip("/").rsplit("/", 1)[0] + sep + query
 
 
-def index_csv_manifest(csv_path: str | Path) -> ImageIndex:
+def index_csv_manifest(csv_path: str | Path, split: str | None = None) -> ImageIndex:
     """A CSV with columns path,label (any other columns are ignored), local or in object
     storage. Relative paths are relative to the CSV's folder, absolute paths and URIs are kept;
-    a missing file is left for validation to skip and count."""
+    a missing file is left for validation to skip and count. With `split` (promote: "test"),
+    a CSV that has a `split` column (a run's split_manifest.csv) gives only those rows: its
+    train rows are images a model trained on."""
     import csv
     import io
 
@@ -116,7 +118,13 @@ def index_csv_manifest(csv_path: str | Path) -> ImageIndex:
     if missing:
         raise DataError(f"{csv_path} needs the columns path,label; missing "
                         f"{', '.join(sorted(missing))} (has {reader.fieldnames})")
-    rows = [(r["path"].strip(), r["label"].strip()) for r in reader if r["path"].strip()]
+    records = list(reader)
+    if split is not None and "split" in (reader.fieldnames or []):
+        records = [r for r in records if (r.get("split") or "").strip() == split]
+        if not records:
+            raise DataError(f"{csv_path} has a split column but no '{split}' rows: its other "
+                            f"rows are images a model trained or was selected on")
+    rows = [(r["path"].strip(), r["label"].strip()) for r in records if r["path"].strip()]
     classes = sorted({label for _, label in rows})
     lookup = {c: i for i, c in enumerate(classes)}
     parent = _parent(csv_path)
@@ -125,7 +133,8 @@ def index_csv_manifest(csv_path: str | Path) -> ImageIndex:
     return ImageIndex(parent, paths, [lookup[y] for _, y in rows], classes)
 
 
-def index_images(path: str | Path) -> ImageIndex:
-    """`path` is an image folder or a .csv manifest (local or a URI)."""
+def index_images(path: str | Path, split: str | None = None) -> ImageIndex:
+    """`path` is an image folder or a .csv manifest (local or a URI); `split`: only a CSV's
+    rows of that split, when it has a split column."""
     is_csv = str(path).partition("?")[0].lower().endswith(".csv")
-    return index_csv_manifest(path) if is_csv else index_image_folder(path)
+    return index_csv_manifest(path, split) if is_csv else index_image_folder(path)

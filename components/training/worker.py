@@ -81,6 +81,7 @@ class TrainJob:
     # The sweep's stores of decoded images (components.data.preprocessed): ranks read their
     # rows there instead of decoding files.
     decoded: tuple = ()
+    group_keys: dict = field(default_factory=dict)   # path -> its copy group (k-fold)
 
 
 def _rss_mb() -> float:

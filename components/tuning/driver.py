@@ -89,7 +89,8 @@ def _cross_validate(job: TrainJob, trial_id: str, storage_path: str,
     val F1 to Tune, and the best fold's checkpoint for evaluation."""
     from statistics import mean, pstdev
 
-    folds = kfold_rows(job.train_rows, job.val_rows, job.data.cv_folds, job.seed)
+    # copies and near-copies share a fold, as they share a split
+    folds = kfold_rows(job.train_rows, job.val_rows, job.data.cv_folds, job.seed, job.group_keys)
     scores = []
     for i, (train_rows, val_rows) in enumerate(folds):
         fold_job = dataclasses.replace(job, train_rows=train_rows, val_rows=val_rows,

@@ -1,4 +1,5 @@
-"""The data steps: ingest, validate (decoding once per sweep), split, and their record."""
+"""The data steps: ingest, validate (decoding once per sweep), split (by groups of copies),
+and their record."""
 
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
 
     def split(images, test_images):
         manifest = split_dataset(images, d.val_fraction, d.test_fraction, split_seed,
-                                 test_images)
+                                 test_images, d.near_copy_distance)
         echo(f"  split {manifest.counts()} (split seed {split_seed}"
              + (f", test split from {d.test_path}" if d.test_path else "")
              + f"), fingerprint {manifest.fingerprint[:12]}, test images "
              f"{manifest.test_fingerprint[:12]}")
+        echo(copies_line(manifest))
         return manifest
 
     return record.run_step("split", echo, split, save=lambda m: _save_split(m, record),
@@ -38,7 +40,7 @@ def prepare_data(cfg: Config, record, echo: Echo = print):
 def _ingest_and_validate(cfg: Config, record, echo: Echo):
     """The images of data.path (and data.test_path) that can be read, each decoded once into
     the sweep's store when data.preprocess is on: (images, test images or None)."""
-    from components.data import index_images, write_digits_folder
+    from components.data import drop_near_copies_of_test, index_images, write_digits_folder
     from components.data.split import min_images_per_class
     from components.training.metrics import check_average
 
@@ -58,6 +60,8 @@ def _ingest_and_validate(cfg: Config, record, echo: Echo):
         images = _validated(cfg, index, min_images_per_class(
             d.val_fraction, d.test_fraction if test_index is None else d.val_fraction), echo)
         test_images = None if test_index is None else _validated(cfg, test_index, 1, echo)
+        if test_images is not None:   # no picture of the test set is trained on
+            images = drop_near_copies_of_test(images, test_images, d.near_copy_distance)
         _log_decoded([v for v in (images, test_images) if v is not None], record, echo)
         skipped = images.skipped + (test_images.skipped if test_images else [])
         for path, reason in skipped[:10]:
@@ -78,10 +82,31 @@ def _save_split(manifest, record) -> None:
                      "visiontune.test_fingerprint": manifest.test_fingerprint})
     record.log_params({"data_fingerprint": manifest.fingerprint,
                        "data_classes": ",".join(manifest.classes)})
+    c = manifest.copies
+    if c:
+        record.log_metrics({"data_copy_groups": c["groups"],
+                            "data_exact_copies": c["exact_copies"],
+                            "data_near_copies": c["near_copies"],
+                            "data_label_conflicts": c["label_conflicts"]})
     with tempfile.TemporaryDirectory() as d:
         for path in manifest.save(d):
             record.log_artifact(path, "data")
     log_split_datasets(manifest, record)
+
+
+def copies_line(manifest) -> str:
+    """What grouping found, in one console line."""
+    c = manifest.copies
+    near = (f"{c['near_copies']:,} near-copies (pHash <= {c['near_copy_distance']} bits)"
+            if c["near_copy_distance"] else "near-copies not looked for "
+            "(data.near_copy_distance=0)")
+    dropped = c.get("near_copies_of_test_dropped", 0)
+    return (f"  copies: {len(manifest.paths):,} images in {c['groups']:,} groups: "
+            f"{c['exact_copies']:,} exact copies, {near}, {c['label_conflicts']:,} label "
+            f"conflicts" + (f" ({c['label_conflict_files']:,} files left out)"
+                            if c["label_conflicts"] else "")
+            + (f", {dropped:,} near-copies of test images left out" if dropped else "")
+            + "; each group kept in one split")
 
 
 def _load_split(record, echo: Echo):

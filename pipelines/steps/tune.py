@@ -31,7 +31,8 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             average=cfg.evaluation.average, seed=cfg.seed,
             train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
             num_classes=len(manifest.classes), tracking_uri=cfg.tracking.uri,
-            decoded=manifest.decoded)
+            decoded=manifest.decoded,
+            group_keys=manifest.group_keys() if cfg.data.cv_folds else {})
         target = TrackingTarget(record.tracker, record.experiment_id, record.run_id)
         log_augmented_samples(cfg, manifest, record)
         log_path = ray_log_path(cfg, record.pipeline_id)

@@ -58,7 +58,7 @@ def test_class_too_small_for_every_split_is_an_error(tmp_path):
         validate_images(index_image_folder(root), min_per_class=min_images_per_class(.15, .15))
 
 
-def test_split_is_stratified_disjoint_and_seeded(tmp_path):
+def test_split_is_by_content_disjoint_and_seeded(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=40,
                              corrupt=False)
     v = validate_images(index_image_folder(root))
@@ -67,19 +67,62 @@ def test_split_is_stratified_disjoint_and_seeded(tmp_path):
     m3 = split_dataset(v, 0.2, 0.2, seed=2)
     assert m1.splits == m2.splits and m1.fingerprint == m2.fingerprint
     assert m1.splits != m3.splits and m1.fingerprint != m3.fingerprint
-    assert m1.counts() == {"train": 72, "val": 24, "test": 24}
-    for split in ("train", "val", "test"):
+    assert sum(m1.counts().values()) == 120 and len(set(m1.paths)) == 120
+    assert m1.copies["groups"] == 120 and m1.copies["near_copies"] == 0
+    for split, share in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
         _, labels = m1.subset(split)
-        assert sorted(set(labels)) == [0, 1, 2]
-        assert max(labels.count(c) for c in range(3)) - min(labels.count(c) for c in range(3)) <= 1
+        for c in range(3):   # a hash per group, not a stratified shuffle: binomial counts
+            assert abs(labels.count(c) - 40 * share) <= 3 * (40 * share * (1 - share)) ** .5
 
 
-def test_manifest_csv_has_path_label_split(tmp_path, image_folder):
+def test_manifest_csv_has_path_label_split_and_content(tmp_path, image_folder):
     m = split_dataset(validate_images(index_image_folder(image_folder)), .15, .15, 0)
     lines = m.save_csv(tmp_path / "m.csv").read_text().splitlines()
-    assert lines[0] == "path,label,split"
+    assert lines[0] == "path,label,split,sha256,phash,group"
     assert len(lines) == 41
-    assert lines[1].split(",")[1] in ("cat", "dog")
+    _, label, split, digest, phash, group = lines[1].split(",")
+    assert label in ("cat", "dog") and split in ("train", "val", "test")
+    assert len(digest) == 64 and len(phash) == 16 and int(group) >= 0
+
+
+def test_manifest_round_trips_and_an_old_one_still_loads(tmp_path, image_folder):
+    from components.data.split import SplitManifest
+
+    m = split_dataset(validate_images(index_image_folder(image_folder)), .15, .15, 0)
+    m.save(tmp_path / "new")
+    loaded = SplitManifest.load(tmp_path / "new")
+    assert (loaded.paths, loaded.labels, loaded.splits) == (m.paths, m.labels, m.splits)
+    assert (loaded.digests, loaded.phashes, loaded.groups) == (m.digests, m.phashes, m.groups)
+    assert loaded.copies == m.copies and loaded.copies["groups"] == 40
+    assert loaded.group_keys() == m.group_keys() and len(m.group_keys()) == 40
+    # a manifest saved before digests and groups: path,label,split and no copies summary
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "split_manifest.csv").write_text("path,label,split\n/d/cat/1.png,cat,train\n"
+                                            "/d/dog/2.png,dog,test\n")
+    (old / "manifest.json").write_text('{"root": "/d", "classes": ["cat", "dog"], '
+                                       '"fingerprint": "f"}')
+    was = SplitManifest.load(old)
+    assert was.splits == ["train", "test"] and was.labels == [0, 1]
+    assert (was.digests, was.phashes, was.groups, was.copies) == ([], [], [], {})
+    assert was.group_keys() == {}
+
+
+def test_class_balance_on_the_digits_stays_near_stratified(tmp_path):
+    """Each group's split is drawn on its own (what keeps a split put as data grows), so a
+    class's count in a split is binomial around the stratified expectation: within 3 standard
+    deviations per class, about 2 on average (docs/data.md has the measured numbers)."""
+    import numpy as np
+
+    v = validate_images(index_image_folder(write_digits_folder(tmp_path)))
+    per_class = np.bincount(v.index.labels)
+    m = split_dataset(v, 0.15, 0.15, 0)
+    assert m.copies["exact_copies"] == 0 and m.copies["groups"] > 1700
+    for split, share in (("val", 0.15), ("test", 0.15)):
+        got = np.bincount(m.subset(split)[1], minlength=10)
+        sd = np.sqrt(per_class * share * (1 - share))
+        assert (np.abs(got - per_class * share) <= 3 * sd).all(), (split, got)
+        assert np.abs(got - per_class * share).mean() <= 2 * sd.mean()
 
 
 def test_fingerprint_depends_on_bytes_labels_and_split_not_location():
@@ -137,18 +180,37 @@ def test_csv_manifest_with_relative_and_missing_paths(tmp_path, image_folder):
         index_csv_manifest(bad)
 
 
-def test_kfold_rows_cover_train_and_val_once_each():
+def test_kfold_rows_cover_train_and_val_once_each_and_keep_groups_together():
     from components.data.split import kfold_rows
 
-    train = ([f"t{i}" for i in range(12)], [i % 2 for i in range(12)])
-    val = ([f"v{i}" for i in range(4)], [i % 2 for i in range(4)])
-    folds = kfold_rows(train, val, 4, seed=0)
+    train = ([f"t{i}" for i in range(40)], [i % 2 for i in range(40)])
+    val = ([f"v{i}" for i in range(8)], [i % 2 for i in range(8)])
+    # t0..t3 are one group (copies), v0 is a copy of t10
+    keys = {**{f"t{i}": "g0" for i in range(4)}, "v0": "k10", "t10": "k10"}
+    folds = kfold_rows(train, val, 4, seed=0, group_keys=keys)
     assert len(folds) == 4
     seen = sorted(p for _, (paths, _) in folds for p in paths)
     assert seen == sorted(train[0] + val[0])
     for (tr_paths, tr_labels), (va_paths, va_labels) in folds:
-        assert not set(tr_paths) & set(va_paths) and len(va_paths) == 4
-        assert sorted(va_labels) == [0, 0, 1, 1]
+        assert not set(tr_paths) & set(va_paths) and len(tr_paths) + len(va_paths) == 48
+        assert sorted(set(va_labels)) == [0, 1]
+    fold_of = {p: f for f, (_, (paths, _)) in enumerate(folds) for p in paths}
+    assert len({fold_of[f"t{i}"] for i in range(4)}) == 1 and fold_of["v0"] == fold_of["t10"]
+    # without keys each image is its own group, still every image in one fold
+    assert sorted(p for _, (paths, _) in kfold_rows(train, val, 4, 0)
+                  for p in paths) == seen
+
+
+def test_kfold_folds_stay_put_when_images_are_added():
+    from components.data.split import kfold_rows
+
+    def fold_of(rows):
+        return {p: f for f, (_, (paths, _)) in enumerate(kfold_rows(rows, ([], []), 5, 3))
+                for p in paths}
+
+    before = fold_of(([f"a{i}" for i in range(200)], [i % 2 for i in range(200)]))
+    after = fold_of(([f"a{i}" for i in range(300)], [i % 2 for i in range(300)]))
+    assert all(after[p] == f for p, f in before.items())
 
 
 def test_any_fsspec_protocol_through_the_storage_layer(image_folder):
@@ -222,7 +284,7 @@ def test_a_separate_test_set_is_the_test_split_and_keeps_its_fingerprint(tmp_pat
     test = make_image_folder(tmp_path / "test", per_class=8, seed=3, corrupt=False)
     held_out = validate_images(index_image_folder(test))
     m = split_dataset(validate_images(index_image_folder(train)), 0.2, 0.15, 0, held_out)
-    assert m.counts() == {"train": 32, "val": 8, "test": 16}
+    assert m.counts()["test"] == 16 and m.counts()["train"] + m.counts()["val"] == 40
     assert set(m.subset("test")[0]) == set(held_out.index.paths)
     assert m.test_root == str(test.resolve())
     # more training images: another data fingerprint, the same test images
@@ -277,6 +339,8 @@ def test_the_pipeline_data_step_uses_split_seed_and_test_path(tmp_path):
     held, lines = manifest(f"data.test_path={test}")
     assert held.counts()["test"] == 12 and held.test_root == str(test.resolve())
     assert any("test set: 12 image files" in line for line in lines)
+    assert "  copies: 52 images in 52 groups: 0 exact copies, 0 near-copies (pHash <= 4 " \
+           "bits), 0 label conflicts; each group kept in one split" in lines
 
 
 def test_a_decompression_bomb_in_a_folder_is_a_skipped_counted_image(tmp_path):
