@@ -97,7 +97,9 @@ def _add_registry_commands(sub) -> None:
     pr.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
                     help=f"paired bootstrap resamples (default and minimum: "
                          f"{DEFAULT_RESAMPLES:,})")
-    pr.add_argument("--seed", type=int, default=0, help="of the bootstrap (default: 0)")
+    pr.add_argument("--seed", type=int,
+                    help="of the resamples (default: derived from the two versions and the "
+                         "images, so the same comparison gets the same answer)")
     pr.add_argument("--dry-run", action="store_true",
                     help="decide, record and print; move no alias and tag no version")
     pr.add_argument("--force", action="store_true",
@@ -231,12 +233,18 @@ def cmd_promote(args) -> int:
     from components.config import check_no_credentials
 
     check_no_credentials("--data", args.data)   # it is recorded with the decision
+    from components.registry import Evidence
+
     cfg, tracker = _tracking(args)
+    reg = cfg.registry
+    evidence = Evidence(min_images=reg.min_images, max_comparisons=reg.max_comparisons,
+                        near_copy_distance=cfg.data.near_copy_distance,
+                        max_class_drop=reg.max_class_drop)
     r = promote(tracker, args.model, args.version, data=args.data, confidence=args.confidence,
-                min_gain=cfg.registry.min_f1_gain, non_inferior=args.non_inferior,
+                min_gain=reg.min_f1_gain, non_inferior=args.non_inferior,
                 resamples=args.resamples, seed=args.seed, force=args.force,
                 dry_run=args.dry_run, echo=lambda line: print(line, flush=True),
-                experiment_name=cfg.tracking.experiment_name)
+                experiment_name=cfg.tracking.experiment_name, evidence=evidence)
     for line in promotion_lines(r):
         print(line)
     verdict = "promote" if r.promote else "keep the champion"
@@ -252,14 +260,11 @@ def cmd_promote(args) -> int:
 
 def promotion_lines(r) -> list[str]:
     """The evidence, as the console shows it before the verdict."""
-    p = r.paired
-    if p is None:
+    from components.registry.record import evidence_lines
+
+    if r.paired is None:
         return []
-    lines = [f"  {p.average} F1: challenger {p.f1_challenger:.4f}, champion "
-             f"{p.f1_champion:.4f}, difference {p.difference:+.4f}, {p.confidence:.0%} "
-             f"interval {p.interval()} ({p.resamples:,} paired resamples)",
-             f"  McNemar exact test: {p.challenger_only} images only the challenger gets "
-             f"right, {p.champion_only} only the champion, p = {p.mcnemar_p:.3g}"]
+    lines = [f"  {line}" for line in evidence_lines(r)]
     if r.left_out:
         lines.append(f"  {len(r.left_out):,} images could not be read by a model and were "
                      f"left out (first: {r.left_out[0][0]}: {r.left_out[0][1]})")

@@ -5,6 +5,7 @@ from components.evaluation.paired import PairedDecision, decide
 from components.registry.promotion import (
     PREVIOUS,
     Candidate,
+    Evidence,
     PromotionError,
     PromotionResult,
     promote,
@@ -27,7 +28,8 @@ from components.registry.registry import (
     version_of_run,
 )
 
-__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "AliasConflict", "Candidate", "PairedDecision",
+__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "AliasConflict", "Candidate", "Evidence",
+           "PairedDecision",
            "PromotionError", "PromotionResult", "RegisteredVersion", "RegistryError",
            "alias_lock", "decide", "get_alias_version", "get_version", "is_not_found",
            "model_version_aliases", "promote", "register_challenger", "rollback",

@@ -1,7 +1,8 @@
 """What `visiontune promote` compares: the two versions (their test images, by MLflow's
 lineage or their fingerprint tags), the labelled images both models classify (the
-challenger's test split, or `--data`), both registered models loaded as they are served, and
-the paired decision over their per-image answers (`components.evaluation.paired.decide`).
+challenger's test split, or `--data`, minus every image either model trained or was selected
+on: `components.registry.images`), both registered models loaded as they are served, and the
+paired decision over their per-image answers (`components.evaluation.paired.decide`).
 Nothing here writes to MLflow: `record` records, `promotion` moves the aliases."""
 
 from __future__ import annotations
@@ -9,22 +10,43 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from components.evaluation.paired import PairedDecision, decide
+from components.evaluation.paired import PairedDecision, decide, derive_seed, min_images_line
+from components.registry.images import (
+    PromotionError,
+    ScoredImages,
+    SeenImages,
+    drop_seen,
+    images_of_manifest,
+    images_of_path,
+    manifest_of_run,
+    seen_by,
+    unknown_line,
+    with_signatures,
+)
 from components.tracking import DATASET_DIGEST_CHARS, Tracker, first_line
 
 TEST_METRIC = "test_f1"    # the LoggedModel metric whose dataset says which images were used
 Echo = Callable[[str], None]
+__all__ = ["Candidate", "Evidence", "PromotionError", "PromotionResult", "ScoredImages",
+           "candidate", "compare", "same_test_images"]
 
 
-class PromotionError(RuntimeError):
-    """Promote cannot compare: images that cannot be read, classes that differ, a model that
-    does not load. Nothing moved."""
+@dataclass(frozen=True)
+class Evidence:
+    """What promote needs of the images before it decides (registry.* in the config)."""
+
+    min_images: int = 30           # fewest images neither model saw
+    max_comparisons: int = 10      # comparisons on the same images before fresh ones
+    near_copy_distance: int = 4    # pHash bits: a near-copy of a training image is dropped
+    max_class_drop: float | None = None
+    # earlier comparisons recorded on images with this fingerprint
+    count_prior: Callable[[str], int] = field(default=lambda fingerprint: 0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -46,16 +68,6 @@ def same_test_images(a: Candidate, b: Candidate) -> bool:
     return bool(a.data_fingerprint) and a.data_fingerprint == b.data_fingerprint
 
 
-@dataclass(frozen=True)
-class ScoredImages:
-    paths: list[str]
-    labels: list[str]          # class names
-    fingerprint: str
-    source: str                # for people: where the images come from
-    location: str              # their folder, CSV or the run's data location
-    from_test_split: bool      # False: `--data`
-
-
 @dataclass
 class PromotionResult:
     promote: bool
@@ -65,7 +77,10 @@ class PromotionResult:
     applied: bool = False      # False on a dry run or when not promoted
     paired: PairedDecision | None = None
     images: ScoredImages | None = None
-    left_out: list[tuple[str, str]] = field(default_factory=list)   # (path, why)
+    left_out: list[tuple[str, str]] = field(default_factory=list)   # (path, why) unreadable
+    dropped: list[tuple[str, str]] = field(default_factory=list)    # (path, why) seen
+    comparison: int = 0        # this is comparison #N on these images
+    class_names: list[str] = field(default_factory=list)   # the decision's class indices
     run_id: str | None = None
     experiment_id: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -108,53 +123,6 @@ def candidate(tracker: Tracker, mv) -> Candidate:
                      test_fp, mv.run_id or None, model_id)
 
 
-# ----------------------------------------------------------------------------- the images
-
-def images_of_run(tracker: Tracker, run_id: str | None, version: str) -> ScoredImages:
-    """The test split of the pipeline run that registered the version (its manifest)."""
-    from components.data.split import SplitManifest
-
-    if not run_id:
-        raise PromotionError(f"version {version} has no run: its test split is unknown; "
-                             f"score both models on labelled images with --data PATH")
-    # Listed first: a run without a manifest lists nothing, a failing server raises.
-    if not any(a.path.endswith("manifest.json")
-               for a in tracker.client.list_artifacts(run_id, "data")):
-        raise PromotionError(f"version {version}'s run {run_id} has no split manifest "
-                             f"(data/manifest.json): score both models on labelled images "
-                             f"with --data PATH")
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            folder = tracker.client.download_artifacts(run_id, "data", d)
-            manifest = SplitManifest.load(folder)
-        except (OSError, KeyError, ValueError) as e:
-            raise PromotionError(f"version {version}'s run {run_id} has no split manifest "
-                                 f"(data/manifest.json: {first_line(e)}); score both models on "
-                                 f"labelled images with --data PATH") from None
-    paths, labels = manifest.subset("test")
-    return ScoredImages(paths, [manifest.classes[y] for y in labels],
-                        manifest.test_fingerprint or manifest.fingerprint,
-                        f"the test split of version {version}'s run {run_id}",
-                        manifest.test_root or manifest.root, True)
-
-
-def images_of_path(path: str) -> ScoredImages:
-    """Every readable image of a labelled folder (root/<class>/...) or CSV manifest."""
-    from components.data.ingest import index_images
-    from components.data.split import compute_fingerprint
-    from components.data.validate import validate_images
-
-    try:
-        images = validate_images(index_images(path), "skip", 1)
-    except (OSError, ValueError) as e:   # missing, unreadable, no two classes of images
-        raise PromotionError(f"--data {path}: {first_line(e)}; nothing moved") from None
-    idx = images.index
-    fp = compute_fingerprint(idx.root, idx.paths, images.digests, idx.labels,
-                             ["eval"] * len(idx), idx.classes)
-    return ScoredImages(list(idx.paths), [idx.classes[y] for y in idx.labels], fp,
-                        f"--data {path}", idx.root, False)
-
-
 # ----------------------------------------------------------------------------- the models
 
 def load_version(tracker: Tracker, name: str, version: str, dst: str):
@@ -194,34 +162,135 @@ def classify(model, paths: list[str], batch_size: int) -> tuple[list[str | None]
 # ----------------------------------------------------------------------------- comparing
 
 def compare(tracker: Tracker, name: str, challenger: Candidate, champion: Candidate | None,
-             data: str | None, force: bool, echo: Echo, decide_kw: dict,
-             f1_average: str, batch_size: int) -> PromotionResult:
+            data: str | None, force: bool, echo: Echo, decide_kw: dict, f1_average: str,
+            batch_size: int, evidence: Evidence = Evidence()) -> PromotionResult:
     if champion is None:
         return PromotionResult(True, "no champion yet", challenger, None)
     if champion.version == challenger.version:
         return PromotionResult(False, f"version {challenger.version} already is the champion",
                                challenger, champion)
-    if data is None and not same_test_images(challenger, champion) and not force:
-        unknown = [f"v{c.version}" for c in (challenger, champion)
-                   if not (c.test_fingerprint or c.data_fingerprint)]
-        if unknown:
-            raise PromotionError(
-                f"{' and '.join(unknown)} of {name} carry no test or data fingerprint (not "
-                f"registered by the pipeline?): which images they were tested on is unknown; "
-                f"score both on labelled images with --data PATH; nothing moved")
-        return PromotionResult(
-            False, "different test images (test/data fingerprints differ): the champion may "
-                   "have trained on the challenger's test split; score both on the same "
-                   "labelled images with --data PATH (or --force)", challenger, champion)
-    seconds: dict[str, float] = {}
     t = time.perf_counter()
-    images = images_of_path(data) if data else images_of_run(tracker, challenger.run_id,
-                                                             challenger.version)
-    seconds["images"] = time.perf_counter() - t
+    manifests, missing = _manifests(tracker, challenger, champion)
+    seen = [seen_by(m, c.version) if m is not None else SeenImages(c.version, frozenset(), (),
+                                                                   False)
+            for c, m in ((challenger, manifests[0]), (champion, manifests[1]))]
+    refusal = _unknown_training_images(name, challenger, champion, data, force, seen)
+    if refusal is not None:
+        return refusal
+    if data is None and manifests[0] is None:
+        raise missing
+    images = images_of_path(data) if data else images_of_manifest(
+        manifests[0], challenger.version, challenger.run_id)
     if not images.paths:
         raise PromotionError(f"no images to score in {images.source}")
+    comparison = evidence.count_prior(images.fingerprint) + 1
     echo(f"  images: {len(images.paths):,} from {images.source} (fingerprint "
-         f"{images.fingerprint[:12]})")
+         f"{images.fingerprint[:12]}); comparison #{comparison} on these images")
+    if comparison > evidence.max_comparisons and not force:
+        raise PromotionError(
+            f"these images were used in {comparison - 1} comparisons already "
+            f"(registry.max_comparisons={evidence.max_comparisons}): every look at them spends "
+            f"their evidence, and one of many challengers no better than the champion would "
+            f"pass by chance; score on fresh labelled images with --data PATH; nothing moved")
+    images, dropped = _unseen(images, seen, evidence, echo)
+    seconds = {"images": time.perf_counter() - t}
+    preds, classes = _score(tracker, name, challenger, champion, images, batch_size, echo,
+                            seconds)
+    left_out = [(p, ea or eb) for p, ea, eb in zip(images.paths, preds["challenger"][1],
+                                                    preds["champion"][1]) if ea or eb]
+    keep = [i for i, (ea, eb) in enumerate(zip(preds["challenger"][1], preds["champion"][1]))
+            if not (ea or eb)]
+    if not keep:
+        raise PromotionError(f"none of the {len(images.paths):,} images of {images.source} "
+                             f"could be read (first: {left_out[0][0]}: {left_out[0][1]}); "
+                             f"nothing moved")
+    if decide_kw.get("non_inferior") is None:
+        echo(f"  {min_images_line(len(keep), decide_kw.get('confidence', 0.95))}")
+    seed, seed_set = decide_kw.get("seed"), decide_kw.get("seed") is not None
+    if not seed_set:   # the same comparison gets the same resamples, whoever runs it
+        seed = derive_seed(name, challenger.version, champion.version, images.fingerprint)
+    lookup = {c: i for i, c in enumerate(classes)}
+    t = time.perf_counter()
+    paired = decide([lookup[images.labels[i]] for i in keep],
+                    [lookup[preds["challenger"][0][i]] for i in keep],
+                    [lookup[preds["champion"][0][i]] for i in keep], len(classes), f1_average,
+                    force=force, max_class_drop=evidence.max_class_drop,
+                    **{**decide_kw, "seed": seed}, seed_set=seed_set)
+    seconds["decision"] = time.perf_counter() - t
+    reason = _name_classes(paired.reason, classes)
+    if force and not all(s.known for s in seen) and not same_test_images(challenger, champion):
+        reason += "; the champion was tested on other images (it may have trained on these)"
+    return PromotionResult(paired.promote, reason, challenger, champion, paired=paired,
+                           images=images, left_out=left_out, dropped=dropped,
+                           comparison=comparison, seconds=seconds, class_names=list(classes),
+                           predictions=_predictions_frame(images, preds))
+
+
+def _manifests(tracker: Tracker, challenger: Candidate, champion: Candidate):
+    """Both versions' split manifests (None where a version has none), and why the
+    challenger's is missing (raised when its test split is what gets scored)."""
+    found, missing = [], None
+    for c in (challenger, champion):
+        try:
+            found.append(manifest_of_run(tracker, c.run_id, c.version))
+        except PromotionError as e:
+            missing = missing or e
+            found.append(None)
+    return tuple(found), missing
+
+
+def _unknown_training_images(name: str, challenger: Candidate, champion: Candidate,
+                             data: str | None, force: bool, seen: list[SeenImages]):
+    """Versions registered before manifests kept digests: their training images cannot be
+    excluded, so the old rule stands for the test split: both tested on the same images."""
+    if data is not None or force or all(s.known for s in seen) or \
+            same_test_images(challenger, champion):
+        return None
+    unknown = [f"v{c.version}" for c in (challenger, champion)
+               if not (c.test_fingerprint or c.data_fingerprint)]
+    if unknown:
+        raise PromotionError(
+            f"{' and '.join(unknown)} of {name} carry no test or data fingerprint (not "
+            f"registered by the pipeline?): which images they were tested on is unknown; "
+            f"score both on labelled images with --data PATH; nothing moved")
+    return PromotionResult(
+        False, "different test images (test/data fingerprints differ) and the training images "
+               "of a version are not known by content: the champion may have trained on the "
+               "challenger's test split; score both on the same labelled images with --data "
+               "PATH (or --force)", challenger, champion)
+
+
+def _unseen(images: ScoredImages, seen: list[SeenImages], evidence: Evidence, echo: Echo
+            ) -> tuple[ScoredImages, list[tuple[str, str]]]:
+    """The images neither version trained or was selected on; too few of them is an error."""
+    images = with_signatures(images)
+    keep, dropped = drop_seen(images, [s for s in seen if s.known],
+                              evidence.near_copy_distance)
+    versions = " or ".join(f"v{s.version}" for s in seen)
+    if dropped:
+        near = sum(why.startswith("near-copy") for _, why in dropped)
+        echo(f"  dropped {len(dropped):,} of {len(images.paths):,} images that {versions} "
+             f"trained or was selected on ({len(dropped) - near} same bytes, {near} "
+             f"near-copies); {len(keep):,} remain")
+    line = unknown_line(seen)
+    if line:
+        echo(line)
+    if len(keep) < evidence.min_images:
+        raise PromotionError(
+            f"only {len(keep):,} of the {len(images.paths):,} images of {images.source} were "
+            f"seen by neither {versions} in training or selection ({len(dropped):,} dropped; "
+            f"registry.min_images={evidence.min_images}): score both on fresh labelled "
+            f"images with --data PATH; nothing moved")
+    return replace(images, paths=[images.paths[i] for i in keep],
+                   labels=[images.labels[i] for i in keep],
+                   digests=[images.digests[i] for i in keep],
+                   phashes=[images.phashes[i] for i in keep]), dropped
+
+
+def _score(tracker: Tracker, name: str, challenger: Candidate, champion: Candidate,
+           images: ScoredImages, batch_size: int, echo: Echo, seconds: dict):
+    """Both registered models loaded as served and run on the images: their answers per
+    role, and the classes they know."""
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="visiontune-promote-") as d:
         models = {}
@@ -244,30 +313,14 @@ def compare(tracker: Tracker, name: str, challenger: Candidate, champion: Candid
         t = time.perf_counter()
         preds = {role: classify(m, images.paths, batch_size) for role, (m, _) in models.items()}
         seconds["scoring"] = time.perf_counter() - t
-    left_out = [(p, ea or eb) for p, ea, eb in zip(images.paths, preds["challenger"][1],
-                                                    preds["champion"][1]) if ea or eb]
-    keep = [i for i, (ea, eb) in enumerate(zip(preds["challenger"][1], preds["champion"][1]))
-            if not (ea or eb)]
-    if not keep:
-        raise PromotionError(f"none of the {len(images.paths):,} images of {images.source} "
-                             f"could be read (first: {left_out[0][0]}: {left_out[0][1]}); "
-                             f"nothing moved")
-    from components.evaluation.paired import power_line
+    return preds, classes
 
-    echo(f"  {power_line(len(keep), decide_kw['confidence'])}")
-    lookup = {c: i for i, c in enumerate(classes)}
-    t = time.perf_counter()
-    paired = decide([lookup[images.labels[i]] for i in keep],
-                    [lookup[preds["challenger"][0][i]] for i in keep],
-                    [lookup[preds["champion"][0][i]] for i in keep], len(classes), f1_average,
-                    force=force, **decide_kw)
-    seconds["decision"] = time.perf_counter() - t
-    reason = paired.reason
-    if force and data is None and not same_test_images(challenger, champion):
-        reason += "; the champion was tested on other images (it may have trained on these)"
-    return PromotionResult(paired.promote, reason, challenger, champion, paired=paired,
-                           images=images, left_out=left_out, seconds=seconds,
-                           predictions=_predictions_frame(images, preds))
+
+def _name_classes(reason: str, classes: list[str]) -> str:
+    """The decision names a class by its index (the statistics know no names)."""
+    import re
+
+    return re.sub(r"class #(\d+)", lambda m: f"class {classes[int(m.group(1))]}", reason)
 
 
 def _predictions_frame(images: ScoredImages, preds: dict):

@@ -4,13 +4,14 @@ same labelled images, and every decision leaves an MLflow run saying why.
 `promote`:
   1. reads the challenger (a version, or the alias `challenger`) and the champion;
   2. chooses the images: the challenger's test split, read back from its pipeline run's
-     manifest (the champion must have been tested on the same images: MLflow's lineage of
-     the versions' test metrics, else their fingerprint tags), or `data`, any labelled folder
-     or CSV manifest, whatever the fingerprints;
+     manifest, or `data`, any labelled folder or CSV manifest (its test rows, if it has a
+     split column); drops every image whose bytes or near-copy either version trained or was
+     selected on (their manifests keep each image's sha256 and perceptual hash), refuses
+     when fewer than `min_images` remain or after `max_comparisons` on the same images;
   3. loads both registered models (each with its own preprocessing) and classifies the
      images with both;
-  4. decides from the per-image results (`components.evaluation.paired.decide`: exact
-     McNemar, paired bootstrap interval of the F1 difference, the rule);
+  4. decides from the per-image results (`components.evaluation.paired.decide`: a paired
+     permutation test and bootstrap interval of the F1 difference, the rule, its floor);
   5. records the decision as a run (role `promotion`) in the model's experiment;
   6. moves the aliases under the alias lock, after reading the champion again: a champion
      that changed meanwhile was never compared with this challenger, so nothing moves.
@@ -24,6 +25,7 @@ or tag is written.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from mlflow.exceptions import MlflowException
 from requests.exceptions import RequestException
@@ -32,6 +34,7 @@ from components.evaluation.paired import DEFAULT_RESAMPLES
 from components.registry.comparison import (
     Candidate,
     Echo,
+    Evidence,
     PromotionError,
     PromotionResult,
     ScoredImages,
@@ -41,6 +44,7 @@ from components.registry.comparison import (
 )
 from components.registry.record import (
     NOTE_TAG,
+    comparisons_on,
     experiment_of,
     note,
     record_promotion,
@@ -58,7 +62,7 @@ from components.registry.registry import (
 from components.tracking import Tracker, first_line
 
 PREVIOUS = "previous-champion"
-__all__ = ["PREVIOUS", "Candidate", "PromotionError", "PromotionResult", "ScoredImages",
+__all__ = ["PREVIOUS", "Candidate", "Evidence", "PromotionError", "PromotionResult", "ScoredImages",
            "promote", "rollback", "same_test_images"]
 
 
@@ -70,9 +74,11 @@ _FAILURES = (MlflowException, RequestException)
 def promote(tracker: Tracker, name: str, version: str | None = None, *,
             data: str | None = None, confidence: float = 0.95, min_gain: float = 0.0,
             non_inferior: float | None = None, resamples: int = DEFAULT_RESAMPLES,
-            seed: int = 0, force: bool = False, dry_run: bool = False,
+            seed: int | None = None, force: bool = False, dry_run: bool = False,
             echo: Echo = lambda line: None, experiment_name: str = "visiontune",
-            batch_size: int = 64) -> PromotionResult:
+            batch_size: int = 64, evidence: Evidence = Evidence()) -> PromotionResult:
+    """`seed`: of the resamples; None derives it from the two versions and the images (the
+    same comparison gets the same answer), a set one is recorded as set."""
     mv = get_version(tracker, name, str(version)) if version is not None else \
         get_alias_version(tracker, name, CHALLENGER)
     if mv is None:
@@ -91,11 +97,17 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
                  f"are scored here with {average} F1")
         decide_kw = dict(confidence=confidence, min_gain=min_gain, non_inferior=non_inferior,
                          resamples=resamples, seed=seed)
+        experiment_id = experiment_of(tracker, challenger, experiment_name)
+        evidence = replace(evidence, count_prior=lambda fingerprint: comparisons_on(
+            tracker, experiment_id, name, fingerprint))
         result = compare(tracker, name, challenger, champion, data, force, echo, decide_kw,
-                          average, batch_size)
-        result.experiment_id = experiment_of(tracker, challenger, experiment_name)
+                         average, batch_size, evidence)
+        result.experiment_id = experiment_id
         settings = {**decide_kw, "min_f1_gain": min_gain, "non_inferior_margin": non_inferior,
-                    "data": data or "",
+                    "data": data or "", "min_images": evidence.min_images,
+                    "max_comparisons": evidence.max_comparisons,
+                    "near_copy_distance": evidence.near_copy_distance,
+                    "max_class_drop": evidence.max_class_drop,
                     "champion_test_f1_average": champion.f1_average if champion else ""}
         result.run_id = record_promotion(tracker, result.experiment_id, name, result,
                                          dry_run=dry_run, force=force, settings=settings)

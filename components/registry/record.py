@@ -1,7 +1,8 @@
 """The record of a promotion: one MLflow run per `visiontune promote` (role `promotion`) with
-both versions, the images, both models' per-image predictions, the 2x2 table, the McNemar
-p-value, the interval, the decision and its reason; and the tags on both versions that point
-at it (what the version's page in the MLflow UI shows)."""
+both versions, the images (and those dropped because a version trained on them), both
+models' per-image predictions, the decision's p-value, interval and floor, McNemar's accuracy
+check, the decision and its reason; the tags on both versions that point at it (what the
+version's page in the MLflow UI shows); and how many comparisons used the same images."""
 
 from __future__ import annotations
 
@@ -29,23 +30,60 @@ def experiment_of(tracker: Tracker, c: Candidate, fallback: str) -> str:
     return tracker.ensure_experiment(fallback)
 
 
+def comparisons_on(tracker: Tracker, experiment_id: str, name: str, fingerprint: str) -> int:
+    """Promotions of model `name` recorded on images with this fingerprint (dry runs too:
+    every look at the same test images spends their evidence)."""
+    runs = tracker.client.search_runs(
+        [experiment_id], f"tags.`{ROLE_TAG}` = '{ROLE}' and tags.`{MODEL_NAME_TAG}` = "
+                         f"'{name}' and params.data_fingerprint = '{fingerprint}'",
+        max_results=1000)
+    return len(runs)
+
+
+def evidence_lines(r: PromotionResult) -> list[str]:
+    """The numbers of the decision, in words: the console and the run's description."""
+    from components.evaluation.paired import floor_line
+
+    p = r.paired
+    seed = f"seed {p.seed}" + (" (set)" if p.seed_set else " (derived from the versions and "
+                                                            "the images)")
+    lines = [f"{p.average} F1: challenger {p.f1_challenger:.4f}, champion {p.f1_champion:.4f}, "
+             f"difference {p.difference:+.4f}, {p.confidence:.0%} interval {p.interval()} "
+             f"({p.resamples:,} paired resamples, {seed})",
+             f"decision's test: paired permutation test of the {p.average} F1 difference, "
+             f"p = {p.p_value:.4g} ({p.rule})",
+             floor_line(p),
+             f"accuracy check (McNemar, not the decision): {p.challenger_only} images only the "
+             f"challenger gets right, {p.champion_only} only the champion; p = "
+             f"{p.mcnemar_p:.4g}, favours {p.mcnemar_favours}"]
+    drops = [c for c in p.per_class if c["difference"] < 0]
+    if drops:
+        worst = min(drops, key=lambda c: c["difference"])
+        lines.append(f"largest per-class drop: {_class(r, worst)} {worst['difference']:+.4f} F1 "
+                     f"(interval [{worst['ci_low']:+.4f}, {worst['ci_high']:+.4f}])")
+    if r.dropped:
+        lines.append(f"{len(r.dropped):,} images left out because a version trained or was "
+                     f"selected on them (promotion/dropped.tsv)")
+    return lines
+
+
+def _class(r: PromotionResult, row: dict) -> str:
+    i = row["class"]
+    return r.class_names[i] if i < len(r.class_names) else str(i)
+
+
 def note(name: str, r: PromotionResult, dry_run: bool) -> str:
     champ = f"v{r.champion.version}" if r.champion else "no champion"
     verdict = f"dry run, would {'promote' if r.promote else 'reject'}" if dry_run else r.decision
     lines = [f"**Promotion of {name} v{r.challenger.version} over {champ}: {verdict}**", "",
              f"- Reason: {r.reason}"]
     if r.paired is not None:
-        p = r.paired
-        lines += [f"- Images: {p.n:,} from {r.images.source} (fingerprint "
-                  f"`{r.images.fingerprint[:12]}`)",
-                  f"- {p.average} F1: challenger {p.f1_challenger:.4f}, champion "
-                  f"{p.f1_champion:.4f}, difference {p.difference:+.4f}, {p.confidence:.0%} "
-                  f"interval {p.interval()} ({p.resamples:,} paired resamples, seed {p.seed})",
-                  f"- McNemar exact: {p.challenger_only} images only the challenger gets "
-                  f"right, {p.champion_only} only the champion; p = {p.mcnemar_p:.4g}",
-                  f"- {p.power_line()}",
-                  "- Artifacts: `promotion/predictions.csv` (both models, every image), "
-                  "`promotion/bootstrap.png`, `promotion/decision.json`"]
+        lines += [f"- Images: {r.paired.n:,} from {r.images.source} (fingerprint "
+                  f"`{r.images.fingerprint[:12]}`), comparison #{r.comparison} on them"]
+        lines += [f"- {line}" for line in evidence_lines(r)]
+        lines += ["- Artifacts: `promotion/predictions.csv` (both models, every image), "
+                  "`promotion/bootstrap.png`, `promotion/decision.json`, "
+                  "`promotion/per_class.csv`, `promotion/dropped.tsv`"]
     return "\n".join(lines) + "\n"
 
 
@@ -71,11 +109,14 @@ def record_promotion(tracker: Tracker, experiment_id: str, name: str, r: Promoti
             params.update(data_source=r.images.source, data_location=r.images.location,
                           data_fingerprint=r.images.fingerprint,
                           from_test_split=r.images.from_test_split,
-                          images_left_out=len(r.left_out))
+                          images_left_out=len(r.left_out), images_dropped=len(r.dropped),
+                          comparison_number=r.comparison)
         if r.paired is not None:
             p = r.paired
             params.update(rule=p.rule, threshold=p.threshold, f1_average=p.average,
-                          classes=",".join(sorted(set(r.images.labels))))
+                          classes=",".join(sorted(set(r.images.labels))), seed=p.seed,
+                          seed_set=p.seed_set, resamples=p.resamples,
+                          permutations=p.permutations)
         tracker.log_params(run_id, params)
         if r.paired is not None:
             _record_evidence(tracker, run_id, name, r)
@@ -98,9 +139,10 @@ def _record_evidence(tracker: Tracker, run_id: str, name: str, r: PromotionResul
     p = r.paired
     tracker.log_metrics(run_id, {
         "images": p.n, "f1_difference": p.difference, "ci_low": p.ci_low, "ci_high": p.ci_high,
-        "mcnemar_p": p.mcnemar_p, "both_right": p.both_right,
+        "p_value": p.p_value, "mcnemar_p": p.mcnemar_p, "both_right": p.both_right,
         "challenger_only_right": p.challenger_only, "champion_only_right": p.champion_only,
-        "both_wrong": p.both_wrong, "detectable_difference": p.detectable,
+        "both_wrong": p.both_wrong, "images_dropped": len(r.dropped),
+        **({"floor": p.floor} if p.floor is not None else {}),
         **{f"seconds_{k}": v for k, v in r.seconds.items()}})
     dataset = f"{name}-promotion-images"
     for role, c, f1 in (("challenger", r.challenger, p.f1_challenger),
@@ -121,6 +163,12 @@ def _record_evidence(tracker: Tracker, run_id: str, name: str, r: PromotionResul
          "left_out": r.left_out[:1000]}, indent=1), "promotion/decision.json")
     tracker.log_text(run_id, "\n".join(f"{k}\t{v}" for k, v in r.left_out) or "(none)\n",
                      "promotion/left_out.tsv")
+    tracker.log_text(run_id, "\n".join(f"{k}\t{v}" for k, v in r.dropped) or "(none)\n",
+                     "promotion/dropped.tsv")
+    if p.per_class:
+        tracker.log_table(run_id, pd.DataFrame(
+            [{**row, "class": _class(r, row)} for row in p.per_class]),
+            "promotion/per_class.csv")
 
 
 def tag_versions(tracker: Tracker, name: str, r: PromotionResult) -> None:
@@ -131,7 +179,14 @@ def tag_versions(tracker: Tracker, name: str, r: PromotionResult) -> None:
               "promotion.champion_version": r.champion.version if r.champion else "",
               "promotion.reason": r.reason[:5000]}
     if r.paired is not None:
-        common.update({"promotion.p_value": f"{r.paired.mcnemar_p:.4g}",
+        favours = r.paired.mcnemar_favours
+        common.update({"promotion.p_value": f"{r.paired.p_value:.4g}",
+                       "promotion.test": f"paired permutation, {r.paired.average} F1 "
+                                         f"difference, {r.paired.rule}",
+                       "promotion.accuracy_check": f"McNemar p={r.paired.mcnemar_p:.4g} "
+                                                   f"(accuracy; favours {favours})",
+                       "promotion.floor": "none" if r.paired.floor is None else
+                                          f"{r.paired.floor:+.4f}",
                        "promotion.interval": f"{r.paired.interval()} at "
                                              f"{r.paired.confidence:.0%}",
                        "promotion.f1_difference": f"{r.paired.difference:+.4f}"})

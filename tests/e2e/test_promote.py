@@ -104,21 +104,27 @@ def world(tmp_path_factory):
         torch.set_num_threads(2)
         nets = {}
 
-        def register(name: str, which: str):
+        def trained(which: str):
             """`which`: one_epoch | six_a | six_b (6 epochs, seeds 0 and 1)."""
-            nonlocal nets
             if not nets:   # the split the pipeline's data step makes: train on its train rows
                 from components.data import index_images, split_dataset, validate_images
 
                 manifest = split_dataset(validate_images(index_images(str(data))), 0.15, 0.3, 0)
-                nets = {"one_epoch": train(manifest, 1, 0), "six_a": train(manifest, 6, 0),
-                        "six_b": train(manifest, 6, 1)}
-            return register_like_the_pipeline(server.url, None, data, nets[which], name, SIZE,
-                                              3, ("data.test_fraction=0.3",),
-                                              {"net": which})[0].version
+                nets.update(one_epoch=train(manifest, 1, 0), six_a=train(manifest, 6, 0),
+                            six_b=train(manifest, 6, 1))
+            return nets[which]
+
+        def register_on(folder: Path, name: str, which: str):
+            """`trained(which)` registered over `folder` (its own split, test fraction 0.3)."""
+            return register_like_the_pipeline(server.url, None, folder, trained(which), name,
+                                              SIZE, 3, ("data.test_fraction=0.3",),
+                                              {"net": which})
+
+        def register(name: str, which: str):
+            return register_on(data, name, which)[0].version
 
         yield {"server": server, "tmp": tmp, "data": data, "register": register,
-               "client": MlflowClient(server.url)}
+               "register_on": register_on, "client": MlflowClient(server.url)}
     finally:
         server.stop()
 
@@ -317,3 +323,131 @@ def test_tracking_server_stopped_mid_promote_moves_nothing(world):
     assert (alias(world, "outage", "champion"), alias(world, "outage", "previous-champion")) == \
         ("1", None)
     assert "promotion.decision" not in world["client"].get_model_version("outage", "2").tags
+
+
+def photo(rng: np.random.Generator, label: int, size: int = 48) -> Image.Image:
+    """A smooth random colour field (photo-like: its low frequencies differ from image to
+    image) with the class's quadrant brighter, as the nets above learned."""
+    small = rng.integers(0, 170, (6, 6, 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC), np.int16)
+    r, c = divmod(label % 4, 2)
+    h = size // 2
+    img[r * h:(r + 1) * h, c * h:(c + 1) * h] += 40
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+def users_folder(root: Path, per_class: int, seed: int, start: int = 0) -> dict:
+    """What users' folders hold: distinct photos, exact copies under other names, re-encoded
+    near-copies (90% size, JPEG quality 70) and the same bytes filed under two classes.
+    Returns the planted pairs."""
+    rng = np.random.default_rng(seed)
+    planted = {"copies": [], "near": [], "conflicts": []}
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + per_class):
+            photo(rng, label).save(root / name / f"{i:04d}.jpg", quality=90)
+    if start:
+        return planted
+    for label, name in enumerate(CLASSES):
+        for i in range(5):   # 20 exact copies
+            src = root / name / f"{i:04d}.jpg"
+            dst = root / name / f"copy_{i:04d}.jpg"
+            dst.write_bytes(src.read_bytes())
+            planted["copies"].append((src, dst))
+        for i in range(5, 8):   # 12 near-copies
+            src = root / name / f"{i:04d}.jpg"
+            dst = root / name / f"resaved_{i:04d}.jpg"
+            with Image.open(src) as im:
+                im.resize((43, 43), Image.BILINEAR).save(dst, quality=70)
+            planted["near"].append((src, dst))
+    for i in range(3):   # the same bytes as class a and as class b
+        src = root / "a" / f"{10 + i:04d}.jpg"
+        dst = root / "b" / f"also_a_{i:04d}.jpg"
+        dst.write_bytes(src.read_bytes())
+        planted["conflicts"].append((src, dst))
+    return planted
+
+
+def _splits(world, run_id: str, tmp_path: Path) -> pd.DataFrame:
+    folder = world["client"].download_artifacts(run_id, "data", str(tmp_path / run_id))
+    return pd.read_csv(Path(folder) / "split_manifest.csv")
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_grown_folder_is_compared_on_images_neither_model_saw(world, tmp_path):
+    """The issue's folder: copies, near-copies and label conflicts; the champion trained on it,
+    the challenger on it plus 30 new images. The test split stays put, promote decides without
+    --force on images neither trained or selected on, and refuses the challenger's own
+    training images as evidence."""
+    import shutil
+
+    old = world["tmp"] / "users_v1"
+    planted = users_folder(old, 60, seed=21)
+    grown = world["tmp"] / "users_v2"
+    shutil.copytree(old, grown)
+    users_folder(grown, 8, seed=22, start=1000)   # 32 new images
+    v1, m1 = world["register_on"](old, "grown", "one_epoch")
+    v2, m2 = world["register_on"](grown, "grown", "six_a")
+    assert (v1.version, v2.version) == ("1", "2")
+    s1, s2 = (_splits(world, _run_of(world, "grown", v), tmp_path) for v in ("1", "2"))
+    # the split stays put: rows of the old folder keep their split in the grown one
+    rel = lambda frame, root: {str(Path(p).relative_to(root)): s   # noqa: E731
+                               for p, s in zip(frame.path, frame.split)}
+    before, after = rel(s1, old), rel(s2, grown)
+    assert all(after[p] == "test" for p, s in before.items() if s == "test")
+    assert not [p for p, s in before.items() if s != "test" and after[p] == "test"]
+    # copies never straddle a split, conflicting bytes under no label
+    for src, dst in planted["copies"] + planted["near"]:
+        a, b = (after.get(str(Path(x).relative_to(old))) for x in (src, dst))
+        assert a == b, (src, dst, a, b)
+    for src, dst in planted["conflicts"]:
+        assert str(Path(src).relative_to(old)) not in after
+        assert str(Path(dst).relative_to(old)) not in after
+
+    out = cli(world, "promote", "--model", "grown")
+    assert out.returncode in (0, 3), out.stdout + out.stderr
+    assert "different test images" not in out.stdout and "comparison #1" in out.stdout
+    (run,) = promotion_runs(world, "grown")
+    scored = pd.read_csv(world["client"].download_artifacts(
+        run.info.run_id, "promotion/images.csv", str(tmp_path)))
+    seen = {_sha(p) for frame in (s1, s2) for p, s in zip(frame.path, frame.split)
+            if s in ("train", "val")}
+    assert len(scored) >= 30 and not [p for p in scored.path if _sha(p) in seen]
+    near_of = {str(b): str(a) for a, b in planted["near"]} | \
+        {str(a): str(b) for a, b in planted["near"]}
+    trained = {str(p) for frame in (s1, s2) for p, s in zip(frame.path, frame.split)
+               if s in ("train", "val")}
+    for p in scored.path:   # no scored image is a near-copy of one either model saw
+        twin = near_of.get(str(Path(p)).replace(str(grown), str(old)))
+        assert twin is None or twin.replace(str(old), str(grown)) not in trained
+        assert twin is None or twin not in trained
+
+    # the challenger's own training images are no evidence: one line, neither 0 nor 3
+    own = tmp_path / "own"
+    for p, s, label in zip(s2.path, s2.split, s2.label):
+        if s == "train":
+            (own / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, own / label / Path(p).name)
+    refused = cli(world, "promote", "--model", "grown", "--data", str(own))
+    assert refused.returncode not in (0, 3), refused.stdout + refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "seen by neither" in line and "nothing moved" in line and "Traceback" not in line
+    assert alias(world, "grown", "champion") == "1"
+
+    # a split manifest given as --data: only its test rows are scored
+    csv = tmp_path / "manifest.csv"
+    s2.to_csv(csv, index=False)
+    by_csv = cli(world, "promote", "--model", "grown", "--data", str(csv), "--dry-run")
+    assert by_csv.returncode == 0, by_csv.stdout + by_csv.stderr
+    last = promotion_runs(world, "grown")[-1]
+    tests = int((s2.split == "test").sum())
+    assert int(last.data.metrics["images"]) + int(last.data.metrics["images_dropped"]) == tests
+
+
+def _run_of(world, name: str, version: str) -> str:
+    return world["client"].get_model_version(name, version).run_id

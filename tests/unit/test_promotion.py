@@ -19,10 +19,10 @@ from components.registry import (
     PREVIOUS,
     AliasConflict,
     Candidate,
+    Evidence,
     PromotionError,
     alias_lock,
     get_alias_version,
-    promote,
     register_challenger,
     rollback,
     same_test_images,
@@ -32,6 +32,18 @@ from components.tracking import Tracker
 from tests.conftest import make_image_folder, register_like_the_pipeline
 
 FP = "a" * 64
+# The images here are one bright quadrant plus pixel noise: every image of a class is a
+# perceptual near-copy of the others by design, and a test split holds about 28 of them.
+# These tests are about the gate's mechanics; copies are tested in tests/unit/test_copies.py
+# and tests/e2e/test_promote.py on photo-like images, with the defaults.
+EVIDENCE = Evidence(min_images=10, near_copy_distance=0)
+EVIDENCE_ARGS = ("registry.min_images=10", "data.near_copy_distance=0")
+
+
+def promote(*args, **kwargs):
+    from components.registry import promote as promote_
+
+    return promote_(*args, **{"evidence": EVIDENCE, **kwargs})
 
 
 def _perfect():
@@ -87,9 +99,13 @@ def test_a_worse_challenger_is_rejected_with_its_evidence_recorded(store, tmp_pa
     r = promote(tracker, "worse", echo=lines.append)
     assert not r.promote and not r.applied and _alias(tracker, "worse", CHAMPION) == "1"
     p = r.paired
-    assert p.n == 30 and p.f1_champion == 1.0 and p.f1_challenger < 0.8
+    n = len(r.images.paths)
+    assert 20 <= p.n == n and p.f1_champion == 1.0 and p.f1_challenger < 0.8
     assert p.ci_high < 0 and "not shown to be better" in r.reason
-    assert any(line.startswith("  30 images: differences below about 0.200") for line in lines)
+    assert f"  {n} images: at least 6 must differ, all in the challenger's favour, before " \
+           "anything can be promoted (exact permutation p = 2^-6 = 0.01562 < 0.025)" in lines
+    assert any(line.startswith(f"  images: {n} from the test split") and
+               line.endswith("comparison #1 on these images") for line in lines)
     # the record: a promotion run in the model's experiment with everything it decided on
     run = _run(tracker, r.run_id)
     assert run.info.status == "FINISHED"
@@ -102,7 +118,7 @@ def test_a_worse_challenger_is_rejected_with_its_evidence_recorded(store, tmp_pa
     assert run.data.metrics["ci_high"] == pytest.approx(p.ci_high)
     predictions = pd.read_csv(tracker.client.download_artifacts(
         r.run_id, "promotion/predictions.csv", str(tmp_path)))
-    assert len(predictions) == 30 and predictions.champion_correct.all()
+    assert len(predictions) == n and predictions.champion_correct.all()
     assert (predictions.challenger_prediction == "cat").all()
     assert {a.path for a in tracker.client.list_artifacts(r.run_id, "promotion")} >= {
         "promotion/predictions.csv", "promotion/bootstrap.png", "promotion/decision.json",
@@ -152,13 +168,26 @@ def test_two_equal_models_are_not_promoted(store):
     assert r.paired.mcnemar_p == 1.0 and _alias(tracker, "equal", CHAMPION) == "1"
 
 
-def test_other_test_images_are_refused_unless_both_score_the_same_data(store):
+def test_versions_over_other_folders_are_compared_on_images_neither_saw(store):
+    """The champion trained on one folder, the challenger on another that holds copies of
+    some of the champion's images: promote scores the challenger's test split minus every
+    image either trained or was selected on, by content, without --force."""
+    import shutil
+
     tracker, register = store["tracker"], store["register"]
     register(_always_cat(), "mixed")
-    register(_perfect(), "mixed", folder=store["other"])
-    r = promote(tracker, "mixed")
-    assert not r.promote and r.paired is None and "different test images" in r.reason
-    assert _alias(tracker, "mixed", CHAMPION) == "1"
+    grown = store["tmp"] / "grown_pets"
+    shutil.copytree(store["other"], grown)
+    for p in sorted((store["data"] / "cat").glob("*"))[:40]:   # champion images, renamed
+        shutil.copy(p, grown / "cat" / f"from_first_{p.name}")
+    register(_perfect(), "mixed", folder=grown)
+    r = promote(tracker, "mixed", dry_run=True)
+    assert r.paired is not None and r.promote and "different test images" not in r.reason
+    champion_seen = {_sha(p) for p, s in _rows(tracker, "mixed", "1") if s != "test"}
+    scored = {_sha(p) for p in r.images.paths}
+    assert scored and not scored & champion_seen
+    assert len(r.dropped) == sum(_sha(p) in champion_seen
+                                 for p, s in _rows(tracker, "mixed", "2") if s == "test")
     # --data: both scored on a folder neither was trained on, whatever their fingerprints
     fresh = make_image_folder(store["tmp"] / "fresh", per_class=20, seed=9, corrupt=False)
     scored = promote(tracker, "mixed", data=str(fresh))
@@ -173,7 +202,7 @@ def test_unusable_data_and_classes_move_nothing(store):
     register(_always_cat(), "strict")
     register(_perfect(), "strict")
     birds = make_image_folder(store["tmp"] / "birds", classes=("cat", "bird"), per_class=5,
-                              corrupt=False)
+                              seed=3, corrupt=False)
     with pytest.raises(PromotionError, match="classes the models do not know: bird"):
         promote(tracker, "strict", data=str(birds))
     with pytest.raises(PromotionError, match="--data .*nowhere: .*not a directory"):
@@ -250,6 +279,23 @@ def test_two_new_registrations_at_once_both_register_and_one_is_champion(store):
     other = next(r for r in results if r.version != champion)
     assert other.aliases == (CHALLENGER,) and _alias(tracker, "brand-new", CHALLENGER) == \
         other.version
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _rows(tracker, name, version):
+    """(path, split) of the version's run's manifest, read back as CSV."""
+    import tempfile
+
+    run_id = tracker.client.get_model_version(name, version).run_id
+    with tempfile.TemporaryDirectory() as d:
+        frame = pd.read_csv(Path(tracker.client.download_artifacts(
+            run_id, "data/split_manifest.csv", d)))
+    return list(zip(frame.path, frame.split))
 
 
 def test_same_test_images_rule():
@@ -337,12 +383,13 @@ def test_the_cli_rule_options_change_the_decision_and_say_so(store, capsys):
     tracker, register = store["tracker"], store["register"]
     uri = f"tracking.uri={tracker.uri}"
     register(_perfect(), "rules")
+    uri_args = [uri, *EVIDENCE_ARGS]
     register(_perfect(), "rules")     # v2: as good as the champion, no better
-    code, out = _cli(["promote", "--model", "rules", uri], capsys)
+    code, out = _cli(["promote", "--model", "rules", *uri_args], capsys)
     assert code == 3 and out[-2].startswith("keep the champion: not shown to be better")
     assert _alias(tracker, "rules", CHAMPION) == "1"
     # a smaller or faster model that is not worse: promoted, stated as non-inferiority
-    code, out = _cli(["promote", "--model", "rules", "--non-inferior", "0.05", uri], capsys)
+    code, out = _cli(["promote", "--model", "rules", "--non-inferior", "0.05", *uri_args], capsys)
     assert code == 0, out
     assert any("not worse by more than 0.0500 (non-inferiority, not superiority)" in line
                for line in out), out
@@ -356,11 +403,51 @@ def test_the_cli_rule_options_change_the_decision_and_say_so(store, capsys):
     register(_perfect(), "rules")      # v4, against v3 as the champion: binary F1 1 vs 0
     tracker.client.set_registered_model_alias("rules", CHAMPION, "3")
     code, out = _cli(["promote", "--model", "rules", "--version", "4", "--confidence", "0.8",
-                      "registry.min_f1_gain=1.0", uri], capsys)
+                      "registry.min_f1_gain=1.0", *uri_args], capsys)
     assert code == 3, out
     assert any("80% interval [+1.0000, +1.0000]" in line for line in out), out
     assert out[-2].startswith("keep the champion: not shown to be better") and \
         "reaches +1.0000 (registry.min_f1_gain)" in out[-2]
     code, out = _cli(["promote", "--model", "rules", "--version", "4",
-                      "registry.min_f1_gain=0.1", uri], capsys)
+                      "registry.min_f1_gain=0.1", *uri_args], capsys)
     assert code == 0 and _alias(tracker, "rules", CHAMPION) == "4"
+
+
+def test_the_same_images_serve_a_limited_number_of_comparisons(store):
+    """Every look at the same test images spends their evidence: after
+    registry.max_comparisons of them, promote asks for fresh images instead of deciding."""
+    from dataclasses import replace
+
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "peek")
+    register(_perfect(), "peek")
+    limited = replace(EVIDENCE, max_comparisons=2)
+    lines = []
+    for n in (1, 2):
+        promote(tracker, "peek", dry_run=True, evidence=limited, echo=lines.append)
+        assert any(line.endswith(f"comparison #{n} on these images") for line in lines)
+    with pytest.raises(PromotionError, match="used in 2 comparisons already "
+                                             r"\(registry.max_comparisons=2\).*--data PATH"):
+        promote(tracker, "peek", evidence=limited)
+    assert _alias(tracker, "peek", CHAMPION) == "1"
+    fresh = make_image_folder(store["tmp"] / "fresh_peek", per_class=20, seed=21, corrupt=False)
+    assert promote(tracker, "peek", data=str(fresh), evidence=limited).applied
+
+
+def test_a_manifest_given_as_data_is_scored_on_its_test_rows_only(store, tmp_path):
+    """`promote --data split_manifest.csv`: its train and val rows are what a model trained
+    and was selected on; only the test rows count, and a CSV without any is refused."""
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "csv")
+    register(_perfect(), "csv")
+    rows = _rows(tracker, "csv", "2")
+    csv = tmp_path / "split_manifest.csv"
+    pd.DataFrame({"path": [p for p, _ in rows], "split": [s for _, s in rows],
+                  "label": [Path(p).parent.name for p, _ in rows]}).to_csv(csv, index=False)
+    r = promote(tracker, "csv", data=str(csv), dry_run=True)
+    tests = sorted(p for p, s in rows if s == "test")
+    assert sorted(r.images.paths) == tests and not r.dropped
+    pd.DataFrame({"path": [p for p, s in rows if s == "train"], "split": "train",
+                  "label": "cat"}).to_csv(tmp_path / "train_only.csv", index=False)
+    with pytest.raises(PromotionError, match="has a split column but no 'test' rows"):
+        promote(tracker, "csv", data=str(tmp_path / "train_only.csv"))

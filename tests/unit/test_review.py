@@ -193,9 +193,11 @@ def test_version_description_says_data_f1_and_hyperparameters():
     text = version_description(
         "vt-1", 48, {"train": 32, "val": 8, "test": 8}, ["cat", "dog"], "f" * 64,
         {"f1": 0.87654, "accuracy": 0.9, "precision": 0.8, "recall": 0.95}, "binary", 0.91,
-        {"train.optimizer": "adam", "train.lr": 0.001})
-    for part in ("vt-1", "48 images", "2 classes", "f" * 64, "Test F1: 0.8765", "binary",
-                 "best val F1 0.9100", "`train.optimizer` = adam", "`train.lr` = 0.001",
+        {"train.optimizer": "adam", "train.lr": 0.001}, test_interval=(0.8012, 0.9333))
+    for part in ("vt-1", "48 images", "2 classes", "f" * 64,
+                 "Test F1: 0.8765** [0.8012, 0.9333] 95% interval over test images", "binary",
+                 "val F1 0.9100 (the selection score: the best of the sweep's trials on the "
+                 "validation split, optimistic)", "`train.optimizer` = adam", "`train.lr` = 0.001",
                  "test 8"):
         assert part in text, part
 
