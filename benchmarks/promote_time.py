@@ -1,13 +1,14 @@
-"""How long `visiontune promote` takes, and how much of it is the paired bootstrap.
+"""How long `visiontune promote` takes, and how much of it is the decision's statistics.
 
 Two registered models of the default search's kinds (the default CNN and ResNet-18, freshly
 initialised at the default 32 px, 10 classes: the time to classify does not depend on what
 the weights learned) are compared with `visiontune promote --data FOLDER --dry-run`, exactly
 as a user types it, on a generated labelled folder of 270 images (the default run's test
 split) and of 5,000. Both models classify every image; the promotion run's own timings
-(`seconds_images`, `seconds_load_models`, `seconds_scoring`, `seconds_decision`: McNemar and
-2,000 bootstrap resamples) give the split; the command's wall time includes Python, torch and
-MLflow start-up.
+(`seconds_images`: reading, hashing and fingerprinting the images and dropping those either
+model saw; `seconds_load_models`, `seconds_scoring`, `seconds_decision`: the permutation
+test, 2,000+ bootstrap resamples, the floor and McNemar's check) give the split; the
+command's wall time includes Python, torch and MLflow start-up.
 
     python benchmarks/promote_time.py              # about 2 minutes on 2 cores
     python benchmarks/promote_time.py --images 270 # one size
@@ -94,7 +95,7 @@ def main() -> None:
             print(f"{r['images']:>6,} images: promote {r['wall_s']:.1f} s wall; reading and "
                   f"checking the images {r['images_s']:.1f} s, loading both models "
                   f"{r['load_models']:.1f} s, scoring both {r['scoring']:.1f} s, "
-                  f"McNemar + 2,000 bootstrap resamples {r['decision']:.2f} s "
+                  f"the decision (permutation test, bootstrap, floor) {r['decision']:.2f} s "
                   f"({100 * r['bootstrap_share_of_wall']:.1f}% of the wall time)", flush=True)
             results.append(r)
     out = ROOT / "benchmarks" / "results" / "promote_time.json"

@@ -43,6 +43,10 @@ __all__ = ["DataError", "DecodeTarget", "ValidatedImages", "check_image", "image
 # The size image_signatures decodes at: a JPEG is decoded at a reduced scale (fast), and the
 # hash (taken at 32 px) differs from the one of a full decode by a bit or two at most.
 SIGNATURE_SIZE = 64
+# Below this training size a store's rows are too coarse to hash: a re-encoded copy of a photo
+# trained at 16 px drifted past the near-copy distance (tests/e2e/test_promote.py). Such runs
+# hash a SIGNATURE_SIZE decode of each file as it is read, like promote's signatures.
+HASH_MIN_SIZE = 32
 _STORE_BLOCK_BYTES = 16 * 2**20   # rows of a store hashed at once, per thread
 LABEL_CONFLICT = ": label conflict"   # how a skipped file's reason ends when it is one
 
@@ -81,8 +85,11 @@ def check_image(path: str, decode: bool = True) -> tuple[str | None, str | None]
     return digest, reason
 
 
-def _read(path: str, decode: bool = True) -> tuple[str | None, str | None, str]:
-    """check_image, and the perceptual hash of the decoded image ("" without `decode`)."""
+def _read(path: str, decode: bool = True, hash_only: bool = False
+          ) -> tuple[str | None, str | None, str]:
+    """check_image, and the perceptual hash of the decoded image ("" without `decode`, unless
+    `hash_only`: a SIGNATURE_SIZE decode for the hash alone; the store's build judges the
+    file)."""
     data, reason = _read_file(path)
     if data is None:
         return None, reason, ""
@@ -96,6 +103,8 @@ def _read(path: str, decode: bool = True) -> tuple[str | None, str | None, str]:
             # the first frame: it catches truncated files that verify() lets pass.
             with open_image(data) as img:
                 phash = phash_image(img)   # the decoded pixels are at hand: no second decode
+        elif hash_only:
+            phash = _phash_or_none(data) or ""
     except Exception as e:  # PIL raises many types for broken files
         return None, f"{type(e).__name__}: {e}", ""
     return hashlib.sha256(data).hexdigest(), None, phash
@@ -116,16 +125,19 @@ def _read_file(path: str) -> tuple[bytes | None, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
+def _phash_or_none(data: bytes) -> str | None:
+    try:
+        with open_image(data, SIGNATURE_SIZE) as img:
+            return phash_image(img)
+    except Exception:  # PIL raises many types for broken files
+        return None
+
+
 def _signature(path: str) -> tuple[str | None, str | None]:
     data, _ = _read_file(path)
     if not data:
         return None, None
-    try:
-        with open_image(data, SIGNATURE_SIZE) as img:
-            phash = phash_image(img)
-    except Exception:  # PIL raises many types for broken files
-        phash = None
-    return hashlib.sha256(data).hexdigest(), phash
+    return hashlib.sha256(data).hexdigest(), _phash_or_none(data)
 
 
 def image_signatures(paths: list[str]) -> tuple[list[str | None], list[str | None]]:
@@ -177,8 +189,8 @@ def _decoded(index: ImageIndex, found: list[tuple[str | None, str | None, str]],
             store = build_store(target.storage_path, key, [p for p, _ in readable],
                                 target.image_size, target.channels, progress=decoding,
                                 map_chunks=map_chunks)
-    return store, [(d, store.bad.get(p, r) if d is not None else r, "")
-                   for p, (d, r, _) in zip(index.paths, found)]
+    return store, [(d, store.bad.get(p, r) if d is not None else r, h)
+                   for p, (d, r, h) in zip(index.paths, found)]
 
 
 def store_phashes(store: DecodedImages) -> dict[str, str]:
@@ -229,7 +241,8 @@ def validate_images(index: ImageIndex, on_bad_image: str = "skip", min_per_class
     readable, and no choice of one label would be right."""
     kept, skipped, store = [], [], None
     # closing: a stop at a bad image (or an error) cancels what is still queued.
-    read = functools.partial(_read, decode=decode_to is None)
+    coarse = decode_to is not None and decode_to.image_size < HASH_MIN_SIZE
+    read = functools.partial(_read, decode=decode_to is None, hash_only=coarse)
     with closing(_threaded(read, index.paths, progress)) as checked:
         results: Iterator = checked
         if decode_to is not None:
@@ -244,7 +257,7 @@ def validate_images(index: ImageIndex, on_bad_image: str = "skip", min_per_class
                 raise DataError(f"unreadable image {path} ({reason}); "
                                 "use data.on_bad_image=skip to skip such files")
             skipped.append((path, reason))
-    if store is not None:
+    if store is not None and not coarse:
         hashes = store_phashes(store)
         kept = [(p, y, d, hashes.get(p, "")) for p, y, d, _ in kept]
     kept, conflicts, contents = _without_label_conflicts(kept, index.classes)

@@ -7,6 +7,7 @@ Nothing here writes to MLflow: `record` records, `promotion` moves the aliases."
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -192,10 +193,17 @@ def compare(tracker: Tracker, name: str, challenger: Candidate, champion: Candid
             f"(registry.max_comparisons={evidence.max_comparisons}): every look at them spends "
             f"their evidence, and one of many challengers no better than the champion would "
             f"pass by chance; score on fresh labelled images with --data PATH; nothing moved")
-    images, dropped = _unseen(images, seen, evidence, echo)
     seconds = {"images": time.perf_counter() - t}
-    preds, classes = _score(tracker, name, challenger, champion, images, batch_size, echo,
-                            seconds)
+    # The models first: images of a class they do not know are the first thing to say.
+    with _loaded(tracker, name, challenger, champion, images, seconds) as (models, classes):
+        t = time.perf_counter()
+        images, dropped = _unseen(images, seen, evidence, echo)
+        seconds["images"] += time.perf_counter() - t
+        echo(f"  scoring {len(images.paths):,} images with v{challenger.version} and "
+             f"v{champion.version} ...")
+        t = time.perf_counter()
+        preds = {role: classify(m, images.paths, batch_size) for role, m in models.items()}
+        seconds["scoring"] = time.perf_counter() - t
     left_out = [(p, ea or eb) for p, ea, eb in zip(images.paths, preds["challenger"][1],
                                                     preds["champion"][1]) if ea or eb]
     keep = [i for i, (ea, eb) in enumerate(zip(preds["challenger"][1], preds["champion"][1]))
@@ -287,33 +295,28 @@ def _unseen(images: ScoredImages, seen: list[SeenImages], evidence: Evidence, ec
                    phashes=[images.phashes[i] for i in keep]), dropped
 
 
-def _score(tracker: Tracker, name: str, challenger: Candidate, champion: Candidate,
-           images: ScoredImages, batch_size: int, echo: Echo, seconds: dict):
-    """Both registered models loaded as served and run on the images: their answers per
-    role, and the classes they know."""
+@contextlib.contextmanager
+def _loaded(tracker: Tracker, name: str, challenger: Candidate, champion: Candidate,
+            images: ScoredImages, seconds: dict):
+    """Both registered models loaded as served ({role: model}), and the classes they know,
+    checked against each other and the images' labels."""
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="visiontune-promote-") as d:
-        models = {}
-        for role, c in (("challenger", challenger), ("champion", champion)):
-            models[role] = load_version(tracker, name, c.version, str(Path(d) / role))
+        loaded = {role: load_version(tracker, name, c.version, str(Path(d) / role))
+                  for role, c in (("challenger", challenger), ("champion", champion))}
         seconds["load_models"] = time.perf_counter() - t
-        classes = models["challenger"][1]
-        if set(classes) != set(models["champion"][1]):
+        classes = loaded["challenger"][1]
+        if set(classes) != set(loaded["champion"][1]):
             raise PromotionError(
                 f"the two versions know different classes: v{challenger.version} "
-                f"{sorted(classes)}, v{champion.version} {sorted(models['champion'][1])}; "
+                f"{sorted(classes)}, v{champion.version} {sorted(loaded['champion'][1])}; "
                 f"nothing moved")
         unknown = sorted(set(images.labels) - set(classes))
         if unknown:
             raise PromotionError(f"{images.source} has classes the models do not know: "
                                  f"{', '.join(unknown)} (they know {', '.join(classes)}); "
                                  f"nothing moved")
-        echo(f"  scoring {len(images.paths):,} images with v{challenger.version} and "
-             f"v{champion.version} ...")
-        t = time.perf_counter()
-        preds = {role: classify(m, images.paths, batch_size) for role, (m, _) in models.items()}
-        seconds["scoring"] = time.perf_counter() - t
-    return preds, classes
+        yield {role: m for role, (m, _) in loaded.items()}, classes
 
 
 def _name_classes(reason: str, classes: list[str]) -> str:

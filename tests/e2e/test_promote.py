@@ -184,7 +184,28 @@ def recompute(world, run, tmp_path):
         i = rng.integers(0, n, n)
         diffs.append(_macro_f1(y[i], a[i], nk) - _macro_f1(y[i], k[i], nk))
     tail = (1 - float(params["confidence"])) / 2 * 100
-    return b, c, binomtest(b, b + c, 0.5).pvalue, np.percentile(diffs, [tail, 100 - tail])
+    p = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0   # twins that agree everywhere
+    return b, c, p, np.percentile(diffs, [tail, 100 - tail])
+
+
+def permutation_p(world, run, tmp_path, draws: int = 400) -> float:
+    """The decision's p from the predictions CSV alone: random swaps of each image's two
+    answers, one at a time (p = 1 when no image gets different answers)."""
+    frame = pd.read_csv(world["client"].download_artifacts(
+        run.info.run_id, "promotion/predictions.csv", str(tmp_path)))
+    classes = sorted(set(frame.label))
+    y, a, k = (frame[col].map({n: i for i, n in enumerate(classes)}).to_numpy()
+               for col in ("label", "challenger_prediction", "champion_prediction"))
+    nk = len(classes)
+    observed = _macro_f1(y, a, nk) - _macro_f1(y, k, nk)
+    if (a == k).all():
+        return 1.0
+    rng, hits = np.random.default_rng(0), 0
+    for _ in range(draws):
+        swap = rng.random(len(y)) < 0.5
+        a2, k2 = np.where(swap, k, a), np.where(swap, a, k)
+        hits += _macro_f1(y, a2, nk) - _macro_f1(y, k2, nk) >= observed - 1e-12
+    return (1 + hits) / (1 + draws)
 
 
 def test_better_model_is_promoted_and_a_reseeded_twin_is_not(world, tmp_path):
@@ -194,9 +215,12 @@ def test_better_model_is_promoted_and_a_reseeded_twin_is_not(world, tmp_path):
     promoted = cli(world, "promote", "--model", "pets")
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
     out = promoted.stdout
+    print(out)   # docs/promotion.md shows it (pytest -s)
     assert "promote: pets v2 (challenger) vs v1 (champion)" in out
-    assert "300 images: differences below about 0.020 (6 images) cannot be told from noise" in out
-    assert "promote: the challenger is better" in out
+    assert "images: at least 6 must differ, all in the challenger's favour" in out
+    assert "comparison #1 on these images" in out
+    assert "smallest difference this rule can promote on these" in out
+    assert "promote: the challenger is better: permutation p = " in out
     assert "models:/pets@champion -> version 2 (previous-champion -> 1)" in out
     assert (alias(world, "pets", "champion"), alias(world, "pets", "previous-champion")) == \
         ("2", "1")
@@ -205,11 +229,13 @@ def test_better_model_is_promoted_and_a_reseeded_twin_is_not(world, tmp_path):
     refused = cli(world, "promote", "--model", "pets")
     assert refused.returncode == 3, refused.stdout + refused.stderr
     out = refused.stdout
+    print(out)
     lines = out.splitlines()
-    power = next(i for i, line in enumerate(lines) if "cannot be told from noise" in line)
+    power = next(i for i, line in enumerate(lines) if "at least 6 must differ" in line)
     verdict = next(i for i, line in enumerate(lines) if line.startswith("keep the champion"))
-    assert power < verdict   # the power line comes before the decision
-    assert "95% interval [" in out and "McNemar exact test" in out and ", p = " in out
+    assert power < verdict   # what any challenger needs comes before the decision
+    assert "95% interval [" in out and "accuracy check (McNemar, not the decision)" in out
+    assert "decision's test: paired permutation test of the macro F1 difference, p = " in out
     assert "not shown to be better" in lines[verdict] and refused.stderr.strip() == ""
     assert alias(world, "pets", "champion") == "2"
 
@@ -224,9 +250,15 @@ def test_better_model_is_promoted_and_a_reseeded_twin_is_not(world, tmp_path):
         m = run.data.metrics
         assert (m["challenger_only_right"], m["champion_only_right"]) == (b, c)
         assert m["mcnemar_p"] == pytest.approx(p, rel=1e-9)
+        independent = permutation_p(world, run, tmp_path)
+        if independent == 1.0:
+            assert m["p_value"] == 1.0
+        else:   # no random swap did as well: both at their resolution
+            assert independent == 1 / 401 and m["p_value"] <= 1 / 401
         assert (m["ci_low"], m["ci_high"]) == (pytest.approx(low, abs=1e-9),
                                                pytest.approx(high, abs=1e-9))
-        assert m["images"] == 300
+        assert 250 <= m["images"] <= 350   # a test fraction of 0.3 of 1,000 images
+        assert run.data.params["seed_set"] == "False"   # derived from the versions and images
     # promoted on a lower bound above 0; refused on one at or below it (twins that agree on
     # every image have the interval [0, 0])
     assert first.data.metrics["ci_low"] > 0 >= second.data.metrics["ci_low"]
@@ -325,10 +357,10 @@ def test_tracking_server_stopped_mid_promote_moves_nothing(world):
     assert "promotion.decision" not in world["client"].get_model_version("outage", "2").tags
 
 
-def photo(rng: np.random.Generator, label: int, size: int = 48) -> Image.Image:
+def photo(rng: np.random.Generator, label: int, size: int = 128) -> Image.Image:
     """A smooth random colour field (photo-like: its low frequencies differ from image to
     image) with the class's quadrant brighter, as the nets above learned."""
-    small = rng.integers(0, 170, (6, 6, 3)).astype(np.uint8)
+    small = rng.integers(0, 170, (8, 8, 3)).astype(np.uint8)
     img = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC), np.int16)
     r, c = divmod(label % 4, 2)
     h = size // 2
@@ -358,7 +390,7 @@ def users_folder(root: Path, per_class: int, seed: int, start: int = 0) -> dict:
             src = root / name / f"{i:04d}.jpg"
             dst = root / name / f"resaved_{i:04d}.jpg"
             with Image.open(src) as im:
-                im.resize((43, 43), Image.BILINEAR).save(dst, quality=70)
+                im.resize((115, 115), Image.BILINEAR).save(dst, quality=70)   # 90%
             planted["near"].append((src, dst))
     for i in range(3):   # the same bytes as class a and as class b
         src = root / "a" / f"{10 + i:04d}.jpg"
@@ -409,9 +441,10 @@ def test_a_grown_folder_is_compared_on_images_neither_model_saw(world, tmp_path)
         assert str(Path(src).relative_to(old)) not in after
         assert str(Path(dst).relative_to(old)) not in after
 
-    out = cli(world, "promote", "--model", "grown")
+    out = cli(world, "promote", "--model", "grown", "--dry-run")   # v1 stays the champion
     assert out.returncode in (0, 3), out.stdout + out.stderr
     assert "different test images" not in out.stdout and "comparison #1" in out.stdout
+    print(out.stdout)
     (run,) = promotion_runs(world, "grown")
     scored = pd.read_csv(world["client"].download_artifacts(
         run.info.run_id, "promotion/images.csv", str(tmp_path)))
