@@ -199,7 +199,13 @@ def test_registered_version_is_described(pipeline_run):
     result, cfg, client, _ = pipeline_run
     mv = client.get_model_version("it-model", result.registered_version)
     run = client.get_run(result.parent_run_id)
-    assert f"Test F1: {run.data.metrics['test_f1']:.4f}** (binary average)" in mv.description
+    m = run.data.metrics
+    assert (f"Test F1: {m['test_f1']:.4f}** [{m['test_f1_low']:.4f}, {m['test_f1_high']:.4f}] "
+            f"95% interval over test images (binary average)") in mv.description
+    assert m["test_f1_low"] <= m["test_f1"] <= m["test_f1_high"]
+    assert "the selection score" in mv.description
+    assert mv.tags["test_f1_interval"] == \
+        f"[{m['test_f1_low']:.4f}, {m['test_f1_high']:.4f}] at 95%"
     assert result.pipeline_id in mv.description
     assert run.data.params["data_fingerprint"] in mv.description
     assert "48 images" in mv.description and "2 classes (cat, dog)" in mv.description
