@@ -191,3 +191,35 @@ def test_banded_search_finds_every_close_pair():
     assert groups.groups == [0, 0, 0, 1] and groups.keys == ["a", "c"]
     assert (groups.exact_copies, groups.near_copies) == (1, 1)
     assert group_copies(["a", "b"], ["0" * 16, "0" * 16], 0).near_copies == 0   # 0: bytes only
+
+
+def test_the_data_step_prints_and_records_the_copies(planted, tmp_path):
+    """The issue's folder through the pipeline's own data step: one console line with the
+    counts, the same counts as metrics of the run (read back through MlflowClient), and the
+    label conflicts in the run's skipped table."""
+    from mlflow import MlflowClient
+
+    from pipelines.config import load_config
+    from pipelines.steps import open_record, prepare_data
+
+    root, files = planted
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = load_config(["data=folder", f"data.path={root}", "data.image_size=32",
+                       f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path}/art",
+                       f"ray.storage_path={tmp_path}/ray"])
+    lines: list[str] = []
+    record = open_record(cfg, None, None, lines.append)
+    manifest = prepare_data(cfg, record, lines.append)
+    record.close("FINISHED")
+    assert f"  copies: {len(manifest.paths)} images in 80 groups: 30 exact copies, 15 " \
+           "near-copies (pHash <= 4 bits), 3 label conflicts (6 files left out); each group " \
+           "kept in one split" in lines
+    run = MlflowClient(uri).get_run(record.run_id)
+    assert {k: run.data.metrics[k] for k in ("data_copy_groups", "data_exact_copies",
+                                             "data_near_copies", "data_label_conflicts")} == {
+        "data_copy_groups": 80, "data_exact_copies": 30, "data_near_copies": 15,
+        "data_label_conflicts": 3}
+    skipped = MlflowClient(uri).download_artifacts(record.run_id, "data/skipped_images.tsv",
+                                                   str(tmp_path))
+    text = Path(skipped).read_text()
+    assert all(f"{p}\t" in text for p in files["conflicts"]) and "label conflict" in text
