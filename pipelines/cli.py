@@ -87,10 +87,12 @@ def _add_registry_commands(sub) -> None:
     pr.add_argument("--model", required=True, help="registered model name")
     pr.add_argument("--version", help="challenger version (default: alias challenger)")
     pr.add_argument("--data", metavar="PATH_OR_URI",
-                    help="score both on this labelled folder or CSV manifest (default: the "
-                         "challenger's test split)")
+                    help="score both on this labelled folder or CSV manifest (a CSV with a "
+                         "split column: its test rows) instead of the challenger's test split; "
+                         "images either version trained or was selected on are dropped")
     pr.add_argument("--confidence", type=float, default=0.95,
-                    help="of the F1 difference's interval (default: 0.95)")
+                    help="of the F1 difference's interval; the tests are one-sided at "
+                         "(1 - confidence) / 2 (default: 0.95)")
     pr.add_argument("--non-inferior", type=float, metavar="MARGIN",
                     help="promote a challenger that is not worse by more than MARGIN of F1 "
                          "(a smaller or faster model) instead of requiring it to be better")

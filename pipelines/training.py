@@ -198,7 +198,7 @@ def summary(result: PipelineResult) -> str:
         f"  best hyperparameters:\n{params}\n"
         f"  val F1:  {result.best_val_f1:.4f}  (selection score: the best trial's, "
         f"optimistic)\n"
-        f"  test F1: {m.get('test_f1', float('nan')):.4f}  {_interval(m)}(accuracy "
+        f"  test F1: {m.get('test_f1', float('nan')):.4f}  {_interval(m)}accuracy "
         f"{m.get('test_accuracy', float('nan')):.4f}, precision "
         f"{m.get('test_precision', float('nan')):.4f}, recall "
         f"{m.get('test_recall', float('nan')):.4f})\n"
@@ -210,9 +210,9 @@ def summary(result: PipelineResult) -> str:
 
 def _interval(test_metrics: dict) -> str:
     if "test_f1_low" not in test_metrics:   # a run from before the interval
-        return ""
-    return (f"[{test_metrics['test_f1_low']:.4f}, {test_metrics['test_f1_high']:.4f}] 95% "
-            f"interval over test images; ")
+        return "("
+    return (f"[{test_metrics['test_f1_low']:.4f}, {test_metrics['test_f1_high']:.4f}] (95% "
+            f"interval over the test images; ")
 
 
 def review_text(result: PipelineResult) -> str:
