@@ -134,10 +134,8 @@ def _phash_or_none(data: bytes) -> str | None:
 
 
 def _signature(path: str) -> tuple[str | None, str | None]:
-    data, _ = _read_file(path)
-    if not data:
-        return None, None
-    return hashlib.sha256(data).hexdigest(), _phash_or_none(data)
+    digest, _, phash = _read(path, decode=False, hash_only=True)
+    return digest, phash or None
 
 
 def image_signatures(paths: list[str]) -> tuple[list[str | None], list[str | None]]:

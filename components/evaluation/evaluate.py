@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from components.augment import build_eval_transform  # noqa: E402
 from components.data.dataset import ImageDataset  # noqa: E402
+from components.evaluation.paired_tests import f1_interval  # noqa: E402
 from components.training.loop import predict  # noqa: E402
 from components.training.metrics import (  # noqa: E402
     classification_metrics,
-    f1_interval,
     resolve_average,
     thin_classes,
 )

@@ -151,11 +151,6 @@ def floor_line(d: PairedDecision) -> str:
 FLOOR_TOLERANCE = 1e-12
 
 
-def f1_diff(y, a, b, labels, average) -> float:
-    f1_a, f1_b = (float(f1_from_counts(*class_counts(y, m, labels), average)[1]) for m in (a, b))
-    return f1_a - f1_b
-
-
 def _inputs(labels, challenger, champion, confidence):
     y, a, b = (np.asarray(v, dtype=np.int64).reshape(-1) for v in (labels, challenger, champion))
     if not (len(y) == len(a) == len(b)) or len(y) == 0:
@@ -300,8 +295,9 @@ def decide(labels, challenger, champion, num_classes: int, average: str = "auto"
             + f" (more than registry.max_class_drop {max_class_drop:.4f}); {reason}")
     floor, floor_images = (None, None) if rule == "non-inferiority" else _floor(
         y, b, num_classes, average, threshold, alpha, resamples, permutations, seed)
-    if promote and rule == "superiority" and (floor is None or f1_diff(y, a, b, labs, average)
-                                              < floor - FLOOR_TOLERANCE):
+    f1_a, f1_b = (float(f1_from_counts(*class_counts(y, m, labs), average)[1]) for m in (a, b))
+    if promote and rule == "superiority" and (floor is None
+                                              or f1_a - f1_b < floor - FLOOR_TOLERANCE):
         promote = False
         reason = ("below the floor: the difference is smaller than the least this rule "
                   "promotes on these images against this champion ("
@@ -309,7 +305,6 @@ def decide(labels, challenger, champion, num_classes: int, average: str = "auto"
                   + f"), although {reason.removeprefix('the challenger is better: ')}")
     if force and not promote:
         rule, promote, reason = "forced", True, f"forced against the evidence ({reason})"
-    f1_a, f1_b = (float(f1_from_counts(*class_counts(y, m, labs), average)[1]) for m in (a, b))
     return PairedDecision(
         promote=promote, reason=reason, rule=rule, threshold=threshold, n=len(y), **counts,
         p_value=float(p), p_test="bootstrap" if non_inferior is not None else "permutation",

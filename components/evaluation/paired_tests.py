@@ -242,6 +242,35 @@ class PairedBootstrap:
         return self.differences[:count]
 
 
+def f1_interval(y_true, y_pred, num_classes: int, average: str = "auto",
+                confidence: float = 0.95, resamples: int = DEFAULT_RESAMPLES,
+                seed: int = 0) -> tuple[float, float]:
+    """One model's F1 over resamples of its images, the same stream and counting as the
+    paired bootstrap (the label set fixed to the point estimate's): the percentile interval of
+    how far the test F1 could move on another draw of test images of this size."""
+    from components.training.metrics import resolve_average
+
+    average = resolve_average(average, num_classes)
+    y, p = (np.asarray(v, dtype=np.int64).reshape(-1) for v in (y_true, y_pred))
+    if len(y) == 0:
+        return 0.0, 0.0
+    labels = metrics_labels(num_classes, average, y, p)
+    size = len(labels)
+    groups, codes = np.unique(np.stack([positions(y, labels), positions(p, labels)], axis=1),
+                              axis=0, return_inverse=True)
+    gy, gp = groups.T
+    matrix = np.hstack([onehot(gy, size), onehot(np.where(gp == gy, gy, size), size),
+                        onehot(gp, size)])
+    values = []
+    for drawn in resampled_counts(np.random.default_rng(seed), codes.reshape(-1), len(groups),
+                                  resamples):
+        actual, tp, predicted = np.split(drawn @ matrix, 3, axis=1)
+        values.append(f1_from_counts(tp, predicted, actual, average)[1])
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(np.concatenate(values), [tail, 1 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_differences(y, challenger, champion, num_classes: int, average: str,
                           resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> np.ndarray:
     """F1(challenger) - F1(champion) on each of `resamples` paired resamples

@@ -93,50 +93,6 @@ def _accuracy(t: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean(t == p)) if len(t) else 0.0
 
 
-def weighted_f1(weights: np.ndarray, y: np.ndarray, p: np.ndarray, labels: np.ndarray,
-                average: str) -> np.ndarray:
-    """F1 for each row of `weights` (how often each image counts in that resample) over
-    `labels`, as `classification_metrics` computes it (0/0 is 0): the bootstrap's workhorse."""
-    predicted_as = (p[:, None] == labels).astype(np.float64)
-    actual_is = (y[:, None] == labels).astype(np.float64)
-    tp = weights @ (predicted_as * actual_is)
-    predicted, actual = weights @ predicted_as, weights @ actual_is
-    f1 = _divide(2 * tp, predicted + actual)
-    if average == "weighted":
-        total = actual.sum(axis=1)
-        return _divide((f1 * actual).sum(axis=1), total)
-    return f1.mean(axis=1)
-
-
-def resample_weights(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
-    """`count` bootstrap resamples of n images as per-image counts (count x n): the same
-    stream whether drawn at once or in chunks."""
-    idx = rng.integers(0, n, size=(count, n))
-    return np.bincount((idx + n * np.arange(count)[:, None]).ravel(),
-                       minlength=count * n).reshape(count, n).astype(np.float64)
-
-
-def f1_interval(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int,
-                average: str = "auto", confidence: float = 0.95, resamples: int = 2000,
-                seed: int = 0) -> tuple[float, float]:
-    """The percentile bootstrap interval of F1 over images (resampled with replacement, the
-    label set fixed to the one the point estimate uses): how far the test F1 could move on
-    another draw of test images of this size."""
-    average = resolve_average(average, num_classes)
-    t = np.asarray(y_true, dtype=np.int64).reshape(-1)
-    p = np.asarray(y_pred, dtype=np.int64).reshape(-1)
-    if len(t) == 0:
-        return 0.0, 0.0
-    labels, rng = scored_labels(num_classes, average, t, p), np.random.default_rng(seed)
-    chunk = max(1, min(resamples, 2_000_000 // max(len(t), 1)))
-    values = np.concatenate([
-        weighted_f1(resample_weights(rng, len(t), min(chunk, resamples - s)), t, p, labels,
-                    average) for s in range(0, resamples, chunk)])
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(values, [tail, 1 - tail])
-    return float(low), float(high)
-
-
 def thin_classes(y_true: Sequence[int], num_classes: int, classes: Sequence[str],
                  few: int = 20) -> list[str]:
     """Warnings about a test split that cannot measure every class: one lacking a class (its

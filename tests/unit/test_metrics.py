@@ -75,7 +75,7 @@ def test_f1_interval_is_the_percentile_bootstrap_written_out(average, num_classe
     import numpy as np
     from sklearn.metrics import f1_score
 
-    from components.training.metrics import f1_interval
+    from components.evaluation.paired_tests import f1_interval
 
     rng = np.random.default_rng(7)
     y = rng.integers(0, num_classes, 150)
