@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components.credentials import URI_KEYS, check_no_credentials
+from components.durations import parse_duration
 from components.errors import ConfigError
 from components.names import (
     ACTIVATION_NAMES,
@@ -35,6 +36,14 @@ def _check(fn, rule: str, doc: str = "") -> dict:
 
 def _positive(doc=""):
     return _check(lambda v: v > 0, "must be > 0", doc)
+
+
+def _is_duration(value) -> bool:
+    try:
+        parse_duration(value)
+    except ConfigError:
+        return False
+    return True
 
 
 def _fraction(doc=""):
@@ -173,12 +182,21 @@ class SearchConfig:
     algorithm: str = field(default="basic", metadata=_choices(
         "basic", "optuna", doc="basic = Tune's grid/random generator; optuna = TPE (no grid axes)"))
     scheduler: str = field(default="none", metadata=_choices(
-        "none", "asha", doc="asha stops weak trials early (they end KILLED)"))
+        "none", "asha", "asha_global", doc="asha stops weak trials early (they end KILLED), "
+        "comparing each trial with its own model family; asha_global: Tune's ASHA, every "
+        "trial against every other"))
     grace_period: int = field(default=1, metadata=_positive("asha: epochs before stopping"))
     reduction_factor: int = field(default=2, metadata=_check(lambda v: v >= 2, "must be >= 2"))
     max_trials: int | None = field(default=None, metadata=_positive("cap on trials launched"))
-    time_budget_s: float | None = field(default=None, metadata=_positive(
-        "stop launching and stop running trials after this many seconds"))
+    budget: str | None = field(default=None, metadata=_check(
+        _is_duration, "must be a duration such as 90s, 4m or 2h",
+        "wall time of the sweep (90s, 4m, 2h): trials and epochs per model family are planned "
+        "to fit it, and running trials stop at an epoch boundary when it runs out"))
+    stop_at_f1: float | None = field(default=None, metadata=_check(
+        lambda v: 0 < v <= 1, "must be in (0, 1]",
+        "no new trial once a trial reaches this val F1 (running trials finish)"))
+    stop_no_improvement: int | None = field(default=None, metadata=_positive(
+        "no new trial after this many finished trials in a row did not beat the best val F1"))
     num_samples: int = field(default=1, metadata=_positive(
         "random draws (per grid point in grid+random)"))
     max_concurrent_trials: int | None = field(default=None, metadata={

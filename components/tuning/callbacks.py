@@ -13,6 +13,7 @@ from typing import Any
 from ray.tune import Callback
 
 from components.tracking import Tracker
+from components.tuning.gate import TrialShape, ended_status
 from components.tuning.space import Axis, resolve_params
 
 
@@ -23,22 +24,14 @@ class TrackingTarget:
     parent_run_id: str
 
 
-def ended_status(metrics: dict | None, planned_epochs: int) -> str:
-    """FINISHED when a trial ran all its epochs or stopped itself (patience); KILLED when
-    something else (the scheduler) stopped it earlier."""
-    m = metrics or {}
-    done = int(m.get("epoch", 0) or 0) >= planned_epochs or bool(m.get("early_stopped"))
-    return "FINISHED" if done else "KILLED"
-
-
 class TrialRunCloser(Callback):
     """Closes child runs their trial could not close. A trial the scheduler stops is killed
     before its own code can end the run, also at its last epoch (ASHA stops at max_t);
     a crashed trial's process may be gone."""
 
-    def __init__(self, target: TrackingTarget, planned_epochs: int):
+    def __init__(self, target: TrackingTarget, shape: TrialShape):
         self.target = target
-        self.planned_epochs = planned_epochs
+        self.shape = shape
 
     def _close(self, trial, status: str) -> None:
         t = self.target
@@ -47,7 +40,7 @@ class TrialRunCloser(Callback):
             t.tracker.end_run_if_running(run_id, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._close(trial, ended_status(trial.last_result, self.planned_epochs))
+        self._close(trial, ended_status(trial.last_result, self.shape.epochs_of(trial.config)))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED")
@@ -67,10 +60,10 @@ class ConsoleProgress(Callback):
     so far. Tune's own tables go to the log with the rest of Ray's output."""
 
     def __init__(self, echo: Callable[[str], None], status: Callable[[str], None],
-                 axes: list[Axis], sections: dict, planned_epochs: int, num_trials: int):
+                 axes: list[Axis], sections: dict, shape: TrialShape, num_trials: int):
         self.echo, self.status = echo, status
         self.axes, self.sections = axes, sections
-        self.planned_epochs, self.num_trials = planned_epochs, num_trials
+        self.shape, self.num_trials = shape, num_trials
         self.number: dict[str, int] = {}
         self.started: dict[str, float] = {}
         self.best: tuple[float, str] | None = None
@@ -93,7 +86,7 @@ class ConsoleProgress(Callback):
         if "val_f1" not in result:
             return
         self.status(f"  {self._name(trial)} epoch {int(result.get('epoch', 0))}/"
-                    f"{self.planned_epochs}: val_f1 {result['val_f1']:.4f} (best "
+                    f"{self.shape.epochs_of(trial.config)}: val_f1 {result['val_f1']:.4f} (best "
                     f"{result.get('best_val_f1', result['val_f1']):.4f})")
 
     def _ended(self, trial, status: str, detail: str = "") -> None:
@@ -112,7 +105,7 @@ class ConsoleProgress(Callback):
         self.echo(text + detail)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._ended(trial, ended_status(trial.last_result, self.planned_epochs))
+        self._ended(trial, ended_status(trial.last_result, self.shape.epochs_of(trial.config)))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended(trial, "FAILED", " (its error: the run's Ray log and the trial's MLflow run)")

@@ -34,8 +34,16 @@ from components.tuning.callbacks import (
     SweepCallbacks,
     TrackingTarget,
     TrialRunCloser,
-    ended_status,
     live_callbacks,
+)
+from components.tuning.gate import (
+    FamilyHalving,
+    GatedLimiter,
+    GatedVariantGenerator,
+    SweepGate,
+    TrialShape,
+    ended_status,
+    gate_for,
 )
 from components.tuning.plan import ResourcePlan
 from components.tuning.space import (
@@ -117,12 +125,14 @@ def _cross_validate(job: TrainJob, trial_id: str, storage_path: str,
 
 
 def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarget | None,
-             storage_path: str, in_trial: bool = False):
+             storage_path: str, in_trial: bool = False, shape: TrialShape | None = None):
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     mark("trial_start", trial=trial_id)
     base = {s: getattr(job, s) for s in TRIAL_SECTIONS}
     params = resolve_params(config, axes, base)
+    if shape is not None and shape.epochs_of(config) != job.train.epochs:
+        params["train.epochs"] = shape.epochs_of(config)  # the budget's plan for its family
     sections = set_params(base, params)
     run_id = None
     if target is not None:
@@ -153,7 +163,7 @@ def vt_trial(config: dict, job: TrainJob, axes: list[Axis], target: TrackingTarg
     mark("trial_end", trial=trial_id)
 
 
-def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[Axis],
+def _result_of(result, shape: TrialShape, run_ids: dict[str, str], axes: list[Axis],
                sections: dict, train_storage: str) -> TrialResult:
     m = result.metrics or {}
     # A Train run's checkpoint comes through TuneReportCallback's metrics; a trial that
@@ -167,7 +177,8 @@ def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[
     if df is not None and "val_f1" in df:
         history = {k: df[k].tolist() for k in ("val_f1", "val_loss", "train_loss") if k in df}
     epochs = int(m.get("epoch", 0) or 0)
-    status = "FAILED" if result.error is not None else ended_status(m, planned_epochs)
+    planned = shape.epochs_of(result.config or {})
+    status = "FAILED" if result.error is not None else ended_status(m, planned)
     return TrialResult(
         trial_id=trial_id, params=dict(config), status=status, run_id=run_ids.get(trial_id),
         best_val_f1=m.get("best_val_f1"), best_val_loss=m.get("best_val_loss"),
@@ -177,41 +188,60 @@ def _result_of(result, planned_epochs: int, run_ids: dict[str, str], axes: list[
         history=history, cv={k: m[k] for k in CV_KEYS if k in m} or None)
 
 
-def build_search_alg(search: SearchConfig, axes: list[Axis], plan: ResourcePlan, seed: int):
+def build_search_alg(search: SearchConfig, axes: list[Axis], plan: ResourcePlan, seed: int,
+                     name: str = ""):
+    """The trial generator; both ask the sweep's gate (`components.tuning.gate`) before each
+    new trial."""
     if search.algorithm == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(metric="best_val_f1", mode="max", seed=seed),
-                                  max_concurrent=plan.concurrent_trials)
+        return GatedLimiter(name, OptunaSearch(metric="best_val_f1", mode="max", seed=seed),
+                            max_concurrent=plan.concurrent_trials)
     # The generator caps concurrency itself (Tune ignores max_concurrent_trials next to a
     # generator): trials never wait on each other's workers.
-    return tune.search.BasicVariantGenerator(random_state=seed,
-                                             max_concurrent=plan.concurrent_trials)
+    return GatedVariantGenerator(name, random_state=seed, max_concurrent=plan.concurrent_trials)
 
 
-def build_trial_scheduler(search: SearchConfig, epochs: int):
-    if search.scheduler == "none":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
+def build_trial_scheduler(search: SearchConfig, epochs: int, name: str = "",
+                          shape: TrialShape | None = None):
+    """`asha`: successive halving within each model family, which also holds a budgeted sweep
+    to its deadline (`FamilyHalving`); `asha_global`: Tune's ASHA, every trial compared with
+    every other at the same epoch."""
+    if search.scheduler == "asha_global":
+        from ray.tune.schedulers import ASHAScheduler
 
-    # Rungs are counted in our own epoch counter: Tune's training_iteration restarts at 0
-    # when a trial resumes from a checkpoint.
-    return ASHAScheduler(time_attr="epoch", metric="val_f1", mode="max", max_t=epochs,
-                         grace_period=min(search.grace_period, epochs),
-                         reduction_factor=search.reduction_factor)
+        # Rungs are counted in our own epoch counter: Tune's training_iteration restarts at 0
+        # when a trial resumes from a checkpoint.
+        return ASHAScheduler(time_attr="epoch", metric="val_f1", mode="max", max_t=epochs,
+                             grace_period=min(search.grace_period, epochs),
+                             reduction_factor=search.reduction_factor)
+    if search.scheduler == "asha" or search.budget is not None:
+        return FamilyHalving(name, shape)
+    return None
+
+
+@dataclass
+class Launch:
+    """The trials Tune launches: explicit grid points (repeats included) or a number of random
+    draws (a budget's plan), else the config's; `cost`, a grid point's expected training
+    time, launches the costliest first (`to_tune_space`)."""
+
+    points: list[dict] | None = None
+    num_samples: int | None = None
+    cost: Callable[[dict], float] | None = None
 
 
 def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: ResourcePlan,
-               storage_path: str, experiment_name: str, seed: int,
+               storage_path: str, experiment_name: str, seed: int, gate: SweepGate,
                target: TrackingTarget | None = None, resume: bool = False,
                stop_requested: Callable[[], bool] = lambda: False,
                progress: ConsoleProgress | None = None,
-               cost: Callable[[dict], float] | None = None) -> SearchOutcome:
-    """Run (or, with `resume`, continue) the search until every trial ended or
-    `stop_requested()` turns true; returns one result per trial. `cost`: a grid point's
-    expected training time, to launch the costliest first (`to_tune_space`)."""
+               launch: Launch | None = None) -> SearchOutcome:
+    """Run (or, with `resume`, continue) the search until every trial ended, the gate closed
+    and the running trials ended, or `stop_requested()` turned true; returns one result per
+    trial."""
     sections = {s: getattr(job, s) for s in TRIAL_SECTIONS}
+    shape = gate.shape
     train_storage = storage.join(storage_path, experiment_name, "train")
     # A trial that trains itself holds its worker's resources. A trial that drives a Train
     # run (whose workers hold the CPUs/GPUs) holds a token amount of a resource every node
@@ -221,12 +251,12 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     resources = plan.trial_resources()
     trainable = tune.with_resources(
         tune.with_parameters(vt_trial, job=job, axes=axes, target=target,
-                             storage_path=train_storage, in_trial=plan.in_trial),
+                             storage_path=train_storage, in_trial=plan.in_trial, shape=shape),
         tune.PlacementGroupFactory([resources]) if plan.in_trial else resources)
     exp_path = storage.join(storage_path, experiment_name)
     stopper = StopOnRequest(stop_requested)
-    callbacks = [stopper] + ([TrialRunCloser(target, job.train.epochs)] if target is not None
-                             else []) + ([progress] if progress is not None else [])
+    callbacks = [stopper, gate] + ([TrialRunCloser(target, shape)] if target is not None
+                                   else []) + ([progress] if progress is not None else [])
     if resume and tune.Tuner.can_restore(exp_path):
         # Finished trials keep their results; unfinished and errored ones run again and
         # their Train runs continue from their last checkpoints (same names, same storage).
@@ -234,49 +264,57 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
-        scheduler = build_trial_scheduler(search, job.train.epochs)
-        param_space, num_samples = to_tune_space(axes, search.mode, sections,
-                                                 search.num_samples, search.max_trials, cost)
-        if search.algorithm == "optuna":
-            param_space.pop("grid_point", None)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                num_samples=num_samples,
-                scheduler=scheduler,
-                search_alg=build_search_alg(search, axes, plan, seed),
-                time_budget_s=search.time_budget_s,
-                # A reused actor saves a process start (and torch's imports) per trial. A
-                # trial Tune stops ends at its next report, so a trial that trains itself
-                # can always reuse; one that drives a Train run cannot with a scheduler
-                # that stops trials (the reused actor would keep that Train run alive).
-                reuse_actors=plan.in_trial or scheduler is None,
-            ),
-            run_config=tune.RunConfig(
-                name=experiment_name,
-                storage_path=storage_path,
-                callbacks=[SweepCallbacks(experiment_name)],
-                # A Train run's failures are retried by Ray Train from its checkpoints; a
-                # trial that trains itself is retried by Tune from its last checkpoint. The
-                # sweep goes on when one trial fails for good.
-                failure_config=tune.FailureConfig(
-                    max_failures=job.train.max_failures if plan.in_trial else 0,
-                    fail_fast=False),
-                # The latest checkpoint holds the resume state and the best weights.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                verbose=1,
-            ),
-        )
+        tuner = _new_tuner(trainable, job, axes, search, plan, storage_path, experiment_name,
+                           seed, shape, launch or Launch())
     mark("sweep_start", name=experiment_name)
-    with live_callbacks(experiment_name, callbacks):
+    with live_callbacks(experiment_name, callbacks), gate_for(gate):
         grid = tuner.fit()
     mark("sweep_end", name=experiment_name)
     run_ids: dict[str, str] = {}
     if target is not None:
         for run in target.tracker.child_runs(target.experiment_id, target.parent_run_id):
             run_ids[run.data.tags.get("visiontune.trial_id", "")] = run.info.run_id
-    trials = [_result_of(grid[i], job.train.epochs, run_ids, axes, sections, train_storage)
+    trials = [_result_of(grid[i], shape, run_ids, axes, sections, train_storage)
               for i in range(len(grid))]
     complete = not stopper.sent and grid.num_errors + grid.num_terminated == len(grid)
     return SearchOutcome(trials, complete)
+
+
+def _new_tuner(trainable, job: TrainJob, axes: list[Axis], search: SearchConfig,
+               plan: ResourcePlan, storage_path: str, experiment_name: str, seed: int,
+               shape: TrialShape, launch: Launch) -> tune.Tuner:
+    sections = {s: getattr(job, s) for s in TRIAL_SECTIONS}
+    scheduler = build_trial_scheduler(search, job.train.epochs, experiment_name, shape)
+    param_space, num_samples = to_tune_space(
+        axes, search.mode, sections, launch.num_samples or search.num_samples,
+        search.max_trials, launch.cost, launch.points)
+    if search.algorithm == "optuna":
+        param_space.pop("grid_point", None)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=num_samples,
+            scheduler=scheduler,
+            search_alg=build_search_alg(search, axes, plan, seed, experiment_name),
+            # A reused actor saves a process start (and torch's imports) per trial. A trial
+            # Tune stops ends at its next report, so a trial that trains itself can always
+            # reuse; one that drives a Train run cannot with a scheduler that stops trials
+            # (the reused actor would keep that Train run alive).
+            reuse_actors=plan.in_trial or scheduler is None,
+        ),
+        run_config=tune.RunConfig(
+            name=experiment_name,
+            storage_path=storage_path,
+            callbacks=[SweepCallbacks(experiment_name)],
+            # A Train run's failures are retried by Ray Train from its checkpoints; a trial
+            # that trains itself is retried by Tune from its last checkpoint. The sweep goes
+            # on when one trial fails for good.
+            failure_config=tune.FailureConfig(
+                max_failures=job.train.max_failures if plan.in_trial else 0,
+                fail_fast=False),
+            # The latest checkpoint holds the resume state and the best weights.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        ),
+    )

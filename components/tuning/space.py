@@ -354,19 +354,23 @@ def _domain(a: Axis):
 
 def to_tune_space(axes: list[Axis], mode: str, sections: dict[str, Any], num_samples: int,
                   max_trials: int | None = None,
-                  cost: Callable[[dict], float] | None = None) -> tuple[dict[str, Any], int]:
+                  cost: Callable[[dict], float] | None = None,
+                  points: list[dict] | None = None) -> tuple[dict[str, Any], int]:
     """(param_space, num_samples for TuneConfig). Grid points are expanded here, repeated
     `num_samples` times and cut at `max_trials`, so Tune sees one explicit grid and draws the
     random axes once per variant. With `cost` (a grid point's expected training time), the
     costliest points are launched first (stable otherwise): trials side by side then end
-    together instead of one long trial running alone at the end."""
+    together instead of one long trial running alone at the end. `points`: the grid points
+    to launch, repeats included, instead of every point `num_samples` times (a budget's
+    plan)."""
     from ray import tune
 
     if mode == "random":
         return {a.key: _domain(a) for a in axes}, count_trials(axes, mode, num_samples,
                                                                sections, max_trials)
     space: dict[str, Any] = {a.key: _domain(a) for a in axes if not a.is_grid and mode != "grid"}
-    points = grid_points(axes, mode, sections) * num_samples
+    if points is None:
+        points = grid_points(axes, mode, sections) * num_samples
     if max_trials:
         points = points[:max_trials]
     if cost is not None:

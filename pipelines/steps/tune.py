@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,17 +16,18 @@ from pipelines.steps.common import Echo, SearchPlan
 
 def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = print, *,
                 resume: bool = False, stop_requested: Callable[[], bool] = lambda: False):
-    """The Ray Tune search, one Ray Train run per trial; returns a `SearchOutcome` whose
-    `complete` is False when `stop_requested` ended it early."""
+    """The Ray Tune search; returns the list of `TrialResult`s. Each trial trains in its own
+    process or drives a Ray Train run, as the resource plan chooses. Raises `SearchStopped`
+    when `stop_requested` ended it before every trial did."""
     from components.cluster import ray_session
-    from components.training.trainer import worker_resources
     from components.training.worker import TrainJob
     from components.tuning.callbacks import ConsoleProgress, TrackingTarget
-    from components.tuning.driver import run_search
-    from components.tuning.plan import plan_sweep
+    from components.tuning.driver import Launch, run_search
+    from components.tuning.gate import SweepGate, TrialShape
     from pipelines.console import console
 
     with record.step("tune", echo):
+        began = time.time()
         job = TrainJob(
             data=cfg.data, augment=cfg.augment, model=cfg.model, train=cfg.train,
             average=cfg.evaluation.average, seed=cfg.seed,
@@ -38,18 +40,17 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
         log_path = ray_log_path(cfg, record.pipeline_id)
         if not console.verbose:
             echo(f"  Ray's and Tune's own output: {log_path} (--verbose shows it here)")
-        progress = ConsoleProgress(echo, console.status, plan.axes, plan.base, cfg.train.epochs,
-                                   plan.num_trials)
         sizes = model_sizes(cfg, plan)
         with console.ray_output_to(log_path), \
                 ray_session(cfg.ray.address, cfg.ray.num_cpus) as resources:
-            resource_plan = plan_sweep(
-                resources, plan.num_trials, cfg.train.num_workers,
-                worker_resources(cfg.train.cpus_per_worker, cfg.train.use_gpu,
-                                 cfg.train.resources_per_worker),
-                cfg.search.max_concurrent_trials, model_params=tuple(sizes.values()),
-                k_fold=bool(cfg.data.cv_folds) or any(a.key == "data.cv_folds"
-                                                      for a in plan.axes))
+            resource_plan = plan_resources(cfg, plan, resources, sizes, plan.num_trials)
+            budget = plan_budget_of(cfg, plan, job, resource_plan, record, began, resume, echo)
+            shape = TrialShape.of(plan.axes, plan.base, cfg.train.epochs, budget,
+                                  cfg.search.scheduler == "asha", cfg.search.grace_period,
+                                  cfg.search.reduction_factor)
+            launch = launched_trials(cfg, plan, budget, shape)
+            if launch["count"] != plan.num_trials:
+                resource_plan = plan_resources(cfg, plan, resources, sizes, launch["count"])
             job = dataclasses.replace(job, train=dataclasses.replace(
                 job.train, num_workers=resource_plan.workers_per_trial))
             record.set_tags({"visiontune.plan.workers_per_trial":
@@ -58,18 +59,33 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
                              "visiontune.plan.in_trial": resource_plan.in_trial,
                              "visiontune.plan.reason": resource_plan.reason})
             echo("  " + resource_plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
-            echo(f"  search: {cfg.search.mode} with {cfg.search.algorithm}, scheduler "
-                 f"{cfg.search.scheduler}" + (f", {cfg.data.cv_folds}-fold CV per trial"
-                                              if cfg.data.cv_folds else ""))
+            gate = SweepGate(record.pipeline_id, shape, plan=budget,
+                             deadline=None if budget is None else
+                             began + budget_left(cfg, record, resume),
+                             stop_at_f1=cfg.search.stop_at_f1,
+                             stop_no_improvement=cfg.search.stop_no_improvement)
+            echo(f"  search: {cfg.search.mode} with {cfg.search.algorithm}, " + (
+                "halving as the budget planned" if budget else
+                f"scheduler {cfg.search.scheduler}") + (
+                f", {cfg.data.cv_folds}-fold CV per trial" if cfg.data.cv_folds else "") +
+                stop_rules(cfg.search))
+            progress = ConsoleProgress(echo, console.status, plan.axes, plan.base, shape,
+                                       launch["count"])
             outcome = run_search(job, plan.axes, cfg.search, plan=resource_plan,
                                  storage_path=cfg.ray.storage_path,
-                                 experiment_name=record.pipeline_id, seed=cfg.seed,
+                                 experiment_name=record.pipeline_id, seed=cfg.seed, gate=gate,
                                  target=target, resume=resume, stop_requested=stop_requested,
-                                 progress=progress, cost=_trial_cost(cfg, sizes, resource_plan))
+                                 progress=progress, launch=Launch(
+                                     launch["points"], launch["num_samples"],
+                                     None if budget else _trial_cost(cfg, sizes,
+                                                                     resource_plan)))
         counts = {s: sum(t.status == s for t in outcome.trials)
                   for s in ("FINISHED", "KILLED", "FAILED")}
         echo(f"  trials: {counts}" + ("" if outcome.complete else " (search stopped)"))
+        record.log_metrics({"sweep_seconds": time.time() - began})
         if outcome.complete:
+            record_sweep_end(record, gate, budget, launch["count"], outcome.trials,
+                             time.time() - began, resource_plan.concurrent_trials, echo)
             record.log_metrics({f"trials_{k.lower()}": v for k, v in counts.items()})
             if log_path.is_file() and log_path.stat().st_size:
                 record.log_artifact(log_path, "logs")  # beside the run, for its reviewers
@@ -77,6 +93,138 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             # The step is not done: a resumed run tunes again (Tune restores the sweep).
             raise SearchStopped(outcome)
     return outcome.trials
+
+
+def plan_resources(cfg: Config, plan: SearchPlan, resources, sizes: dict[str, int],
+                   num_trials: int):
+    """How `num_trials` trials use the cluster (`components.tuning.plan.plan_sweep`)."""
+    from components.training.trainer import worker_resources
+    from components.tuning.plan import plan_sweep
+
+    return plan_sweep(
+        resources, num_trials, cfg.train.num_workers,
+        worker_resources(cfg.train.cpus_per_worker, cfg.train.use_gpu,
+                         cfg.train.resources_per_worker),
+        cfg.search.max_concurrent_trials, model_params=tuple(sizes.values()),
+        k_fold=bool(cfg.data.cv_folds) or any(a.key == "data.cv_folds" for a in plan.axes))
+
+
+BUDGET_TAG = "visiontune.budget.plan"
+
+
+def stop_rules(search) -> str:
+    rules = ([f"stop at val F1 {search.stop_at_f1:g}"] if search.stop_at_f1 else []) + (
+        [f"stop after {search.stop_no_improvement} trials without a better val F1"]
+        if search.stop_no_improvement else [])
+    return f"; {', '.join(rules)}" if rules else ""
+
+
+def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, began: float,
+                   resume: bool, echo: Echo):
+    """`search.budget`'s plan (`components.tuning.budget`): measured and chosen once per
+    pipeline run and kept on the parent run, so a resumed run trains the same plan."""
+    import json
+
+    from components.durations import parse_duration
+    from components.tuning import budget as b
+
+    if cfg.search.budget is None:
+        return None
+    saved = record.run().data.tags.get(BUDGET_TAG)
+    if resume and saved:
+        budget = b.from_json(json.loads(saved))
+        echo("  " + budget.describe().split("\n")[0] + " (the run's plan, kept on resume)")
+        return budget
+    from components.tuning.gate import TrialShape
+    from components.tuning.probe import probe_costs
+    from components.tuning.space import grid_points
+
+    family_of = TrialShape(plan.axes, plan.base, cfg.train.epochs).family
+    names = sorted(model_sizes(cfg, plan))
+    se = cfg.search
+    if se.mode == "random":
+        demand = {n: max(1, se.num_samples // len(names)) for n in names}
+        draws = 1
+    else:
+        points = grid_points(plan.axes, se.mode, plan.base) or [{}]
+        demand = {n: sum(family_of(p) == n for p in points) * se.num_samples for n in names}
+        draws = se.num_samples
+    echo(f"  measuring one epoch of {', '.join(names)} ({resource_plan.concurrent_trials} "
+         f"probe(s) at once) ...")
+    costs = probe_costs(job, names, resource_plan.trial_resources(),
+                        resource_plan.concurrent_trials)
+    left = parse_duration(se.budget) - (time.time() - began)
+    budget = b.plan_budget(
+        left, resource_plan.concurrent_trials, demand, cfg.train.epochs, costs,
+        first_rung=min(se.grace_period, cfg.train.epochs), eta=se.reduction_factor,
+        draws=draws, can_draw_more=any(not a.is_grid for a in plan.axes) and
+        se.mode != "grid", max_trials=se.max_trials,
+        devices="GPUs" if cfg.train.use_gpu else "CPUs")
+    # the whole step's budget and estimate: the probe's seconds are spent from it
+    budget = dataclasses.replace(budget, budget_s=parse_duration(se.budget),
+                                 estimate_s=budget.estimate_s + (time.time() - began))
+    echo("  " + budget.describe())
+    record.set_tags({BUDGET_TAG: json.dumps(b.to_json(budget))})
+    record.log_metrics({"budget_seconds": budget.budget_s,
+                        "budget_estimate_seconds": budget.estimate_s})
+    return budget
+
+
+def budget_left(cfg: Config, record, resume: bool) -> float:
+    """The budget minus what earlier attempts of this run spent in the sweep (their
+    `sweep_seconds`): `--resume` keeps the remaining budget."""
+    from components.durations import parse_duration
+
+    spent = 0.0
+    if resume:
+        spent = sum(m.value for m in record.tracker.metric_history(record.run_id,
+                                                                   "sweep_seconds"))
+    return max(0.0, parse_duration(cfg.search.budget) - spent)
+
+
+def launched_trials(cfg: Config, plan: SearchPlan, budget, shape) -> dict:
+    """What Tune launches: the budget's trials (grid points per family, or random draws), or
+    the configured ones."""
+    from components.tuning.budget import planned_points
+    from components.tuning.space import grid_points
+
+    if budget is None:
+        return {"points": None, "num_samples": None, "count": plan.num_trials}
+    if cfg.search.mode == "random":
+        return {"points": None, "num_samples": budget.trials, "count": budget.trials}
+    points = planned_points(budget, grid_points(plan.axes, cfg.search.mode, plan.base) or [{}],
+                            shape.family)
+    return {"points": points, "num_samples": None, "count": len(points)}
+
+
+def record_sweep_end(record, gate, budget, planned: int, trials, seconds: float,
+                     slots: int, echo: Echo) -> None:
+    """Why the sweep ended and what stopping saved, on the console and the parent run."""
+    from components.durations import format_duration
+
+    not_started = max(0, planned - len(trials))
+    why = gate.reason or "every planned trial ran"
+    ran = [t for t in trials if t.epochs]
+    line = f"  sweep: {format_duration(seconds)}"
+    if budget is not None:
+        line += (f" (budget {format_duration(budget.budget_s)}, estimate "
+                 f"{format_duration(budget.estimate_s)})")
+    line += f"; ended because {why}"
+    saved = 0.0
+    if not_started and gate.by_rule:
+        mean = sum(gate.durations) / len(gate.durations) if gate.durations else 0.0
+        saved = not_started * mean / max(1, slots)
+        line += (f"; {not_started} planned trial(s) not started (about "
+                 f"{format_duration(saved)} saved)")
+    elif not_started:
+        line += f"; {not_started} planned trial(s) not started"
+    if gate.budget_stopped:
+        line += f"; {gate.budget_stopped} trial(s) stopped at an epoch boundary by the budget"
+    echo(line)
+    record.set_tags({"visiontune.sweep.ended_because": why})
+    record.log_metrics({"trials_not_started": not_started, "sweep_seconds_saved": saved,
+                        "trials_stopped_by_budget": gate.budget_stopped,
+                        "trials_run": len(ran)})
 
 
 def _trial_cost(cfg: Config, sizes: dict[str, int], resource_plan):

@@ -42,13 +42,14 @@ def test_verbose_shows_everything_on_the_terminal(tmp_path):
 
 def test_one_line_per_trial_start_and_end_with_the_best_so_far():
     from components.tuning.callbacks import ConsoleProgress
+    from components.tuning.gate import TrialShape
     from components.tuning.space import parse_space
 
     lines = []
     axes = parse_space({"train.optimizer": {"grid": ["adam", "sgd"]},
                         "train.lr": {"loguniform": [1e-4, 1e-2]}})
     sections = {}
-    p = ConsoleProgress(lines.append, lines.append, axes, sections, planned_epochs=3,
+    p = ConsoleProgress(lines.append, lines.append, axes, sections, TrialShape(axes, sections, 3),
                         num_trials=2)
 
     def trial(tid, config, **result):

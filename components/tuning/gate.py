@@ -1,0 +1,254 @@
+"""Holding a running sweep to its plan: the budget's deadline, successive halving within each
+model family, and the rules that stop launching trials once the answer is in.
+
+- `SweepGate` (a Tune callback) decides whether a new trial may start: not past the deadline,
+  nor when the trial could not reach its first comparison before it; not once a trial reached
+  `search.stop_at_f1`; not after `search.stop_no_improvement` finished trials in a row that did
+  not beat the best. Running trials always go on (to the deadline).
+- `FamilyHalving` (a Tune scheduler) compares a trial only with trials of its own family at
+  the same epoch (asynchronous successive halving, one set of rungs per family: ResNet-18
+  from scratch learns later than the small CNN, and Tune's ASHA, comparing them with each
+  other, stops the slow starters that would have won), and stops a trial at an epoch boundary
+  when its next epoch would end past the deadline: it ends KILLED with its history intact.
+- `GatedVariantGenerator` / `GatedLimiter`: Tune's generator and Optuna's concurrency limiter,
+  asking the gate before each new trial.
+
+Tune pickles its scheduler and search algorithm into the experiment state and calls the
+unpickled copies on `Tuner.restore`; they hold only the sweep's name and find the live gate of
+this process under it (`_GATES`), as `SweepCallbacks` does for the callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+from ray.tune import Callback
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from components.durations import format_duration
+from components.tuning.budget import BudgetPlan, halving_cutoff
+from components.tuning.space import Axis, resolve_params
+
+_GATES: dict[str, SweepGate] = {}
+
+
+@dataclass
+class TrialShape:
+    """A trial's family (its `model.name`) and its epochs: those of the plan for its family
+    (`search.budget`), else `train.epochs`. Picklable: Tune keeps it with its scheduler."""
+
+    axes: list[Axis]
+    sections: dict
+    epochs: int
+    first_rung: int = 0                  # 0: no halving
+    eta: int = 2
+    by_family: dict[str, tuple[int, int]] = field(default_factory=dict)  # (epochs, first rung)
+
+    @classmethod
+    def of(cls, axes, sections, epochs: int, plan: BudgetPlan | None, halving: bool,
+           first_rung: int, eta: int) -> TrialShape:
+        by_family = {f.family: (f.epochs, f.first_rung) for f in plan.families} if plan else {}
+        return cls(axes, sections, epochs, first_rung if halving else 0, eta, by_family)
+
+    def family(self, config: dict) -> str:
+        params = resolve_params(config or {}, self.axes, self.sections)
+        return str(params.get("model.name", getattr(self.sections.get("model"), "name", "")))
+
+    def epochs_of(self, config: dict) -> int:
+        if not self.by_family:
+            return self.epochs
+        return self.by_family.get(self.family(config), (self.epochs, 0))[0]
+
+    def rungs_of(self, config: dict) -> list[int]:
+        epochs, rung = self.by_family.get(self.family(config), (self.epochs, self.first_rung))
+        out = []
+        while 0 < rung < epochs:
+            out.append(rung)
+            rung *= self.eta
+        return out
+
+
+def ended_status(metrics: dict | None, planned_epochs: int) -> str:
+    """FINISHED when a trial ran all its epochs or stopped itself (patience); KILLED when
+    something else (the scheduler, the budget) stopped it earlier."""
+    m = metrics or {}
+    done = int(m.get("epoch", 0) or 0) >= planned_epochs or bool(m.get("early_stopped"))
+    return "FINISHED" if done else "KILLED"
+
+
+class SweepGate(Callback):
+    def __init__(self, name: str, shape: TrialShape, *, deadline: float | None = None,
+                 plan: BudgetPlan | None = None, stop_at_f1: float | None = None,
+                 stop_no_improvement: int | None = None):
+        self.name, self.shape, self.plan = name, shape, plan
+        self.deadline = deadline          # time.time() at which the budget runs out
+        self.stop_at_f1, self.stop_no_improvement = stop_at_f1, stop_no_improvement
+        self.reason: str | None = None    # why no new trial starts
+        self.by_rule = False              # closed by stop_at_f1 / stop_no_improvement
+        self.best: float | None = None
+        self.streak = 0                   # finished trials in a row that did not beat the best
+        self.epoch_s: dict[str, float] = {}   # measured, per family
+        self.started = 0
+        self.not_started = 0
+        self.budget_stopped = 0           # trials stopped at an epoch boundary by the deadline
+        self.began: dict[str, float] = {}
+        self.durations: list[float] = []  # wall seconds of each trial that ended
+
+    def close(self, reason: str, by_rule: bool = False) -> None:
+        if self.reason is None:
+            self.reason, self.by_rule = reason, by_rule
+
+    def _epoch_s(self, family: str) -> float:
+        if family in self.epoch_s:
+            return self.epoch_s[family]
+        planned = self.plan.of(family) if self.plan else None
+        return planned.cost.epoch_s if planned else 0.0
+
+    def admits(self, config: dict) -> bool:
+        """May a trial with this config start now?"""
+        if self.reason is None and self.deadline is not None:
+            family = self.shape.family(config)
+            planned = self.plan.of(family) if self.plan else None
+            start = planned.cost.start_s if planned else 0.0
+            rungs = self.shape.rungs_of(config)
+            first = rungs[0] if rungs else self.shape.epochs_of(config)
+            needs = start + first * self._epoch_s(family)
+            if time.time() + needs > self.deadline:
+                self.close("the budget is spent" if time.time() >= self.deadline else
+                           f"the budget's {format_duration(self.deadline - time.time())} left "
+                           f"would not hold a {family} trial's first {first} epoch(s) "
+                           f"({format_duration(needs)})")
+        if self.reason is not None:
+            self.not_started += 1
+            return False
+        self.started += 1
+        return True
+
+    def past_deadline(self, trial, result: dict) -> bool:
+        """Stop this trial now, at an epoch boundary, because its next epoch would end after
+        the deadline?"""
+        if self.deadline is None or "epoch" not in result:
+            return False
+        if int(result["epoch"]) >= self.shape.epochs_of(trial.config):
+            return False  # its last epoch: it finishes by itself
+        family = self.shape.family(trial.config)
+        if time.time() + self._epoch_s(family) <= self.deadline:
+            return False
+        self.close("the budget is spent")
+        self.budget_stopped += 1
+        return True
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "time_this_iter_s" in result and "val_f1" in result:
+            self.epoch_s[self.shape.family(trial.config)] = float(result["time_this_iter_s"])
+        f1 = result.get("val_f1")
+        if self.stop_at_f1 is not None and f1 is not None and f1 >= self.stop_at_f1:
+            self.close(f"a trial reached val F1 {f1:.4f} >= search.stop_at_f1="
+                       f"{self.stop_at_f1:g}", by_rule=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.began.setdefault(trial.trial_id, time.time())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.began:
+            self.durations.append(time.time() - self.began[trial.trial_id])
+        f1 = (trial.last_result or {}).get("best_val_f1")
+        if f1 is None:
+            return
+        if self.best is None or f1 > self.best:
+            self.best, self.streak = f1, 0
+            return
+        self.streak += 1
+        k = self.stop_no_improvement
+        if k and self.streak >= k:
+            self.close(f"{k} finished trials in a row did not beat the best val F1 "
+                       f"{self.best:.4f} (search.stop_no_improvement={k})", by_rule=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        pass
+
+
+def live_gate(name: str) -> SweepGate | None:
+    return _GATES.get(name)
+
+
+@contextlib.contextmanager
+def gate_for(gate: SweepGate):
+    """While the sweep runs in this process, its scheduler and search algorithm see `gate`."""
+    _GATES[gate.name] = gate
+    try:
+        yield gate
+    finally:
+        _GATES.pop(gate.name, None)
+
+
+class FamilyHalving(FIFOScheduler):
+    """Asynchronous successive halving with one set of rungs per model family, on the trial's
+    best val F1 so far, and the budget's stop at an epoch boundary (module docstring)."""
+
+    def __init__(self, name: str, shape: TrialShape):
+        super().__init__()
+        self.name, self.shape = name, shape
+        self.recorded: dict[tuple[str, int], dict[str, float]] = {}
+        self.stopped = 0
+
+    def on_trial_result(self, tune_controller, trial, result):
+        gate = live_gate(self.name)
+        if gate is not None and gate.past_deadline(trial, result):
+            return TrialScheduler.STOP
+        if "epoch" not in result or "best_val_f1" not in result:
+            return TrialScheduler.CONTINUE
+        epoch, score = int(result["epoch"]), float(result["best_val_f1"])
+        family = self.shape.family(trial.config)
+        for rung in reversed(self.shape.rungs_of(trial.config)):
+            seen = self.recorded.setdefault((family, rung), {})
+            if epoch < rung or trial.trial_id in seen:
+                continue
+            cutoff = halving_cutoff(list(seen.values()), self.shape.eta)
+            seen[trial.trial_id] = score
+            if cutoff is not None and score < cutoff:
+                self.stopped += 1
+                return TrialScheduler.STOP
+            break
+        return TrialScheduler.CONTINUE
+
+    def debug_string(self) -> str:
+        return f"FamilyHalving: {self.stopped} trial(s) stopped at a rung"
+
+
+class GatedVariantGenerator(BasicVariantGenerator):
+    """Tune's grid/random generator; a trial the gate refuses is never started."""
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(**kwargs)
+        self.gate_name = name
+
+    def next_trial(self):
+        gate = live_gate(self.gate_name)
+        while True:
+            trial = super().next_trial()
+            if trial is None or gate is None or gate.admits(trial.config):
+                return trial
+            if gate.reason is not None:
+                self.set_finished()
+                return None
+
+
+class GatedLimiter(ConcurrencyLimiter):
+    """Optuna (or any searcher) behind Tune's concurrency limiter, asking the gate first."""
+
+    def __init__(self, name: str, searcher: Searcher, max_concurrent: int):
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.gate_name = name
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        gate = live_gate(self.gate_name)
+        if isinstance(config, dict) and gate is not None and not gate.admits(config):
+            super().on_trial_complete(trial_id, None, error=True)
+            return Searcher.FINISHED
+        return config

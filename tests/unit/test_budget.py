@@ -1,0 +1,209 @@
+"""Planning a sweep to a budget (components.tuning.budget) and holding it to the plan while it
+runs (components.tuning.gate), without Ray running: trials are stand-ins with a config and a
+last result, as Tune hands them to callbacks and schedulers."""
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from components.config import Config, ConfigError, SearchConfig, from_dict
+from components.durations import parse_duration
+from components.tuning.budget import (
+    FamilyCost,
+    FamilyPlan,
+    from_json,
+    halving_cutoff,
+    plan_budget,
+    planned_points,
+    simulate,
+    spread,
+    to_json,
+)
+from components.tuning.gate import FamilyHalving, SweepGate, TrialShape, ended_status
+from components.tuning.space import TRIAL_SECTIONS, grid_points, parse_space
+
+CNN, RESNET = FamilyCost(epoch_s=3.0, start_s=2.5), FamilyCost(epoch_s=18.0, start_s=3.0)
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("4m", 240), ("2h", 7200),
+                                          ("2m30s", 150), ("1.5h", 5400), (45, 45), ("45", 45)])
+def test_durations_read_as_people_write_them(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "4 minutes", "m", "-3m", "0s", "3d"])
+def test_a_bad_duration_is_one_config_line(text):
+    with pytest.raises(ConfigError, match="search.budget"):
+        from_dict(SearchConfig, {"budget": text}, "search.")
+
+
+def test_the_plan_keeps_every_trial_when_the_budget_holds_them():
+    plan = plan_budget(600, 2, {"cnn": 4, "resnet18": 4}, 6, {"cnn": CNN, "resnet18": RESNET})
+    assert [(f.family, f.trials, f.epochs, f.rungs()) for f in plan.families] == [
+        ("cnn", 4, 6, []), ("resnet18", 4, 6, [])]
+    # slot A: resnet18 (111 s) at 0, 111; slot B: the four cnn trials (20.5 s each) until
+    # 82, then resnet18 at 82 and 193: the last ends at 82 + 2 x 111
+    assert plan.estimate_s == pytest.approx(4 * 20.5 + 2 * 111.0)
+    assert plan.estimate_s <= 600 * 0.9
+
+
+def test_a_tight_budget_halves_the_costly_family_and_leaves_the_cheap_one_whole():
+    plan = plan_budget(150, 2, {"cnn": 4, "resnet18": 4}, 6, {"cnn": CNN, "resnet18": RESNET})
+    cnn, resnet = plan.of("cnn"), plan.of("resnet18")
+    assert (cnn.trials, cnn.epochs, cnn.rungs()) == (4, 6, [])
+    assert resnet.rungs() and resnet.epochs == 6 and resnet.trials >= 2
+    assert plan.estimate_s <= 150 * 0.9
+    # every family gets at least one trial of one epoch, whatever the budget
+    tiny = plan_budget(10, 2, {"cnn": 4, "resnet18": 4}, 6, {"cnn": CNN, "resnet18": RESNET})
+    assert {f.family for f in tiny.families} == {"cnn", "resnet18"}
+    assert all(f.trials >= 1 and f.epochs >= 1 for f in tiny.families)
+
+
+def test_capacity_left_over_draws_more_trials_only_when_the_space_draws():
+    costs = {"cnn": CNN, "resnet18": RESNET}
+    grown = plan_budget(1200, 2, {"cnn": 4, "resnet18": 4}, 6, costs, can_draw_more=True)
+    fixed = plan_budget(1200, 2, {"cnn": 4, "resnet18": 4}, 6, costs, can_draw_more=False)
+    assert grown.of("cnn").trials > 4 and grown.of("cnn").trials % 4 == 0
+    assert fixed.trials == 8
+    assert grown.estimate_s <= 1200 * 0.9
+    capped = plan_budget(1200, 2, {"cnn": 4, "resnet18": 4}, 6, costs, can_draw_more=True,
+                         max_trials=10)
+    assert capped.trials <= 10
+
+
+def test_successive_halving_depths_match_an_independent_count():
+    """n trials, rungs r, r*eta, ...: after each rung max(1, n // eta) go on."""
+    for n, epochs, rung, eta in [(8, 8, 1, 2), (9, 9, 1, 3), (4, 6, 1, 2), (5, 6, 2, 2)]:
+        plan = FamilyPlan("f", n, epochs, rung, CNN, eta)
+        depths = plan.trial_epochs()
+        survivors, expected = n, []
+        r = rung
+        while r < epochs:
+            going_on = max(1, survivors // eta)
+            expected += [r] * (survivors - going_on)
+            survivors, r = going_on, r * eta
+        expected = [epochs] * survivors + sorted(expected, reverse=True)
+        assert sorted(depths, reverse=True) == expected
+
+
+def test_spread_covers_every_value_it_can():
+    axes = parse_space({"train.optimizer": {"grid": ["sgd_momentum", "adam"]},
+                        "model.initializer": {"grid": ["xavier_uniform", "kaiming_normal"]}})
+    sections = {s: getattr(Config(), s) for s in TRIAL_SECTIONS}
+    points = grid_points(axes, "grid", sections)
+    two = spread(points, 2)
+    assert {p["train.optimizer"] for p in two} == {"sgd_momentum", "adam"}
+    assert {p["model.initializer"] for p in two} == {"xavier_uniform", "kaiming_normal"}
+
+
+def test_the_launch_takes_families_in_turn_with_the_plans_trials():
+    axes = parse_space({"train.optimizer": {"grid": ["sgd_momentum", "adam"]},
+                        "model.name": {"grid": ["cnn", "resnet18"]}})
+    sections = {s: getattr(Config(), s) for s in TRIAL_SECTIONS}
+    shape = TrialShape(axes, sections, 6)
+    plan = plan_budget(150, 2, {"cnn": 2, "resnet18": 2}, 6, {"cnn": CNN, "resnet18": RESNET})
+    points = planned_points(plan, grid_points(axes, "grid", sections), shape.family)
+    families = [shape.family({"grid_point": p}) for p in points]
+    assert families[:2] == ["resnet18", "cnn"]      # the costliest family first
+    # a family's next trial waits for a free slot beside no trial of its own family
+    order, _ = simulate(plan.families, 2)
+    assert [f for f, _ in order] == families
+    assert families.count("resnet18") == plan.of("resnet18").trials
+    assert families.count("cnn") == plan.of("cnn").trials
+
+
+def test_the_plan_reads_back_as_it_was_saved():
+    plan = plan_budget(150, 2, {"cnn": 4, "resnet18": 4}, 6, {"cnn": CNN, "resnet18": RESNET})
+    assert from_json(to_json(plan)) == plan
+
+
+def test_the_halving_cutoff_is_numpys_percentile():
+    rng = np.random.default_rng(0)
+    for eta in (2, 3, 4):
+        for n in (1, 2, 5, 12):
+            scores = list(rng.random(n))
+            assert halving_cutoff(scores, eta) == pytest.approx(
+                np.percentile(scores, (1 - 1 / eta) * 100))
+    assert halving_cutoff([], 2) is None
+
+
+def _trial(tid, name, **result):
+    return SimpleNamespace(trial_id=tid, config={"grid_point": {"model.name": name}},
+                           last_result=result)
+
+
+def _shape(by_family=None, first_rung=1):
+    axes = parse_space({"model.name": {"grid": ["cnn", "resnet18"]}})
+    sections = {s: getattr(Config(), s) for s in TRIAL_SECTIONS}
+    return TrialShape(axes, sections, 6, first_rung, 2, by_family or {})
+
+
+def test_halving_compares_a_trial_only_with_its_own_family():
+    """A slow-starting ResNet-18 at epoch 1 (val F1 0.30) is not stopped by the CNN's 0.90;
+    a second ResNet-18 below the first at the same rung is."""
+    sched = FamilyHalving("t", _shape())
+    go, stop = "CONTINUE", "STOP"
+    cnn = _trial("c1", "cnn")
+    assert sched.on_trial_result(None, cnn, {"epoch": 1, "best_val_f1": 0.90}) == go
+    r1 = _trial("r1", "resnet18")
+    assert sched.on_trial_result(None, r1, {"epoch": 1, "best_val_f1": 0.30}) == go
+    r2 = _trial("r2", "resnet18")
+    assert sched.on_trial_result(None, r2, {"epoch": 1, "best_val_f1": 0.20}) == stop
+    r3 = _trial("r3", "resnet18")
+    assert sched.on_trial_result(None, r3, {"epoch": 1, "best_val_f1": 0.60}) == go
+    # per-family rungs from a budget's plan: resnet18 halves, cnn trains its 6 epochs
+    planned = FamilyHalving("t", _shape({"cnn": (6, 6), "resnet18": (6, 1)}))
+    planned.on_trial_result(None, _trial("c1", "cnn"), {"epoch": 1, "best_val_f1": 0.9})
+    assert planned.on_trial_result(
+        None, _trial("c2", "cnn"), {"epoch": 1, "best_val_f1": 0.1}) == go
+
+
+def test_the_gate_stops_at_the_deadline_on_an_epoch_boundary():
+    from components.tuning import gate as g
+
+    shape = _shape({"cnn": (6, 6), "resnet18": (6, 1)})
+    gate = SweepGate("t-deadline", shape, deadline=time.time() + 5)
+    gate.epoch_s["resnet18"] = 10.0
+    sched = FamilyHalving("t-deadline", shape)
+    with g.gate_for(gate):
+        r1 = _trial("r1", "resnet18")
+        # its next epoch (10 s) would end after the deadline (5 s): stopped now
+        assert sched.on_trial_result(None, r1, {"epoch": 2, "best_val_f1": 0.5}) == "STOP"
+        assert gate.budget_stopped == 1 and "budget" in gate.reason
+        # its last planned epoch: it finishes by itself, nothing to stop
+        assert not gate.past_deadline(r1, {"epoch": 6})
+        # no new trial once the budget is spent
+        assert not gate.admits(_trial("c9", "cnn").config)
+    assert ended_status({"epoch": 2}, shape.epochs_of(r1.config)) == "KILLED"
+    assert ended_status({"epoch": 6}, 6) == "FINISHED"
+
+
+def test_the_gate_admits_a_trial_only_when_its_first_rung_fits():
+    shape = _shape({"cnn": (6, 6), "resnet18": (6, 1)})
+    gate = SweepGate("t", shape, deadline=time.time() + 30)
+    gate.epoch_s.update({"cnn": 6.0, "resnet18": 20.0})
+    assert gate.admits({"grid_point": {"model.name": "resnet18"}})   # 1 epoch of 20 s fits
+    assert not gate.admits({"grid_point": {"model.name": "cnn"}})    # 6 epochs of 6 s do not
+    assert "first 6 epoch(s)" in gate.reason
+
+
+def test_stop_at_f1_and_stop_no_improvement_close_the_gate_with_the_reason():
+    gate = SweepGate("t", _shape(), stop_at_f1=0.95)
+    gate.on_trial_result(0, [], _trial("a", "cnn"), {"val_f1": 0.94})
+    assert gate.admits({})
+    gate.on_trial_result(0, [], _trial("a", "cnn"), {"val_f1": 0.951})
+    assert not gate.admits({}) and "0.9510 >= search.stop_at_f1=0.95" in gate.reason
+
+    gate = SweepGate("t", _shape(), stop_no_improvement=2)
+    for tid, f1 in [("a", 0.80), ("b", 0.85), ("c", 0.84), ("d", 0.85)]:
+        gate.on_trial_complete(0, [], _trial(tid, "cnn", best_val_f1=f1))
+    assert not gate.admits({})
+    assert gate.reason.startswith("2 finished trials in a row did not beat the best val F1 "
+                                  "0.8500")
+    # a trial that improves resets the count
+    gate = SweepGate("t", _shape(), stop_no_improvement=2)
+    for tid, f1 in [("a", 0.80), ("b", 0.79), ("c", 0.81), ("d", 0.80)]:
+        gate.on_trial_complete(0, [], _trial(tid, "cnn", best_val_f1=f1))
+    assert gate.admits({})
