@@ -10,8 +10,8 @@ One run trains the SAME trials four ways on this machine and times each from the
 (b) optuna: an in-process Optuna study (`create_study(direction="maximize")`, the trials
     enqueued with `enqueue_trial`, `optimize(n_trials=..., n_jobs=1)`) whose objective is the
     loop of (a);
-(c) auto: `visiontune run` with the default config (the planner's choice,
-    `train.num_workers=auto`);
+(c) auto: `visiontune run search.budget=null`: the default config without its budget, so
+    every trial trains its 6 epochs as (a) does (the planner's choice, `train.num_workers=auto`);
 (d) ddp2: `visiontune run train.num_workers=2` (the old default: a 2-worker DDP TorchTrainer
     per trial).
 
@@ -488,7 +488,9 @@ def main() -> int:
     global SUFFIX
     SUFFIX = "_quick" if args.quick else ""
     (RESULTS / f"sweep{SUFFIX}_logs").mkdir(parents=True, exist_ok=True)
-    overrides = list(QUICK) if args.quick else []
+    # Without the default's budget: every trial trains every epoch, as the loop of (a) does
+    # (the same trials; the budget's own accuracy: benchmarks/budget.py).
+    overrides = [*(QUICK if args.quick else []), "search.budget=null"]
     load = os.getloadavg()
     out: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                              "platform": platform.platform(), "load_avg_at_start": load},

@@ -213,3 +213,35 @@ def test_a_second_ctrl_c_stops_at_once(workspace):
     workspace.assert_nothing_running(parent.info.run_id)
     assert workspace.versions() == []
     _assert_no_process_left(run.pid)
+
+
+def test_ctrl_c_of_a_budgeted_sweep_then_resume_keeps_the_plan_and_what_is_left(
+        workspace_in_trial):
+    """`--resume` of a sweep planned to `search.budget` trains the plan it made (no second
+    probe) and only what is left of the budget: the attempts' sweep seconds add up to the
+    budget plus one epoch at most."""
+    ws, budget = workspace_in_trial, 90
+    run = ws.start("run", "--config", str(ws.config), f"search.budget={budget}s")
+    ws.wait_for(ws.a_trial_mid_training, run)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=120) == 130, run.output()[-4000:]
+    first = run.output()
+    assert "measuring one epoch of cnn" in first
+    parent = ws.parent()
+    plan = parent.data.tags["visiontune.budget.plan"]
+    pipeline_id = _pipeline_id(first)
+
+    resumed = ws.run("run", "--resume", pipeline_id)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "measuring one epoch" not in resumed.stdout
+    assert "(the run's plan, kept on resume)" in resumed.stdout
+    record = ws.client().get_run(parent.info.run_id)
+    assert record.data.tags["visiontune.budget.plan"] == plan
+    spent = [m.value for m in ws.client().get_metric_history(parent.info.run_id,
+                                                             "sweep_seconds")]
+    assert len(spent) == 2
+    epoch = json.loads(plan)["families"][0][4]
+    assert sum(spent) <= budget + epoch + 5, spent
+    assert record.info.status == "FINISHED"
+    ws.assert_nothing_running(parent.info.run_id)
+    assert len(ws.versions()) == 1

@@ -118,7 +118,8 @@ def _random_search(tmp_path, *rules: str):
     data = make_image_folder(tmp_path / "images", per_class=30, corrupt=False)
     code, out, _ = _run(
         tmp_path, f"data.path={data}", "data=folder", "data.image_size=16", "augment=none",
-        "search.mode=random", "search.num_samples=12", "train.epochs=2", "train.patience=0",
+        "search.mode=random", "search.num_samples=12", "search.budget=null", "train.epochs=2",
+        "train.patience=0",
         "train.batch_size=8", "model.cnn.channels=[8,16]",
         "search.space={train.lr: {loguniform: [0.0001, 0.01]}, "
         "model.dropout: {uniform: [0.0, 0.5]}}", *rules)
