@@ -16,8 +16,8 @@ halving may stop the others. The rule, in order:
    whose trials are complete, cheapest first.
 
 The estimate simulates the launch (`simulate`: as many trials at once as the plan runs, the
-next from the family with the fewest running)
-and the sweep is held to the budget while it runs (`components.tuning.gate`). Pure: no Ray.
+next from the family with the fewest running), and the sweep is held to the budget while it
+runs (`components.tuning.gate`). Pure: no Ray.
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ from components.durations import format_duration
 # Plan to this share of the budget: the estimate's error and the trials' start-up spread.
 PLAN_SHARE = 0.9
 MAX_GROWTH = 4   # draws per grid point: at most this many times those configured
+
+
+def rungs(first_rung: int, epochs: int, eta: int) -> list[int]:
+    """The epochs at which successive halving compares a trial with its family's others:
+    first_rung, first_rung x eta, ... below `epochs` (none when first_rung is 0)."""
+    out, r = [], first_rung
+    while 0 < r < epochs:
+        out.append(r)
+        r *= eta
+    return out
 
 
 @dataclass(frozen=True)
@@ -49,12 +59,7 @@ class FamilyPlan:
     eta: int = 2
 
     def rungs(self) -> list[int]:
-        """The epochs at which a trial is compared with the family's others."""
-        out, r = [], self.first_rung
-        while r < self.epochs:
-            out.append(r)
-            r *= self.eta
-        return out
+        return rungs(self.first_rung, self.epochs, self.eta)
 
     def trial_epochs(self) -> list[int]:
         """Epochs each trial is expected to train, deepest first (asynchronous halving lets

@@ -8,8 +8,10 @@ model family, and the rules that stop launching trials once the answer is in.
 - `FamilyHalving` (a Tune scheduler) compares a trial only with trials of its own family at
   the same epoch (asynchronous successive halving, one set of rungs per family: ResNet-18
   from scratch learns later than the small CNN, and Tune's ASHA, comparing them with each
-  other, stops the slow starters that would have won), and stops a trial at an epoch boundary
-  when its next epoch would end past the deadline: it ends KILLED with its history intact.
+  other, stops the slow starters that would have won), stops a trial only when it is behind
+  the rung's cutoff by more than the validation split can resolve (`TrialShape.margin`), and
+  stops a trial at an epoch boundary when its next epoch would end past the deadline: it ends
+  KILLED with its history intact.
 - `GatedVariantGenerator` / `GatedLimiter`: Tune's generator and Optuna's concurrency limiter,
   asking the gate before each new trial.
 
@@ -21,6 +23,7 @@ this process under it (`_GATES`), as `SweepCallbacks` does for the callbacks.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +33,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from components.durations import format_duration
-from components.tuning.budget import BudgetPlan, halving_cutoff
+from components.tuning.budget import BudgetPlan, halving_cutoff, rungs
 from components.tuning.space import Axis, resolve_params
 
 _GATES: dict[str, SweepGate] = {}
@@ -47,12 +50,23 @@ class TrialShape:
     first_rung: int = 0                  # 0: no halving
     eta: int = 2
     by_family: dict[str, tuple[int, int]] = field(default_factory=dict)  # (epochs, first rung)
+    val_images: int = 0                  # the validation split's size: a score's noise
 
     @classmethod
     def of(cls, axes, sections, epochs: int, plan: BudgetPlan | None, halving: bool,
-           first_rung: int, eta: int) -> TrialShape:
+           first_rung: int, eta: int, val_images: int = 0) -> TrialShape:
         by_family = {f.family: (f.epochs, f.first_rung) for f in plan.families} if plan else {}
-        return cls(axes, sections, epochs, first_rung if halving else 0, eta, by_family)
+        return cls(axes, sections, epochs, first_rung if halving else 0, eta, by_family,
+                   val_images)
+
+    def margin(self, score: float) -> float:
+        """One binomial standard error of a score near `score` on the validation split: two
+        trials closer than this are not told apart by it, so halving does not stop the one
+        below (a coin flip that, measured, stopped the full search's winner)."""
+        if self.val_images <= 0:
+            return 0.0
+        p = min(max(score, 0.0), 1.0)
+        return math.sqrt(p * (1 - p) / self.val_images)
 
     def family(self, config: dict) -> str:
         params = resolve_params(config or {}, self.axes, self.sections)
@@ -64,12 +78,8 @@ class TrialShape:
         return self.by_family.get(self.family(config), (self.epochs, 0))[0]
 
     def rungs_of(self, config: dict) -> list[int]:
-        epochs, rung = self.by_family.get(self.family(config), (self.epochs, self.first_rung))
-        out = []
-        while 0 < rung < epochs:
-            out.append(rung)
-            rung *= self.eta
-        return out
+        epochs, first = self.by_family.get(self.family(config), (self.epochs, self.first_rung))
+        return rungs(first, epochs, self.eta)
 
 
 def ended_status(metrics: dict | None, planned_epochs: int) -> str:
@@ -81,6 +91,9 @@ def ended_status(metrics: dict | None, planned_epochs: int) -> str:
 
 
 class SweepGate(Callback):
+    """Whether a new trial may start, and why not (module docstring); what the sweep's end
+    reports (`reason`, trials not started, trials stopped by the budget)."""
+
     def __init__(self, name: str, shape: TrialShape, *, deadline: float | None = None,
                  plan: BudgetPlan | None = None, stop_at_f1: float | None = None,
                  stop_no_improvement: int | None = None):
@@ -210,7 +223,7 @@ class FamilyHalving(FIFOScheduler):
                 continue
             cutoff = halving_cutoff(list(seen.values()), self.shape.eta)
             seen[trial.trial_id] = score
-            if cutoff is not None and score < cutoff:
+            if cutoff is not None and score < cutoff - self.shape.margin(cutoff):
                 self.stopped += 1
                 return TrialScheduler.STOP
             break

@@ -47,7 +47,7 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             budget = plan_budget_of(cfg, plan, job, resource_plan, record, began, resume, echo)
             shape = TrialShape.of(plan.axes, plan.base, cfg.train.epochs, budget,
                                   cfg.search.scheduler == "asha", cfg.search.grace_period,
-                                  cfg.search.reduction_factor)
+                                  cfg.search.reduction_factor, len(job.val_rows[0]))
             launch = launched_trials(cfg, plan, budget, shape)
             if launch["count"] != plan.num_trials:
                 resource_plan = plan_resources(cfg, plan, resources, sizes, launch["count"])
@@ -151,12 +151,17 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, be
         draws = se.num_samples
     echo(f"  measuring one epoch of {', '.join(names)} ({resource_plan.concurrent_trials} "
          f"probe(s) at once) ...")
-    costs = probe_costs(job, names, resource_plan.trial_resources(),
-                        resource_plan.concurrent_trials)
+    # a data-parallel trial's probe holds one of its workers' resources
+    costs = probe_costs(job, names, resource_plan.trial_resources() if resource_plan.in_trial
+                        else resource_plan.per_worker, resource_plan.concurrent_trials)
+    folds = max(1, cfg.data.cv_folds)
+    if folds > 1:  # a k-fold trial trains every fold and reports once: no halving
+        costs = {n: dataclasses.replace(c, epoch_s=c.epoch_s * folds) for n, c in costs.items()}
     left = parse_duration(se.budget) - (time.time() - began)
     budget = b.plan_budget(
         left, resource_plan.concurrent_trials, demand, cfg.train.epochs, costs,
-        first_rung=min(se.grace_period, cfg.train.epochs), eta=se.reduction_factor,
+        first_rung=cfg.train.epochs if folds > 1 else min(se.grace_period, cfg.train.epochs),
+        eta=se.reduction_factor,
         draws=draws, can_draw_more=any(not a.is_grid for a in plan.axes) and
         se.mode != "grid", max_trials=se.max_trials,
         devices="GPUs" if cfg.train.use_gpu else "CPUs")

@@ -207,3 +207,42 @@ def test_stop_at_f1_and_stop_no_improvement_close_the_gate_with_the_reason():
     for tid, f1 in [("a", 0.80), ("b", 0.79), ("c", 0.81), ("d", 0.80)]:
         gate.on_trial_complete(0, [], _trial(tid, "cnn", best_val_f1=f1))
     assert gate.admits({})
+
+
+def test_optuna_asks_the_gate_before_each_new_trial():
+    from ray.tune.search import Searcher
+
+    from components.tuning import gate as g
+    from components.tuning.driver import build_search_alg
+    from components.tuning.plan import ResourcePlan
+    from components.tuning.space import to_tune_space
+
+    sections = {s: getattr(Config(), s) for s in TRIAL_SECTIONS}
+    axes = parse_space({"train.lr": {"loguniform": [1e-4, 1e-2]}})
+    space, _ = to_tune_space(axes, "random", sections, 5)
+    alg = build_search_alg(SearchConfig(algorithm="optuna", mode="random"), axes,
+                           ResourcePlan(5, 1, {"CPU": 1.0}, 2, {"CPU": 2}), 0, "t-optuna")
+    assert alg.set_search_properties("best_val_f1", "max", space)
+    gate = SweepGate("t-optuna", TrialShape(axes, sections, 2), stop_at_f1=0.9)
+    with g.gate_for(gate):
+        assert isinstance(alg.suggest("t0"), dict)
+        gate.on_trial_result(0, [], _trial("t0", "cnn"), {"val_f1": 0.95})
+        assert alg.suggest("t1") == Searcher.FINISHED
+    assert gate.started == 1 and gate.not_started == 1
+
+
+def test_halving_stops_only_a_trial_behind_by_more_than_the_val_split_resolves():
+    """266 validation images: at a cutoff of 0.97 one binomial standard error is
+    sqrt(0.97 x 0.03 / 266) = 0.0105; a trial 0.005 behind goes on, one 0.02 behind stops."""
+    axes = parse_space({"model.name": {"grid": ["cnn", "resnet18"]}})
+    sections = {s: getattr(Config(), s) for s in TRIAL_SECTIONS}
+    shape = TrialShape(axes, sections, 6, 1, 2, {}, val_images=266)
+    assert shape.margin(0.97) == pytest.approx(np.sqrt(0.97 * 0.03 / 266))
+    sched = FamilyHalving("t", shape)
+    sched.on_trial_result(None, _trial("a", "cnn"), {"epoch": 1, "best_val_f1": 0.97})
+    assert sched.on_trial_result(None, _trial("b", "cnn"),
+                                 {"epoch": 1, "best_val_f1": 0.965}) == "CONTINUE"
+    # recorded now: 0.97, 0.965 -> cutoff 0.9675 (the median of two)
+    cutoff = np.percentile([0.97, 0.965], 50)
+    assert sched.on_trial_result(None, _trial("c", "cnn"),
+                                 {"epoch": 1, "best_val_f1": cutoff - 0.02}) == "STOP"
