@@ -181,6 +181,7 @@ def plan_budget(budget_s: float, slots: int, demand: dict[str, int], epochs: int
     if can_draw_more:
         _draw_more(plans, demand, draws, left, max_trials)
     plans = _within_wall(plans, budget_s * PLAN_SHARE, slots)
+    plans = _upgrade(plans, demand, epochs, first_rung, eta, budget_s * PLAN_SHARE, slots)
     return BudgetPlan(budget_s, slots, eta, tuple(plans[f] for f in order),
                       simulate(plans.values(), slots)[1], devices)
 
@@ -219,6 +220,28 @@ def _within_wall(plans: dict[str, FamilyPlan], wall: float, slots: int) -> dict[
         if smaller is None:
             break
         plans[family] = smaller
+    return plans
+
+
+def _upgrade(plans: dict[str, FamilyPlan], demand: dict[str, int], epochs: int,
+             first_rung: int, eta: int, wall: float, slots: int) -> dict[str, FamilyPlan]:
+    """Shares count slot-seconds; the wall can still hold more once the costliest family is
+    cut to fit it (one long trial leaves the other slot idle): give each family, cheapest
+    first, the most thorough shape (rule 2's order) that keeps the simulated launch within
+    the wall."""
+    for family in sorted(plans, key=lambda f: plans[f].cost.epoch_s):
+        current = plans[family]
+        if current.trials >= demand[family] and not current.rungs() and \
+                current.epochs == epochs:
+            continue  # every configured trial at every epoch already (or more draws)
+        for shape in _shapes(demand[family], epochs, first_rung, current.cost, eta):
+            candidate = replace(shape, family=family)
+            if candidate == current:
+                break
+            if simulate([*(p for f, p in plans.items() if f != family), candidate],
+                        slots)[1] <= wall:
+                plans[family] = candidate
+                break
     return plans
 
 

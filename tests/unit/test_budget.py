@@ -246,3 +246,24 @@ def test_halving_stops_only_a_trial_behind_by_more_than_the_val_split_resolves()
     cutoff = np.percentile([0.97, 0.965], 50)
     assert sched.on_trial_result(None, _trial("c", "cnn"),
                                  {"epoch": 1, "best_val_f1": cutoff - 0.02}) == "STOP"
+
+
+def test_a_slow_machine_still_gets_both_families_within_the_budget():
+    """The 12-04 AVX2 machine's epochs (the CNN 6.2 s, ResNet-18 41 s with two trials side by
+    side) and the default's 2m30s less a probe: both families kept, the wall estimate within
+    the budget, and the cut-down ResNet-18 leaves room that the CNN's plan does not waste."""
+    costs = {"cnn": FamilyCost(6.2, 2.5), "resnet18": FamilyCost(41.0, 3.0)}
+    plan = plan_budget(130, 2, {"cnn": 4, "resnet18": 4}, 6, costs)
+    assert {f.family for f in plan.families} == {"cnn", "resnet18"}
+    assert plan.of("cnn").trials == 4           # every optimizer x initializer of the CNN
+    assert plan.estimate_s <= 130 * 0.9
+    assert plan.estimate_s == pytest.approx(simulate(plan.families, 2)[1])
+    # no more thorough shape of either family would fit: the plan is not wasteful
+    from components.tuning.budget import _shapes
+
+    for f in plan.families:
+        other = [p for p in plan.families if p.family != f.family]
+        better = next(s for s in _shapes(4, 6, 1, f.cost, 2))
+        if better.slot_seconds() > f.slot_seconds():
+            from dataclasses import replace
+            assert simulate([*other, replace(better, family=f.family)], 2)[1] > 130 * 0.9
