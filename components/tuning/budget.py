@@ -140,10 +140,13 @@ class BudgetPlan:
                 f"budget\")")
 
 
-def _shapes(trials: int, epochs: int, first_rung: int, cost: FamilyCost, eta: int):
-    """A family's candidate plans, most thorough first (module docstring, rule 2)."""
-    yield FamilyPlan("", trials, epochs, epochs, cost, eta)
+def _shapes(trials: int, epochs: int, first_rung: int, cost: FamilyCost, eta: int,
+            halve: bool = False):
+    """A family's candidate plans, most thorough first (module docstring, rule 2); `halve`
+    (`search.scheduler=asha`): never without halving."""
     rung = min(first_rung, epochs)
+    if not halve or rung >= epochs:
+        yield FamilyPlan("", trials, epochs, epochs, cost, eta)
     n = trials
     while n >= 2:
         yield FamilyPlan("", n, epochs, rung, cost, eta)   # rung == epochs: no halving
@@ -153,9 +156,9 @@ def _shapes(trials: int, epochs: int, first_rung: int, cost: FamilyCost, eta: in
 
 
 def _fit(family: str, trials: int, epochs: int, first_rung: int, cost: FamilyCost, eta: int,
-         share: float) -> FamilyPlan:
+         share: float, halve: bool) -> FamilyPlan:
     last = None
-    for shape in _shapes(trials, epochs, first_rung, cost, eta):
+    for shape in _shapes(trials, epochs, first_rung, cost, eta, halve):
         last = replace(shape, family=family)
         if last.slot_seconds() <= share:
             return last
@@ -165,10 +168,11 @@ def _fit(family: str, trials: int, epochs: int, first_rung: int, cost: FamilyCos
 def plan_budget(budget_s: float, slots: int, demand: dict[str, int], epochs: int,
                 costs: dict[str, FamilyCost], *, first_rung: int = 1, eta: int = 2,
                 draws: int = 1, can_draw_more: bool = False, max_trials: int | None = None,
-                devices: str = "CPUs") -> BudgetPlan:
+                devices: str = "CPUs", halve: bool = False) -> BudgetPlan:
     """`demand`: trials configured per family (grid points x draws); `draws`: the configured
     draws per grid point; `can_draw_more`: the space draws random values, so more trials
-    explore more (rule 3)."""
+    explore more (rule 3); `halve`: the user asked for halving (`search.scheduler=asha`),
+    every family halves from `first_rung`."""
     capacity = budget_s * PLAN_SHARE * max(1, slots)
     order = sorted(demand, key=lambda f: costs[f].epoch_s)
     plans: dict[str, FamilyPlan] = {}
@@ -176,12 +180,13 @@ def plan_budget(budget_s: float, slots: int, demand: dict[str, int], epochs: int
     for i, family in enumerate(order):
         share = left / (len(order) - i)
         plans[family] = _fit(family, demand[family], epochs, first_rung, costs[family], eta,
-                             share)
+                             share, halve)
         left -= plans[family].slot_seconds()
     if can_draw_more:
         _draw_more(plans, demand, draws, left, max_trials)
-    plans = _within_wall(plans, budget_s * PLAN_SHARE, slots)
-    plans = _upgrade(plans, demand, epochs, first_rung, eta, budget_s * PLAN_SHARE, slots)
+    plans = _within_wall(plans, budget_s * PLAN_SHARE, slots, halve)
+    plans = _upgrade(plans, demand, epochs, first_rung, eta, budget_s * PLAN_SHARE, slots,
+                     halve)
     return BudgetPlan(budget_s, slots, eta, tuple(plans[f] for f in order),
                       simulate(plans.values(), slots)[1], devices)
 
@@ -205,7 +210,8 @@ def _draw_more(plans: dict[str, FamilyPlan], demand: dict[str, int], draws: int,
             plan = plans[family] = grown
 
 
-def _within_wall(plans: dict[str, FamilyPlan], wall: float, slots: int) -> dict[str, FamilyPlan]:
+def _within_wall(plans: dict[str, FamilyPlan], wall: float, slots: int,
+                 halve: bool) -> dict[str, FamilyPlan]:
     """Slot-seconds that fit can still overrun the wall when one trial is longer than the
     rest together: shrink the family with the longest trial until the simulated launch fits."""
     for _ in range(64):
@@ -214,7 +220,7 @@ def _within_wall(plans: dict[str, FamilyPlan], wall: float, slots: int) -> dict[
         family = max(plans, key=lambda f: max(plans[f].durations()))
         plan = plans[family]
         smaller = next((replace(s, family=family) for s in _shapes(
-            plan.trials, plan.epochs, plan.first_rung, plan.cost, plan.eta)
+            plan.trials, plan.epochs, plan.first_rung, plan.cost, plan.eta, halve)
             if replace(s, family=family).slot_seconds() < plan.slot_seconds()
             and max(s.durations()) < max(plan.durations())), None)
         if smaller is None:
@@ -224,17 +230,18 @@ def _within_wall(plans: dict[str, FamilyPlan], wall: float, slots: int) -> dict[
 
 
 def _upgrade(plans: dict[str, FamilyPlan], demand: dict[str, int], epochs: int,
-             first_rung: int, eta: int, wall: float, slots: int) -> dict[str, FamilyPlan]:
+             first_rung: int, eta: int, wall: float, slots: int,
+             halve: bool) -> dict[str, FamilyPlan]:
     """Shares count slot-seconds; the wall can still hold more once the costliest family is
     cut to fit it (one long trial leaves the other slot idle): give each family, cheapest
     first, the most thorough shape (rule 2's order) that keeps the simulated launch within
     the wall."""
     for family in sorted(plans, key=lambda f: plans[f].cost.epoch_s):
         current = plans[family]
-        if current.trials >= demand[family] and not current.rungs() and \
-                current.epochs == epochs:
+        if current.trials >= demand[family] and current.epochs == epochs and (
+                halve or not current.rungs()):
             continue  # every configured trial at every epoch already (or more draws)
-        for shape in _shapes(demand[family], epochs, first_rung, current.cost, eta):
+        for shape in _shapes(demand[family], epochs, first_rung, current.cost, eta, halve):
             candidate = replace(shape, family=family)
             if candidate == current:
                 break

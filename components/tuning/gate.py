@@ -55,7 +55,9 @@ class TrialShape:
     @classmethod
     def of(cls, axes, sections, epochs: int, plan: BudgetPlan | None, halving: bool,
            first_rung: int, eta: int, val_images: int = 0) -> TrialShape:
-        by_family = {f.family: (f.epochs, f.first_rung) for f in plan.families} if plan else {}
+        # asked-for halving (search.scheduler=asha) halves every family from its first rung
+        by_family = {f.family: (f.epochs, min(f.first_rung, first_rung) if halving else
+                                f.first_rung) for f in plan.families} if plan else {}
         return cls(axes, sections, epochs, first_rung if halving else 0, eta, by_family,
                    val_images)
 

@@ -164,7 +164,8 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, be
         eta=se.reduction_factor,
         draws=draws, can_draw_more=any(not a.is_grid for a in plan.axes) and
         se.mode != "grid", max_trials=se.max_trials,
-        devices="GPUs" if cfg.train.use_gpu else "CPUs")
+        devices="GPUs" if cfg.train.use_gpu else "CPUs",
+        halve=se.scheduler == "asha" and folds == 1)
     # the whole step's budget and estimate: the probe's seconds are spent from it
     budget = dataclasses.replace(budget, budget_s=parse_duration(se.budget),
                                  estimate_s=budget.estimate_s + (time.time() - began))

@@ -30,7 +30,8 @@ def test_asha_stops_weak_trials_and_mlflow_records_them_killed(tmp_path, local_r
     data = make_image_folder(tmp_path / "images", per_class=40, corrupt=False)
     epochs = 4
     cfg = load_config(_common(tmp_path, data) + [
-        "search.mode=grid", "search.scheduler=asha", "search.grace_period=1",
+        "search.mode=grid", "search.budget=null", "search.scheduler=asha",
+        "search.grace_period=1",
         "search.reduction_factor=2", f"train.epochs={epochs}",  # the plan: trials in-process
         "train.optimizer=sgd_momentum", "model.cnn.channels=[8,16]",
         # two trials that learn at once, two that cannot learn at all (lr ~ 0)
@@ -63,7 +64,7 @@ def test_cv_of_pretrained_backbone_with_gradual_unfreezing(tmp_path, local_ray):
         "model=resnet18", "model.pretrained=true", f"model.weights_path={weights}",
         "model.freeze=backbone", "model.unfreeze_epoch=2", "model.backbone_lr_mult=0.1",
         "data.cv_folds=2", "train.epochs=2", "train.num_workers=2", "train.optimizer=adamw",
-        "search.mode=grid", "search.space={}", "data.channels=3",
+        "search.mode=grid", "search.budget=null", "search.space={}", "data.channels=3",
     ])
     result = run_training_pipeline(cfg)
     client = MlflowClient(cfg.tracking.uri)

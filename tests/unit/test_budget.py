@@ -267,3 +267,17 @@ def test_a_slow_machine_still_gets_both_families_within_the_budget():
         if better.slot_seconds() > f.slot_seconds():
             from dataclasses import replace
             assert simulate([*other, replace(better, family=f.family)], 2)[1] > 130 * 0.9
+
+
+def test_asked_for_halving_stays_on_under_a_budget():
+    """search.scheduler=asha with a budget that holds every trial: the plan still halves
+    (what the user asked for), and the trials' rungs say so."""
+    costs = {"cnn": CNN, "resnet18": RESNET}
+    plan = plan_budget(3600, 2, {"cnn": 4, "resnet18": 4}, 6, costs, halve=True)
+    assert all(f.rungs() == [1, 2, 4] for f in plan.families)
+    axes = parse_space({"model.name": {"grid": ["cnn", "resnet18"]}})
+    sections = {s: getattr(Config(), s) for s in TRIAL_SECTIONS}
+    roomy = plan_budget(3600, 2, {"cnn": 4, "resnet18": 4}, 6, costs)
+    assert all(not f.rungs() for f in roomy.families)
+    shape = TrialShape.of(axes, sections, 6, roomy, True, 1, 2)
+    assert shape.rungs_of({"grid_point": {"model.name": "resnet18"}}) == [1, 2, 4]
