@@ -49,6 +49,7 @@ def _cases():
         ("unknown-key", ["run", "train.epochz=3"], "train.epochz", 2),
         ("not-an-int", ["run", "train.epochs=three"], "train.epochs", 2),
         ("negative-lr", ["run", "train.lr=-1"], "train.lr", 2),
+        ("not-a-duration", ["run", "search.budget=4x"], "search.budget", 2),
         ("unknown-group-option", ["run", "search=nosuch"], "search='nosuch'", 2),
         ("missing-config-file", ["run", "--config", "{root}/nope.yaml"], "not found", 2),
         ("broken-yaml", ["run", "--config", "{root}/broken.yaml"], "not valid YAML", 2),
