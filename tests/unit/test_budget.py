@@ -256,6 +256,8 @@ def test_a_slow_machine_still_gets_both_families_within_the_budget():
     plan = plan_budget(130, 2, {"cnn": 4, "resnet18": 4}, 6, costs)
     assert {f.family for f in plan.families} == {"cnn", "resnet18"}
     assert plan.of("cnn").trials == 4           # every optimizer x initializer of the CNN
+    assert plan.of("cnn").rungs()               # ... halved
+    assert plan.of("resnet18").trials == 1      # and one ResNet-18 trial
     assert plan.estimate_s <= 130 * 0.9
     assert plan.estimate_s == pytest.approx(simulate(plan.families, 2)[1])
     # no more thorough shape of either family would fit: the plan is not wasteful
