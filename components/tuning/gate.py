@@ -183,9 +183,6 @@ class SweepGate(Callback):
             self.close(f"{k} finished trials in a row did not beat the best val F1 "
                        f"{self.best:.4f} (search.stop_no_improvement={k})", by_rule=True)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        pass
-
 
 def live_gate(name: str) -> SweepGate | None:
     return _GATES.get(name)
