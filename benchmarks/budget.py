@@ -21,39 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from runs import pipeline_run, save_results
 
 
 def run_budget(budget: str, extra: list[str]) -> dict:
-    from mlflow import MlflowClient
-
-    with tempfile.TemporaryDirectory(prefix="visiontune-bench-budget-") as d:
-        tmp = Path(d)
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        env.pop("RAY_ADDRESS", None)
-        env.pop("MLFLOW_TRACKING_URI", None)
-        began = time.monotonic()
-        p = subprocess.run([str(BIN / "visiontune"), "run", f"search.budget={budget}", *extra],
-                           cwd=tmp, env=env, capture_output=True, text=True)
-        wall = time.monotonic() - began
-        if p.returncode != 0:
-            sys.exit(f"visiontune run failed ({p.returncode}):\n{p.stdout[-3000:]}"
-                     f"\n{p.stderr[-3000:]}")
-        client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-        exp = client.get_experiment_by_name("visiontune")
-        runs = client.search_runs([exp.experiment_id])
-        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    with pipeline_run(f"search.budget={budget}", *extra,
+                      prefix="visiontune-bench-budget-") as (client, parent, children, out, wall):
         m, plan = parent.data.metrics, json.loads(parent.data.tags["visiontune.budget.plan"])
         families = {}
         for name, trials, epochs, first_rung, epoch_s, start_s in plan["families"]:
@@ -80,7 +55,7 @@ def run_budget(budget: str, extra: list[str]) -> dict:
                                              3),
                 "test_f1": round(m["test_f1"], 4),
                 "ended_because": parent.data.tags.get("visiontune.sweep.ended_because"),
-                "plan_line": next((line.strip() for line in p.stdout.splitlines()
+                "plan_line": next((line.strip() for line in out.splitlines()
                                    if line.strip().startswith("budget ")), ""),
                 "families": families}
 
@@ -101,13 +76,7 @@ def main() -> None:
               f"s, test F1 {r['test_f1']}; {fam}; ended because {r['ended_because']}",
               flush=True)
         results.append(r)
-    out = ROOT / "benchmarks" / "results" / "budget.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                               "date": time.strftime("%Y-%m-%d"), "results": results},
-                              indent=1))
-    print(f"results: {out}")
-
+    save_results("budget", results)
 
 if __name__ == "__main__":
     main()

@@ -22,43 +22,17 @@ Run it on an otherwise idle machine. Results: benchmarks/results/early_stopping.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from runs import pipeline_run, save_results
+
 SWEEPS = {"full": "none", "asha_before": "asha_global", "asha_after": "asha"}
 
 
 def run_sweep(scheduler: str, extra: list[str]) -> dict:
-    from mlflow import MlflowClient
-
-    with tempfile.TemporaryDirectory(prefix="visiontune-bench-es-") as d:
-        tmp = Path(d)
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        env.pop("RAY_ADDRESS", None)
-        env.pop("MLFLOW_TRACKING_URI", None)
-        began = time.monotonic()
-        p = subprocess.run(
-            [str(BIN / "visiontune"), "run", "search.budget=null", "search.num_samples=2",
-             f"search.scheduler={scheduler}", "search.grace_period=1",
-             "search.reduction_factor=2", *extra],
-            cwd=tmp, env=env, capture_output=True, text=True)
-        wall = time.monotonic() - began
-        if p.returncode != 0:
-            sys.exit(f"visiontune run failed ({p.returncode}):\n{p.stdout[-3000:]}"
-                     f"\n{p.stderr[-3000:]}")
-        client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-        exp = client.get_experiment_by_name("visiontune")
-        runs = client.search_runs([exp.experiment_id])
-        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    with pipeline_run("search.budget=null", "search.num_samples=2",
+                      f"search.scheduler={scheduler}", "search.grace_period=1",
+                      "search.reduction_factor=2", *extra,
+                      prefix="visiontune-bench-es-") as (client, parent, children, _, wall):
         killed = [c for c in children if c.info.status == "KILLED"]
         best = parent.data.params.get("best_trial_id")
         winner = next((c for c in children if c.data.tags.get("visiontune.trial_id") == best),
@@ -93,13 +67,7 @@ def main() -> None:
         r["time_over_full"] = round(r["tune_s"] / full["tune_s"], 3)
         print(f"{name}: {r['f1_gap_to_full']:+.4f} test F1 below the full search, "
               f"{r['time_over_full']:.2f}x its time", flush=True)
-    out = ROOT / "benchmarks" / "results" / "early_stopping.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                               "date": time.strftime("%Y-%m-%d"), "results": results},
-                              indent=1))
-    print(f"results: {out}")
-
+    save_results("early_stopping", results)
 
 if __name__ == "__main__":
     main()

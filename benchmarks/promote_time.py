@@ -19,9 +19,7 @@ Results: benchmarks/results/promote_time.json (not committed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from runs import save_results  # noqa: E402  (beside this script)
 
 CLASSES = tuple(str(d) for d in range(10))
 NAME = "bench-promote"
@@ -98,13 +98,7 @@ def main() -> None:
                   f"the decision (permutation test, bootstrap, floor) {r['decision']:.2f} s "
                   f"({100 * r['bootstrap_share_of_wall']:.1f}% of the wall time)", flush=True)
             results.append(r)
-    out = ROOT / "benchmarks" / "results" / "promote_time.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                               "date": time.strftime("%Y-%m-%d"), "results": results},
-                              indent=1))
-    print(f"results: {out}")
-
+    save_results("promote_time", results)
 
 if __name__ == "__main__":
     main()
