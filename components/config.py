@@ -220,6 +220,9 @@ class TrackingConfig:
     experiment_name: str = "visiontune"
     artifact_location: str | None = field(default=None, metadata={
         "doc": "artifact root for a new experiment; default <cwd>/mlruns"})
+    outage_grace_s: float = field(default=900.0, metadata=_check(
+        lambda v: v >= 0, "must be >= 0", "how long a sweep rides out a tracking server that does "
+        "not answer, journaling what it logs (docs/faults.md); 0 stops it at once"))
 
 
 @dataclass

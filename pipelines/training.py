@@ -43,6 +43,7 @@ class PipelineFailed(RuntimeError):
 
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+SLOW_SERVER_GRACE_S = 60.0  # how long the start-up check waits for a server that is slow
 
 
 def mlflow_ui_command(uri: str) -> str:
@@ -72,7 +73,12 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     """Run the pipeline, or with `resume` (a pipeline id) continue that run. Ctrl-C and
     SIGTERM raise `Interrupted` after the run was recorded as KILLED; nothing is registered
     from a run that did not finish."""
-    from components.tracking import StoreWatch, bound_http_retries, check_tracking_uri
+    from components.tracking import (
+        StoreWatch,
+        bound_http_retries,
+        check_tracking_uri,
+        wait_and_send,
+    )
     from pipelines import steps
     from pipelines.console import console
 
@@ -80,8 +86,9 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
 
     started = time.time()
     bound_http_retries()
-    # An unsupported or unreachable store fails here, before data, Ray or a plan is touched.
-    check_tracking_uri(cfg.tracking.uri)
+    # An unsupported or unreachable store fails here, before data, Ray or a plan is touched;
+    # one that is there but slow (restarting its workers) is given a minute.
+    check_tracking_uri(cfg.tracking.uri, slow_grace_s=SLOW_SERVER_GRACE_S, echo=echo)
     plan = steps.plan_search(cfg)
 
     with SignalGuard() as guard:
@@ -94,7 +101,8 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
              f"{cfg.tracking.uri}")
         try:
             manifest = steps.prepare_data(cfg, record, echo)
-            store = StoreWatch(cfg.tracking.uri)  # a lost server stops the sweep in seconds
+            # A server that goes away is ridden out (the journal) for tracking.outage_grace_s.
+            store = StoreWatch(record.tracker, echo=echo)
             with guard.noting():
                 try:
                     trials = steps.tune_trials(
@@ -104,6 +112,8 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                     guard.raise_if_requested()
                     raise
             guard.raise_if_requested()
+            # Nothing is evaluated or registered on a journal: the server has the whole record.
+            wait_and_send(record.tracker, record.pipeline_id, echo)
             evaluation = steps.evaluate_best(cfg, plan, manifest, trials, record, echo)
             # Registering takes seconds; a signal now waits for it, so the registry never
             # holds a version of a run that is not FINISHED.
@@ -131,14 +141,21 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
 def _close(record, status: str, echo) -> None:
     """Close the parent and every trial run still open. The store itself may be what
     failed: then the runs stay open until `--resume` continues them."""
+    from components.tracking import first_line
+    from components.tracking.server import is_unreachable
+
     for attempt in range(3):  # a busy store (SQLite locked by a dying trial) gets a retry
         try:
-            record.close_open_trials("KILLED")
+            try:
+                record.close_open_trials("KILLED")
+            except Exception as e:
+                # A server that is away: the parent's status goes to the journal (below);
+                # --resume sends it and closes the trials itself.
+                if record.tracker.journal is None or not is_unreachable(e):
+                    raise
             record.close(status)
             return
         except Exception as e:
-            from components.tracking import first_line
-
             if attempt == 2 or "locked" not in str(e):
                 echo(f"[visiontune] could not record the run as {status}: {first_line(e)}")
                 return
@@ -146,12 +163,19 @@ def _close(record, status: str, echo) -> None:
 
 
 def _failure(exc: BaseException, cfg: Config, pipeline_id: str) -> BaseException:
-    """A lost tracking server says so in one line, with how to continue; anything else
-    passes through unchanged."""
+    """A lost tracking server or a full disk says so in one line, with how to continue;
+    anything else passes through unchanged."""
     from components.tracking import TrackingError, check_tracking_uri
+    from components.tracking.journal import free_space, no_space
 
     if isinstance(exc, KeyboardInterrupt):
         return exc
+    if no_space(exc) or getattr(getattr(exc, "outcome", None), "disk_full", False):
+        path = cfg.ray.storage_path
+        return PipelineFailed(f"no space left under ray.storage_path={path} (free: "
+                              f"{free_space(path)}): the sweep stopped and nothing was "
+                              f"registered; make space, then continue with: visiontune run "
+                              f"--resume {pipeline_id}", pipeline_id)
     try:
         check_tracking_uri(cfg.tracking.uri, timeout_s=5)
     except TrackingError as lost:

@@ -1,5 +1,5 @@
-"""The MLflow client side: the tracking URI check, bounded HTTP retries, the store watch and
-`Tracker`, the adapter every process of a run logs through.
+"""`Tracker`, the MLflow adapter every process of a run logs through: to the server, or, while
+it does not answer, to the run's journal (`components.tracking.journal`).
 
 Everything goes through an explicit tracking URI and `MlflowClient`, never MLflow's global
 "active run", so the driver, Tune trials and Ray Train workers (other processes, other working
@@ -9,11 +9,12 @@ directories) all write to the same place and the same runs.
 from __future__ import annotations
 
 import math
-import os
 import re
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 from mlflow import MlflowClient
@@ -21,7 +22,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
 from components import storage
-from components.errors import first_line
+from components.tracking.journal import Journal, artifact_file
+from components.tracking.server import PROBE_EVERY_S, TrackingError, is_unreachable, server_answers
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 ROLE_TAG = "visiontune.role"
@@ -36,47 +38,7 @@ _DUPLICATE_KEY = re.compile(r"UNIQUE constraint failed|duplicate key value|Dupli
 CONFIG_FILE = "config.yaml"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 RUNNING = RunStatus.to_string(RunStatus.RUNNING)
-
-# MLflow's own defaults (7 retries, backoff factor 2, 120 s per request) make every call to a
-# server that went away block for minutes; these bound one call to well under a minute.
-# A value the user exported wins.
-HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used: an unsupported URI, a server that does not answer."""
-
-
-def bound_http_retries() -> dict[str, str]:
-    """Export bounded MLflow HTTP retries to this process and the Ray processes it starts;
-    returns the values in force (a submitted job gets them in its runtime_env)."""
-    for key, value in HTTP_RETRY_ENV.items():
-        os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in HTTP_RETRY_ENV}
-
-
-def check_tracking_uri(uri: str, timeout_s: int = 10) -> None:
-    """One real call to the store, without MLflow's retries: an unsupported scheme or a server
-    that is not there fails in seconds, before Ray starts or any data is read."""
-    saved = {k: os.environ.get(k) for k in HTTP_RETRY_ENV}
-    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)})
-    try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as e:  # unsupported scheme, refused connection, missing driver, bad auth
-        # A refused or timed-out connection is buried in urllib3's text; say just that.
-        refused = re.search(r"\[Errno -?\d+\] [^\"')(]+|timed out", str(e))
-        reason = refused.group(0).strip() if refused else first_line(e)
-        raise TrackingError(f"cannot use the MLflow tracking store tracking.uri={uri}: "
-                            f"{reason}") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+T = TypeVar("T")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -97,12 +59,13 @@ def _is_duplicate_key(error: MlflowException) -> bool:
 class Tracker:
     """A tracking URI plus a lazily built client; cheap to pickle into Ray tasks."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, journal: Journal | None = None):
         self.uri = uri
+        self.journal = journal   # where writes go while the server does not answer
         self._client: MlflowClient | None = None
 
     def __getstate__(self):
-        return {"uri": self.uri, "_client": None}
+        return {"uri": self.uri, "journal": self.journal, "_client": None}
 
     @property
     def client(self) -> MlflowClient:
@@ -134,14 +97,16 @@ class Tracker:
                                 run_name: str, params: dict[str, Any]) -> str:
         """The child run of one Tune trial. A retried trial (same trial id) continues its run
         instead of creating a second one."""
-        existing = self.find_trial_run(experiment_id, parent_run_id, trial_id)
-        if existing is not None:
-            self.client.update_run(existing, status="RUNNING")
-            return existing
-        run_id = self.create_run(experiment_id, run_name,
-                                 {ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id}, parent_run_id)
-        self.log_params(run_id, params)
-        return run_id
+        def get_or_create() -> str:
+            existing = self.find_trial_run(experiment_id, parent_run_id, trial_id)
+            if existing is not None:
+                self.client.update_run(existing, status="RUNNING")
+                return existing
+            run_id = self.create_run(experiment_id, run_name,
+                                     {ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id}, parent_run_id)
+            self.log_params(run_id, params)
+            return run_id
+        return self.until_up(get_or_create)
 
     def find_trial_run(self, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
         runs = self.client.search_runs(
@@ -160,40 +125,48 @@ class Tracker:
         return self.client.get_run(run_id).info.status
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._write("end", run_id, status)
 
-    def end_run_if_running(self, run_id: str, status: str) -> bool:
+    def end_run_if_running(self, run_id: str, status: str) -> None:
         """Close a run that its own process could not close (killed by the scheduler, crashed)."""
-        if self.run_status(run_id) == RUNNING:
-            self.end_run(run_id, status)
-            return True
-        return False
+        self._write("end_if_running", run_id, status)
+
+    def close_trial_run(self, experiment_id: str, parent_run_id: str, trial_id: str,
+                        status: str) -> None:
+        """End the run of Tune trial `trial_id` if it is still RUNNING."""
+        self._write("close_trial", experiment_id, parent_run_id, trial_id, status)
 
     # ------------------------------------------------------------------ logging
+    # Every write goes through `_write`: to the server, or, while it does not answer and the
+    # run has a journal, to the journal (components.tracking.journal), sent when it is back.
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(run_id, params=items[i:i + 100])
+        self._write("params", run_id,
+                    {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(params).items()})
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None):
-        ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+        finite = {k: float(v) for k, v in metrics.items()
+                  if v is not None and math.isfinite(float(v))}
+        self._write("metrics", run_id, finite, step or 0, int(time.time() * 1000))
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
+        self._write("tags", run_id, {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None):
-        self.client.log_artifact(run_id, str(local_path), artifact_path)
+        if Path(local_path).is_dir():   # a folder is logged after the sweep: no journal
+            self.client.log_artifact(run_id, str(local_path), artifact_path)
+        else:
+            self._write("artifact", run_id, str(local_path), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self._write("text", run_id, text, artifact_file)
 
     def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
-        self.client.log_figure(run_id, figure, artifact_file)
+        import tempfile
+
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as d:
+            figure.savefig(Path(d) / name)
+            self.log_artifact(run_id, Path(d) / name, folder or None)
 
     def log_table(self, run_id: str, frame, artifact_file: str) -> None:
         """A pandas table as a CSV artifact (`evaluation/leaderboard.csv`): the file a reviewer
@@ -271,24 +244,98 @@ class Tracker:
     def metric_history(self, run_id: str, key: str) -> list[Metric]:
         return self.client.get_metric_history(run_id, key)
 
-    # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ server or journal
+    def _write(self, op: str, *args) -> None:
+        journal = self.journal
+        if journal is None:
+            return self._apply(op, list(args))
+        if journal.down_since is not None and not self._back():
+            journal.append(op, list(args))
+            return
+        try:
+            self._apply(op, list(args))
+        except Exception as e:
+            if not is_unreachable(e):
+                raise
+            journal.down_since = journal.down_since or time.time()
+            journal.probed = time.monotonic()
+            journal.append(op, list(args))
 
+    def _back(self) -> bool:
+        """Whether the server answers again (asked at most every PROBE_EVERY_S); if it does,
+        what this process journaled meanwhile is sent first, in order."""
+        journal = self.journal
+        if time.monotonic() - journal.probed < PROBE_EVERY_S:
+            return False
+        journal.probed = time.monotonic()
+        if not server_answers(self.uri):
+            return False
+        try:
+            journal.send(self._apply, keep=is_unreachable, own=True)
+        except Exception as e:
+            if is_unreachable(e):
+                return False
+            raise
+        journal.down_since = None
+        return True
 
-class StoreWatch:
-    """Polled from a long loop (the sweep): says the tracking store is lost after `failures`
-    checks in a row failed, at most one check every `every_s` seconds. Without it a lost
-    server is noticed only when a trial's own logging has failed through all its retries."""
+    def send_journal(self) -> int:
+        """Send every process's journaled records (the driver's part: writers that died,
+        the end of a sweep, a resume); returns how many."""
+        return 0 if self.journal is None else self.journal.send(self._apply, keep=is_unreachable)
 
-    def __init__(self, uri: str, every_s: float = 10.0, failures: int = 2):
-        self.uri, self.every_s, self.failures = uri, every_s, failures
-        self._last, self._failed = time.monotonic(), 0
-
-    def lost(self) -> bool:
-        if self._failed < self.failures and time.monotonic() - self._last >= self.every_s:
-            self._last = time.monotonic()
+    def until_up(self, read: Callable[[], T]) -> T:
+        """`read()`, asked again every PROBE_EVERY_S while the server does not answer and the
+        run has a journal, for at most the journal's grace."""
+        first = None
+        while True:
             try:
-                check_tracking_uri(self.uri, timeout_s=5)
-                self._failed = 0
-            except TrackingError:
-                self._failed += 1
-        return self._failed >= self.failures
+                return read()
+            except Exception as e:
+                if self.journal is None or not is_unreachable(e):
+                    raise
+                first = first or time.monotonic()
+                if time.monotonic() - first > self.journal.grace_s:
+                    raise TrackingError(f"the tracking server {self.uri} has not answered for "
+                                        f"{self.journal.grace_s:.0f} s") from None
+                time.sleep(PROBE_EVERY_S)
+
+    def _apply(self, op: str, args: list) -> None:
+        getattr(self, f"_do_{op}")(*args)
+
+    def _do_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def _do_metrics(self, run_id: str, metrics: dict[str, float], step: int, ts: int) -> None:
+        batch = [Metric(k, v, ts, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+    def _do_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+
+    def _do_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def _do_artifact(self, run_id: str, local_path: str, artifact_path: str | None) -> None:
+        self.client.log_artifact(run_id, local_path, artifact_path)
+
+    def _do_artifact_bytes(self, *args) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            self._do_artifact(*artifact_file(list(args), d))
+
+    def _do_end(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def _do_end_if_running(self, run_id: str, status: str) -> None:
+        if self.run_status(run_id) == RUNNING:
+            self._do_end(run_id, status)
+
+    def _do_close_trial(self, experiment_id: str, parent_run_id: str, trial_id: str,
+                        status: str) -> None:
+        run_id = self.find_trial_run(experiment_id, parent_run_id, trial_id)
+        if run_id:
+            self._do_end_if_running(run_id, status)

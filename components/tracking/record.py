@@ -28,8 +28,10 @@ class EpochLogger:
 
     def __init__(self, tracker: Tracker, run_id: str, key: str = "val_f1"):
         self.tracker, self.run_id = tracker, run_id
-        history = tracker.metric_history(run_id, key)
-        self.last_logged_epoch = max((m.step for m in history), default=0)
+        history = tracker.until_up(lambda: tracker.metric_history(run_id, key))
+        # Epochs an earlier worker journaled while the server was away count as logged too.
+        journaled = tracker.journal.max_step(run_id, key) if tracker.journal else 0
+        self.last_logged_epoch = max([m.step for m in history] + [journaled])
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
         if epoch <= self.last_logged_epoch:

@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 import torch
@@ -55,6 +56,9 @@ from components.training.ranks import (
 )
 from components.training.session import RayTrainSession, TrainSession, TuneTrialSession
 
+if TYPE_CHECKING:
+    from components.tracking import Tracker
+
 _IMPORTED = time.time()  # with components.training.IMPORT_STARTED: a worker's import cost
 
 
@@ -72,15 +76,11 @@ class TrainJob:
     train_rows: tuple[list[str], list[int]]
     val_rows: tuple[list[str], list[int]]
     num_classes: int
-    tracking_uri: str | None = None
+    tracker: Tracker | None = None   # the run's (with its journal)
     mlflow_run_id: str | None = None
     metric_prefix: str = ""   # "fold2/" when the run is one fold of a cross-validation
-    # The pipeline logs one grid of augmented samples on its parent run; a trial logs its own
-    # only when it searches the augmentation (its grid differs from the parent's).
-    log_augmented_samples: bool = False
-    # The sweep's stores of decoded images (components.data.preprocessed): ranks read their
-    # rows there instead of decoding files.
-    decoded: tuple = ()
+    log_augmented_samples: bool = False   # only a trial that searches the augmentation
+    decoded: tuple = ()   # the sweep's stores of decoded images (components.data.preprocessed)
     group_keys: dict = field(default_factory=dict)   # path -> its copy group (k-fold)
 
 
@@ -146,9 +146,9 @@ def _rank_datasets(job: TrainJob, rank: int, world: int, prep: dict):
 def _rank0_logger(job: TrainJob):
     """Rank 0's MLflow logger for the trial's run (created by the trial driver), after tagging
     the node it trains on."""
-    from components.tracking import EpochLogger, Tracker  # MLflow is rank 0's business
+    from components.tracking import EpochLogger  # MLflow is rank 0's business
 
-    tracker = Tracker(job.tracking_uri)
+    tracker = job.tracker
     logger = EpochLogger(tracker, job.mlflow_run_id, key=job.metric_prefix + "val_f1")
     # Where the trial trained (rank 0's node): on a cluster, the first thing to look up
     # when one trial is slower or fails.

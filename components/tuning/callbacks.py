@@ -13,6 +13,7 @@ from typing import Any
 from ray.tune import Callback
 
 from components.tracking import Tracker
+from components.tracking.journal import no_space
 from components.tuning.gate import TrialShape, ended_status
 from components.tuning.space import Axis, resolve_params
 
@@ -34,10 +35,8 @@ class TrialRunCloser(Callback):
         self.shape = shape
 
     def _close(self, trial, status: str) -> None:
-        t = self.target
-        run_id = t.tracker.find_trial_run(t.experiment_id, t.parent_run_id, trial.trial_id)
-        if run_id:
-            t.tracker.end_run_if_running(run_id, status)
+        t = self.target   # journaled while the server is away, like any write
+        t.tracker.close_trial_run(t.experiment_id, t.parent_run_id, trial.trial_id, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close(trial, ended_status(trial.last_result, self.shape.epochs_of(trial.config)))
@@ -122,11 +121,16 @@ class StopOnRequest(Callback):
     def __init__(self, requested: Callable[[], bool]):
         self.requested = requested
         self.sent = False
+        self.disk_full = False   # a trial failed for want of space: every next one would too
 
     def on_step_begin(self, iteration, trials, **info):
-        if not self.sent and self.requested():
+        if not self.sent and (self.disk_full or self.requested()):
             self.sent = True
             signal.raise_signal(signal.SIGUSR1)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        with contextlib.suppress(Exception):   # the error file itself may not have been written
+            self.disk_full = self.disk_full or no_space(trial.get_error())
 
 
 # The driver's callbacks of each running sweep, by experiment name. Tune pickles the callbacks

@@ -80,6 +80,7 @@ CV_KEYS = ("cv_folds", "cv_best_fold", "cv_best_fold_val_f1", "cv_val_f1_std")
 class SearchOutcome:
     trials: list[TrialResult]
     complete: bool   # False: the sweep was stopped before every trial ended (Ctrl-C, SIGTERM)
+    disk_full: bool = False   # stopped because a trial had no space left for its checkpoint
 
 
 def _fit(job: TrainJob, name: str, storage_path: str, callbacks: list):
@@ -272,12 +273,13 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     mark("sweep_end", name=experiment_name)
     run_ids: dict[str, str] = {}
     if target is not None:
-        for run in target.tracker.child_runs(target.experiment_id, target.parent_run_id):
+        for run in target.tracker.until_up(lambda: target.tracker.child_runs(
+                target.experiment_id, target.parent_run_id)):
             run_ids[run.data.tags.get("visiontune.trial_id", "")] = run.info.run_id
     trials = [_result_of(grid[i], shape, run_ids, axes, sections, train_storage)
               for i in range(len(grid))]
     complete = not stopper.sent and grid.num_errors + grid.num_terminated == len(grid)
-    return SearchOutcome(trials, complete)
+    return SearchOutcome(trials, complete, stopper.disk_full)
 
 
 def _new_tuner(trainable, job: TrainJob, axes: list[Axis], search: SearchConfig,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,8 +41,11 @@ def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | No
     unless it already finished)."""
     from components.tracking import PipelineRecord, Tracker
 
-    tracker = Tracker(cfg.tracking.uri)
     if resume:
+        tracker = Tracker(cfg.tracking.uri, run_journal(cfg, resume))
+        sent = tracker.send_journal()   # what the last attempt logged while the server was away
+        if sent:
+            echo(f"[visiontune] {sent} journaled records of {resume} sent first")
         record = PipelineRecord.find(tracker, resume)
         if record is None:
             raise ConfigError(f"--resume {resume}: no pipeline run with that id in the MLflow "
@@ -53,6 +57,7 @@ def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | No
 
     from pipelines.jobs import CLUSTER_ENV, JOB_ID_ENV
 
+    tracker = Tracker(cfg.tracking.uri)
     tags = dict(extra_tags or {})
     if os.environ.get(JOB_ID_ENV):  # submitted with `visiontune submit`
         tags["visiontune.ray_job_id"] = os.environ[JOB_ID_ENV]
@@ -67,8 +72,22 @@ def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | No
                                               cfg.tracking.artifact_location)
     config = to_dict(cfg)
     pipeline_id = new_pipeline_id()
+    tracker.journal = run_journal(cfg, pipeline_id)
     return PipelineRecord.create(tracker, experiment_id, pipeline_id, tags, config,
                                  yaml.safe_dump(config, sort_keys=False))
+
+
+def run_journal(cfg: Config, pipeline_id: str):
+    """Where the run's processes journal what they log while the tracking server is away
+    (`components.tracking.journal`): beside its checkpoints. None without a server, or with
+    tracking.outage_grace_s=0 (a lost server stops the sweep)."""
+    from components.tracking import Journal
+
+    if (not cfg.tracking.uri.startswith(("http://", "https://"))
+            or not cfg.tracking.outage_grace_s or not re.fullmatch(r"[\w.-]+", pipeline_id)):
+        return None
+    return Journal(storage.join(cfg.ray.storage_path, pipeline_id, "journal"),
+                   cfg.tracking.outage_grace_s)
 
 
 # ----------------------------------------------------------------------------- plan

@@ -32,7 +32,7 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             data=cfg.data, augment=cfg.augment, model=cfg.model, train=cfg.train,
             average=cfg.evaluation.average, seed=cfg.seed,
             train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
-            num_classes=len(manifest.classes), tracking_uri=cfg.tracking.uri,
+            num_classes=len(manifest.classes), tracker=record.tracker,
             decoded=manifest.decoded,
             group_keys=manifest.group_keys() if cfg.data.cv_folds else {})
         target = TrackingTarget(record.tracker, record.experiment_id, record.run_id)
