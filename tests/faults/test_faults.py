@@ -178,8 +178,10 @@ def test_sigkill_of_the_driver_then_resume(workspace):
 
 
 def test_tracking_server_killed_mid_run_then_resume(workspace, mlflow_server):
+    """With tracking.outage_grace_s=0, a lost server stops the sweep at once (the outage is
+    ridden out otherwise: test_outage.py)."""
     workspace.env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
-    run = workspace.start("run", "--config", str(workspace.config))
+    run = workspace.start("run", "--config", str(workspace.config), "tracking.outage_grace_s=0")
     parent = workspace.wait_for(workspace.a_trial_mid_training, run)
     parent = workspace.parent()
     mlflow_server.kill()
