@@ -115,6 +115,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
             # Nothing is evaluated or registered on a journal: the server has the whole record.
             wait_and_send(record.tracker, record.pipeline_id, echo)
             evaluation = steps.evaluate_best(cfg, plan, manifest, trials, record, echo)
+            wait_and_send(record.tracker, record.pipeline_id, echo)   # gone again meanwhile?
             # Registering takes seconds; a signal now waits for it, so the registry never
             # holds a version of a run that is not FINISHED.
             with guard.deferring():
