@@ -85,6 +85,12 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     echo = echo or console.echo
 
     started = time.time()
+    if cfg.ray.address:
+        from components.cluster import enable_token_auth
+
+        # Now, before anything imports ray: Ray reads its auth mode once, when it is imported,
+        # and a resumed run imports it (the tune step's modules) before `ray_session`.
+        enable_token_auth()
     bound_http_retries()
     # An unsupported or unreachable store fails here, before data, Ray or a plan is touched;
     # one that is there but slow (restarting its workers) is given a minute.
@@ -164,8 +170,8 @@ def _close(record, status: str, echo) -> None:
 
 
 def _failure(exc: BaseException, cfg: Config, pipeline_id: str) -> BaseException:
-    """A lost tracking server or a full disk says so in one line, with how to continue;
-    anything else passes through unchanged."""
+    """A lost tracking server, a full disk or a cluster that lost the nodes a trial needs
+    says so in one line, with how to continue; anything else passes through unchanged."""
     from components.tracking import TrackingError, check_tracking_uri
     from components.tracking.journal import free_space, no_space
 
@@ -177,6 +183,11 @@ def _failure(exc: BaseException, cfg: Config, pipeline_id: str) -> BaseException
                               f"{free_space(path)}): the sweep stopped and nothing was "
                               f"registered; make space, then continue with: visiontune run "
                               f"--resume {pipeline_id}", pipeline_id)
+    lost = getattr(getattr(exc, "outcome", None), "cluster_lost", None)
+    if lost:
+        return PipelineFailed(f"the sweep stopped: {lost}; nothing was registered; once the "
+                              f"cluster has room, continue with: visiontune run --resume "
+                              f"{pipeline_id}", pipeline_id)
     try:
         check_tracking_uri(cfg.tracking.uri, timeout_s=5)
     except TrackingError as lost:

@@ -81,6 +81,8 @@ class SearchOutcome:
     trials: list[TrialResult]
     complete: bool   # False: the sweep was stopped before every trial ended (Ctrl-C, SIGTERM)
     disk_full: bool = False   # stopped because a trial had no space left for its checkpoint
+    # stopped because the cluster no longer holds one trial: why (`SweepGate.halt`)
+    cluster_lost: str | None = None
 
 
 def _fit(job: TrainJob, name: str, storage_path: str, callbacks: list):
@@ -255,7 +257,10 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
                              storage_path=train_storage, in_trial=plan.in_trial, shape=shape),
         tune.PlacementGroupFactory([resources]) if plan.in_trial else resources)
     exp_path = storage.join(storage_path, experiment_name)
-    stopper = StopOnRequest(stop_requested)
+    # Trials at once follow what the live nodes hold; when they hold none, the sweep stops as
+    # on a request (state saved, trials resumable): `components.tuning.cluster_watch`.
+    gate.watch_cluster(plan, progress.echo if progress is not None else None)
+    stopper = StopOnRequest(lambda: stop_requested() or gate.halt is not None)
     callbacks = [stopper, gate] + ([TrialRunCloser(target, shape)] if target is not None
                                    else []) + ([progress] if progress is not None else [])
     if resume and tune.Tuner.can_restore(exp_path):
@@ -279,7 +284,7 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     trials = [_result_of(grid[i], shape, run_ids, axes, sections, train_storage)
               for i in range(len(grid))]
     complete = not stopper.sent and grid.num_errors + grid.num_terminated == len(grid)
-    return SearchOutcome(trials, complete, stopper.disk_full)
+    return SearchOutcome(trials, complete, stopper.disk_full, gate.halt)
 
 
 def _new_tuner(trainable, job: TrainJob, axes: list[Axis], search: SearchConfig,
@@ -310,11 +315,12 @@ def _new_tuner(trainable, job: TrainJob, axes: list[Axis], search: SearchConfig,
             storage_path=storage_path,
             callbacks=[SweepCallbacks(experiment_name)],
             # A Train run's failures are retried by Ray Train from its checkpoints; a trial
-            # that trains itself is retried by Tune from its last checkpoint. The sweep goes
-            # on when one trial fails for good.
-            failure_config=tune.FailureConfig(
-                max_failures=job.train.max_failures if plan.in_trial else 0,
-                fail_fast=False),
+            # that trains itself is retried by Tune from its last checkpoint. A trial process
+            # that drives a Train run is retried by Tune too: it dies with its node (its Train
+            # controller with it), and the Train run, same name and storage, continues from
+            # its latest checkpoint. The sweep goes on when one trial fails for good.
+            failure_config=tune.FailureConfig(max_failures=job.train.max_failures,
+                                              fail_fast=False),
             # The latest checkpoint holds the resume state and the best weights.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=1,

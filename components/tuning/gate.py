@@ -13,7 +13,8 @@ model family, and the rules that stop launching trials once the answer is in.
   stops a trial at an epoch boundary when its next epoch would end past the deadline: it ends
   KILLED with its history intact.
 - `GatedVariantGenerator` / `GatedLimiter`: Tune's generator and Optuna's concurrency limiter,
-  asking the gate before each new trial.
+  asking the gate before each new trial, and admitting at once only the trials the live
+  cluster holds (`SweepGate.watch_cluster`, `components.tuning.cluster_watch`).
 
 Tune pickles its scheduler and search algorithm into the experiment state and calls the
 unpickled copies on `Tuner.restore`; they hold only the sweep's name and find the live gate of
@@ -34,6 +35,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from components.durations import format_duration
 from components.tuning.budget import BudgetPlan, halving_cutoff, rungs
+from components.tuning.cluster_watch import ClusterWatch
+from components.tuning.plan import ResourcePlan
 from components.tuning.space import Axis, resolve_params
 
 _GATES: dict[str, SweepGate] = {}
@@ -112,6 +115,21 @@ class SweepGate(Callback):
         self.budget_stopped = 0           # trials stopped at an epoch boundary by the deadline
         self.began: dict[str, float] = {}
         self.durations: list[float] = []  # wall seconds of each trial that ended
+        self.cluster: ClusterWatch | None = None  # the live nodes, once watched
+
+    def watch_cluster(self, plan: ResourcePlan, echo=None) -> None:
+        """From now on, admit at once only the trials the live nodes hold (never more than
+        `plan` says), and `halt` when they hold none (`components.tuning.cluster_watch`)."""
+        self.cluster = ClusterWatch(plan, echo)
+
+    @property
+    def halt(self) -> str | None:
+        """Why the whole sweep must stop now, running trials too; None while it may go on."""
+        return self.cluster.halt if self.cluster is not None else None
+
+    def at_once(self) -> int | None:
+        """The trials that may run at once now; None when the cluster is not watched."""
+        return self.cluster.at_once if self.cluster is not None else None
 
     def close(self, reason: str, by_rule: bool = False) -> None:
         if self.reason is None:
@@ -164,6 +182,17 @@ class SweepGate(Callback):
         if self.stop_at_f1 is not None and f1 is not None and f1 >= self.stop_at_f1:
             self.close(f"a trial reached val F1 {f1:.4f} >= search.stop_at_f1="
                        f"{self.stop_at_f1:g}", by_rule=True)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.cluster is None:
+            return
+        self.cluster.check()
+        if self.cluster.halt is not None:
+            self.close(self.cluster.halt)
+
+    def on_experiment_end(self, trials, **info):
+        if self.cluster is not None:
+            self.cluster.release()   # nothing of the sweep left waiting for room
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.began.setdefault(trial.trial_id, time.time())
@@ -241,6 +270,11 @@ class GatedVariantGenerator(BasicVariantGenerator):
 
     def next_trial(self):
         gate = live_gate(self.gate_name)
+        at_once = gate.at_once() if gate is not None else None
+        if at_once == 0:
+            return None  # nothing fits now: wait (the gate closes if that lasts)
+        if at_once is not None:
+            self.max_concurrent = at_once
         while True:
             trial = super().next_trial()
             if trial is None or gate is None or gate.admits(trial.config):
@@ -258,8 +292,13 @@ class GatedLimiter(ConcurrencyLimiter):
         self.gate_name = name
 
     def suggest(self, trial_id: str):
-        config = super().suggest(trial_id)
         gate = live_gate(self.gate_name)
+        at_once = gate.at_once() if gate is not None else None
+        if at_once == 0:
+            return None  # nothing fits now: wait (the gate closes if that lasts)
+        if at_once is not None:
+            self.max_concurrent = at_once
+        config = super().suggest(trial_id)
         if isinstance(config, dict) and gate is not None and not gate.admits(config):
             super().on_trial_complete(trial_id, None, error=True)
             return Searcher.FINISHED

@@ -49,6 +49,22 @@ class ResourcePlan:
         else a token amount (its Train workers hold the CPUs/GPUs)."""
         return dict(self.per_worker) if self.in_trial else dict(TRIAL_RESOURCES)
 
+    def trials_fitting(self, nodes: list[dict[str, float]]) -> int:
+        """How many of this plan's trials `nodes` (each live node's resources) hold at once,
+        by the rule the plan was made with: every worker on one node, a trial's workers on
+        any nodes. 0: not even one."""
+        slots = sum(_workers_on(n, self.per_worker) for n in nodes)
+        return slots // max(1, self.workers_per_trial)
+
+    def trials_at_once(self, nodes: list[dict[str, float]]) -> int:
+        """The plan's trials at once, or fewer when `nodes` no longer hold that many."""
+        return min(self.concurrent_trials, self.trials_fitting(nodes))
+
+    def one_trial_needs(self) -> str:
+        per = ", ".join(f"{v:g} {k}" for k, v in self.per_worker.items())
+        return (f"{per} on one node" if self.workers_per_trial == 1 else
+                f"{self.workers_per_trial} workers x ({per})")
+
     def describe(self, epochs: int) -> str:
         waves = math.ceil(self.num_trials / self.concurrent_trials)
         per = ", ".join(f"{v:g} {k}" for k, v in self.per_worker.items())
