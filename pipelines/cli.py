@@ -304,6 +304,7 @@ _USER_ERRORS = (
     ("components.registry", "PromotionError"),
     ("components.storage", "StorageError"),
     ("components.tracking", "TrackingError"),
+    ("components.tracking", "JournalError"),
     ("components.tuning.plan", "ResourceError"),
     ("pipelines.training", "PipelineFailed"),
 )
