@@ -142,8 +142,7 @@ class StoreWatch:
     def lost(self) -> bool:
         if time.monotonic() - self._last >= self.every_s and not self._gone():
             self._last = time.monotonic()
-            if server_answers(self.tracker.uri, timeout_s=5) and _ask(self.tracker.uri,
-                                                                       5) is None:
+            if _ask(self.tracker.uri, 5) is None:
                 self._answered()
             else:
                 self._failed += 1

@@ -17,12 +17,7 @@ from mlflow import MlflowClient
 from components.tracking import EpochLogger, Journal, JournalError, Tracker, TrackingError
 from components.tracking.journal import no_space
 from components.tracking.server import StoreWatch, check_tracking_uri, is_unreachable
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port  # a port where nothing listens once it is closed
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +36,7 @@ def stores(tmp_path):
     exp = up.ensure_experiment("unit", str(tmp_path / "artifacts"))
     parent = up.create_run(exp, "pipeline", {"visiontune.role": "pipeline"})
     trial = up.get_or_create_trial_run(exp, parent, "t1", "t1", {"train.lr": 0.1})
-    away = Tracker(f"http://127.0.0.1:{_closed_port()}",
+    away = Tracker(f"http://127.0.0.1:{free_port()}",
                    Journal(str(tmp_path / "journal"), grace_s=60))
     return away, up, MlflowClient(uri), {"exp": exp, "parent": parent, "trial": trial}
 
@@ -125,7 +120,7 @@ def test_a_closed_trial_run_is_closed_on_send_only_if_still_running(stores):
 
 
 def test_reads_wait_for_the_server_within_the_grace_then_fail(tmp_path):
-    away = Tracker(f"http://127.0.0.1:{_closed_port()}", Journal(str(tmp_path), grace_s=0.5))
+    away = Tracker(f"http://127.0.0.1:{free_port()}", Journal(str(tmp_path), grace_s=0.5))
     started = time.monotonic()
     with pytest.raises(TrackingError, match="has not answered for"):
         away.until_up(lambda: away.client.search_experiments())
@@ -155,7 +150,7 @@ def test_a_full_disk_fails_the_journal_write_in_one_line(tmp_path, monkeypatch):
 
 def test_start_up_check_tells_a_server_that_is_down_from_one_that_is_slow():
     with pytest.raises(TrackingError, match=r"Connection refused \(the server is down\)"):
-        check_tracking_uri(f"http://127.0.0.1:{_closed_port()}", timeout_s=2, slow_grace_s=30)
+        check_tracking_uri(f"http://127.0.0.1:{free_port()}", timeout_s=2, slow_grace_s=30)
     # A server that accepts the connection and never answers (its workers restarting).
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
@@ -171,7 +166,7 @@ def test_start_up_check_tells_a_server_that_is_down_from_one_that_is_slow():
 
 def test_store_watch_rides_out_an_outage_for_its_grace(tmp_path):
     lines: list[str] = []
-    tracker = Tracker(f"http://127.0.0.1:{_closed_port()}", Journal(str(tmp_path), grace_s=1))
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", Journal(str(tmp_path), grace_s=1))
     watch = StoreWatch(tracker, every_s=0, echo=lines.append)
     assert watch.lost() is False and watch.lost() is False   # within the grace
     assert len(lines) == 1 and "unreachable since" in lines[0] and "training continues" in lines[0]
@@ -212,7 +207,7 @@ def test_a_journal_in_a_bucket_is_published_read_and_sent(s3_server, tmp_path):
     up = Tracker(uri, Journal(f"s3://{bucket}/runs/vt-1/journal"))
     exp = up.ensure_experiment("unit", str(tmp_path / "artifacts"))
     run = up.create_run(exp, "trial", {})
-    away = Tracker(f"http://127.0.0.1:{_closed_port()}", Journal(up.journal.root))
+    away = Tracker(f"http://127.0.0.1:{free_port()}", Journal(up.journal.root))
     for epoch in (1, 2, 3):
         away.log_metrics(run, {"val_f1": epoch / 10}, step=epoch)
     keys = s3_server.keys(bucket, "runs/vt-1/journal/")

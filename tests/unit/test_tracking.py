@@ -68,8 +68,9 @@ def test_artifact_location_is_absolute(tracker, tmp_path):
 
 def test_store_watch_says_lost_only_after_failures_in_a_row(tmp_path):
     from components.tracking import StoreWatch
+    from tests.conftest import free_port
 
-    port = _closed_port()
+    port = free_port()
     gone = StoreWatch(Tracker(f"http://127.0.0.1:{port}"), every_s=0, failures=2)
     assert gone.lost() is False  # one failed check is not yet "lost"
     assert gone.lost() is True
@@ -77,14 +78,6 @@ def test_store_watch_says_lost_only_after_failures_in_a_row(tmp_path):
     assert [here.lost() for _ in range(3)] == [False, False, False]
     paced = StoreWatch(Tracker(f"http://127.0.0.1:{port}"), every_s=3600, failures=1)
     assert paced.lost() is False  # no check before every_s has passed
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_dataset_logged_by_two_runs_at_once_is_linked_to_both(tracker, monkeypatch):
