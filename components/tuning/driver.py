@@ -26,6 +26,7 @@ from components import storage
 from components.config import SearchConfig
 from components.data.split import kfold_rows
 from components.timing import mark
+from components.tracking.server import is_unreachable
 from components.training.trainer import build_trainer
 from components.training.worker import TrainJob, train_in_trial
 from components.tuning.callbacks import (
@@ -276,15 +277,31 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     with live_callbacks(experiment_name, callbacks), gate_for(gate):
         grid = tuner.fit()
     mark("sweep_end", name=experiment_name)
-    run_ids: dict[str, str] = {}
-    if target is not None:
-        for run in target.tracker.until_up(lambda: target.tracker.child_runs(
-                target.experiment_id, target.parent_run_id)):
-            run_ids[run.data.tags.get("visiontune.trial_id", "")] = run.info.run_id
+    complete = not stopper.sent and grid.num_errors + grid.num_terminated == len(grid)
+    run_ids = _trial_run_ids(target, wait=complete)
     trials = [_result_of(grid[i], shape, run_ids, axes, sections, train_storage)
               for i in range(len(grid))]
-    complete = not stopper.sent and grid.num_errors + grid.num_terminated == len(grid)
     return SearchOutcome(trials, complete, stopper.disk_full, gate.halt)
+
+
+def _trial_run_ids(target: TrackingTarget | None, wait: bool) -> dict[str, str]:
+    """Trial id -> its MLflow run. A server that is away is waited for (up to the journal's
+    grace) only when the results will be used: a stopped sweep (Ctrl-C) must end now."""
+    if target is None:
+        return {}
+    tracker = target.tracker
+
+    def read() -> dict[str, str]:
+        return {run.data.tags.get("visiontune.trial_id", ""): run.info.run_id
+                for run in tracker.child_runs(target.experiment_id, target.parent_run_id)}
+    if wait:
+        return tracker.until_up(read)
+    try:
+        return read()
+    except Exception as e:
+        if is_unreachable(e):
+            return {}
+        raise
 
 
 def _new_tuner(trainable, job: TrainJob, axes: list[Axis], search: SearchConfig,

@@ -111,3 +111,30 @@ def test_an_outage_longer_than_the_grace_stops_the_sweep_and_resume_sends_the_jo
     workspace.assert_complete(parent.info.run_id)
     assert EPOCHS == len(workspace.epochs_logged(workspace.children(
         parent.info.run_id)[0].info.run_id))
+
+
+def test_ctrl_c_during_an_outage_then_resume_once_the_server_is_back(workspace, mlflow_server):
+    """Ctrl-C to the process group while the server is away: the command stops as it does
+    with a server (exit 130, one line, nothing registered); what it could not record goes to
+    the journal, and `--resume ID` sends it first and finishes the record."""
+    workspace.env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
+    run = workspace.start("run", "--config", str(workspace.config))
+    workspace.wait_for(workspace.a_trial_mid_training, run)
+    parent = workspace.parent()
+    pipeline_id = parent.data.tags["visiontune.pipeline_id"]
+    mlflow_server.kill()
+    deadline = time.time() + 60
+    while "tracking server unreachable since" not in run.output() and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=180) == 130, run.output()[-4000:]
+    last = run.output().strip().splitlines()[-1]
+    assert f"visiontune run --resume {pipeline_id}" in last, last
+    _assert_no_process_left(run.pid)
+
+    mlflow_server.start()
+    assert workspace.versions() == []
+    resumed = workspace.run("run", "--resume", pipeline_id)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    workspace.assert_complete(parent.info.run_id)
+    assert _journal(workspace, pipeline_id) == []
