@@ -33,3 +33,51 @@ def load_best_weights(checkpoint: str | Path) -> dict:
     run's storage (s3://..., read through the same filesystem Ray wrote it with)."""
     data = storage.read_bytes(storage.join(str(checkpoint), BEST_MODEL_FILE))
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+# Ray Train 2.60 lists a run's checkpoints in this file, rewritten in place at every report.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+def _intact(directory: str) -> bool:
+    """The checkpoint's state and both weight files can be read back."""
+    try:
+        json.loads(storage.read_bytes(storage.join(directory, STATE_FILE)))
+        for name in (MODEL_FILE, BEST_MODEL_FILE):
+            torch.load(io.BytesIO(storage.read_bytes(storage.join(directory, name))),
+                       map_location="cpu", weights_only=True)
+    except Exception:   # a torn or missing file: any reader error means not intact
+        return False
+    return True
+
+
+def recover_torn_run(storage_path: str, name: str) -> tuple[bool, str | None]:
+    """(torn, latest intact checkpoint) of Train run `name` under `storage_path`.
+
+    Ray rewrites its checkpoint list in place, so a full disk (or a process killed mid-write)
+    can leave it empty; Ray then fails the run at every restart
+    (CheckpointManagerInitializationError) and the trial can never finish. A torn list is
+    moved aside (`.torn`, kept for a post-mortem) and the run's newest checkpoint whose files
+    all read back is returned for the worker to continue from (None: start over). An intact or
+    absent list returns (False, None): Ray restores as usual."""
+    import pyarrow.fs as pafs
+
+    run_dir = storage.join(storage_path, name)
+    snapshot = storage.join(run_dir, SNAPSHOT_FILE)
+    if storage.file_type(snapshot) != "file":
+        return False, None
+    try:
+        json.loads(storage.read_bytes(snapshot))
+        return False, None
+    except ValueError:
+        pass
+    fs, path = storage.resolve(snapshot)
+    fs.move(path, path + ".torn")
+    fs, run_path = storage.resolve(run_dir)
+    dirs = sorted((i.base_name for i in fs.get_file_info(pafs.FileSelector(run_path))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+                  reverse=True)
+    for d in dirs:
+        if _intact(storage.join(run_dir, d)):
+            return True, storage.join(run_dir, d)
+    return True, None

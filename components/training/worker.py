@@ -82,6 +82,7 @@ class TrainJob:
     log_augmented_samples: bool = False   # only a trial that searches the augmentation
     decoded: tuple = ()   # the sweep's stores of decoded images (components.data.preprocessed)
     group_keys: dict = field(default_factory=dict)   # path -> its copy group (k-fold)
+    resume_from: ray.train.Checkpoint | None = None   # when Ray's list was torn (driver._fit)
 
 
 def _rss_mb() -> float:
@@ -364,13 +365,11 @@ def run_training(job: TrainJob, session: TrainSession) -> None:
     mark("worker_start", trial=session.name, rank=session.rank, model=job.model.name,
          import_started=IMPORT_STARTED, imported=_IMPORTED)
     torch.manual_seed(job.seed)  # same initial weights everywhere; DDP also broadcasts rank 0's
-    checkpoint = session.checkpoint()
+    checkpoint = session.checkpoint() or job.resume_from
     resumed = read_checkpoint(checkpoint) if checkpoint is not None else None
-    if resumed is not None:
-        final = finished_metrics(resumed["state"], job.train.epochs)
-        if final is not None:  # nothing to train; no epoch is logged twice
-            session.report_again(final, checkpoint)
-            return
+    if resumed is not None and (final := finished_metrics(resumed["state"], job.train.epochs)):
+        session.report_again(final, checkpoint)   # nothing to train; no epoch logged twice
+        return
     run, train_ds = _set_up(job, session, resumed, started, started_rss)
     if session.rank == 0 and job.mlflow_run_id:
         run.logger = _rank0_logger(job)

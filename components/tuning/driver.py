@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from components import storage
@@ -27,6 +28,7 @@ from components.config import SearchConfig
 from components.data.split import kfold_rows
 from components.timing import mark
 from components.tracking.server import is_unreachable
+from components.training.checkpoint import recover_torn_run
 from components.training.trainer import build_trainer
 from components.training.worker import TrainJob, train_in_trial
 from components.tuning.callbacks import (
@@ -88,6 +90,13 @@ class SearchOutcome:
 
 def _fit(job: TrainJob, name: str, storage_path: str, callbacks: list):
     mark("fit_start", trial=name)
+    torn, intact = recover_torn_run(storage_path, name)
+    if torn:   # Ray would fail this run at every restart: continue from what reads back
+        print(f"visiontune: {name}: Ray Train's checkpoint list was torn (a full disk?); "
+              f"continuing from {intact or 'the first epoch'}", flush=True)
+        if intact is not None:
+            fs, path = storage.resolve(intact)
+            job = dataclasses.replace(job, resume_from=Checkpoint(path, filesystem=fs))
     try:
         return build_trainer(job, name=name, storage_path=storage_path,
                              callbacks=callbacks).fit()

@@ -1,6 +1,7 @@
 """A disk that fills under `ray.storage_path` mid-sweep: a real small tmpfs, filled by the test
 while a trial trains. The run stops with one line naming the path and its free space, nothing
-is registered, and once space is made `visiontune run --resume ID` finishes the record."""
+is registered, and once space is made `visiontune run --resume ID` finishes the record, also
+when the fill tore Ray Train's list of a run's checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from components.training.checkpoint import SNAPSHOT_FILE
 from tests.faults.test_faults import _assert_no_process_left, _pipeline_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -67,7 +69,14 @@ def test_a_full_disk_under_the_storage_path_stops_in_one_line_and_resume_finishe
     _assert_no_process_left(run.pid)
 
     ballast.unlink()
+    # The fill tears Ray Train's checkpoint list (rewritten in place at each report) in about
+    # one run in three here, and Ray then failed the trial at every restart. Tear it as the
+    # fill does, every time, so the resume below always crosses that path.
+    lists = list(small_disk.rglob(SNAPSHOT_FILE))
+    assert lists, sorted(str(p) for p in small_disk.rglob("*"))[:40]
+    lists[0].write_bytes(b"")
     resumed = workspace.run("run", "--resume", pipeline_id)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     workspace.assert_complete(parent.info.run_id)
+    assert "checkpoint list was torn" in (small_disk / pipeline_id / "ray.log").read_text()
 

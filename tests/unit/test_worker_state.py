@@ -71,3 +71,55 @@ def test_each_rank_gets_its_own_shard_of_train_and_val(tmp_path):
     assert t0._cache is None and v0._cache is None     # 51 x 48 KiB > 1 MiB: decode per epoch
     small = TrainJob(**{**job.__dict__, "data": DataConfig(image_size=8)})
     assert _rank_datasets(small, 0, 2, prep)[0]._cache == {}   # fits: kept after decoding
+
+
+def _checkpoint(folder, epoch: int, torn: bool = False):
+    import json
+
+    import torch
+
+    from components.training.checkpoint import BEST_MODEL_FILE, MODEL_FILE, STATE_FILE
+
+    folder.mkdir(parents=True)
+    torch.save({"w": torch.ones(3) * epoch}, folder / MODEL_FILE)
+    torch.save({"w": torch.ones(3)}, folder / BEST_MODEL_FILE)
+    (folder / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
+    if torn:   # the disk filled while the weights were written
+        data = (folder / MODEL_FILE).read_bytes()
+        (folder / MODEL_FILE).write_bytes(data[: len(data) // 2])
+
+
+def test_a_torn_checkpoint_list_is_moved_aside_and_the_newest_intact_checkpoint_used(tmp_path):
+    """Ray Train rewrites its checkpoint list in place; a full disk leaves it empty and Ray
+    then fails the run at every restart. The run continues from what reads back."""
+    from components.training.checkpoint import SNAPSHOT_FILE, recover_torn_run
+
+    run = tmp_path / "vt_trial_0"
+    _checkpoint(run / "checkpoint_2026-12-05_10-00-01.000001", epoch=3)
+    _checkpoint(run / "checkpoint_2026-12-05_10-00-09.000001", epoch=4, torn=True)
+    (run / SNAPSHOT_FILE).write_bytes(b"")
+    torn, intact = recover_torn_run(str(tmp_path), "vt_trial_0")
+    assert torn and intact == str(run / "checkpoint_2026-12-05_10-00-01.000001")
+    assert not (run / SNAPSHOT_FILE).exists() and (run / (SNAPSHOT_FILE + ".torn")).exists()
+    # next time the list is absent: Ray's own restore (nothing to do here)
+    assert recover_torn_run(str(tmp_path), "vt_trial_0") == (False, None)
+
+
+def test_an_intact_or_absent_checkpoint_list_is_left_to_ray(tmp_path):
+    from components.training.checkpoint import SNAPSHOT_FILE, recover_torn_run
+
+    assert recover_torn_run(str(tmp_path), "never_ran") == (False, None)
+    run = tmp_path / "vt_trial_1"
+    _checkpoint(run / "checkpoint_a", epoch=2)
+    (run / SNAPSHOT_FILE).write_text('{"ray_version": "2.60.0"}')
+    assert recover_torn_run(str(tmp_path), "vt_trial_1") == (False, None)
+    assert (run / SNAPSHOT_FILE).exists()
+
+
+def test_a_torn_list_without_an_intact_checkpoint_starts_over(tmp_path):
+    from components.training.checkpoint import SNAPSHOT_FILE, recover_torn_run
+
+    run = tmp_path / "vt_trial_2"
+    _checkpoint(run / "checkpoint_a", epoch=1, torn=True)
+    (run / SNAPSHOT_FILE).write_bytes(b'{"ray_ver')
+    assert recover_torn_run(str(tmp_path), "vt_trial_2") == (True, None)
