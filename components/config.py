@@ -223,6 +223,9 @@ class TrackingConfig:
     outage_grace_s: float = field(default=900.0, metadata=_check(
         lambda v: v >= 0, "must be >= 0", "how long a sweep rides out a tracking server that does "
         "not answer, journaling what it logs (docs/faults.md); 0 stops it at once"))
+    system_metrics_s: float = field(default=10.0, metadata=_check(
+        lambda v: v >= 0, "must be >= 0", "how often a trial's training process records its "
+        "CPU, memory (and GPU) use as system/... metrics (docs/mlflow.md); 0: off"))
 
 
 @dataclass

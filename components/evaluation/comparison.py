@@ -1,4 +1,4 @@
-"""The search at a glance: best val F1 over the searched axes (pure matplotlib, no MLflow).
+"""The search at a glance: mean best val F1 over the searched axes (pure matplotlib, no MLflow).
 
 Input is the leaderboard (one row per trial, hyperparameters as columns, `best_val_f1`) and
 which searched keys are categorical (grid/choice) or continuous (uniform, loguniform, ...).
@@ -64,20 +64,22 @@ def _labels(series: pd.Series) -> list[str]:
 
 def _draw_panel(ax, df: pd.DataFrame, rows: list[str], cols: list[str], rows_key, cols_key,
                 vmin, vmax, ylabel: str | None):
-    grid = np.full((len(rows), len(cols)), np.nan)
-    counts = np.zeros_like(grid, dtype=int)
+    sums = np.zeros((len(rows), len(cols)))
+    counts = np.zeros_like(sums, dtype=int)
     r_vals = _text(df[rows_key]) if rows_key else pd.Series("", df.index)
     c_vals = _text(df[cols_key])
     for r, c, v in zip(r_vals, c_vals, df[METRIC]):
         i, j = rows.index(r), cols.index(c)
-        grid[i, j] = v if np.isnan(grid[i, j]) else max(grid[i, j], v)
+        sums[i, j] += v
         counts[i, j] += 1
+    with np.errstate(invalid="ignore"):
+        grid = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=vmin, vmax=vmax,
                       aspect="auto")
     for i in range(len(rows)):
         for j in range(len(cols)):
             if not np.isnan(grid[i, j]):
-                text = f"{grid[i, j]:.3f}" + (f"\n(n={counts[i, j]})" if counts[i, j] > 1 else "")
+                text = f"{grid[i, j]:.3f}\nn={counts[i, j]}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8,
                         color="black" if grid[i, j] > (vmin + vmax) / 2 else "white")
     ax.set_xticks(range(len(cols)), cols, rotation=30 if len(cols) > 3 else 0, fontsize=8)
@@ -90,9 +92,10 @@ def _draw_panel(ax, df: pd.DataFrame, rows: list[str], cols: list[str], rows_key
 
 
 def plot_comparison_heatmap(board: pd.DataFrame, categorical: list[str]):
-    """Best val F1 (the maximum over the trials in a cell, `n=` when several) over the two
-    most varied categorical axes, one panel per model when the model is searched; one row
-    when a single axis varies. None when no categorical axis varies (nothing to compare)."""
+    """Mean best val F1 of the trials in each cell (`n=` their number: a mean, not the
+    maximum, so a cell with more trials is not favoured) over the two most varied categorical
+    axes, one panel per model when the model is searched; one row when a single axis varies.
+    None when no categorical axis varies (nothing to compare)."""
     layout = heatmap_layout(board, categorical)
     if layout is None:
         return None
@@ -100,7 +103,8 @@ def plot_comparison_heatmap(board: pd.DataFrame, categorical: list[str]):
     df = _scored(board, categorical)
     groups = list(df.groupby(_text(df[panel]))) if panel else [("", df)]
     rows, cols = (_labels(df[rows_key]) if rows_key else [""]), _labels(df[cols_key])
-    vmin, vmax = float(df[METRIC].min()), float(df[METRIC].max())
+    means = df.groupby([_text(df[k]) for k in (panel, rows_key, cols_key) if k])[METRIC].mean()
+    vmin, vmax = float(means.min()), float(means.max())
     if vmax - vmin < 1e-9:
         vmin, vmax = vmin - 0.01, vmax + 0.01
     width = max(3.5, 0.9 * len(cols) + 2)
@@ -112,8 +116,8 @@ def plot_comparison_heatmap(board: pd.DataFrame, categorical: list[str]):
                             ylabel=rows_key if n == 0 else None)
         if panel:
             ax.set_title(f"{panel} = {name}", fontsize=9)
-    fig.colorbar(image, ax=list(axes[0]), label="best val F1", shrink=0.9)
-    fig.suptitle(f"best val F1 by {cols_key}" + (f" x {rows_key}" if rows_key else ""),
+    fig.colorbar(image, ax=list(axes[0]), label="mean best val F1", shrink=0.9)
+    fig.suptitle(f"mean best val F1 by {cols_key}" + (f" x {rows_key}" if rows_key else ""),
                  fontsize=10)
     return fig
 

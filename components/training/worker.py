@@ -24,7 +24,6 @@ from components.augment import (
     build_eval_transform,
     build_train_transform,
     eval_preprocessing,
-    plot_augmented_samples,
 )
 from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
 from components.data.dataset import (
@@ -47,6 +46,7 @@ from components.training.checkpoint import (
 )
 from components.training.loop import finished_metrics, track_best, train_one_epoch
 from components.training.optim import build_optimizer, build_scheduler
+from components.training.rank0 import recording
 from components.training.ranks import (
     all_reduce_mean,
     evaluate_split,
@@ -83,6 +83,7 @@ class TrainJob:
     decoded: tuple = ()   # the sweep's stores of decoded images (components.data.preprocessed)
     group_keys: dict = field(default_factory=dict)   # path -> its copy group (k-fold)
     resume_from: ray.train.Checkpoint | None = None   # when Ray's list was torn (driver._fit)
+    system_metrics_s: float = 10.0   # rank 0 samples CPU, memory (GPU) this often; 0: off
 
 
 def _rss_mb() -> float:
@@ -142,29 +143,6 @@ def _rank_datasets(job: TrainJob, rank: int, world: int, prep: dict):
                           build_eval_transform(channels, prep["mean"], prep["std"]),
                           cache=cache, ids=val_rows, decoded=decoded)
     return train_ds, val_ds
-
-
-def _rank0_logger(job: TrainJob):
-    """Rank 0's MLflow logger for the trial's run (created by the trial driver), after tagging
-    the node it trains on."""
-    from components.tracking import EpochLogger  # MLflow is rank 0's business
-
-    tracker = job.tracker
-    logger = EpochLogger(tracker, job.mlflow_run_id, key=job.metric_prefix + "val_f1")
-    # Where the trial trained (rank 0's node): on a cluster, the first thing to look up
-    # when one trial is slower or fails.
-    tracker.set_tags(job.mlflow_run_id,
-                     {"visiontune.node_id": ray.get_runtime_context().get_node_id()})
-    return logger
-
-
-def _log_augmented_samples(logger, train_ds, prep: dict, seed: int) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = plot_augmented_samples([train_ds.image(i) for i in range(min(len(train_ds), 32))],
-                                 train_ds.transform, prep["mean"], prep["std"], seed=seed)
-    logger.tracker.log_figure(logger.run_id, fig, "augmented_samples.png")
-    plt.close(fig)
 
 
 @dataclass
@@ -371,18 +349,14 @@ def run_training(job: TrainJob, session: TrainSession) -> None:
         session.report_again(final, checkpoint)   # nothing to train; no epoch logged twice
         return
     run, train_ds = _set_up(job, session, resumed, started, started_rss)
-    if session.rank == 0 and job.mlflow_run_id:
-        run.logger = _rank0_logger(job)
-        mark("worker_mlflow", trial=session.name, rank=session.rank)
-        if (job.log_augmented_samples and checkpoint is None
-                and job.metric_prefix in ("", "fold0/")):
-            _log_augmented_samples(run.logger, train_ds, run.prep, job.seed)
-    for epoch in range(run.state["epoch"] + 1, job.train.epochs + 1):
-        spans: dict[str, float] = {}
-        metrics = _train_epoch(run, epoch, spans)
-        _end_epoch(run, metrics, spans)
-        if metrics.early_stopped:
-            break
+    with recording(job, session, train_ds, run.prep, first_start=checkpoint is None) as logger:
+        run.logger = logger
+        for epoch in range(run.state["epoch"] + 1, job.train.epochs + 1):
+            spans: dict[str, float] = {}
+            metrics = _train_epoch(run, epoch, spans)
+            _end_epoch(run, metrics, spans)
+            if metrics.early_stopped:
+                break
     mark("worker_end", trial=session.name, rank=session.rank)
 
 

@@ -18,6 +18,7 @@ class Evaluation:
     model: Any           # torch.nn.Module with the best epoch's weights, eval mode
     preprocessing: dict
     report: Any          # TestReport
+    importance: Any = None   # components.evaluation.importance.Importance of the sweep
 
 
 def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
@@ -25,7 +26,8 @@ def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
     """The best trial by val F1, loaded from its best epoch and run once on the test split.
     Recomputed on resume (deterministic, seconds); recorded only once."""
     from components.augment import eval_preprocessing
-    from components.evaluation import evaluate_on_test, select_best_trial
+    from components.evaluation import evaluate_on_test, leaderboard, select_best_trial
+    from components.evaluation.importance import param_importance
     from components.models import build_model
     from components.training.checkpoint import load_best_weights
     from components.tuning.space import set_params
@@ -46,7 +48,10 @@ def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
              f"[{low:.4f}, {high:.4f}] ({report.average}, 95% interval over test images)")
         for warning in report.warnings:
             echo(f"  note: {warning}")
-        return Evaluation(best, model, prep, report)
+        importance = param_importance(leaderboard(trials), plan.axes, seed=cfg.seed)
+        if importance.ranked:   # too few trials: the reason is on the run, not the console
+            echo(f"  {importance.note}")
+        return Evaluation(best, model, prep, report, importance)
 
     return record.run_step(
         "evaluate", echo, evaluate,
@@ -77,6 +82,7 @@ def _save_evaluation(plan: SearchPlan, manifest, trials, evaluation: Evaluation,
         record.log_figure(fig, name)
         plt.close(fig)
     log_review_artifacts(plan, manifest, trials, report, evaluation.preprocessing, record)
+    log_search_review(plan, trials, evaluation.importance, record)
 
 
 def log_review_artifacts(plan: SearchPlan, manifest, trials, report, prep: dict,
@@ -115,6 +121,30 @@ def log_review_artifacts(plan: SearchPlan, manifest, trials, report, prep: dict,
         if fig is not None:  # a search with no categorical (or continuous) axis has none
             record.log_figure(fig, name)
             plt.close(fig)
+
+
+def log_search_review(plan: SearchPlan, trials, importance, record) -> None:
+    """Which axes mattered (importance and marginal effects, tables and plots) and every
+    trial over the searched axes as interactive parallel coordinates (HTML)."""
+    import matplotlib.pyplot as plt
+
+    from components.evaluation import leaderboard
+    from components.evaluation.importance import plot_importance, plot_marginal_effects
+    from components.evaluation.parallel import parallel_coordinates_html
+
+    if importance is None:
+        return
+    record.log_table(importance.table, "evaluation/param_importance.csv")
+    record.log_table(importance.effects, "evaluation/marginal_effects.csv")
+    record.log_text(importance.note + "\n", "evaluation/param_importance.txt")
+    for fig, name in ((plot_importance(importance), "evaluation/param_importance.png"),
+                      (plot_marginal_effects(importance), "evaluation/marginal_effects.png")):
+        if fig is not None:
+            record.log_figure(fig, name)
+            plt.close(fig)
+    page = parallel_coordinates_html(leaderboard(trials), plan.axes)
+    if page is not None:
+        record.log_text(page, "evaluation/parallel_coordinates.html")
 
 
 # ----------------------------------------------------------------------------- register

@@ -33,7 +33,7 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
             average=cfg.evaluation.average, seed=cfg.seed,
             train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
             num_classes=len(manifest.classes), tracker=record.tracker,
-            decoded=manifest.decoded,
+            decoded=manifest.decoded, system_metrics_s=cfg.tracking.system_metrics_s,
             group_keys=manifest.group_keys() if cfg.data.cv_folds else {})
         target = TrackingTarget(record.tracker, record.experiment_id, record.run_id)
         log_augmented_samples(cfg, manifest, record)

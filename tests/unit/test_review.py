@@ -50,7 +50,7 @@ def _texts(fig) -> list[str]:
     return [t.get_text() for ax in fig.axes for t in ax.texts]
 
 
-def test_heatmap_has_one_panel_per_model_and_cells_annotated_with_best_f1():
+def test_heatmap_has_one_panel_per_model_and_cells_annotated_with_mean_f1_and_count():
     board = _board(n_opt=3)
     assert heatmap_layout(board, CATEGORICAL) == ("model.name", "model.initializer",
                                                   "train.optimizer")
@@ -63,15 +63,17 @@ def test_heatmap_has_one_panel_per_model_and_cells_annotated_with_best_f1():
         assert len(ax.get_xticks()) == 3 and len(ax.get_yticks()) == 2
     assert panels[0].get_ylabel() == "model.initializer"
     # 3 x 2 cells per model, minus the failed trial's cell
-    expected = sorted(f"{v:.3f}" for v in board.best_val_f1.dropna())
+    expected = sorted(f"{v:.3f}\nn=1" for v in board.best_val_f1.dropna())
     assert sorted(_texts(fig)) == expected
 
 
-def test_heatmap_cell_is_the_best_of_its_trials():
+def test_heatmap_cell_is_the_mean_of_its_trials_not_the_best():
+    """A cell with more trials would win a maximum by luck; the mean does not favour it."""
     board = pd.DataFrame({"best_val_f1": [0.5, 0.9, 0.7],
                           "train.optimizer": ["adam", "adam", "sgd"]})
     fig = plot_comparison_heatmap(board, ["train.optimizer"])
-    assert sorted(_texts(fig)) == ["0.700", "0.900\n(n=2)"]
+    assert sorted(_texts(fig)) == ["0.700\nn=1", f"{np.mean([0.5, 0.9]):.3f}\nn=2"]
+    assert "mean best val F1" in fig.get_suptitle()
 
 
 def test_heatmap_with_one_categorical_axis_is_one_row():

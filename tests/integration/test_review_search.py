@@ -1,0 +1,112 @@
+"""Reviewing a sweep on the parent run: which axes mattered (importance, marginal effects),
+the parallel-coordinates page, per-trial system metrics. Local Ray with 2 CPUs, SQLite MLflow
+in a temp dir."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+
+from pipelines.config import load_config
+from pipelines.training import run_training_pipeline
+from tests.conftest import make_image_folder
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+COURSE_GRID = ("search.space={model.initializer: {grid: [zeros, kaiming_normal]}, "
+               "train.optimizer: {grid: [adam, nadam]}, model.dropout: {grid: [0.0, 0.2]}}")
+
+
+def _artifact(uri: str, run_id: str, path: str) -> str:
+    return open(download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=uri)).read()
+
+
+@pytest.fixture(scope="module")
+def course_sweep(tmp_path_factory, local_ray):
+    """The course's grid on the CNN: zero weights cannot learn (every unit computes the same),
+    the optimizer and dropout matter little."""
+    tmp = tmp_path_factory.mktemp("course")
+    data = make_image_folder(tmp / "images", per_class=30, corrupt=False)
+    cfg = load_config([f"data.path={data}", "data=folder", "data.image_size=16",
+                       "augment=none", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                       f"ray.storage_path={tmp}/ray_results", "train.patience=0",
+                       "train.batch_size=8", "train.epochs=3", "train.lr=0.003",
+                       "model.cnn.channels=[8,16]", "search.mode=grid", "search.budget=null",
+                       "search.scheduler=none", COURSE_GRID])
+    lines: list[str] = []
+    result = run_training_pipeline(cfg, echo=lines.append)
+    return cfg, result, lines
+
+
+def test_the_course_grid_ranks_the_initializer_first(course_sweep):
+    cfg, result, lines = course_sweep
+    uri, run = cfg.tracking.uri, result.parent_run_id
+    table = pd.read_csv(io.StringIO(_artifact(uri, run, "evaluation/param_importance.csv")))
+    assert list(table.columns) == ["param", "importance", "low", "high"]
+    assert table.iloc[0]["param"] == "model.initializer", table
+    assert set(table["param"]) == {"model.initializer", "train.optimizer", "model.dropout"}
+    effects = pd.read_csv(io.StringIO(_artifact(uri, run, "evaluation/marginal_effects.csv")))
+    init = effects[effects.param == "model.initializer"].set_index("value")
+    assert init.loc["kaiming_normal", "mean_val_f1"] > init.loc["zeros", "mean_val_f1"] + 0.1
+    assert list(init["n"]) == [4, 4]
+    # one console line, saying what it rests on
+    said = [x for x in lines if "importance (fANOVA over 8 trials" in x]
+    assert len(said) == 1 and "model.initializer" in said[0].split(":")[1].split(",")[0]
+    names = {a.path for a in MlflowClient(uri).list_artifacts(run, "evaluation")}
+    assert {"evaluation/param_importance.png", "evaluation/marginal_effects.png",
+            "evaluation/parallel_coordinates.html"} <= names
+
+
+def test_the_parallel_coordinates_page_draws_every_trial_over_every_axis(course_sweep):
+    cfg, result, _ = course_sweep
+    page = _artifact(cfg.tracking.uri, result.parent_run_id,
+                     "evaluation/parallel_coordinates.html")
+    for key in ("model.initializer", "train.optimizer", "model.dropout", "best_val_f1"):
+        assert key in page
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", page)   # self-contained
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium to run the page's script")
+    path = Path(cfg.ray.storage_path) / "parallel.html"
+    path.write_text(page)
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--dump-dom", path.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert dom.count('class="trial"') == 8, dom[-2000:]
+    axis_names = re.findall(r'<text[^>]*class="name"[^>]*>([^<]+)</text>', dom)
+    assert axis_names == ["model.initializer", "train.optimizer", "model.dropout",
+                          "best_val_f1"]
+
+
+def test_every_trial_run_records_its_system_metrics_at_under_one_percent(course_sweep):
+    """CPU, memory, disk and network of the node and the training process, from rank 0,
+    with the node named; the sampler's own CPU time per sample under 1% of the interval."""
+    cfg, result, _ = course_sweep
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(result.parent_run_id)
+    kids = client.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(kids) == 8
+    for kid in kids:
+        m = kid.data.metrics
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                "system/process_cpu_percentage", "system/process_rss_megabytes",
+                "system/disk_usage_megabytes", "system/network_receive_megabytes"} <= set(m)
+        assert m["system/process_rss_megabytes"] > 100   # torch alone holds more
+        assert kid.data.tags["visiontune.system_metrics_node"] == \
+            kid.data.tags["visiontune.node_id"]
+        samples = len(client.get_metric_history(kid.info.run_id,
+                                                "system/process_rss_megabytes"))
+        assert samples >= 1   # a run shorter than the interval still has its last sample
+        # each sample costs under 1% of the interval between samples: under 1% of any trial
+        # long enough to be sampled more than once (docs/performance.md has the measurement)
+        per_sample = m["system/sampler_cpu_seconds"] / samples
+        assert per_sample < 0.01 * cfg.tracking.system_metrics_s, per_sample
