@@ -54,6 +54,14 @@ def _add_pipeline_commands(sub) -> None:
                      help="continue an interrupted run with its own logged config (its id is "
                           "printed at the start); only tracking.uri, ray.address and "
                           "ray.num_cpus may be given with it")
+    run.add_argument("--extend", metavar="PIPELINE_ID",
+                     help="add trials to a finished run: give a larger budget "
+                          "(search.num_samples=N, search.max_trials=N or search.budget=...); "
+                          "its trials are kept and a new version is registered only if the "
+                          "best trial changes")
+    run.add_argument("--warm-start", metavar="PIPELINE_ID",
+                     help="a new run whose Optuna searcher is first told the trials of "
+                          "another run (search.algorithm=optuna)")
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config and exit")
     run.add_argument("--verbose", action="store_true",
@@ -136,16 +144,25 @@ def cmd_run(args) -> int:
     import yaml
 
     from components.config import to_dict
-    from pipelines.config import load_config, resume_config
+    from pipelines.config import extend_config, load_config, resume_config
     from pipelines.training import run_training_pipeline, summary
 
     if not args.verbose:
         quiet_mlflow()  # before `--resume` reads the run's config from MLflow
+    given = [f for f, v in (("--resume", args.resume), ("--extend", args.extend),
+                            ("--warm-start", args.warm_start)) if v]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} cannot be combined: --resume continues a "
+                          "run, --extend adds trials to a finished one, --warm-start starts "
+                          "a new one")
+    before = None
+    if (args.resume or args.extend) and args.config:
+        raise ConfigError(f"{given[0]} continues a run with its own logged config: --config "
+                          "cannot be combined with it")
     if args.resume:
-        if args.config:
-            raise ConfigError("--resume continues a run with its own logged config: --config "
-                              "cannot be combined with it")
         cfg = resume_config(args.resume, args.overrides)
+    elif args.extend:
+        cfg, before, _ = extend_config(args.extend, args.overrides)
     else:
         cfg = load_config(args.overrides, args.config)
     if args.verbose:
@@ -155,7 +172,8 @@ def cmd_run(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    result = run_training_pipeline(cfg, resume=args.resume)
+    result = run_training_pipeline(cfg, resume=args.resume or args.extend,
+                                   extend_from=before, warm_start=args.warm_start)
     print(summary(result))
     return 0
 

@@ -196,16 +196,70 @@ def resume_config(pipeline_id: str, overrides: list[str] | None = None) -> Confi
     """The config a pipeline run logged (its config.yaml), with only `RESUME_OVERRIDES`
     applied on top. The run is looked up in tracking.uri (given, $MLFLOW_TRACKING_URI or the
     default ./mlflow.db)."""
+    return _logged_config("--resume", pipeline_id, overrides, RESUME_OVERRIDES,
+                          "--resume continues the run with its own config")[0]
+
+
+# What `visiontune run --extend ID` may change: the budget, and where things run.
+EXTEND_KEYS = ("search.num_samples", "search.max_trials", "search.budget")
+
+
+def extend_config(pipeline_id: str, overrides: list[str] | None = None):
+    """(the run's logged config with a larger budget, its logged config, its record) for
+    `visiontune run --extend ID`: only `EXTEND_KEYS` (at least one) and `RESUME_OVERRIDES`
+    may be given, and the run must have finished."""
+    given = {".".join(parse_override(t)[0]) for t in overrides or []}
+    if not given & set(EXTEND_KEYS):
+        raise ConfigError(f"--extend {pipeline_id} needs a larger budget: "
+                          f"{', '.join(k + '=...' for k in EXTEND_KEYS)}")
+    cfg, record = _logged_config("--extend", pipeline_id, overrides,
+                                 (*EXTEND_KEYS, *RESUME_OVERRIDES),
+                                 "--extend adds trials to the run's own experiment")
+    status = record.status()
+    if status != "FINISHED":
+        raise ConfigError(f"--extend {pipeline_id}: the run did not finish (status {status}); "
+                          f"continue it with: visiontune run --resume {pipeline_id}")
+    before = _logged_config("--extend", pipeline_id, [o for o in overrides or []
+                                                       if o.split("=")[0] in RESUME_OVERRIDES],
+                            RESUME_OVERRIDES, "")[0]
+    _check_larger(pipeline_id, cfg, before)
+    return cfg, before, record
+
+
+def _check_larger(pipeline_id: str, cfg: Config, before: Config) -> None:
+    """An extension must add something: more trials, or more time."""
+    from components.durations import parse_duration
+    from components.tuning.space import TRIAL_SECTIONS, count_trials, parse_space
+
+    new, old = cfg.search, before.search
+    if new.budget != old.budget:
+        if old.budget is not None and (new.budget is None or parse_duration(new.budget)
+                                       <= parse_duration(old.budget)):
+            raise ConfigError(f"--extend {pipeline_id}: search.budget={new.budget} is not "
+                              f"larger than the run's {old.budget}")
+        return
+
+    def count(c: Config) -> int:
+        return count_trials(parse_space(c.search.space), c.search.mode, c.search.num_samples,
+                            {s: getattr(c, s) for s in TRIAL_SECTIONS}, c.search.max_trials)
+    if count(cfg) <= count(before):
+        raise ConfigError(f"--extend {pipeline_id}: the run planned {count(before)} trials and "
+                          f"this budget plans {count(cfg)}: nothing to add")
+
+
+def _logged_config(flag: str, pipeline_id: str, overrides: list[str] | None,
+                   allowed: tuple[str, ...], why: str):
+    """(the config run `pipeline_id` logged with `overrides` of the `allowed` keys, its
+    record)."""
     from components.tracking import PipelineRecord, Tracker, check_tracking_uri
 
     changes = []
     for text in overrides or []:
         path, value = parse_override(text)
         key = ".".join(path)
-        if key not in RESUME_OVERRIDES:
-            raise ConfigError(f"--resume continues the run with its own config: {key} cannot "
-                              f"be changed (it would change the experiment); allowed: "
-                              f"{', '.join(RESUME_OVERRIDES)}")
+        if key not in allowed:
+            raise ConfigError(f"{why}: {key} cannot be changed (it would change the "
+                              f"experiment); allowed: {', '.join(allowed)}")
         changes.append((path, value))
     given = {".".join(p): v for p, v in changes}
     tracking = {"uri": given["tracking.uri"]} if "tracking.uri" in given else {}
@@ -213,7 +267,7 @@ def resume_config(pipeline_id: str, overrides: list[str] | None = None) -> Confi
     check_tracking_uri(uri)
     record = PipelineRecord.find(Tracker(uri), pipeline_id)
     if record is None:
-        raise ConfigError(f"--resume {pipeline_id}: no pipeline run with that id in the MLflow "
+        raise ConfigError(f"{flag} {pipeline_id}: no pipeline run with that id in the MLflow "
                           f"store {uri} (the id is printed when a run starts; give "
                           "tracking.uri=... if the run was recorded elsewhere)")
     logged = yaml.safe_load(record.config_text()) or {}
@@ -221,4 +275,4 @@ def resume_config(pipeline_id: str, overrides: list[str] | None = None) -> Confi
         _set_path(logged, path, value)
     cfg = resolve_paths(validate_config(from_dict(Config, logged)))
     cfg.tracking.uri = uri  # where the run was found, even if it was logged under another
-    return cfg
+    return cfg, record

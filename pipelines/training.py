@@ -69,15 +69,18 @@ def review_links(uri: str, experiment_id: str, run_id: str, model_name: str = ""
 
 def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                           echo: Callable[[str], None] | None = None,
-                          extra_tags: dict[str, str] | None = None) -> PipelineResult:
-    """Run the pipeline, or with `resume` (a pipeline id) continue that run. Ctrl-C and
-    SIGTERM raise `Interrupted` after the run was recorded as KILLED; nothing is registered
-    from a run that did not finish."""
+                          extra_tags: dict[str, str] | None = None,
+                          extend_from: Config | None = None,
+                          warm_start: str | None = None) -> PipelineResult:
+    """Run the pipeline, or with `resume` (a pipeline id) continue that run; with
+    `extend_from` (the config it finished with) as well, add the trials `cfg`'s larger budget
+    adds (`pipelines.steps.extend`); `warm_start`: another run whose trials seed Optuna.
+    Ctrl-C and SIGTERM raise `Interrupted` after the run was recorded as KILLED; nothing is
+    registered from a run that did not finish."""
     from components.tracking import (
         StoreWatch,
         bound_http_retries,
         check_tracking_uri,
-        wait_and_send,
     )
     from pipelines import steps
     from pipelines.console import console
@@ -99,34 +102,37 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
 
     with SignalGuard() as guard:
         record = steps.open_record(cfg, resume, extra_tags, echo)
-        if record.status() == "FINISHED":
+        ext = None
+        if extend_from is not None:
+            # before anything can fail the run: a refused extension leaves it FINISHED
+            ext = steps.begin_extension(cfg, extend_from, record,
+                                        steps.prepare_data(cfg, record, echo), echo)
+        elif record.status() == "FINISHED":
             echo(f"[visiontune] pipeline {record.pipeline_id} already finished: nothing to do")
             return result_from_record(record, cfg, time.time() - started,
                                       already_finished=True)
+        elif resume:
+            ext = steps.extension_of(record)
         echo(f"[visiontune] pipeline {record.pipeline_id}: MLflow run {record.run_id} at "
              f"{cfg.tracking.uri}")
         try:
             manifest = steps.prepare_data(cfg, record, echo)
+            seeds = (steps.warm_start_seeds(cfg, warm_start, record, echo) if warm_start
+                     else ())
             # A server that goes away is ridden out (the journal) for tracking.outage_grace_s.
             store = StoreWatch(record.tracker, echo=echo)
             with guard.noting():
                 try:
                     trials = steps.tune_trials(
-                        cfg, plan, manifest, record, echo, resume=bool(resume),
-                        stop_requested=lambda: guard.requested or store.lost())
+                        cfg, plan, manifest, record, echo,
+                        resume=bool(resume) and extend_from is None,
+                        stop_requested=lambda: guard.requested or store.lost(),
+                        ext=ext, seeds=seeds)
                 except steps.SearchStopped:
                     guard.raise_if_requested()
                     raise
             guard.raise_if_requested()
-            # Nothing is evaluated or registered on a journal: the server has the whole record.
-            wait_and_send(record.tracker, record.pipeline_id, echo)
-            evaluation = steps.evaluate_best(cfg, plan, manifest, trials, record, echo)
-            wait_and_send(record.tracker, record.pipeline_id, echo)   # gone again meanwhile?
-            # Registering takes seconds; a signal now waits for it, so the registry never
-            # holds a version of a run that is not FINISHED.
-            with guard.deferring():
-                steps.register_best(cfg, manifest, evaluation, record, echo)
-                record.close("FINISHED")
+            _evaluate_and_register(cfg, plan, manifest, trials, record, ext, guard, echo)
         except Interrupted as e:
             with guard.deferring():
                 _close(record, "KILLED", echo)
@@ -143,6 +149,34 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
         echo("[visiontune] the signal came while the model was being registered: the run "
              "finished first")
     return result_from_record(record, cfg, time.time() - started)
+
+
+def _evaluate_and_register(cfg: Config, plan, manifest, trials, record, ext, guard,
+                           echo) -> None:
+    """The best trial on the test split, registered, and the run FINISHED. An extension
+    whose best trial is the one already registered only refreshes the sweep's review."""
+    from components.evaluation import select_best_trial
+    from components.tracking import wait_and_send
+    from pipelines import steps
+
+    suffix = ext.suffix if ext is not None else ""
+    # Nothing is evaluated or registered on a journal: the server has the whole record.
+    wait_and_send(record.tracker, record.pipeline_id, echo)
+    before = steps.best_so_far(record) if suffix else None
+    if before is not None and before == select_best_trial(trials).trial_id:
+        echo(f"  best trial unchanged ({before}, best of {len(trials)}): not evaluated or "
+             "registered again")
+        steps.log_search_review(plan, trials, steps.sweep_importance(cfg, plan, trials, echo),
+                                record)
+        record.close("FINISHED")
+        return
+    evaluation = steps.evaluate_best(cfg, plan, manifest, trials, record, echo, suffix)
+    wait_and_send(record.tracker, record.pipeline_id, echo)   # gone again meanwhile?
+    # Registering takes seconds; a signal now waits for it, so the registry never holds a
+    # version of a run that is not FINISHED.
+    with guard.deferring():
+        steps.register_best(cfg, manifest, evaluation, record, echo, suffix)
+        record.close("FINISHED")
 
 
 def _close(record, status: str, echo) -> None:
@@ -212,8 +246,7 @@ def result_from_record(record, cfg: Config, wall_seconds: float,
         aliases = model_version_aliases(record.tracker, name, version) if version else ()
     return PipelineResult(
         pipeline_id=record.pipeline_id, parent_run_id=record.run_id,
-        best_params={k.removeprefix("best."): v for k, v in params.items()
-                     if k.startswith("best.")},
+        best_params=best_params_of(params),
         best_val_f1=metrics.get("best_val_f1", float("nan")),
         test_metrics={k: v for k, v in metrics.items() if k.startswith("test_")},
         model_uri=tags.get(MODEL_URI_TAG, ""), registered_name=name, registered_version=version,
@@ -221,6 +254,15 @@ def result_from_record(record, cfg: Config, wall_seconds: float,
         num_trials=int(sum(metrics.get(f"trials_{s}", 0)
                            for s in ("finished", "killed", "failed"))),
         wall_seconds=wall_seconds, already_finished=already_finished)
+
+
+def best_params_of(params: dict[str, str]) -> dict[str, str]:
+    """The best trial's hyperparameters from the run's parameters: the latest extension's
+    that evaluated a new best (`x2.best.*`), else the first sweep's (`best.*`)."""
+    from pipelines.steps.extend import best_prefix
+
+    prefix = best_prefix(params) + "best."
+    return {k.removeprefix(prefix): v for k, v in params.items() if k.startswith(prefix)}
 
 
 def summary(result: PipelineResult) -> str:

@@ -180,15 +180,19 @@ def model_version_aliases(tracker: Tracker, name: str, version: str) -> tuple[st
     return tuple(get_version(tracker, name, version).aliases)
 
 
-def version_of_run(tracker: Tracker, name: str, run_id: str):
-    """The version of `name` registered from `run_id`, or None: a pipeline run registers at
-    most one, also when it is resumed after being killed half-way through registering."""
+def version_of_run(tracker: Tracker, name: str, run_id: str, model_uri: str | None = None):
+    """The version of `name` registered from `run_id` (of `model_uri`, when given: an
+    extended run registers one per best trial), or None: a pipeline run registers each model
+    once, also when it is resumed after being killed half-way through registering."""
     try:
         found = tracker.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     except _REGISTRY_FAILURES as exc:
         if is_not_found(exc):
             return None
         raise _registry_error(tracker, f"the versions of model {name}", exc) from exc
+    if model_uri is not None:
+        found = [mv for mv in found
+                 if model_uri in ((mv.tags or {}).get("model_uri"), mv.source)]
     if not found:
         return None
     # Search results carry no aliases: read the version itself.
@@ -243,7 +247,7 @@ def register_challenger(tracker: Tracker, model_uri: str, name: str, run_id: str
     that one back, aliases and description completed, instead of a second version."""
     client = tracker.client
     _ensure_registered_model(tracker, name)
-    existing = version_of_run(tracker, name, run_id)
+    existing = version_of_run(tracker, name, run_id, model_uri)
     if existing is not None:
         _describe(tracker, existing, description)
         aliases = set(existing.aliases)

@@ -49,6 +49,7 @@ from components.tuning.gate import (
     gate_for,
 )
 from components.tuning.plan import ResourcePlan
+from components.tuning.seeded import SeededOptuna
 from components.tuning.space import (
     TRIAL_SECTIONS,
     Axis,
@@ -202,13 +203,13 @@ def _result_of(result, shape: TrialShape, run_ids: dict[str, str], axes: list[Ax
 
 
 def build_search_alg(search: SearchConfig, axes: list[Axis], plan: ResourcePlan, seed: int,
-                     name: str = ""):
+                     name: str = "", seeds: tuple = ()):
     """The trial generator; both ask the sweep's gate (`components.tuning.gate`) before each
-    new trial."""
+    new trial. `seeds`: (params, best val F1) of trials run before (an extended run's, or a
+    warm start's), told to Optuna before it suggests anything."""
     if search.algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        return GatedLimiter(name, OptunaSearch(metric="best_val_f1", mode="max", seed=seed),
+        return GatedLimiter(name, SeededOptuna(seeds, metric="best_val_f1", mode="max",
+                                               seed=seed),
                             max_concurrent=plan.concurrent_trials)
     # The generator caps concurrency itself (Tune ignores max_concurrent_trials next to a
     # generator): trials never wait on each other's workers.
@@ -242,6 +243,7 @@ class Launch:
     points: list[dict] | None = None
     num_samples: int | None = None
     cost: Callable[[dict], float] | None = None
+    seeds: tuple = ()   # (params, best val F1) Optuna is told first (`SeededOptuna`)
 
 
 def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: ResourcePlan,
@@ -249,10 +251,10 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
                target: TrackingTarget | None = None, resume: bool = False,
                stop_requested: Callable[[], bool] = lambda: False,
                progress: ConsoleProgress | None = None,
-               launch: Launch | None = None) -> SearchOutcome:
+               launch: Launch | None = None, earlier: tuple = ()) -> SearchOutcome:
     """Run (or, with `resume`, continue) the search until every trial ended, the gate closed
     and the running trials ended, or `stop_requested()` turned true; returns one result per
-    trial."""
+    trial, after the `earlier` ones (an extended run's, `earlier_trials`)."""
     sections = {s: getattr(job, s) for s in TRIAL_SECTIONS}
     shape = gate.shape
     train_storage = storage.join(storage_path, experiment_name, "train")
@@ -290,7 +292,23 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     run_ids = _trial_run_ids(target, wait=complete)
     trials = [_result_of(grid[i], shape, run_ids, axes, sections, train_storage)
               for i in range(len(grid))]
-    return SearchOutcome(trials, complete, stopper.disk_full, gate.halt)
+    return SearchOutcome([*earlier, *trials], complete, stopper.disk_full, gate.halt)
+
+
+def earlier_trials(job: TrainJob, axes: list[Axis], storage_path: str, names: tuple[str, ...],
+                   shape: TrialShape, target: TrackingTarget | None) -> list[TrialResult]:
+    """The trials of finished sweeps `names` of this run, read from their Tune experiments
+    (nothing runs): what an extension keeps."""
+    sections = {s: getattr(job, s) for s in TRIAL_SECTIONS}
+    run_ids = _trial_run_ids(target, wait=True) if names else {}
+    trials = []
+    for name in names:
+        fs, path = storage.resolve(storage.join(storage_path, name))
+        grid = tune.ResultGrid(tune.ExperimentAnalysis(path, storage_filesystem=fs))
+        train_storage = storage.join(storage_path, name, "train")
+        trials += [_result_of(grid[i], shape, run_ids, axes, sections, train_storage)
+                   for i in range(len(grid))]
+    return trials
 
 
 def _trial_run_ids(target: TrackingTarget | None, wait: bool) -> dict[str, str]:
@@ -329,7 +347,8 @@ def _new_tuner(trainable, job: TrainJob, axes: list[Axis], search: SearchConfig,
         tune_config=tune.TuneConfig(
             num_samples=num_samples,
             scheduler=scheduler,
-            search_alg=build_search_alg(search, axes, plan, seed, experiment_name),
+            search_alg=build_search_alg(search, axes, plan, seed, experiment_name,
+                                        launch.seeds),
             # A reused actor saves a process start (and torch's imports) per trial. A trial
             # Tune stops ends at its next report, so a trial that trains itself can always
             # reuse; one that drives a Train run cannot with a scheduler that stops trials

@@ -9,6 +9,9 @@ of recomputing or re-logging it. `pipelines.training` only sequences these.
   tune_trials(cfg, plan, manifest, record)          -> SearchOutcome    trial child runs
   evaluate_best(cfg, plan, manifest, trials, record) -> Evaluation      evaluation/ artifacts
   register_best(cfg, manifest, evaluation, record)  -> RegisteredVersion model + registry
+
+`--extend ID` (`extend`): begin_extension after the data check, then tune, evaluate and
+register again under the extension's step names (`tune-x1`, ...).
 """
 
 from pipelines.steps.common import (
@@ -32,12 +35,22 @@ from pipelines.steps.evaluate import (
     VERSION_TAG,
     Evaluation,
     evaluate_best,
+    log_search_review,
     register_best,
+    sweep_importance,
+)
+from pipelines.steps.extend import (
+    Extension,
+    begin_extension,
+    best_so_far,
+    extension_of,
+    warm_start_seeds,
 )
 from pipelines.steps.tune import SearchStopped, model_sizes, tune_trials
 
 __all__ = ["DATASET_CONTEXTS", "DECODED_TAG", "MODEL_URI_TAG", "NOTE_TAG",
-           "VERSION_TAG", "Echo", "Evaluation", "SearchPlan", "SearchStopped",
-           "evaluate_best", "git_commit", "log_split_datasets", "model_sizes",
-           "new_pipeline_id", "open_record", "plan_search", "prepare_data",
-           "register_best", "test_dataset_name", "tune_trials"]
+           "VERSION_TAG", "Echo", "Evaluation", "Extension", "SearchPlan", "SearchStopped",
+           "begin_extension", "best_so_far", "evaluate_best", "extension_of", "git_commit",
+           "log_search_review", "log_split_datasets", "model_sizes", "new_pipeline_id",
+           "open_record", "plan_search", "prepare_data", "register_best", "sweep_importance",
+           "test_dataset_name", "tune_trials", "warm_start_seeds"]

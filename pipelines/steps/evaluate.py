@@ -22,12 +22,12 @@ class Evaluation:
 
 
 def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
-                  echo: Echo = print) -> Evaluation:
+                  echo: Echo = print, suffix: str = "") -> Evaluation:
     """The best trial by val F1, loaded from its best epoch and run once on the test split.
-    Recomputed on resume (deterministic, seconds); recorded only once."""
+    Recomputed on resume (deterministic, seconds); recorded only once. `suffix`: an
+    extension's ("-x1"), its step and parameters named after it."""
     from components.augment import eval_preprocessing
-    from components.evaluation import evaluate_on_test, leaderboard, select_best_trial
-    from components.evaluation.importance import param_importance
+    from components.evaluation import evaluate_on_test, select_best_trial
     from components.models import build_model
     from components.training.checkpoint import load_best_weights
     from components.tuning.space import set_params
@@ -48,101 +48,115 @@ def evaluate_best(cfg: Config, plan: SearchPlan, manifest, trials, record,
              f"[{low:.4f}, {high:.4f}] ({report.average}, 95% interval over test images)")
         for warning in report.warnings:
             echo(f"  note: {warning}")
-        importance = param_importance(leaderboard(trials), plan.axes, seed=cfg.seed)
-        if importance.ranked:   # too few trials: the reason is on the run, not the console
-            echo(f"  {importance.note}")
+        importance = sweep_importance(cfg, plan, trials, echo)
         return Evaluation(best, model, prep, report, importance)
 
     return record.run_step(
-        "evaluate", echo, evaluate,
-        save=lambda e: _save_evaluation(plan, manifest, trials, e, record))
+        "evaluate" + suffix, echo, evaluate,
+        save=lambda e: _save_evaluation(plan, manifest, trials, e, record, suffix))
+
+
+def param_prefix(suffix: str) -> str:
+    """How an extension's evaluation names its parameters (MLflow's cannot change): "x1."."""
+    return suffix.lstrip("-") + "." if suffix else ""
+
+
+def sweep_importance(cfg: Config, plan: SearchPlan, trials, echo: Echo):
+    """Which axes mattered (`components.evaluation.importance`), said in one line when it
+    ranks them."""
+    from components.evaluation import leaderboard
+    from components.evaluation.importance import param_importance
+
+    importance = param_importance(leaderboard(trials), plan.axes, seed=cfg.seed)
+    if importance.ranked:   # too few trials: the reason is on the run, not the console
+        echo(f"  {importance.note}")
+    return importance
 
 
 def _save_evaluation(plan: SearchPlan, manifest, trials, evaluation: Evaluation,
-                     record) -> None:
+                     record, suffix: str = "") -> None:
     """The test metrics, the predictions, the leaderboard and the plots, on the parent run."""
     import matplotlib.pyplot as plt
 
-    from components.evaluation import leaderboard, plot_confusion_matrix, plot_trial_curves
+    from components.evaluation import plot_confusion_matrix
 
-    best, report = evaluation.best, evaluation.report
+    best, report, pre = evaluation.best, evaluation.report, param_prefix(suffix)
     record.log_metrics({**{f"test_{k}": v for k, v in report.metrics.items()},
                         "test_f1_low": report.f1_interval[0],
                         "test_f1_high": report.f1_interval[1],
                         "best_val_f1": best.best_val_f1})
-    record.log_params({"best_trial_id": best.trial_id, "test_f1_average": report.average,
-                       **{f"best.{k}": v for k, v in best.params.items()}})
+    record.log_params({pre + "best_trial_id": best.trial_id,
+                       pre + "test_f1_average": report.average,
+                       **{f"{pre}best.{k}": v for k, v in best.params.items()}})
     record.log_table(report.predictions[["path", "label", "prediction", "probability"]],
                      "evaluation/test_predictions.csv")
-    record.log_table(leaderboard(trials), "evaluation/leaderboard.csv")
     record.log_text(report.report, "evaluation/classification_report.txt")
-    for fig, name in ((plot_confusion_matrix(report.confusion, manifest.classes),
-                       "evaluation/confusion_matrix.png"),
-                      (plot_trial_curves(trials), "evaluation/val_f1_curves.png")):
-        record.log_figure(fig, name)
-        plt.close(fig)
-    log_review_artifacts(plan, manifest, trials, report, evaluation.preprocessing, record)
+    fig = plot_confusion_matrix(report.confusion, manifest.classes)
+    record.log_figure(fig, "evaluation/confusion_matrix.png")
+    plt.close(fig)
+    log_review_artifacts(manifest, report, evaluation.preprocessing, record)
     log_search_review(plan, trials, evaluation.importance, record)
 
 
-def log_review_artifacts(plan: SearchPlan, manifest, trials, report, prep: dict,
-                         record) -> None:
-    """What a reviewer opens after the confusion matrix: the search compared over its axes,
-    per-class metrics, and the misclassified test images."""
+def log_review_artifacts(manifest, report, prep: dict, record) -> None:
+    """What a reviewer opens after the confusion matrix: per-class metrics and the
+    misclassified test images."""
     import matplotlib.pyplot as plt
 
     from components.data.dataset import load_image
-    from components.evaluation import (
-        leaderboard,
-        per_class_metrics,
-        plot_comparison_heatmap,
-        plot_continuous_axes,
-        plot_misclassified,
-        plot_per_class_metrics,
-    )
-    from components.evaluation.comparison import PANEL_KEY
+    from components.evaluation import per_class_metrics, plot_misclassified, plot_per_class_metrics
 
-    board = leaderboard(trials)
-    categorical = [a.key for a in plan.axes if a.is_categorical]
-    continuous = [a.key for a in plan.axes if not a.is_categorical]
-    hue = PANEL_KEY if PANEL_KEY in categorical else None
     table = per_class_metrics(report.predictions, manifest.classes)
     record.log_table(table, "evaluation/per_class_metrics.csv")
     figures = {
-        "evaluation/comparison_heatmap.png": plot_comparison_heatmap(board, categorical),
-        "evaluation/continuous_axes.png": plot_continuous_axes(
-            board, continuous, tuple(a.key for a in plan.axes if a.kind == "loguniform"), hue),
         "evaluation/per_class_metrics.png": plot_per_class_metrics(table),
         "evaluation/misclassified.png": plot_misclassified(
             report.predictions,
             lambda p: load_image(p, prep["channels"], prep["image_size"])),
     }
     for name, fig in figures.items():
-        if fig is not None:  # a search with no categorical (or continuous) axis has none
+        if fig is not None:
             record.log_figure(fig, name)
             plt.close(fig)
 
 
 def log_search_review(plan: SearchPlan, trials, importance, record) -> None:
-    """Which axes mattered (importance and marginal effects, tables and plots) and every
-    trial over the searched axes as interactive parallel coordinates (HTML)."""
+    """The sweep on the parent run, every trial in it: the leaderboard, the validation curves,
+    the comparison over the searched axes, which axes mattered (importance and marginal
+    effects) and the trials as interactive parallel coordinates (HTML)."""
     import matplotlib.pyplot as plt
 
-    from components.evaluation import leaderboard
+    from components.evaluation import (
+        leaderboard,
+        plot_comparison_heatmap,
+        plot_continuous_axes,
+        plot_trial_curves,
+    )
+    from components.evaluation.comparison import PANEL_KEY
     from components.evaluation.importance import plot_importance, plot_marginal_effects
     from components.evaluation.parallel import parallel_coordinates_html
 
-    if importance is None:
-        return
-    record.log_table(importance.table, "evaluation/param_importance.csv")
-    record.log_table(importance.effects, "evaluation/marginal_effects.csv")
-    record.log_text(importance.note + "\n", "evaluation/param_importance.txt")
-    for fig, name in ((plot_importance(importance), "evaluation/param_importance.png"),
-                      (plot_marginal_effects(importance), "evaluation/marginal_effects.png")):
-        if fig is not None:
+    board = leaderboard(trials)
+    categorical = [a.key for a in plan.axes if a.is_categorical]
+    continuous = [a.key for a in plan.axes if not a.is_categorical]
+    log_keys = tuple(a.key for a in plan.axes if a.kind == "loguniform")
+    record.log_table(board, "evaluation/leaderboard.csv")
+    figures = {
+        "evaluation/val_f1_curves.png": plot_trial_curves(trials),
+        "evaluation/comparison_heatmap.png": plot_comparison_heatmap(board, categorical),
+        "evaluation/continuous_axes.png": plot_continuous_axes(
+            board, continuous, log_keys, PANEL_KEY if PANEL_KEY in categorical else None)}
+    if importance is not None:
+        record.log_table(importance.table, "evaluation/param_importance.csv")
+        record.log_table(importance.effects, "evaluation/marginal_effects.csv")
+        record.log_text(importance.note + "\n", "evaluation/param_importance.txt")
+        figures.update({"evaluation/param_importance.png": plot_importance(importance),
+                        "evaluation/marginal_effects.png": plot_marginal_effects(importance)})
+    for name, fig in figures.items():
+        if fig is not None:  # a search with no categorical (or continuous) axis has none
             record.log_figure(fig, name)
             plt.close(fig)
-    page = parallel_coordinates_html(leaderboard(trials), plan.axes)
+    page = parallel_coordinates_html(board, plan.axes)
     if page is not None:
         record.log_text(page, "evaluation/parallel_coordinates.html")
 
@@ -154,11 +168,13 @@ VERSION_TAG = "visiontune.registered_version"
 NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI (Markdown)
 
 
-def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: Echo = print):
+def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: Echo = print,
+                  suffix: str = ""):
     """Log the model and register it as `challenger` (and `champion` when there is none).
     The model is an MLflow pyfunc from code that takes raw images (bytes or paths) and carries
     its own preprocessing (`components/serving/image_classifier.py`). A resumed run whose
-    register step is done reads the version back from its record."""
+    register step is done reads the version back from its record. `suffix`: an extension's
+    step, whose model (a new best trial) is a version of its own."""
     from components.registry import RegisteredVersion, model_version_aliases
 
     name = cfg.registry.model_name
@@ -169,12 +185,13 @@ def register_best(cfg: Config, manifest, evaluation: Evaluation, record, echo: E
                                  model_version_aliases(record.tracker, name, version))
 
     return record.run_step(
-        "register", echo, lambda: _register(name, manifest, evaluation, record),
+        "register" + suffix, echo,
+        lambda: _register(name, manifest, evaluation, record, MODEL_URI_TAG + suffix),
         save=lambda registered: _save_registered(registered, manifest, evaluation, record),
         load=registered_before)
 
 
-def _register(name: str, manifest, evaluation: Evaluation, record):
+def _register(name: str, manifest, evaluation: Evaluation, record, model_tag: str):
     """The logged model, registered. Both halves are idempotent (a run interrupted between
     them, or after them, is resumed): the model logged once (its URI tagged on the run), and
     `register_challenger` returns the version this run already registered."""
@@ -183,7 +200,7 @@ def _register(name: str, manifest, evaluation: Evaluation, record):
     from components.serving.packaging import log_image_classifier, model_code_digest
 
     best, prep, report = evaluation.best, evaluation.preprocessing, evaluation.report
-    model_uri = record.run().data.tags.get(MODEL_URI_TAG)
+    model_uri = record.run().data.tags.get(model_tag)
     if model_uri is None:
         metadata = {"class_names": manifest.classes, "preprocessing": prep,
                     "data_fingerprint": manifest.fingerprint,
@@ -198,7 +215,7 @@ def _register(name: str, manifest, evaluation: Evaluation, record):
                 record.run_id, model_uri.removeprefix("models:/"),
                 {f"test_{k}": v for k, v in report.metrics.items()},
                 test_dataset_name(manifest), manifest.test_fingerprint)
-        record.set_tags({MODEL_URI_TAG: model_uri})
+        record.set_tags({model_tag: model_uri, MODEL_URI_TAG: model_uri})
     # What every loader will run, hashed as it lies in the artifact store: predict and
     # promote refuse the version if a file changes there.
     code = model_code_digest(record.tracker, model_uri)

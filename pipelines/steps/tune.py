@@ -11,22 +11,27 @@ from pathlib import Path
 from components import storage
 from components.config import Config
 from pipelines.steps.common import Echo, SearchPlan
+from pipelines.steps.extend import Extension, grid_left, seeds_of
 
 # ----------------------------------------------------------------------------- tune
 
 def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = print, *,
-                resume: bool = False, stop_requested: Callable[[], bool] = lambda: False):
+                resume: bool = False, stop_requested: Callable[[], bool] = lambda: False,
+                ext: Extension | None = None, seeds: tuple = ()):
     """The Ray Tune search; returns the list of `TrialResult`s. Each trial trains in its own
     process or drives a Ray Train run, as the resource plan chooses. Raises `SearchStopped`
-    when `stop_requested` ended it before every trial did."""
+    when `stop_requested` ended it before every trial did. `ext`: the sweep of an extended
+    run (`pipelines.steps.extend`), whose earlier trials come first in the list; `seeds`:
+    another run's trials for Optuna (`--warm-start`)."""
     from components.cluster import ray_session
     from components.training.worker import TrainJob
     from components.tuning.callbacks import ConsoleProgress, TrackingTarget
-    from components.tuning.driver import Launch, run_search
+    from components.tuning.driver import Launch, earlier_trials, run_search
     from components.tuning.gate import SweepGate, TrialShape
     from pipelines.console import console
 
-    with record.step("tune", echo):
+    ext = ext or Extension(record.pipeline_id, 0)
+    with record.step("tune" + ext.suffix, echo):
         began = time.time()
         job = TrainJob(
             data=cfg.data, augment=cfg.augment, model=cfg.model, train=cfg.train,
@@ -44,11 +49,14 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
         with console.ray_output_to(log_path), \
                 ray_session(cfg.ray.address, cfg.ray.num_cpus) as resources:
             resource_plan = plan_resources(cfg, plan, resources, sizes, plan.num_trials)
-            budget = plan_budget_of(cfg, plan, job, resource_plan, record, began, resume, echo)
+            budget = plan_budget_of(cfg, plan, job, resource_plan, record, began, resume, echo,
+                                    extending=ext.number > 0)
             shape = TrialShape.of(plan.axes, plan.base, cfg.train.epochs, budget,
                                   cfg.search.scheduler == "asha", cfg.search.grace_period,
                                   cfg.search.reduction_factor, len(job.val_rows[0]))
-            launch = launched_trials(cfg, plan, budget, shape)
+            earlier = earlier_trials(job, plan.axes, cfg.ray.storage_path, ext.earlier, shape,
+                                     target)
+            launch = launched_trials(cfg, plan, budget, shape, earlier)
             if launch["count"] != plan.num_trials:
                 resource_plan = plan_resources(cfg, plan, resources, sizes, launch["count"])
             job = dataclasses.replace(job, train=dataclasses.replace(
@@ -59,9 +67,9 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
                              "visiontune.plan.in_trial": resource_plan.in_trial,
                              "visiontune.plan.reason": resource_plan.reason})
             echo("  " + resource_plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
-            gate = SweepGate(record.pipeline_id, shape, plan=budget,
+            gate = SweepGate(ext.experiment, shape, plan=budget,
                              deadline=None if budget is None else
-                             began + budget_left(cfg, record, resume),
+                             began + budget_left(cfg, record, resume or ext.number > 0),
                              stop_at_f1=cfg.search.stop_at_f1,
                              stop_no_improvement=cfg.search.stop_no_improvement)
             echo(f"  search: {cfg.search.mode} with {cfg.search.algorithm}, " + (
@@ -73,12 +81,14 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
                                        launch["count"])
             outcome = run_search(job, plan.axes, cfg.search, plan=resource_plan,
                                  storage_path=cfg.ray.storage_path,
-                                 experiment_name=record.pipeline_id, seed=cfg.seed, gate=gate,
-                                 target=target, resume=resume, stop_requested=stop_requested,
-                                 progress=progress, launch=Launch(
-                                     launch["points"], launch["num_samples"],
-                                     None if budget else _trial_cost(cfg, sizes,
-                                                                     resource_plan)))
+                                 experiment_name=ext.experiment, seed=ext.seed(cfg.seed),
+                                 gate=gate, target=target, resume=resume,
+                                 stop_requested=stop_requested, progress=progress,
+                                 launch=Launch(launch["points"], launch["num_samples"],
+                                               None if budget else _trial_cost(cfg, sizes,
+                                                                               resource_plan),
+                                               seeds=seeds or seeds_of(earlier)),
+                                 earlier=tuple(earlier))
         counts = {s: sum(t.status == s for t in outcome.trials)
                   for s in ("FINISHED", "KILLED", "FAILED")}
         echo(f"  trials: {counts}" + ("" if outcome.complete else " (search stopped)"))
@@ -120,7 +130,7 @@ def stop_rules(search) -> str:
 
 
 def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, began: float,
-                   resume: bool, echo: Echo):
+                   resume: bool, echo: Echo, extending: bool = False):
     """`search.budget`'s plan (`components.tuning.budget`): measured and chosen once per
     pipeline run and kept on the parent run, so a resumed run trains the same plan."""
     import json
@@ -157,7 +167,8 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, be
     folds = max(1, cfg.data.cv_folds)
     if folds > 1:  # a k-fold trial trains every fold and reports once: no halving
         costs = {n: dataclasses.replace(c, epoch_s=c.epoch_s * folds) for n, c in costs.items()}
-    left = parse_duration(se.budget) - (time.time() - began)
+    # an extension plans what earlier sweeps of the run left of the (larger) budget
+    left = budget_left(cfg, record, extending) - (time.time() - began)
     budget = b.plan_budget(
         left, resource_plan.concurrent_trials, demand, cfg.train.epochs, costs,
         first_rung=cfg.train.epochs if folds > 1 else min(se.grace_period, cfg.train.epochs),
@@ -188,19 +199,30 @@ def budget_left(cfg: Config, record, resume: bool) -> float:
     return max(0.0, parse_duration(cfg.search.budget) - spent)
 
 
-def launched_trials(cfg: Config, plan: SearchPlan, budget, shape) -> dict:
+def launched_trials(cfg: Config, plan: SearchPlan, budget, shape, earlier=()) -> dict:
     """What Tune launches: the budget's trials (grid points per family, or random draws), or
-    the configured ones."""
+    the configured ones; an extension only what its `earlier` trials have not run."""
     from components.tuning.budget import planned_points
     from components.tuning.space import grid_points
 
-    if budget is None:
+    se, done = cfg.search, [_grid_part(t.params, plan) for t in earlier]
+    grid = grid_points(plan.axes, se.mode, plan.base) or [{}]
+    if budget is None and not earlier:
         return {"points": None, "num_samples": None, "count": plan.num_trials}
-    if cfg.search.mode == "random":
-        return {"points": None, "num_samples": budget.trials, "count": budget.trials}
-    points = planned_points(budget, grid_points(plan.axes, cfg.search.mode, plan.base) or [{}],
-                            shape.family)
+    if se.mode == "random":
+        n = budget.trials if budget else max(0, plan.num_trials - len(earlier))
+        return {"points": None, "num_samples": n, "count": n}
+    if budget is None:
+        points = grid_left((grid * se.num_samples)[:se.max_trials or None], done)
+    else:
+        points = planned_points(budget, grid_left(grid, done) or grid, shape.family)
     return {"points": points, "num_samples": None, "count": len(points)}
+
+
+def _grid_part(params: dict, plan: SearchPlan) -> dict:
+    """A trial's values of the grid axes: its grid point."""
+    grid = {a.key for a in plan.axes if a.is_grid}
+    return {k: v for k, v in params.items() if k in grid}
 
 
 def record_sweep_end(record, gate, budget, planned: int, trials, seconds: float,

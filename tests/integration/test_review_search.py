@@ -110,3 +110,73 @@ def test_every_trial_run_records_its_system_metrics_at_under_one_percent(course_
         # long enough to be sampled more than once (docs/performance.md has the measurement)
         per_sample = m["system/sampler_cpu_seconds"] / samples
         assert per_sample < 0.01 * cfg.tracking.system_metrics_s, per_sample
+
+
+def _children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _history(client, run_id):
+    return [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, "val_f1")]
+
+
+def test_a_random_search_extended_from_two_trials_to_four(tmp_path, local_ray, monkeypatch,
+                                                           capsys):
+    """`visiontune run --extend ID search.num_samples=4`, exactly as the docs show it: one
+    parent run, the first two trial runs untouched, four trials, the parent's best val F1 the
+    best of the four, at most one new version; a changed data path or changed data refused
+    in one line, the run left FINISHED."""
+    from pipelines.cli import main
+
+    data = make_image_folder(tmp_path / "images", per_class=30, corrupt=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config([f"data.path={data}", "data=folder", "data.image_size=16",
+                       "augment=none", f"tracking.uri={uri}", "registry.model_name=ext-model",
+                       f"ray.storage_path={tmp_path}/ray_results", "train.patience=0",
+                       "train.batch_size=8", "train.epochs=2", "model.cnn.channels=[8,16]",
+                       "search.mode=random", "search.num_samples=2", "search.budget=null",
+                       "search.scheduler=none",
+                       "search.space={train.lr: {loguniform: [0.0005, 0.02]}, "
+                       "model.dropout: {uniform: [0.0, 0.4]}}"])
+    first = run_training_pipeline(cfg)
+    client = MlflowClient(uri)
+    before = {k.info.run_id: (k.data.params, _history(client, k.info.run_id))
+              for k in _children(client, first.parent_run_id)}
+    assert len(before) == 2
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    capsys.readouterr()
+
+    assert main(["run", "--extend", first.pipeline_id, "search.num_samples=4"]) == 0
+    out = capsys.readouterr().out
+    assert f"extending pipeline {first.pipeline_id} (extension 1): search.num_samples 2 -> 4" \
+        in out
+    parents = client.search_runs([client.get_run(first.parent_run_id).info.experiment_id],
+                                 "tags.`visiontune.role` = 'pipeline'")
+    assert [p.info.run_id for p in parents] == [first.parent_run_id]
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    kids = _children(client, first.parent_run_id)
+    assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
+    for run_id, (params, history) in before.items():   # kept, not retrained or re-logged
+        assert client.get_run(run_id).data.params == params
+        assert _history(client, run_id) == history
+    new = [k for k in kids if k.info.run_id not in before]
+    assert {k.data.params["train.lr"] for k in new}.isdisjoint(
+        {p["train.lr"] for p, _ in before.values()})   # new draws, not repeats
+    best = max(k.data.metrics["best_val_f1"] for k in kids)
+    assert parent.data.metrics["best_val_f1"] == pytest.approx(best)
+    versions = client.search_model_versions("name = 'ext-model'")
+    assert 1 <= len(versions) <= 2
+
+    # refused in one line (exit 2), the run left as it was
+    assert main(["run", "--extend", first.pipeline_id, "search.num_samples=6",
+                 f"data.path={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.path cannot be changed" in err[0], err
+    shutil.copy(next((data / "cat").glob("*.png")), data / "cat" / "grown.png")  # it grew
+    assert main(["run", "--extend", first.pipeline_id, "search.num_samples=6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the data changed since the run" in err[0], err
+    assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+    assert len(_children(client, first.parent_run_id)) == 4

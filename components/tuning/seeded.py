@@ -1,0 +1,45 @@
+"""Optuna told what earlier trials found: an extended run's own trials (`visiontune run
+--extend`), or another run's (`--warm-start`), before it suggests anything."""
+
+from __future__ import annotations
+
+from ray.tune.search.optuna import OptunaSearch
+
+
+class SeededOptuna(OptunaSearch):
+    """Optuna's TPE, told the results of trials run before it starts (Ray's public
+    `add_evaluated_point`, once Tune has given it the search space). A value a conditional
+    axis did not take is given as the axis's first choice or low end (Optuna wants every
+    parameter); a trial with a value outside this space is left out."""
+
+    def __init__(self, seeds: tuple = (), **kwargs):
+        super().__init__(**kwargs)
+        self.seeds = tuple(seeds)
+        self.seeded = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        ok = super().set_search_properties(metric, mode, config, **spec)
+        if ok and self._space and not callable(self._space):
+            for params, value in self.seeds:
+                point = {}
+                for key, dist in self._space.items():
+                    v = params.get(key)
+                    if v is None:
+                        v = dist.choices[0] if hasattr(dist, "choices") else dist.low
+                    if not _inside(dist, v):
+                        break
+                    point[key] = v
+                else:
+                    self.add_evaluated_point(point, float(value))
+                    self.seeded += 1
+        return ok
+
+
+def _inside(dist, value) -> bool:
+    """Whether an Optuna distribution holds `value`."""
+    if hasattr(dist, "choices"):
+        return value in dist.choices
+    try:
+        return dist.low <= float(value) <= dist.high
+    except (TypeError, ValueError):
+        return False

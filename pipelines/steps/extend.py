@@ -1,0 +1,186 @@
+"""More trials for a finished run (`visiontune run --extend ID search.num_samples=N`), and a
+new run's searcher seeded from another run's trials (`--warm-start ID`).
+
+An extension continues the same parent run as if it had been launched with the larger budget:
+its trials so far are kept (read back from their Tune experiments, not retrained or logged
+again), and a new Tune experiment `<id>-x<k>` runs only what the larger budget adds:
+- grid modes: the grid points (repeats included, cut at `search.max_trials`) of the larger
+  budget that have not run yet; with `search.budget`, the added time is planned over them;
+- random draws: the difference in `num_samples`, from a draw stream of the extension's own (new
+  points, not repeats of the first draws);
+- Optuna: the difference, its TPE told every earlier trial's result first.
+Its steps are recorded under their own names (`tune-x1`, `evaluate-x1`, `register-x1`), so a
+Ctrl-C'd extension continues with `--resume ID` like any run. The best trial over all trials
+is evaluated on the test split and registered only when it is not the one that already was.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from components.config import Config, ConfigError
+from pipelines.steps.common import Echo
+
+EXTENSIONS_TAG = "visiontune.extensions"   # how many times the run was extended
+WARM_START_TAG = "visiontune.warm_start"   # the pipeline id whose trials seeded this run
+SEED_STRIDE = 7919   # an extension's random draws: seed + k * SEED_STRIDE
+
+
+@dataclass(frozen=True)
+class Extension:
+    """The k-th extension of run `pipeline_id` (0: the run's own first sweep)."""
+
+    pipeline_id: str
+    number: int
+
+    @property
+    def suffix(self) -> str:
+        return f"-x{self.number}" if self.number else ""
+
+    @property
+    def experiment(self) -> str:
+        return self.pipeline_id + self.suffix
+
+    @property
+    def earlier(self) -> tuple[str, ...]:
+        """The Tune experiments of the sweeps before this one."""
+        return tuple(Extension(self.pipeline_id, k).experiment for k in range(self.number))
+
+    def seed(self, seed: int) -> int:
+        return seed + self.number * SEED_STRIDE
+
+
+def extension_of(record) -> Extension:
+    """The sweep a (resumed) run is in: its latest extension, or its first sweep."""
+    return Extension(record.pipeline_id,
+                     int(record.run().data.tags.get(EXTENSIONS_TAG, "0") or 0))
+
+
+def begin_extension(cfg: Config, before: Config, record, manifest, echo: Echo) -> Extension:
+    """Check the data is what the run trained on, then record the extension on the parent
+    run (its number, the larger budget as the run's config) and reopen it."""
+    import yaml
+
+    from components.config import to_dict
+
+    check_data_unchanged(cfg, manifest, record.pipeline_id)
+    ext = Extension(record.pipeline_id, extension_of(record).number + 1)
+    changed = {k: v for k, v in _budget(cfg).items() if _budget(before)[k] != v}
+    record.reopen()
+    record.set_tags({EXTENSIONS_TAG: str(ext.number)})
+    record.log_params({f"x{ext.number}.{k}": v for k, v in changed.items()})
+    # `--resume ID` of an interrupted extension reads the run's config: the larger budget
+    record.log_text(yaml.safe_dump(to_dict(before), sort_keys=False),
+                    f"config_before_x{ext.number}.yaml")
+    record.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+    echo(f"[visiontune] extending pipeline {record.pipeline_id} (extension {ext.number}): "
+         + ", ".join(f"{k} {_budget(before)[k]} -> {v}" for k, v in changed.items()))
+    return ext
+
+
+def best_prefix(params: dict[str, str]) -> str:
+    """The parameter prefix of the run's latest evaluation: "x2." when its second extension
+    found a new best trial, "" for the first sweep's."""
+    rounds = [int(k[1:].split(".", 1)[0]) for k in params
+              if re.fullmatch(r"x\d+\.best_trial_id", k)]
+    return f"x{max(rounds)}." if rounds else ""
+
+
+def best_so_far(record) -> str | None:
+    """The trial the run last evaluated and registered."""
+    params = record.run().data.params
+    return params.get(best_prefix(params) + "best_trial_id")
+
+
+def _budget(cfg: Config) -> dict:
+    return {"search.num_samples": cfg.search.num_samples,
+            "search.max_trials": cfg.search.max_trials, "search.budget": cfg.search.budget}
+
+
+def check_data_unchanged(cfg: Config, manifest, pipeline_id: str) -> None:
+    """Index, read and split the data again (no decoding, nothing recorded) and compare the
+    fingerprint with the run's: an extension's trials must be comparable with the first."""
+    from components.data import (
+        drop_near_copies_of_test,
+        index_images,
+        split_dataset,
+        validate_images,
+        write_digits_folder,
+    )
+
+    d = cfg.data
+    images = validate_images(index_images(d.path or str(write_digits_folder(d.cache_dir))),
+                             d.on_bad_image, 1)
+    test = validate_images(index_images(d.test_path), d.on_bad_image, 1) if d.test_path \
+        else None
+    if test is not None:
+        images = drop_near_copies_of_test(images, test, d.near_copy_distance)
+    seed = cfg.seed if d.split_seed is None else d.split_seed
+    now = split_dataset(images, d.val_fraction, d.test_fraction, seed, test,
+                        d.near_copy_distance).fingerprint
+    if now != manifest.fingerprint:
+        raise ConfigError(f"--extend {pipeline_id}: the data changed since the "
+                          f"run (fingerprint {now[:12]} now, {manifest.fingerprint[:12]} then): "
+                          "its trials would not be comparable; start a new run instead")
+
+
+def grid_left(planned: list[dict], done: list[dict]) -> list[dict]:
+    """The planned grid points (in order, repeats included) that the done ones do not
+    already account for."""
+    from components.tuning.space import _marker
+
+    have = Counter(_marker(p) for p in done)
+    left = []
+    for p in planned:
+        m = _marker(p)
+        if have[m]:
+            have[m] -= 1
+        else:
+            left.append(p)
+    return left
+
+
+def seeds_of(trials) -> tuple:
+    """(params, best val F1) of the trials that have a score: what Optuna is told first."""
+    return tuple((dict(t.params), t.best_val_f1) for t in trials
+                 if t.best_val_f1 is not None and t.best_val_f1 >= 0)
+
+
+def warm_start_seeds(cfg: Config, pipeline_id: str, record, echo: Echo) -> tuple:
+    """Another run's trials (its leaderboard) as seeds for this run's Optuna, recorded on
+    this run; refused for a searcher that cannot use them."""
+    import pandas as pd
+
+    from components.tracking import PipelineRecord
+
+    if cfg.search.algorithm != "optuna":
+        raise ConfigError("--warm-start seeds a model-based searcher with another run's "
+                          "trials: set search.algorithm=optuna (with search.mode=random)")
+    other = PipelineRecord.find(record.tracker, pipeline_id)
+    if other is None:
+        raise ConfigError(f"--warm-start {pipeline_id}: no pipeline run with that id in the "
+                          f"MLflow store {cfg.tracking.uri}")
+    try:
+        text = other.tracker.client.download_artifacts(other.run_id,
+                                                       "evaluation/leaderboard.csv")
+    except Exception as e:
+        raise ConfigError(f"--warm-start {pipeline_id}: the run has no leaderboard (it did "
+                          f"not finish its sweep): {e}") from None
+    board = pd.read_csv(open(text))
+    axes = [a.key for a in _axes(cfg)]
+    seeds = tuple(({k: row[k] for k in axes if k in board and pd.notna(row[k])},
+                   float(row["best_val_f1"]))
+                  for _, row in board.iterrows() if pd.notna(row.get("best_val_f1")))
+    record.set_tags({WARM_START_TAG: pipeline_id})
+    data = other.run().data.tags.get("visiontune.data_fingerprint", "?")[:12]
+    echo(f"  warm start: Optuna is told the {len(seeds)} trials of {pipeline_id} first (its "
+         f"data: fingerprint {data})")
+    return seeds
+
+
+def _axes(cfg: Config):
+    from components.tuning.space import parse_space
+
+    return parse_space(cfg.search.space)
