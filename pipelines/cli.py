@@ -145,6 +145,7 @@ def cmd_run(args) -> int:
 
     from components.config import to_dict
     from pipelines.config import extend_config, load_config, resume_config
+    from pipelines.steps.extend import WARM_START_NEEDS
     from pipelines.training import run_training_pipeline, summary
 
     if not args.verbose:
@@ -165,6 +166,8 @@ def cmd_run(args) -> int:
         cfg, before, _ = extend_config(args.extend, args.overrides)
     else:
         cfg = load_config(args.overrides, args.config)
+    if args.warm_start and cfg.search.algorithm != "optuna":   # before a run is created
+        raise ConfigError(WARM_START_NEEDS)
     if args.verbose:
         from pipelines.console import console
 

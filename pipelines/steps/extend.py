@@ -25,6 +25,8 @@ from pipelines.steps.common import Echo
 
 EXTENSIONS_TAG = "visiontune.extensions"   # how many times the run was extended
 WARM_START_TAG = "visiontune.warm_start"   # the pipeline id whose trials seeded this run
+WARM_START_NEEDS = ("--warm-start seeds a model-based searcher with another run's trials: "
+                    "set search.algorithm=optuna (with search.mode=random)")
 SEED_STRIDE = 7919   # an extension's random draws: seed + k * SEED_STRIDE
 
 
@@ -156,8 +158,7 @@ def warm_start_seeds(cfg: Config, pipeline_id: str, record, echo: Echo) -> tuple
     from components.tracking import PipelineRecord
 
     if cfg.search.algorithm != "optuna":
-        raise ConfigError("--warm-start seeds a model-based searcher with another run's "
-                          "trials: set search.algorithm=optuna (with search.mode=random)")
+        raise ConfigError(WARM_START_NEEDS)
     other = PipelineRecord.find(record.tracker, pipeline_id)
     if other is None:
         raise ConfigError(f"--warm-start {pipeline_id}: no pipeline run with that id in the "
@@ -169,15 +170,28 @@ def warm_start_seeds(cfg: Config, pipeline_id: str, record, echo: Echo) -> tuple
         raise ConfigError(f"--warm-start {pipeline_id}: the run has no leaderboard (it did "
                           f"not finish its sweep): {e}") from None
     board = pd.read_csv(open(text))
-    axes = [a.key for a in _axes(cfg)]
-    seeds = tuple(({k: row[k] for k in axes if k in board and pd.notna(row[k])},
-                   float(row["best_val_f1"]))
-                  for _, row in board.iterrows() if pd.notna(row.get("best_val_f1")))
+    axes = _axes(cfg)
+    seeds = []
+    for _, row in board.iterrows():
+        params = {a.key: row[a.key] for a in axes if a.key in board and pd.notna(row[a.key])}
+        if pd.notna(row.get("best_val_f1")) and all(_holds(a, params.get(a.key))
+                                                    for a in axes):
+            seeds.append((params, float(row["best_val_f1"])))
+    seeds = tuple(seeds)
     record.set_tags({WARM_START_TAG: pipeline_id})
     data = other.run().data.tags.get("visiontune.data_fingerprint", "?")[:12]
-    echo(f"  warm start: Optuna is told the {len(seeds)} trials of {pipeline_id} first (its "
-         f"data: fingerprint {data})")
+    echo(f"  warm start: Optuna is told the {len(seeds)} trials of {pipeline_id} inside this "
+         f"search space first (of {len(board)}; its data: fingerprint {data})")
     return seeds
+
+
+def _holds(axis, value) -> bool:
+    """Whether this run's `axis` can take another run's `value` (None: did not apply)."""
+    if value is None:
+        return True
+    if axis.is_categorical:
+        return value in axis.args or str(value) in map(str, axis.args)
+    return axis.args[0] <= float(value) <= axis.args[1]
 
 
 def _axes(cfg: Config):

@@ -180,3 +180,38 @@ def test_a_random_search_extended_from_two_trials_to_four(tmp_path, local_ray, m
     assert len(err) == 1 and "the data changed since the run" in err[0], err
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
     assert len(_children(client, first.parent_run_id)) == 4
+
+
+def test_warm_start_tells_a_new_runs_optuna_the_trials_of_another(tmp_path, local_ray,
+                                                                   monkeypatch, capsys):
+    """`visiontune run --warm-start ID ...`: a new run (its own parent run), recorded as
+    warm-started from ID, whose Optuna is told ID's trials first; refused for grid search."""
+    from pipelines.cli import main
+
+    data = make_image_folder(tmp_path / "images", per_class=20, corrupt=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = [f"data.path={data}", "data=folder", "data.image_size=16", "augment=none",
+              f"tracking.uri={uri}", f"ray.storage_path={tmp_path}/ray_results",
+              "train.epochs=1", "train.batch_size=8", "model.cnn.channels=[8,16]",
+              "search.budget=null", "search.scheduler=none", "search.mode=random",
+              "search.algorithm=optuna", "registry.model_name=warm-model",
+              "search.space={train.lr: {loguniform: [0.0005, 0.02]}}"]
+    first = run_training_pipeline(load_config([*common, "search.num_samples=3"]))
+    capsys.readouterr()
+    assert main(["run", "--warm-start", first.pipeline_id, *common,
+                 "search.num_samples=2"]) == 0
+    out = capsys.readouterr().out
+    assert (f"warm start: Optuna is told the 3 trials of {first.pipeline_id} inside this "
+            "search space first (of 3;") in out
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_run(first.parent_run_id).info.experiment_id],
+                              f"tags.`visiontune.warm_start` = '{first.pipeline_id}'")
+    assert len(runs) == 1 and runs[0].info.run_id != first.parent_run_id
+    assert len(_children(client, runs[0].info.run_id)) == 2
+    # a grid cannot use them
+    assert main(["run", "--warm-start", first.pipeline_id, *common[:-4],
+                 "search.mode=grid", "search.space={train.lr: {grid: [0.01]}}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "set search.algorithm=optuna" in err[0], err
+    assert len(client.search_runs([runs[0].info.experiment_id],
+                                  "tags.`visiontune.role` = 'pipeline'")) == 2   # none made

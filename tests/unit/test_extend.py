@@ -1,0 +1,67 @@
+"""Extending a finished sweep: what is left to run, which evaluation is the latest, what a
+seeded Optuna is told, and the refusals (no Ray, no MLflow)."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.config import ConfigError
+from pipelines.config import _check_larger, load_config
+from pipelines.steps.extend import Extension, best_prefix, grid_left
+
+
+def test_grid_left_subtracts_what_ran_as_a_multiset_keeping_the_order():
+    a, b, c = {"x": 1}, {"x": 2}, {"x": 3}
+    assert grid_left([a, b, c, a, b, c], [a, b, c]) == [a, b, c]      # num_samples 1 -> 2
+    assert grid_left([a, b, c], [c]) == [a, b]                           # max_trials 1 -> 3
+    assert grid_left([a, b], [a, b]) == []
+    assert grid_left([{"x": 0.2}], [{"x": 0.20}]) == []                  # the same value
+
+
+def test_extension_names_and_draw_streams():
+    ext = Extension("vt-1", 2)
+    assert ext.suffix == "-x2" and ext.experiment == "vt-1-x2"
+    assert ext.earlier == ("vt-1", "vt-1-x1")
+    assert Extension("vt-1", 0).experiment == "vt-1" and Extension("vt-1", 0).suffix == ""
+    assert len({Extension("vt-1", k).seed(0) for k in range(3)}) == 3
+
+
+def test_the_latest_evaluation_names_the_best_trial():
+    params = {"best_trial_id": "a", "best.train.lr": "0.1", "x1.search.num_samples": "4",
+              "x2.best_trial_id": "c", "x2.best.train.lr": "0.3"}
+    assert best_prefix(params) == "x2."
+    assert best_prefix({"best_trial_id": "a"}) == ""
+    from pipelines.training import best_params_of
+
+    assert best_params_of(params) == {"train.lr": "0.3"}
+
+
+def _cfg(*over):
+    return load_config(["search.mode=random", "search.budget=null",
+                        "search.space={train.lr: {loguniform: [0.001, 0.1]}}", *over])
+
+
+def test_an_extension_must_add_trials_or_time():
+    _check_larger("vt-1", _cfg("search.num_samples=4"), _cfg("search.num_samples=2"))
+    with pytest.raises(ConfigError, match="planned 2 trials and this budget plans 2"):
+        _check_larger("vt-1", _cfg("search.num_samples=2"), _cfg("search.num_samples=2"))
+    _check_larger("vt-1", _cfg("search.budget=5m"), _cfg("search.budget=2m"))
+    with pytest.raises(ConfigError, match="search.budget=1m is not larger than the run's 2m"):
+        _check_larger("vt-1", _cfg("search.budget=1m"), _cfg("search.budget=2m"))
+
+
+def test_seeded_optuna_is_told_the_trials_inside_its_space():
+    from ray import tune
+
+    from components.tuning.seeded import SeededOptuna
+
+    seeds = (({"train.lr": 0.01, "train.optimizer": "adam"}, 0.9),
+             ({"train.lr": 0.5, "train.optimizer": "adam"}, 0.8),       # lr outside: left out
+             ({"train.lr": 0.002}, 0.7))                                # optimizer n/a: filled
+    searcher = SeededOptuna(seeds, metric="best_val_f1", mode="max", seed=0)
+    assert searcher.set_search_properties(
+        "best_val_f1", "max", {"train.lr": tune.loguniform(0.001, 0.1),
+                               "train.optimizer": tune.choice(["adam", "sgd"])})
+    assert searcher.seeded == 2
+    told = sorted(t.value for t in searcher._ot_study.trials)
+    assert told == [0.7, 0.9]
