@@ -65,3 +65,26 @@ def test_seeded_optuna_is_told_the_trials_inside_its_space():
     assert searcher.seeded == 2
     told = sorted(t.value for t in searcher._ot_study.trials)
     assert told == [0.7, 0.9]
+
+
+def test_extend_refuses_a_run_that_did_not_finish_in_one_line(tmp_path):
+    """A KILLED run is continued with --resume, not extended; the message says how."""
+    import yaml
+
+    from components.config import to_dict
+    from components.tracking import PipelineRecord, Tracker
+    from pipelines.config import extend_config
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = _cfg("search.num_samples=2", f"tracking.uri={uri}")
+    tracker = Tracker(uri)
+    exp = tracker.ensure_experiment("visiontune", str(tmp_path / "art"))
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    record = PipelineRecord.create(tracker, exp, "vt-killed", {}, {}, text)
+    record.close("KILLED")
+    with pytest.raises(ConfigError, match=r"^--extend vt-killed: the run did not finish "
+                                          r"\(status KILLED\); continue it with: visiontune "
+                                          r"run --resume vt-killed$"):
+        extend_config("vt-killed", ["search.num_samples=4", f"tracking.uri={uri}"])
+    with pytest.raises(ConfigError, match="needs a larger budget"):
+        extend_config("vt-killed", [f"tracking.uri={uri}"])
