@@ -77,11 +77,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     adds (`pipelines.steps.extend`); `warm_start`: another run whose trials seed Optuna.
     Ctrl-C and SIGTERM raise `Interrupted` after the run was recorded as KILLED; nothing is
     registered from a run that did not finish."""
-    from components.tracking import (
-        StoreWatch,
-        bound_http_retries,
-        check_tracking_uri,
-    )
+    from components.tracking import StoreWatch, bound_http_retries, check_tracking_uri
     from pipelines import steps
     from pipelines.console import console
 
@@ -101,22 +97,15 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     plan = steps.plan_search(cfg)
 
     with SignalGuard() as guard:
-        record = steps.open_record(cfg, resume, extra_tags, echo)
-        ext = None
-        if extend_from is not None:
-            # before anything can fail the run: a refused extension leaves it FINISHED
-            ext = steps.begin_extension(cfg, extend_from, record,
-                                        steps.prepare_data(cfg, record, echo), echo)
-        elif record.status() == "FINISHED":
+        record, ext, manifest = _open(cfg, resume, extend_from, extra_tags, echo)
+        if record.status() == "FINISHED":
             echo(f"[visiontune] pipeline {record.pipeline_id} already finished: nothing to do")
             return result_from_record(record, cfg, time.time() - started,
                                       already_finished=True)
-        elif resume:
-            ext = steps.extension_of(record)
         echo(f"[visiontune] pipeline {record.pipeline_id}: MLflow run {record.run_id} at "
              f"{cfg.tracking.uri}")
         try:
-            manifest = steps.prepare_data(cfg, record, echo)
+            manifest = manifest or steps.prepare_data(cfg, record, echo)
             seeds = (steps.warm_start_seeds(cfg, warm_start, record, echo) if warm_start
                      else ())
             # A server that goes away is ridden out (the journal) for tracking.outage_grace_s.
@@ -149,6 +138,20 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
         echo("[visiontune] the signal came while the model was being registered: the run "
              "finished first")
     return result_from_record(record, cfg, time.time() - started)
+
+
+def _open(cfg: Config, resume: str | None, extend_from: Config | None,
+          extra_tags: dict[str, str] | None, echo):
+    """(the parent run's record, the extension its sweep is in or None, the manifest when it
+    was read already). An extension checks its data and reopens the run here, before
+    anything can fail it: a refused extension leaves the run FINISHED."""
+    from pipelines import steps
+
+    record = steps.open_record(cfg, resume, extra_tags, echo)
+    if extend_from is not None:
+        manifest = steps.prepare_data(cfg, record, echo)
+        return record, steps.begin_extension(cfg, extend_from, record, manifest, echo), manifest
+    return record, steps.extension_of(record) if resume else None, None
 
 
 def _evaluate_and_register(cfg: Config, plan, manifest, trials, record, ext, guard,

@@ -301,14 +301,25 @@ def earlier_trials(job: TrainJob, axes: list[Axis], storage_path: str, names: tu
     (nothing runs): what an extension keeps."""
     sections = {s: getattr(job, s) for s in TRIAL_SECTIONS}
     run_ids = _trial_run_ids(target, wait=True) if names else {}
-    trials = []
+    return [_result_of(result, shape, run_ids, axes, sections,
+                       storage.join(storage_path, name, "train"))
+            for name, result in _finished_results(storage_path, names)]
+
+
+def earlier_params(storage_path: str, names: tuple[str, ...], axes: list[Axis],
+                   sections: dict) -> list[dict]:
+    """The parameters each trial of finished sweeps `names` used (nothing runs, no MLflow)."""
+    return [resolve_params(result.config or {}, axes, sections)
+            for _, result in _finished_results(storage_path, names)]
+
+
+def _finished_results(storage_path: str, names: tuple[str, ...]):
+    """(sweep name, Tune result) of every trial of the finished sweeps `names`."""
     for name in names:
         fs, path = storage.resolve(storage.join(storage_path, name))
         grid = tune.ResultGrid(tune.ExperimentAnalysis(path, storage_filesystem=fs))
-        train_storage = storage.join(storage_path, name, "train")
-        trials += [_result_of(grid[i], shape, run_ids, axes, sections, train_storage)
-                   for i in range(len(grid))]
-    return trials
+        for i in range(len(grid)):
+            yield name, grid[i]
 
 
 def _trial_run_ids(target: TrackingTarget | None, wait: bool) -> dict[str, str]:

@@ -15,14 +15,15 @@ class SeededOptuna(OptunaSearch):
     def __init__(self, seeds: tuple = (), **kwargs):
         super().__init__(**kwargs)
         self.seeds = tuple(seeds)
-        self.seeded = 0
+        self.told: list[tuple[dict, float]] = []
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         ok = super().set_search_properties(metric, mode, config, **spec)
-        if ok and self._space and not callable(self._space):
+        if ok and self.seeds:
+            space = self.convert_search_space(config)   # Tune's space as Optuna's
             for params, value in self.seeds:
                 point = {}
-                for key, dist in self._space.items():
+                for key, dist in space.items():
                     v = params.get(key)
                     if v is None:
                         v = dist.choices[0] if hasattr(dist, "choices") else dist.low
@@ -31,7 +32,7 @@ class SeededOptuna(OptunaSearch):
                     point[key] = v
                 else:
                     self.add_evaluated_point(point, float(value))
-                    self.seeded += 1
+                    self.told.append((point, float(value)))
         return ok
 
 

@@ -66,9 +66,17 @@ def begin_extension(cfg: Config, before: Config, record, manifest, echo: Echo) -
     import yaml
 
     from components.config import to_dict
+    from components.tuning.driver import earlier_params
+    from pipelines.steps.common import plan_search
 
     check_data_unchanged(cfg, manifest, record.pipeline_id)
     ext = Extension(record.pipeline_id, extension_of(record).number + 1)
+    plan = plan_search(cfg)
+    ran = earlier_params(cfg.ray.storage_path, ext.earlier, plan.axes, plan.base)
+    if not trials_left(cfg, plan, ran)["count"]:
+        raise ConfigError(f"--extend {record.pipeline_id}: its {len(ran)} trials already cover "
+                          "every point of this search; a larger budget adds nothing to run "
+                          "(give search.num_samples=N to repeat the grid)")
     changed = {k: v for k, v in _budget(cfg).items() if _budget(before)[k] != v}
     record.reopen()
     record.set_tags({EXTENSIONS_TAG: str(ext.number)})
@@ -142,6 +150,31 @@ def grid_left(planned: list[dict], done: list[dict]) -> list[dict]:
         else:
             left.append(p)
     return left
+
+
+def trials_left(cfg: Config, plan, earlier: list[dict]) -> dict:
+    """What an extension adds to trials that ran with the `earlier` parameters: the grid
+    points (repeats included, cut at max_trials) not run yet, or the random draws still to
+    make; with a budget and every point run, another draw per point (grid+random)."""
+    from components.tuning.space import grid_points
+
+    se = cfg.search
+    if se.mode == "random":
+        n = plan.num_trials - len(earlier) if se.budget is None else plan.num_trials
+        return {"points": None, "num_samples": max(0, n), "count": max(0, n)}
+    grid = (grid_points(plan.axes, se.mode, plan.base) or [{}]) * se.num_samples
+    if se.budget is None:
+        grid = grid[:se.max_trials or None]
+    points = grid_left(grid, [_grid_part(p, plan) for p in earlier])
+    if not points and se.budget is not None and se.mode == "grid+random":
+        points = grid_points(plan.axes, se.mode, plan.base) or [{}]
+    return {"points": points, "num_samples": None, "count": len(points)}
+
+
+def _grid_part(params: dict, plan) -> dict:
+    """A trial's values of the grid axes: its grid point."""
+    grid = {a.key for a in plan.axes if a.is_grid}
+    return {k: v for k, v in params.items() if k in grid}
 
 
 def seeds_of(trials) -> tuple:

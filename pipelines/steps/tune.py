@@ -11,7 +11,7 @@ from pathlib import Path
 from components import storage
 from components.config import Config
 from pipelines.steps.common import Echo, SearchPlan
-from pipelines.steps.extend import Extension, grid_left, seeds_of
+from pipelines.steps.extend import Extension, seeds_of, trials_left
 
 # ----------------------------------------------------------------------------- tune
 
@@ -24,7 +24,6 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
     run (`pipelines.steps.extend`), whose earlier trials come first in the list; `seeds`:
     another run's trials for Optuna (`--warm-start`)."""
     from components.cluster import ray_session
-    from components.training.worker import TrainJob
     from components.tuning.callbacks import ConsoleProgress, TrackingTarget
     from components.tuning.driver import Launch, earlier_trials, run_search
     from components.tuning.gate import SweepGate, TrialShape
@@ -33,13 +32,7 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
     ext = ext or Extension(record.pipeline_id, 0)
     with record.step("tune" + ext.suffix, echo):
         began = time.time()
-        job = TrainJob(
-            data=cfg.data, augment=cfg.augment, model=cfg.model, train=cfg.train,
-            average=cfg.evaluation.average, seed=cfg.seed,
-            train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
-            num_classes=len(manifest.classes), tracker=record.tracker,
-            decoded=manifest.decoded, system_metrics_s=cfg.tracking.system_metrics_s,
-            group_keys=manifest.group_keys() if cfg.data.cv_folds else {})
+        job = train_job(cfg, manifest, record)
         target = TrackingTarget(record.tracker, record.experiment_id, record.run_id)
         log_augmented_samples(cfg, manifest, record)
         log_path = ray_log_path(cfg, record.pipeline_id)
@@ -49,34 +42,28 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
         with console.ray_output_to(log_path), \
                 ray_session(cfg.ray.address, cfg.ray.num_cpus) as resources:
             resource_plan = plan_resources(cfg, plan, resources, sizes, plan.num_trials)
+            # an extension's trials so far, with their own epochs as the measure of "all"
+            earlier = earlier_trials(job, plan.axes, cfg.ray.storage_path, ext.earlier,
+                                     TrialShape.of(plan.axes, plan.base, cfg.train.epochs,
+                                                   None, False, 0, 2), target)
+            left = trials_left(cfg, plan, [t.params for t in earlier]) if ext.number else None
             budget = plan_budget_of(cfg, plan, job, resource_plan, record, began, resume, echo,
-                                    extending=ext.number > 0)
+                                    left)
             shape = TrialShape.of(plan.axes, plan.base, cfg.train.epochs, budget,
                                   cfg.search.scheduler == "asha", cfg.search.grace_period,
                                   cfg.search.reduction_factor, len(job.val_rows[0]))
-            earlier = earlier_trials(job, plan.axes, cfg.ray.storage_path, ext.earlier, shape,
-                                     target)
-            launch = launched_trials(cfg, plan, budget, shape, earlier)
+            launch = launched_trials(cfg, plan, budget, shape, left)
             if launch["count"] != plan.num_trials:
                 resource_plan = plan_resources(cfg, plan, resources, sizes, launch["count"])
             job = dataclasses.replace(job, train=dataclasses.replace(
                 job.train, num_workers=resource_plan.workers_per_trial))
-            record.set_tags({"visiontune.plan.workers_per_trial":
-                             resource_plan.workers_per_trial,
-                             "visiontune.plan.trials_at_once": resource_plan.concurrent_trials,
-                             "visiontune.plan.in_trial": resource_plan.in_trial,
-                             "visiontune.plan.reason": resource_plan.reason})
-            echo("  " + resource_plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
+            record_plan(cfg, resource_plan, record, echo)
             gate = SweepGate(ext.experiment, shape, plan=budget,
                              deadline=None if budget is None else
                              began + budget_left(cfg, record, resume or ext.number > 0),
                              stop_at_f1=cfg.search.stop_at_f1,
                              stop_no_improvement=cfg.search.stop_no_improvement)
-            echo(f"  search: {cfg.search.mode} with {cfg.search.algorithm}, " + (
-                "halving as the budget planned" if budget else
-                f"scheduler {cfg.search.scheduler}") + (
-                f", {cfg.data.cv_folds}-fold CV per trial" if cfg.data.cv_folds else "") +
-                stop_rules(cfg.search))
+            echo(search_line(cfg, budget))
             progress = ConsoleProgress(echo, console.status, plan.axes, plan.base, shape,
                                        launch["count"])
             outcome = run_search(job, plan.axes, cfg.search, plan=resource_plan,
@@ -105,6 +92,36 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
     return outcome.trials
 
 
+def train_job(cfg: Config, manifest, record):
+    """What every trial trains with, before a trial's own parameters are applied."""
+    from components.training.worker import TrainJob
+
+    return TrainJob(
+        data=cfg.data, augment=cfg.augment, model=cfg.model, train=cfg.train,
+        average=cfg.evaluation.average, seed=cfg.seed,
+        train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
+        num_classes=len(manifest.classes), tracker=record.tracker,
+        decoded=manifest.decoded, system_metrics_s=cfg.tracking.system_metrics_s,
+        group_keys=manifest.group_keys() if cfg.data.cv_folds else {})
+
+
+def record_plan(cfg: Config, resource_plan, record, echo: Echo) -> None:
+    """How the sweep uses the cluster, on the parent run's tags and the console."""
+    record.set_tags({"visiontune.plan.workers_per_trial": resource_plan.workers_per_trial,
+                     "visiontune.plan.trials_at_once": resource_plan.concurrent_trials,
+                     "visiontune.plan.in_trial": resource_plan.in_trial,
+                     "visiontune.plan.reason": resource_plan.reason})
+    echo("  " + resource_plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
+
+
+def search_line(cfg: Config, budget) -> str:
+    """The console's line of what searches and what stops trials."""
+    return (f"  search: {cfg.search.mode} with {cfg.search.algorithm}, " + (
+        "halving as the budget planned" if budget else f"scheduler {cfg.search.scheduler}")
+        + (f", {cfg.data.cv_folds}-fold CV per trial" if cfg.data.cv_folds else "")
+        + stop_rules(cfg.search))
+
+
 def plan_resources(cfg: Config, plan: SearchPlan, resources, sizes: dict[str, int],
                    num_trials: int):
     """How `num_trials` trials use the cluster (`components.tuning.plan.plan_sweep`)."""
@@ -130,7 +147,7 @@ def stop_rules(search) -> str:
 
 
 def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, began: float,
-                   resume: bool, echo: Echo, extending: bool = False):
+                   resume: bool, echo: Echo, left: dict | None = None):
     """`search.budget`'s plan (`components.tuning.budget`): measured and chosen once per
     pipeline run and kept on the parent run, so a resumed run trains the same plan."""
     import json
@@ -153,7 +170,13 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, be
     names = sorted(model_sizes(cfg, plan))
     se = cfg.search
     if se.mode == "random":
-        demand = {n: max(1, se.num_samples // len(names)) for n in names}
+        draws = left["count"] if left else se.num_samples
+        demand = {n: max(1, draws // len(names)) for n in names}
+        draws = 1
+    elif left is not None:   # an extension: the points its run has not run yet
+        demand = {n: sum(family_of(p) == n for p in left["points"]) for n in names}
+        names = [n for n in names if demand[n]] or names
+        demand = {n: max(1, demand[n]) for n in names}
         draws = 1
     else:
         points = grid_points(plan.axes, se.mode, plan.base) or [{}]
@@ -168,9 +191,9 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, be
     if folds > 1:  # a k-fold trial trains every fold and reports once: no halving
         costs = {n: dataclasses.replace(c, epoch_s=c.epoch_s * folds) for n, c in costs.items()}
     # an extension plans what earlier sweeps of the run left of the (larger) budget
-    left = budget_left(cfg, record, extending) - (time.time() - began)
+    seconds = budget_left(cfg, record, left is not None) - (time.time() - began)
     budget = b.plan_budget(
-        left, resource_plan.concurrent_trials, demand, cfg.train.epochs, costs,
+        seconds, resource_plan.concurrent_trials, demand, cfg.train.epochs, costs,
         first_rung=cfg.train.epochs if folds > 1 else min(se.grace_period, cfg.train.epochs),
         eta=se.reduction_factor,
         draws=draws, can_draw_more=any(not a.is_grid for a in plan.axes) and
@@ -199,30 +222,20 @@ def budget_left(cfg: Config, record, resume: bool) -> float:
     return max(0.0, parse_duration(cfg.search.budget) - spent)
 
 
-def launched_trials(cfg: Config, plan: SearchPlan, budget, shape, earlier=()) -> dict:
+def launched_trials(cfg: Config, plan: SearchPlan, budget, shape, left=None) -> dict:
     """What Tune launches: the budget's trials (grid points per family, or random draws), or
-    the configured ones; an extension only what its `earlier` trials have not run."""
+    the configured ones; an extension only what is `left` (`trials_left`)."""
     from components.tuning.budget import planned_points
     from components.tuning.space import grid_points
 
-    se, done = cfg.search, [_grid_part(t.params, plan) for t in earlier]
-    grid = grid_points(plan.axes, se.mode, plan.base) or [{}]
-    if budget is None and not earlier:
-        return {"points": None, "num_samples": None, "count": plan.num_trials}
-    if se.mode == "random":
-        n = budget.trials if budget else max(0, plan.num_trials - len(earlier))
-        return {"points": None, "num_samples": n, "count": n}
     if budget is None:
-        points = grid_left((grid * se.num_samples)[:se.max_trials or None], done)
-    else:
-        points = planned_points(budget, grid_left(grid, done) or grid, shape.family)
+        return left or {"points": None, "num_samples": None, "count": plan.num_trials}
+    if cfg.search.mode == "random":
+        return {"points": None, "num_samples": budget.trials, "count": budget.trials}
+    points = left["points"] if left else grid_points(plan.axes, cfg.search.mode,
+                                                     plan.base) or [{}]
+    points = planned_points(budget, points, shape.family)
     return {"points": points, "num_samples": None, "count": len(points)}
-
-
-def _grid_part(params: dict, plan: SearchPlan) -> dict:
-    """A trial's values of the grid axes: its grid point."""
-    grid = {a.key for a in plan.axes if a.is_grid}
-    return {k: v for k, v in params.items() if k in grid}
 
 
 def record_sweep_end(record, gate, budget, planned: int, trials, seconds: float,

@@ -62,9 +62,9 @@ def test_seeded_optuna_is_told_the_trials_inside_its_space():
     assert searcher.set_search_properties(
         "best_val_f1", "max", {"train.lr": tune.loguniform(0.001, 0.1),
                                "train.optimizer": tune.choice(["adam", "sgd"])})
-    assert searcher.seeded == 2
-    told = sorted(t.value for t in searcher._ot_study.trials)
-    assert told == [0.7, 0.9]
+    assert searcher.told == [({"train.lr": 0.01, "train.optimizer": "adam"}, 0.9),
+                             ({"train.lr": 0.002, "train.optimizer": "adam"}, 0.7)]
+    assert searcher.suggest("t1")["train.lr"] > 0   # and it goes on suggesting
 
 
 def test_extend_refuses_a_run_that_did_not_finish_in_one_line(tmp_path):
