@@ -12,8 +12,18 @@ Pages (one PNG each in --out) and what must be on them:
 - ui_parent_run.png: the parent run's overview (link "this run"): Source, Datasets with the
   training, validation and test inputs (the "+N" of the list opened), tags, registered model,
   and the run's description when it has one;
-- ui_heatmap.png, ui_misclassified.png: the run's Artifacts tab with
-  evaluation/comparison_heatmap.png, then evaluation/misclassified.png selected and shown;
+- ui_heatmap.png, ui_misclassified.png, ui_marginal_effects.png: the run's Artifacts tab with
+  evaluation/comparison_heatmap.png, evaluation/misclassified.png, then
+  evaluation/marginal_effects.png selected and shown;
+- ui_parallel_coordinates.png: the Artifacts tab with evaluation/parallel_coordinates.html,
+  which MLflow shows in a sandboxed iframe: inside it (reached over DevTools as a frame of its
+  own), one `path.trial` line per trial run with a best_val_f1, those trials' ids, and an axis
+  per searched parameter that varies across them, then best_val_f1;
+- ui_chart_parallel.png: MLflow's own "Chart view" of the experiment's runs, filtered to this
+  sweep's trial runs (the parent expanded and hidden), with a parallel coordinates chart over
+  the searched parameters and best_val_f1: its axes named, its lines drawn, the trials listed.
+  The chart is configured the way the UI stores it, in the browser's localStorage (see
+  CHART_STATE_KEY), before the page loads; docs/mlflow.md gives the clicks;
 - ui_model_version.png: the registered model version (link "the version"): its description,
   aliases and the link to its source run.
 
@@ -49,9 +59,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHOTS = {"runs": "ui_experiment.png", "run": "ui_parent_run.png",
          "heatmap": "ui_heatmap.png", "misclassified": "ui_misclassified.png",
+         "marginal_effects": "ui_marginal_effects.png",
+         "parallel": "ui_parallel_coordinates.png", "chart": "ui_chart_parallel.png",
          "model": "ui_model_version.png"}
 ARTIFACTS = {"heatmap": "evaluation/comparison_heatmap.png",
-             "misclassified": "evaluation/misclassified.png"}
+             "misclassified": "evaluation/misclassified.png",
+             "marginal_effects": "evaluation/marginal_effects.png"}
+PARALLEL_HTML = "evaluation/parallel_coordinates.html"
+METRIC = "best_val_f1"  # the trials' score: components.evaluation.comparison.METRIC
+
+# Where MLflow 3.x keeps an experiment page's view (its charts among them): localStorage,
+# LocalStorageUtils.getStoreForComponent("ExperimentPage", JSON.stringify(sorted experiment
+# ids)).saveComponentState(...) in the UI's bundle (mlflow/server/js/build). Read once when the
+# page loads; the UI writes it back itself after every change.
+CHART_STATE_KEY = "MLflowLocalStorage-1.1-ExperimentPage-{ids}-ReactComponentState"
+LISTED_ROWS = 15  # runs that the chart view's list shows in a 900 px window, at least
 
 # Set before the app's code runs: the "Model training" side bar instead of GenAI's, and the
 # assistant panel closed (it opens by itself on a first visit and covers a third of the page).
@@ -190,12 +212,16 @@ class Tab:
             if not future.done():
                 future.set_exception(UIError("Chromium closed the DevTools connection"))
 
-    async def send(self, method: str, timeout: float = 60, **params):
+    async def send(self, method: str, timeout: float = 60, session: str | None = None,
+                   **params):
+        """A DevTools command to the page, or to the target attached as `session`."""
         self.next_id += 1
         future = asyncio.get_running_loop().create_future()
         self.pending[self.next_id] = future
-        await self.ws.send_str(json.dumps({"id": self.next_id, "method": method,
-                                           "params": params}))
+        message = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        await self.ws.send_str(json.dumps(message))
         answer = await asyncio.wait_for(future, timeout)
         if "error" in answer:
             raise UIError(f"DevTools {method}: {answer['error'].get('message')}")
@@ -206,6 +232,43 @@ class Tab:
                                  awaitPromise=True)
         if "exceptionDetails" in result:
             raise UIError(f"page script failed: {result['exceptionDetails'].get('text')}")
+        return result["result"].get("value")
+
+    async def frame_eval(self, url: str, expression: str):
+        """`expression`'s value inside the page's iframe that shows `url`; None while there is
+        none. A sandboxed iframe (MLflow's HTML preview) runs in a process of its own: it is
+        a DevTools target, attached for the call; an iframe in the page's own process is
+        reached through an isolated world of its frame (its DOM, not its scripts' globals)."""
+        frame = next((t for t in (await self.send("Target.getTargets"))["targetInfos"]
+                      if t["type"] == "iframe" and t["url"] == url), None)
+        if frame is not None:
+            session = (await self.send("Target.attachToTarget", targetId=frame["targetId"],
+                                       flatten=True))["sessionId"]
+            try:
+                result = await self.send("Runtime.evaluate", session=session,
+                                         expression=expression, returnByValue=True,
+                                         awaitPromise=True)
+            finally:
+                with contextlib.suppress(UIError, asyncio.TimeoutError):
+                    await self.send("Target.detachFromTarget", timeout=10, sessionId=session)
+        else:
+            def frames(tree):
+                yield tree["frame"]
+                for child in tree.get("childFrames", []):
+                    yield from frames(child)
+            tree = (await self.send("Page.getFrameTree"))["frameTree"]
+            inside = next((f for f in frames(tree) if f.get("parentId") and
+                           f["url"] == url), None)
+            if inside is None:
+                return None
+            world = await self.send("Page.createIsolatedWorld", frameId=inside["id"],
+                                    worldName="ui_screenshots")
+            result = await self.send("Runtime.evaluate", expression=expression,
+                                     contextId=world["executionContextId"],
+                                     returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise UIError(f"script in the iframe failed: "
+                          f"{result['exceptionDetails'].get('text')}")
         return result["result"].get("value")
 
     async def text(self) -> str:
@@ -308,6 +371,42 @@ class Expected:
     datasets: list[tuple[str, str, str]]  # (name, digest, context)
     children: list[str]  # the trial runs' names
     artifacts: dict[str, bool] = field(default_factory=dict)
+    trials: list[Trial] = field(default_factory=list)  # the trial runs
+    searched: list[str] = field(default_factory=list)  # the search space's keys, in order
+
+
+@dataclass
+class Trial:
+    """A trial run as MlflowClient reads it."""
+
+    name: str
+    trial_id: str
+    params: dict[str, str]
+    scored: bool  # it logged a best_val_f1
+
+
+def scored_trials(exp: Expected) -> list[Trial]:
+    return [t for t in exp.trials if t.scored]
+
+
+def varying_axes(exp: Expected) -> list[str]:
+    """The searched keys whose value differs between the scored trials (a trial an axis did
+    not apply to, `when:`, counts as "n/a"): the axes the pipeline's parallel coordinates page
+    draws, best_val_f1 aside (components.evaluation.importance.searched_axes)."""
+    trials = scored_trials(exp)
+    return [k for k in exp.searched if len({t.params.get(k, "n/a") for t in trials}) > 1]
+
+
+def searched_keys(params: dict[str, str], trials: list[Trial]) -> list[str]:
+    """The keys of the run's search space: its `search.space` param (the config's dict, as
+    Python writes it); failing that, every param a trial run logged."""
+    import ast
+
+    with contextlib.suppress(ValueError, SyntaxError, TypeError, MemoryError):
+        space = ast.literal_eval(params.get("search.space", ""))
+        if isinstance(space, dict):
+            return [str(k) for k in space]
+    return list(dict.fromkeys(k for t in trials for k in t.params))
 
 
 def newest_reviewed_run(tracker, model: str):
@@ -325,7 +424,7 @@ def newest_reviewed_run(tracker, model: str):
 
 def expected_content(uri: str, model: str, run_id: str | None) -> Expected:
     from components.registry import get_version, version_of_run
-    from components.tracking import DATASET_CONTEXT_TAG, ROLE_TAG, Tracker
+    from components.tracking import DATASET_CONTEXT_TAG, ROLE_TAG, TRIAL_ID_TAG, Tracker
 
     tracker = Tracker(uri)
     if run_id:
@@ -344,8 +443,11 @@ def expected_content(uri: str, model: str, run_id: str | None) -> Expected:
         context = next((t.value for t in di.tags if t.key == DATASET_CONTEXT_TAG), "")
         datasets.append((di.dataset.name, di.dataset.digest, context))
     listed = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "evaluation")}
-    children = sorted(r.info.run_name for r in tracker.child_runs(run.info.experiment_id,
-                                                                  run.info.run_id))
+    child_runs = tracker.child_runs(run.info.experiment_id, run.info.run_id)
+    children = sorted(r.info.run_name for r in child_runs)
+    trials = [Trial(name=r.info.run_name, trial_id=r.data.tags.get(TRIAL_ID_TAG, ""),
+                    params=dict(r.data.params), scored=METRIC in r.data.metrics)
+              for r in sorted(child_runs, key=lambda r: r.info.run_name or "")]
     return Expected(
         experiment_id=run.info.experiment_id, run_id=run.info.run_id,
         run_name=run.data.tags.get("mlflow.runName", run.info.run_name or ""), model=model,
@@ -353,7 +455,8 @@ def expected_content(uri: str, model: str, run_id: str | None) -> Expected:
         run_description=run.data.tags.get("mlflow.note.content", ""),
         source=run.data.tags.get("mlflow.source.name", ""), datasets=datasets,
         children=children,
-        artifacts={p: p in listed for p in ARTIFACTS.values()})
+        artifacts={p: p in listed for p in (*ARTIFACTS.values(), PARALLEL_HTML)},
+        trials=trials, searched=searched_keys(run.data.params, trials))
 
 
 def markdown_words(text: str) -> list[str]:
@@ -390,18 +493,21 @@ class Review:
         self.results: list[dict] = []
 
     def record(self, page: str, url: str, ok: bool, missing: list[str], seconds: float,
-               notes: list[str] = ()) -> None:
+               notes: list[str] = (), seen: dict | None = None) -> None:
         self.results.append({"page": page, "url": url, "ok": ok, "missing": list(missing),
                              "notes": list(notes), "seconds": round(seconds, 1),
-                             "screenshot": SHOTS[page]})
+                             "screenshot": SHOTS[page], **({"seen": seen} if seen else {})})
         state = "ok" if ok else "MISSING " + "; ".join(missing)
-        print(f"  {page:<13} {state} ({seconds:.1f}s) -> {self.out / SHOTS[page]}", flush=True)
+        print(f"  {page:<16} {state} ({seconds:.1f}s) -> {self.out / SHOTS[page]}", flush=True)
         for note in notes:
-            print(f"  {'':<13} note: {note}", flush=True)
+            print(f"  {'':<16} note: {note}", flush=True)
 
-    async def page(self, name: str, url: str, check, ready=None, prepare=None) -> None:
+    async def page(self, name: str, url: str, check, ready=None, prepare=None,
+                   seen: dict | None = None) -> None:
         """Open `url`; with `prepare`, act on the page (a click) once `ready` holds; wait
-        until `check` holds, the page is quiet; screenshot; record what was missing."""
+        until `check` holds, the page is quiet; screenshot; record what was missing. `seen`:
+        what the last check found (it rewrites the dict), recorded with the page; its
+        "notes" go with the page's notes."""
         start = time.monotonic()
         await self.tab.navigate(url)
         notes: list[str] = []
@@ -417,7 +523,9 @@ class Review:
         if ok:  # what was there before settling must still be there
             ok, missing = await check()
         await self.tab.screenshot(self.out / SHOTS[name])
-        self.record(name, url, ok, missing or [], time.monotonic() - start, notes)
+        if seen:
+            notes = [*notes, *seen.pop("notes", [])]
+        self.record(name, url, ok, missing or [], time.monotonic() - start, notes, seen)
 
     def words(self, *wanted: tuple[str, str]):
         """A check: every (label, text) must be in the page's visible text."""
@@ -525,9 +633,7 @@ class Review:
     async def artifact_page(self, name: str, url: str) -> None:
         path = ARTIFACTS[name]
         file = path.rsplit("/", 1)[-1]
-        words = self.words((f"{path} (the preview's title)", path),
-                           *((f"{p.rsplit('/', 1)[-1]} in the file tree", p.rsplit("/", 1)[-1])
-                             for p in ARTIFACTS.values()))
+        words = self.words((f"{path} (the preview's title)", path), *self.tree())
 
         async def check():
             ok, missing = await words()
@@ -542,6 +648,155 @@ class Review:
                                            f"not list it)"], 0.0)
             return
         await self.page(name, url, check)
+
+    def tree(self) -> list[tuple[str, str]]:
+        """The artifacts' names, as checks that the file tree lists them."""
+        return [(f"{p.rsplit('/', 1)[-1]} in the file tree", p.rsplit("/", 1)[-1])
+                for p in (*ARTIFACTS.values(), PARALLEL_HTML) if self.exp.artifacts.get(p)]
+
+    async def parallel_page(self, url: str) -> None:
+        """The parallel coordinates page in MLflow's HTML preview, checked inside its iframe:
+        one line per scored trial run, those trials, the axes of the varying searched keys
+        and best_val_f1, labels cut off at the frame's edges (a note)."""
+        e = self.exp
+        trials = scored_trials(e)
+        axes = [*varying_axes(e), METRIC]
+        ids = sorted(t.trial_id for t in trials)
+        words = self.words((f"{PARALLEL_HTML} (the preview's title)", PARALLEL_HTML),
+                           *self.tree())
+        inside = """(() => {
+            const svg = document.querySelector('svg');
+            const lines = [...document.querySelectorAll('path.trial')];
+            return {title: (document.querySelector('h3') || {}).textContent || '',
+                lines: lines.length,
+                drawn: lines.filter(p => p.getTotalLength() > 0 &&
+                                         getComputedStyle(p).stroke !== 'none').length,
+                axes: [...document.querySelectorAll('.axis .name')].map(t => t.textContent),
+                ids: typeof DATA === 'undefined' ? null : DATA.trials.map(t => t.id),
+                width: innerWidth, svgWidth: svg ? svg.getBoundingClientRect().width : 0,
+                cut: [...document.querySelectorAll('svg text')].filter(t => {
+                    const r = t.getBoundingClientRect();
+                    return r.width > 0 && (r.left < 0 || r.right > innerWidth);
+                }).map(t => t.textContent)}; })()"""
+        seen: dict = {}
+
+        async def check():
+            ok, missing = await words()
+            frame = await self.tab.eval("""(() => {
+                const f = [...document.querySelectorAll('iframe')].find(f => {
+                    const r = f.getBoundingClientRect(); return r.width > 300 && r.height > 200;
+                });
+                return f ? f.src : null; })()""")
+            try:
+                got = await self.tab.frame_eval(frame, inside) if frame else None
+            except (UIError, asyncio.TimeoutError) as error:  # a frame that came and went
+                got, frame = None, f"{frame}: {error}"
+            seen.clear()
+            if not frame:
+                return False, [*missing, "the page in an iframe (MLflow's HTML preview)"]
+            if not got:
+                return False, [*missing, f"the content of the iframe ({frame}: not reachable "
+                                         f"over DevTools)"]
+            seen.update({"lines": got["lines"], "trials": len(trials), "axes": got["axes"],
+                         "title": got["title"]})
+            if got["lines"] != len(trials) or got["drawn"] != got["lines"]:
+                missing.append(f"one line per trial run with a {METRIC} ({len(trials)}): "
+                               f"{got['lines']} path.trial, {got['drawn']} of them drawn")
+            if got["ids"] is not None and sorted(got["ids"]) != ids:
+                missing.append(f"the trials {ids} (the page draws {sorted(got['ids'])})")
+            if got["axes"] != axes:
+                missing.append(f"the axes {axes} (the page draws {got['axes']})")
+            if got["svgWidth"] > got["width"]:
+                seen["notes"] = [f"the chart ({got['svgWidth']:.0f} px) is wider than the "
+                                 f"preview ({got['width']} px): scroll it sideways"]
+            if got["cut"]:
+                seen.setdefault("notes", []).append(
+                    f"labels cut off at the frame's edge: {got['cut'][:6]}")
+            return not missing, missing
+
+        if not e.artifacts.get(PARALLEL_HTML):
+            self.record("parallel", url, False, [f"artifact {PARALLEL_HTML} (not logged: "
+                                                 f"MlflowClient does not list it)"], 0.0)
+            return
+        await self.page("parallel", url, check, seen=seen)
+
+    def chart_params(self) -> tuple[list[str], list[str]]:
+        """The params for MLflow's parallel coordinates chart, and notes: the searched keys
+        that vary and that every scored trial has (the chart leaves out a run that lacks
+        one); those that every trial has, when none varies."""
+        trials = scored_trials(self.exp)
+        on_all = [k for k in self.exp.searched if trials and all(k in t.params
+                                                                    for t in trials)]
+        varying = varying_axes(self.exp)
+        params = [k for k in varying if k in on_all]
+        notes = []
+        if len(params) < len(varying):
+            notes.append(f"left out of MLflow's chart, not logged by every trial (the chart "
+                         f"would drop those runs): {[k for k in varying if k not in params]}")
+        if not params and on_all:
+            notes.append(f"no searched parameter varies across the trials: the chart shows "
+                         f"{on_all}")
+            params = on_all
+        return params, notes
+
+    async def chart_page(self, url: str) -> None:
+        """MLflow's chart view with the parallel coordinates chart seeded by review():
+        its axes (the params and best_val_f1) named and in view, its lines drawn on its
+        canvas, the trial runs listed beside it."""
+        e = self.exp
+        params, notes = self.chart_params()
+        names = [t.name for t in scored_trials(e)]
+        seen: dict = {}
+
+        async def check():
+            got = await self.tab.eval("""(() => {
+                const svg = [...document.querySelectorAll('svg')].find(
+                    s => s.querySelector('.dimension .label'));
+                const labels = svg ? [...svg.querySelectorAll('.dimension .label')] : [];
+                const canvas = svg && svg.parentElement.parentElement.querySelector(
+                    'canvas.foreground') || document.querySelector('canvas.foreground');
+                let inked = 0;
+                const ctx = canvas && canvas.width && canvas.getContext('2d');
+                if (ctx) {
+                    const d = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+                    for (let i = 3; i < d.length; i += 4) if (d[i] > 0) inked++;
+                }
+                return {labels: labels.map(t => t.textContent),
+                    shown: labels.filter(t => { const r = t.getBoundingClientRect();
+                        return r.width > 0 && r.top >= 0 && r.bottom <= innerHeight &&
+                               r.left >= 0 && r.right <= innerWidth; }).map(t => t.textContent),
+                    inked: inked}; })()""")
+            page = await self.tab.text()
+            missing = [] if "Parallel Coordinates" in page else [
+                "the chart view's 'Parallel Coordinates' chart"]
+            # the list renders the rows in view (and a few more): a long sweep's are not all
+            listed = [n for n in names if n in page]
+            if len(listed) < min(len(names), LISTED_ROWS):
+                missing.append(f"the trial runs in the runs list: "
+                               f"{[n for n in names if n not in listed][:10]} not listed")
+            want = [*params, METRIC]
+            seen.clear()
+            seen.update({"axes": got["labels"], "inked_pixels": got["inked"],
+                         "params": params, "trials_listed": len(listed),
+                         "notes": [*notes, *([f"{len(listed)} of the {len(names)} trial runs "
+                                              f"in the list's rows in view"]
+                                            if len(listed) < len(names) else [])]})
+            if sorted(got["labels"]) != sorted(want):
+                missing.append(f"the axes {want} (the chart has {got['labels']}; MLflow did "
+                               f"not take the chart from localStorage "
+                               f"{CHART_STATE_KEY.format(ids=json.dumps([e.experiment_id]))}?)")
+            elif sorted(got["shown"]) != sorted(want):
+                missing.append(f"the axis names in view: "
+                               f"{[k for k in want if k not in got['shown']]}")
+            if not got["inked"]:
+                missing.append("the chart's lines (its canvas is blank)")
+            return not missing, missing
+
+        if not params:
+            self.record("chart", url, False, ["a searched parameter logged by the trial runs "
+                                              f"(searched: {e.searched})"], 0.0, notes)
+            return
+        await self.page("chart", url, check, seen=seen)
 
     async def version_page(self, url: str) -> None:
         e = self.exp
@@ -570,6 +825,42 @@ class Review:
         await self.page("model", url, check)
 
 
+def chart_url(links: dict[str, str], exp: Expected) -> str:
+    """The experiment's runs in MLflow's chart view, filtered to this sweep's trial runs (the
+    UI adds their parent run to the list)."""
+    from urllib.parse import quote, urlencode
+
+    query = {"compareRunsMode": "CHART",
+             "searchFilter": f"tags.mlflow.parentRunId = '{exp.run_id}'"}
+    return f"{links['runs']}?{urlencode(query, quote_via=quote)}"
+
+
+def chart_state(exp: Expected, params: list[str]) -> dict[str, str]:
+    """The localStorage entry that makes the experiment page open with one section, "Sweep
+    review", holding a parallel coordinates chart of `params` and best_val_f1 over the
+    visible runs: the parent run expanded (its trials listed) and hidden (its config's
+    values are not a trial's). The fields are those of MLflow's RunsChartsParallelCardConfig
+    and of the experiment page's UI state; the UI fills in the rest with its defaults."""
+    section = "visiontune-sweep-review"
+    state = {
+        "compareRunCharts": [{
+            "uuid": "visiontune-parallel", "type": "PARALLEL", "runsCountToCompare": 100,
+            "metricSectionId": section, "deleted": False, "isGenerated": False,
+            "selectedParams": params, "selectedMetrics": [METRIC], "showAllRuns": False}],
+        "compareRunSections": [{
+            "uuid": section, "name": "Sweep review", "display": True, "isReordered": False,
+            "deleted": False, "isGenerated": False, "columns": 1, "cardHeight": 540}],
+        "runsExpanded": {exp.run_id: True},
+        "runsHiddenMode": "CUSTOM", "runsHidden": [exp.run_id],
+        "runsVisibilityMap": {exp.run_id: False}}
+    return {CHART_STATE_KEY.format(ids=json.dumps([exp.experiment_id])): json.dumps(state)}
+
+
+def local_storage_script(items: dict[str, str]) -> str:
+    return "".join(f"try {{ localStorage.setItem({json.dumps(k)}, {json.dumps(v)}); }} "
+                   f"catch (e) {{}}\n" for k, v in items.items())
+
+
 async def review(exp: Expected, links: dict[str, str], out: Path, browser_path: str,
                  width: int, height: int, timeout: float, pages=tuple(SHOTS)) -> list[dict]:
     import aiohttp
@@ -584,9 +875,8 @@ async def review(exp: Expected, links: dict[str, str], out: Path, browser_path: 
             await tab.send("Network.enable")
             await tab.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
                            deviceScaleFactor=1, mobile=False)
-            await tab.send("Page.addScriptToEvaluateOnNewDocument", source="".join(
-                f"try {{ localStorage.setItem({json.dumps(k)}, {json.dumps(v)}); }} "
-                f"catch (e) {{}}\n" for k, v in LOCAL_STORAGE.items()))
+            await tab.send("Page.addScriptToEvaluateOnNewDocument",
+                           source=local_storage_script(LOCAL_STORAGE))
             r = Review(tab, exp, out, timeout)
             if "runs" in pages:
                 await r.runs_table(links["runs"])
@@ -595,6 +885,18 @@ async def review(exp: Expected, links: dict[str, str], out: Path, browser_path: 
             for name, path in ARTIFACTS.items():
                 if name in pages:
                     await r.artifact_page(name, f"{links['run']}/artifacts/{path}")
+            if "parallel" in pages:
+                await r.parallel_page(f"{links['run']}/artifacts/{PARALLEL_HTML}")
+            if "chart" in pages:
+                # only for this page: the runs table above opens as the UI's default
+                seed = await tab.send("Page.addScriptToEvaluateOnNewDocument",
+                                      source=local_storage_script(
+                                          chart_state(exp, r.chart_params()[0])))
+                try:
+                    await r.chart_page(chart_url(links, exp))
+                finally:
+                    await tab.send("Page.removeScriptToEvaluateOnNewDocument",
+                                   identifier=seed["identifier"])
             if "model" in pages:
                 await r.version_page(links["model"])
             tab.reader.cancel()
