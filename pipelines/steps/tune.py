@@ -63,7 +63,8 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
                              began + budget_left(cfg, record, resume or ext.number > 0),
                              stop_at_f1=cfg.search.stop_at_f1,
                              stop_no_improvement=cfg.search.stop_no_improvement)
-            echo(search_line(cfg, budget))
+            seeds = seeds or seeds_of(earlier)
+            echo(search_line(cfg, budget, len(seeds)))
             progress = ConsoleProgress(echo, console.status, plan.axes, plan.base, shape,
                                        launch["count"])
             outcome = run_search(job, plan.axes, cfg.search, plan=resource_plan,
@@ -74,7 +75,7 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
                                  launch=Launch(launch["points"], launch["num_samples"],
                                                None if budget else _trial_cost(cfg, sizes,
                                                                                resource_plan),
-                                               seeds=seeds or seeds_of(earlier)),
+                                               seeds=seeds),
                                  earlier=tuple(earlier))
         counts = {s: sum(t.status == s for t in outcome.trials)
                   for s in ("FINISHED", "KILLED", "FAILED")}
@@ -114,9 +115,11 @@ def record_plan(cfg: Config, resource_plan, record, echo: Echo) -> None:
     echo("  " + resource_plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
 
 
-def search_line(cfg: Config, budget) -> str:
+def search_line(cfg: Config, budget, seeds: int = 0) -> str:
     """The console's line of what searches and what stops trials."""
-    return (f"  search: {cfg.search.mode} with {cfg.search.algorithm}, " + (
+    told = (f", told {seeds} earlier trials first" if seeds and cfg.search.algorithm == "optuna"
+            else "")
+    return (f"  search: {cfg.search.mode} with {cfg.search.algorithm}{told}, " + (
         "halving as the budget planned" if budget else f"scheduler {cfg.search.scheduler}")
         + (f", {cfg.data.cv_folds}-fold CV per trial" if cfg.data.cv_folds else "")
         + stop_rules(cfg.search))

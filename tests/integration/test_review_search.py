@@ -183,7 +183,7 @@ def test_a_random_search_extended_from_two_trials_to_four(tmp_path, local_ray, m
 
 
 def test_warm_start_tells_a_new_runs_optuna_the_trials_of_another(tmp_path, local_ray,
-                                                                   monkeypatch, capsys):
+                                                                   monkeypatch, capfd):
     """`visiontune run --warm-start ID ...`: a new run (its own parent run), recorded as
     warm-started from ID, whose Optuna is told ID's trials first; refused for grid search."""
     from pipelines.cli import main
@@ -197,10 +197,10 @@ def test_warm_start_tells_a_new_runs_optuna_the_trials_of_another(tmp_path, loca
               "search.algorithm=optuna", "registry.model_name=warm-model",
               "search.space={train.lr: {loguniform: [0.0005, 0.02]}}"]
     first = run_training_pipeline(load_config([*common, "search.num_samples=3"]))
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["run", "--warm-start", first.pipeline_id, *common,
                  "search.num_samples=2"]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert (f"warm start: Optuna is told the 3 trials of {first.pipeline_id} inside this "
             "search space first (of 3;") in out
     client = MlflowClient(uri)
@@ -211,7 +211,14 @@ def test_warm_start_tells_a_new_runs_optuna_the_trials_of_another(tmp_path, loca
     # a grid cannot use them
     assert main(["run", "--warm-start", first.pipeline_id, *common[:-4],
                  "search.mode=grid", "search.space={train.lr: {grid: [0.01]}}"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "set search.algorithm=optuna" in err[0], err
     assert len(client.search_runs([runs[0].info.experiment_id],
                                   "tags.`visiontune.role` = 'pipeline'")) == 2   # none made
+    # an Optuna run extended: its TPE told its own 3 trials before the 4th
+    assert main(["run", "--extend", first.pipeline_id, "search.num_samples=4",
+                 f"tracking.uri={uri}"]) == 0
+    out = capfd.readouterr().out
+    # (capfd: during the sweep the console writes to the terminal's own descriptor)
+    assert "search: random with optuna, told 3 earlier trials first" in out
+    assert len(_children(client, first.parent_run_id)) == 4
