@@ -152,9 +152,10 @@ def _groups(df: pd.DataFrame, axis) -> pd.Series:
     if axis.is_categorical or numbers.nunique() <= 4:
         return _text(values)
     bins = pd.qcut(numbers, 4, duplicates="drop")
-    fmt = "{:.2g}"
-    labels = bins.map(lambda i: f"{fmt.format(i.left)}-{fmt.format(i.right)}"
-                      if isinstance(i, pd.Interval) else MISSING)
+    # named by the values drawn in each quartile (qcut's own edges reach below the smallest)
+    span = numbers.groupby(bins, observed=True).agg(["min", "max"])
+    names = {b: f"{lo:.2g}-{hi:.2g}" for b, (lo, hi) in span.iterrows()}
+    labels = bins.map(lambda b: names.get(b, MISSING))
     return labels.astype(object).where(numbers.notna(), MISSING).astype(str)
 
 
@@ -204,9 +205,13 @@ def plot_marginal_effects(result: Importance):
     if e.empty:
         return None
     params = list(dict.fromkeys(e["param"]))
-    fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params) + 0.8, 3.6),
+    cols = min(3, len(params))   # rows of three: readable in MLflow's artifact preview
+    rows = -(-len(params) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.8, 3.2 * rows + 0.6),
                              squeeze=False, sharey=True, layout="constrained")
-    for ax, param in zip(axes[0], params):
+    for ax in axes.flat[len(params):]:
+        ax.set_visible(False)
+    for ax, param in zip(axes.flat, params):
         part = e[e["param"] == param].reset_index(drop=True)
         x = np.arange(len(part))
         err = np.vstack([(part["mean_val_f1"] - part["low"]).fillna(0),
@@ -219,7 +224,8 @@ def plot_marginal_effects(result: Importance):
         ax.set_xlim(-0.5, len(part) - 0.5)
         ax.set_title(param, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("mean best val F1 (95% interval)")
+    for row in axes:
+        row[0].set_ylabel("mean best val F1 (95% interval)")
     fig.suptitle(f"marginal effect of each searched axis over {result.trials} trials",
                  fontsize=10)
     return fig

@@ -69,9 +69,15 @@ font-size:12px;display:none;white-space:pre}
 <svg id="pc" xmlns="http://www.w3.org/2000/svg"></svg><div id="tip"></div>
 <script>
 const DATA = %(data)s;
-const W = Math.max(640, 150 * DATA.axes.length), H = 420, TOP = 40, BOTTOM = 40, LEFT = 60;
+// The longest tick label of the first axis sets the left margin (about 7 px a character);
+// the drawing scales to the frame it is shown in (MLflow's preview is narrower than a page).
+const longest = Math.max(4, ...DATA.axes[0].type === "cat"
+  ? DATA.axes[0].values.map(v => String(v).length) : [6]);
+const LEFT = 16 + 7 * longest, W = LEFT + 150 * Math.max(1, DATA.axes.length - 1) + 40;
+const H = 420, TOP = 40, BOTTOM = 40;
 const svg = document.getElementById("pc"), tip = document.getElementById("tip");
-svg.setAttribute("width", W + LEFT); svg.setAttribute("height", H);
+svg.setAttribute("viewBox", "0 0 " + W + " " + H); svg.setAttribute("width", "100%");
+svg.style.maxWidth = W + "px";
 const NS = "http://www.w3.org/2000/svg";
 function el(name, attrs, parent, text) {
   const e = document.createElementNS(NS, name);
@@ -86,7 +92,7 @@ function colour(t) {
   const c = VIRIDIS[i].map((v, k) => Math.round(v + f * (VIRIDIS[i + 1][k] - v)));
   return "rgb(" + c.join(",") + ")";
 }
-const x = i => LEFT + i * (W - LEFT) / Math.max(1, DATA.axes.length - 1);
+const x = i => LEFT + i * (W - LEFT - 40) / Math.max(1, DATA.axes.length - 1);
 function y(axis, v) {   // pixel of a value; "n/a" and missing numbers sit below the axis
   const lo = TOP, hi = H - BOTTOM;
   if (axis.type === "cat") {

@@ -128,6 +128,7 @@ def test_a_conditional_axis_that_did_not_apply_is_its_own_value():
     # the continuous axis is cut into quartiles of the drawn values plus its 'n/a'
     lr = result.effects[result.effects.param == "train.lr"]
     assert lr["n"].sum() == 12 and "n/a" in set(lr["value"])
+    assert not any(v.startswith("-") for v in lr["value"])   # named by the values drawn
 
 
 def test_all_trials_scoring_the_same_are_not_ranked():
