@@ -15,6 +15,9 @@ Pages (one PNG each in --out) and what must be on them:
 - ui_heatmap.png, ui_misclassified.png, ui_marginal_effects.png: the run's Artifacts tab with
   evaluation/comparison_heatmap.png, evaluation/misclassified.png, then
   evaluation/marginal_effects.png selected and shown;
+- ui_param_importance.png: the same with evaluation/param_importance.png, only when the run
+  logged it (importance refuses a sweep with too few scored trials): without `--pages` it is
+  skipped when absent, named in `--pages` it must be there;
 - ui_parallel_coordinates.png: the Artifacts tab with evaluation/parallel_coordinates.html,
   which MLflow shows in a sandboxed iframe: inside it (reached over DevTools as a frame of its
   own), one `path.trial` line per trial run with a best_val_f1, those trials' ids, and an axis
@@ -59,12 +62,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHOTS = {"runs": "ui_experiment.png", "run": "ui_parent_run.png",
          "heatmap": "ui_heatmap.png", "misclassified": "ui_misclassified.png",
-         "marginal_effects": "ui_marginal_effects.png",
+         "importance": "ui_param_importance.png", "marginal_effects": "ui_marginal_effects.png",
          "parallel": "ui_parallel_coordinates.png", "chart": "ui_chart_parallel.png",
          "model": "ui_model_version.png"}
 ARTIFACTS = {"heatmap": "evaluation/comparison_heatmap.png",
              "misclassified": "evaluation/misclassified.png",
+             "importance": "evaluation/param_importance.png",
              "marginal_effects": "evaluation/marginal_effects.png"}
+OPTIONAL = {"importance"}  # taken by default only when the run logged its artifact
 PARALLEL_HTML = "evaluation/parallel_coordinates.html"
 METRIC = "best_val_f1"  # the trials' score: components.evaluation.comparison.METRIC
 
@@ -862,7 +867,10 @@ def local_storage_script(items: dict[str, str]) -> str:
 
 
 async def review(exp: Expected, links: dict[str, str], out: Path, browser_path: str,
-                 width: int, height: int, timeout: float, pages=tuple(SHOTS)) -> list[dict]:
+                 width: int, height: int, timeout: float, pages=tuple(SHOTS),
+                 skip_absent=frozenset()) -> list[dict]:
+    """The pages in `pages`; one in `skip_absent` whose artifact the run did not log is left
+    out instead of failing."""
     import aiohttp
 
     browser = Browser(browser_path, width, height)
@@ -883,7 +891,7 @@ async def review(exp: Expected, links: dict[str, str], out: Path, browser_path: 
             if "run" in pages:
                 await r.run_page(links["run"])
             for name, path in ARTIFACTS.items():
-                if name in pages:
+                if name in pages and not (name in skip_absent and not exp.artifacts.get(path)):
                     await r.artifact_page(name, f"{links['run']}/artifacts/{path}")
             if "parallel" in pages:
                 await r.parallel_page(f"{links['run']}/artifacts/{PARALLEL_HTML}")
@@ -919,8 +927,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "of the model's challenger/champion version)")
     p.add_argument("--printed", type=Path,
                    help="what `visiontune run` printed: its review links must be these pages")
-    p.add_argument("--pages", nargs="+", choices=list(SHOTS), default=list(SHOTS),
-                   help="only these pages (default: all)")
+    p.add_argument("--pages", nargs="+", choices=list(SHOTS),
+                   help="only these pages (default: all; importance only when the run logged "
+                        "evaluation/param_importance.png)")
     p.add_argument("--browser", help="Chromium binary (default: chromium on PATH)")
     p.add_argument("--width", type=int, default=1400)
     p.add_argument("--height", type=int, default=900)
@@ -963,7 +972,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ui_screenshots: run {exp.run_name} ({exp.run_id}), {exp.model} version "
               f"{exp.version}, {uri}", flush=True)
         results = asyncio.run(review(exp, links, args.out, browser, args.width, args.height,
-                                     args.timeout, args.pages))
+                                     args.timeout, args.pages or list(SHOTS),
+                                     frozenset() if args.pages else frozenset(OPTIONAL)))
     except UIError as e:
         print(f"ui_screenshots: FAILED: {e}", file=sys.stderr)
         return 1
