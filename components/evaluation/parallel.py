@@ -53,7 +53,7 @@ def parallel_data(board: pd.DataFrame, axes) -> dict:
 
 
 _PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>%(title)s</title>
+<html><head><meta charset="utf-8"><title>__TITLE__</title>
 <style>
 body{font:13px system-ui,sans-serif;margin:12px;color:#222}
 h3{margin:0 0 4px} p{margin:2px 0 8px;color:#555}
@@ -64,11 +64,11 @@ path.trial.off{stroke:#ccc!important;opacity:.25}
 #tip{position:fixed;pointer-events:none;background:#fff;border:1px solid #999;padding:4px 6px;
 font-size:12px;display:none;white-space:pre}
 </style></head><body>
-<h3>%(title)s</h3>
-<p>%(subtitle)s</p>
+<h3>__TITLE__</h3>
+<p>__SUBTITLE__</p>
 <svg id="pc" xmlns="http://www.w3.org/2000/svg"></svg><div id="tip"></div>
 <script>
-const DATA = %(data)s;
+const DATA = __DATA__;
 // The longest tick label of the first axis sets the left margin (about 7 px a character);
 // the drawing scales to the frame it is shown in (MLflow's preview is narrower than a page).
 const longest = Math.max(4, ...DATA.axes[0].type === "cat"
@@ -177,5 +177,6 @@ def parallel_coordinates_html(board: pd.DataFrame, axes) -> str | None:
                 "click an axis name to clear it.")
     # JSON inside <script>: "</" cannot end the script early
     payload = json.dumps(data, allow_nan=False, default=lambda v: None).replace("</", "<\\/")
-    return _PAGE % {"title": html.escape(title), "subtitle": html.escape(subtitle),
-                    "data": payload}
+    # placeholders, not %-formatting: the page's CSS and script hold "%" of their own
+    return (_PAGE.replace("__TITLE__", html.escape(title))
+            .replace("__SUBTITLE__", html.escape(subtitle)).replace("__DATA__", payload))
