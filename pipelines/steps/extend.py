@@ -66,13 +66,19 @@ def begin_extension(cfg: Config, before: Config, record, manifest, echo: Echo) -
     import yaml
 
     from components.config import to_dict
+    from components.errors import first_line
     from components.tuning.driver import earlier_params
     from pipelines.steps.common import plan_search
 
     check_data_unchanged(cfg, manifest, record.pipeline_id)
     ext = Extension(record.pipeline_id, extension_of(record).number + 1)
     plan = plan_search(cfg)
-    ran = earlier_params(cfg.ray.storage_path, ext.earlier, plan.axes, plan.base)
+    try:
+        ran = earlier_params(cfg.ray.storage_path, ext.earlier, plan.axes, plan.base)
+    except Exception as e:   # the sweeps' own records are what an extension keeps
+        raise ConfigError(f"--extend {record.pipeline_id}: its trials cannot be read back "
+                          f"from ray.storage_path={cfg.ray.storage_path} ({first_line(e)}); "
+                          "an extension needs the run's Tune experiments there") from None
     if not trials_left(cfg, plan, ran)["count"]:
         raise ConfigError(f"--extend {record.pipeline_id}: its {len(ran)} trials already cover "
                           "every point of this search; a larger budget adds nothing to run "
