@@ -352,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except Interrupted as e:
         pipeline_id = getattr(e, "pipeline_id", None)
+        if getattr(e, "extension", False):
+            _report(f"interrupted by {e}: the extension of run {pipeline_id} stopped and "
+                    "registered nothing; the run keeps its finished sweep and version; "
+                    f"continue the extension with: visiontune run --resume {pipeline_id}",
+                    debug)
+            return e.exit_code
         _report(f"interrupted by {e}" + (
             f": run {pipeline_id} is recorded as KILLED, nothing was registered; continue it "
             f"with: visiontune run --resume {pipeline_id}" if pipeline_id else ""), debug)

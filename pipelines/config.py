@@ -216,6 +216,9 @@ def extend_config(pipeline_id: str, overrides: list[str] | None = None):
                                  (*EXTEND_KEYS, *RESUME_OVERRIDES),
                                  "--extend adds trials to the run's own experiment")
     status = record.status()
+    if record.run().data.tags.get("visiontune.extension_state") in ("running", "stopped"):
+        raise ConfigError(f"--extend {pipeline_id}: its last extension did not finish; "
+                          f"continue it with: visiontune run --resume {pipeline_id}")
     if status != "FINISHED":
         raise ConfigError(f"--extend {pipeline_id}: the run did not finish (status {status}); "
                           f"continue it with: visiontune run --resume {pipeline_id}")

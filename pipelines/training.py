@@ -124,12 +124,12 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
             _evaluate_and_register(cfg, plan, manifest, trials, record, ext, guard, echo)
         except Interrupted as e:
             with guard.deferring():
-                _close(record, "KILLED", echo)
-            e.pipeline_id = record.pipeline_id
+                _close(record, "KILLED", echo, ext)
+            e.pipeline_id, e.extension = record.pipeline_id, bool(ext and ext.number)
             raise
         except BaseException as e:
             with guard.deferring():
-                _close(record, "FAILED", echo)
+                _close(record, "FAILED", echo, ext)
             failure = _failure(e, cfg, record.pipeline_id)
             if failure is e:
                 raise
@@ -151,6 +151,11 @@ def _open(cfg: Config, resume: str | None, extend_from: Config | None,
     if extend_from is not None:
         manifest = steps.prepare_data(cfg, record, echo)
         return record, steps.begin_extension(cfg, extend_from, record, manifest, echo), manifest
+    if resume and steps.extension_pending(record):
+        if record.status() == "FINISHED":   # a stopped extension: the run stayed FINISHED
+            record.reopen()
+        echo(f"[visiontune] continuing extension {steps.extension_of(record).number} of "
+             f"pipeline {record.pipeline_id}")
     return record, steps.extension_of(record) if resume else None, None
 
 
@@ -171,7 +176,7 @@ def _evaluate_and_register(cfg: Config, plan, manifest, trials, record, ext, gua
              "registered again")
         steps.log_search_review(plan, trials, steps.sweep_importance(cfg, plan, trials, echo),
                                 record)
-        record.close("FINISHED")
+        _finish(record, suffix)
         return
     evaluation = steps.evaluate_best(cfg, plan, manifest, trials, record, echo, suffix)
     wait_and_send(record.tracker, record.pipeline_id, echo)   # gone again meanwhile?
@@ -179,14 +184,29 @@ def _evaluate_and_register(cfg: Config, plan, manifest, trials, record, ext, gua
     # version of a run that is not FINISHED.
     with guard.deferring():
         steps.register_best(cfg, manifest, evaluation, record, echo, suffix)
-        record.close("FINISHED")
+        _finish(record, suffix)
 
 
-def _close(record, status: str, echo) -> None:
+def _finish(record, suffix: str) -> None:
+    from pipelines.steps.extend import EXTENSION_STATE_TAG
+
+    if suffix:
+        record.set_tags({EXTENSION_STATE_TAG: "done"})
+    record.close("FINISHED")
+
+
+def _close(record, status: str, echo, ext=None) -> None:
     """Close the parent and every trial run still open. The store itself may be what
-    failed: then the runs stay open until `--resume` continues them."""
+    failed: then the runs stay open until `--resume` continues them. A stopped extension
+    leaves the parent FINISHED (its version is the one it finished with), tagged stopped."""
     from components.tracking import first_line
     from components.tracking.server import is_unreachable
+    from pipelines.steps.extend import EXTENSION_STATE_TAG
+
+    if ext is not None and ext.number:
+        with contextlib.suppress(Exception):
+            record.set_tags({EXTENSION_STATE_TAG: "stopped"})
+        status = "FINISHED"
 
     for attempt in range(3):  # a busy store (SQLite locked by a dying trial) gets a retry
         try:

@@ -154,7 +154,8 @@ def _groups(df: pd.DataFrame, axis) -> pd.Series:
     bins = pd.qcut(numbers, 4, duplicates="drop")
     # named by the values drawn in each quartile (qcut's own edges reach below the smallest)
     span = numbers.groupby(bins, observed=True).agg(["min", "max"])
-    names = {b: f"{lo:.2g}-{hi:.2g}" for b, (lo, hi) in span.iterrows()}
+    names = {b: f"Q{i + 1}: {lo:.3g} to {hi:.3g}"        # numbered: never two alike
+             for i, (b, (lo, hi)) in enumerate(span.iterrows())}
     labels = bins.map(lambda b: names.get(b, MISSING))
     return labels.astype(object).where(numbers.notna(), MISSING).astype(str)
 

@@ -146,10 +146,12 @@ DATA.axes.forEach((a, i) => {
     const hit = el("rect", {x: x(i) - 8, y: TOP, width: 16, height: H - BOTTOM - TOP,
                             fill: "transparent"}, g);
     hit.addEventListener("mousedown", e => {
-      const box = svg.getBoundingClientRect(), y0 = e.clientY - box.top;
+      // screen pixels to the drawing's own units: the page scales to its frame
+      const box = svg.getBoundingClientRect(), at = c => (c - box.top) * H / box.height;
+      const y0 = at(e.clientY);
       g.querySelectorAll(".brush").forEach(b => b.remove());
       const b = el("rect", {x: x(i) - 8, y: y0, width: 16, height: 1, class: "brush"}, g);
-      const move = m => { const y1 = m.clientY - box.top;
+      const move = m => { const y1 = at(m.clientY);
         b.setAttribute("y", Math.min(y0, y1)); b.setAttribute("height", Math.abs(y1 - y0));
         const [lo, hi] = [Math.min(y0, y1), Math.max(y0, y1)];
         keep[a.key] = v => v !== null && y(a, v) >= lo && y(a, v) <= hi; refresh(); };
@@ -175,8 +177,9 @@ def parallel_coordinates_html(board: pd.DataFrame, axes) -> str | None:
     subtitle = ("One line per trial, coloured by best val F1 (yellow best). Hover a line for "
                 "its trial; click a value or drag along a numeric axis to keep those trials; "
                 "click an axis name to clear it.")
-    # JSON inside <script>: "</" cannot end the script early
-    payload = json.dumps(data, allow_nan=False, default=lambda v: None).replace("</", "<\\/")
+    # JSON inside <script>: no "<" at all, so neither "</script>" nor "<!--" can end or
+    # change the script (JSON reads "\\u003c" as "<")
+    payload = json.dumps(data, allow_nan=False, default=lambda v: None).replace("<", "\\u003c")
     # placeholders, not %-formatting: the page's CSS and script hold "%" of their own
     return (_PAGE.replace("__TITLE__", html.escape(title))
             .replace("__SUBTITLE__", html.escape(subtitle)).replace("__DATA__", payload))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,9 +64,16 @@ class Tracker:
         self.uri = uri
         self.journal = journal   # where writes go while the server does not answer
         self._client: MlflowClient | None = None
+        # one writer at a time: rank 0's epochs and its system-metrics sampler share the
+        # journal (its sequence numbers and temp names) and its sending
+        self._lock = threading.RLock()
 
     def __getstate__(self):
         return {"uri": self.uri, "journal": self.journal, "_client": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     @property
     def client(self) -> MlflowClient:
@@ -249,17 +257,21 @@ class Tracker:
         journal = self.journal
         if journal is None:
             return self._apply(op, list(args))
+        with self._lock:
+            self._write_or_journal(journal, op, list(args))
+
+    def _write_or_journal(self, journal: Journal, op: str, args: list) -> None:
         if journal.down_since is not None and not self._back():
-            journal.append(op, list(args))
+            journal.append(op, args)
             return
         try:
-            self._apply(op, list(args))
+            self._apply(op, args)
         except Exception as e:
             if not is_unreachable(e):
                 raise
             journal.down_since = journal.down_since or time.time()
             journal.probed = time.monotonic()
-            journal.append(op, list(args))
+            journal.append(op, args)
 
     def _back(self) -> bool:
         """Whether the server answers again (asked at most every PROBE_EVERY_S); if it does,
@@ -282,7 +294,10 @@ class Tracker:
     def send_journal(self) -> int:
         """Send every process's journaled records (the driver's part: writers that died,
         the end of a sweep, a resume); returns how many."""
-        return 0 if self.journal is None else self.journal.send(self._apply, keep=is_unreachable)
+        if self.journal is None:
+            return 0
+        with self._lock:
+            return self.journal.send(self._apply, keep=is_unreachable)
 
     def until_up(self, read: Callable[[], T]) -> T:
         """`read()`, asked again every PROBE_EVERY_S while the server does not answer and the

@@ -95,7 +95,12 @@ class SystemSampler:
         self._thread.join(timeout=self.every_s + 5)
         self._stop.clear()
         self._log_one()
-        self._stop.set()
-        self.tracker.log_metrics(self.run_id, {PREFIX + "sampler_cpu_seconds": self.cpu_s},
-                                 step=self.step)
+        if not self._stop.is_set():   # that sample was logged: so is the sampler's cost
+            self._stop.set()
+            try:
+                self.tracker.log_metrics(self.run_id,
+                                         {PREFIX + "sampler_cpu_seconds": self.cpu_s},
+                                         step=self.step)
+            except Exception as e:   # never the reason a trial fails
+                print(f"visiontune: system metrics of run {self.run_id}: {e}", flush=True)
         return self.cpu_s

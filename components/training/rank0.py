@@ -20,8 +20,9 @@ def _sampler(job, node_id: str):
 
     tracker, run_id = job.tracker, job.mlflow_run_id
     history = tracker.until_up(lambda: tracker.metric_history(run_id, SYSTEM_KEY))
-    journaled = tracker.journal.max_step(run_id, SYSTEM_KEY) if tracker.journal else -1
-    step = max([m.step for m in history] + [journaled]) + 1
+    journaled = tracker.journal.max_step(run_id, SYSTEM_KEY) if tracker.journal else 0
+    steps = [m.step for m in history] + ([journaled] if journaled else [])
+    step = max(steps) + 1 if steps else 0
     return SystemSampler(tracker, run_id, job.system_metrics_s, start_step=step).start()
 
 

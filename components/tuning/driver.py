@@ -300,10 +300,16 @@ def earlier_trials(job: TrainJob, axes: list[Axis], storage_path: str, names: tu
     """The trials of finished sweeps `names` of this run, read from their Tune experiments
     (nothing runs): what an extension keeps."""
     sections = {s: getattr(job, s) for s in TRIAL_SECTIONS}
-    run_ids = _trial_run_ids(target, wait=True) if names else {}
-    return [_result_of(result, shape, run_ids, axes, sections,
-                       storage.join(storage_path, name, "train"))
-            for name, result in _finished_results(storage_path, names)]
+    runs = (target.tracker.until_up(lambda: target.tracker.child_runs(
+        target.experiment_id, target.parent_run_id)) if names and target else [])
+    run_ids = {r.data.tags.get("visiontune.trial_id", ""): r.info.run_id for r in runs}
+    # how each ended as its own sweep recorded it (its plan's epochs, not this sweep's)
+    ended = {r.data.tags.get("visiontune.trial_id", ""): r.info.status for r in runs
+             if r.info.status in ("FINISHED", "KILLED", "FAILED")}
+    trials = [_result_of(result, shape, run_ids, axes, sections,
+                         storage.join(storage_path, name, "train"))
+              for name, result in _finished_results(storage_path, names)]
+    return [dataclasses.replace(t, status=ended.get(t.trial_id, t.status)) for t in trials]
 
 
 def earlier_params(storage_path: str, names: tuple[str, ...], axes: list[Axis],

@@ -29,18 +29,28 @@ class SeededOptuna(OptunaSearch):
                         v = dist.choices[0] if hasattr(dist, "choices") else dist.low
                     if not _inside(dist, v):
                         break
-                    point[key] = v
+                    point[key] = int(v) if type(dist).__name__ == "IntDistribution" else v
                 else:
-                    self.add_evaluated_point(point, float(value))
+                    try:
+                        self.add_evaluated_point(point, float(value))
+                    except ValueError:   # whatever Optuna still refuses is left out
+                        continue
                     self.told.append((point, float(value)))
         return ok
 
 
 def _inside(dist, value) -> bool:
-    """Whether an Optuna distribution holds `value`."""
+    """Whether an Optuna distribution holds `value`: a choice, or a number in range, on its
+    step and an integer where the distribution is one."""
     if hasattr(dist, "choices"):
         return value in dist.choices
     try:
-        return dist.low <= float(value) <= dist.high
+        v = float(value)
     except (TypeError, ValueError):
         return False
+    if not dist.low <= v <= dist.high:
+        return False
+    if type(dist).__name__ == "IntDistribution" and v != int(v):
+        return False
+    step = getattr(dist, "step", None)
+    return not step or abs((v - dist.low) / step - round((v - dist.low) / step)) < 1e-9

@@ -44,13 +44,15 @@ from pipelines.steps.extend import (
     begin_extension,
     best_so_far,
     extension_of,
+    extension_pending,
     warm_start_seeds,
 )
 from pipelines.steps.tune import SearchStopped, model_sizes, tune_trials
 
 __all__ = ["DATASET_CONTEXTS", "DECODED_TAG", "MODEL_URI_TAG", "NOTE_TAG",
            "VERSION_TAG", "Echo", "Evaluation", "Extension", "SearchPlan", "SearchStopped",
-           "begin_extension", "best_so_far", "evaluate_best", "extension_of", "git_commit",
+           "begin_extension", "best_so_far", "evaluate_best", "extension_of",
+           "extension_pending", "git_commit",
            "log_search_review", "log_split_datasets", "model_sizes", "new_pipeline_id",
            "open_record", "plan_search", "prepare_data", "register_best", "sweep_importance",
            "test_dataset_name", "tune_trials", "warm_start_seeds"]

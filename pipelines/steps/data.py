@@ -57,9 +57,9 @@ def _ingest_and_validate(cfg: Config, record, echo: Echo):
         # Known only now, and cheaper to refuse here than in every trial.
         check_average(cfg.evaluation.average, len(index.classes))
         # With a separate test set, data.path only has to fill train and val.
-        images = _validated(cfg, index, min_images_per_class(
+        images = validated_images(cfg, index, min_images_per_class(
             d.val_fraction, d.test_fraction if test_index is None else d.val_fraction), echo)
-        test_images = None if test_index is None else _validated(cfg, test_index, 1, echo)
+        test_images = None if test_index is None else validated_images(cfg, test_index, 1, echo)
         if test_images is not None:   # no picture of the test set is trained on
             images = drop_near_copies_of_test(images, test_images, d.near_copy_distance)
         _log_decoded([v for v in (images, test_images) if v is not None], record, echo)
@@ -129,7 +129,7 @@ def _load_split(record, echo: Echo):
 DECODED_TAG = "visiontune.decoded_images"   # the stores of decoded images, one per line
 
 
-def _validated(cfg: Config, index, min_per_class: int, echo: Echo):
+def validated_images(cfg: Config, index, min_per_class: int, echo: Echo):
     """The readable images of `index`; with data.preprocess, decoded once into a store (or
     found in one an earlier run built)."""
     from components.data import validate_images

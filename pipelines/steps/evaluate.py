@@ -165,6 +165,7 @@ def log_search_review(plan: SearchPlan, trials, importance, record) -> None:
 
 MODEL_URI_TAG = "visiontune.model_uri"
 VERSION_TAG = "visiontune.registered_version"
+REGISTERED_TRIAL_TAG = "visiontune.registered_trial"   # the trial behind that version
 NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI (Markdown)
 
 
@@ -252,4 +253,5 @@ def _save_registered(registered, manifest, evaluation: Evaluation, record) -> No
             f"At a glance (Artifacts): `evaluation/comparison_heatmap.png` (the search), "
             f"`evaluation/misclassified.png`, `evaluation/per_class_metrics.png`, "
             f"`evaluation/leaderboard.csv`.\n")
-    record.set_tags({VERSION_TAG: registered.version, NOTE_TAG: note})
+    record.set_tags({VERSION_TAG: registered.version, NOTE_TAG: note,
+                     REGISTERED_TRIAL_TAG: evaluation.best.trial_id})

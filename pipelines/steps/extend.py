@@ -24,6 +24,9 @@ from components.config import Config, ConfigError
 from pipelines.steps.common import Echo
 
 EXTENSIONS_TAG = "visiontune.extensions"   # how many times the run was extended
+# running | stopped (interrupted or failed: `--resume ID` continues it) | done. A run whose
+# extension stopped stays FINISHED: its registered version is still the one it finished with.
+EXTENSION_STATE_TAG = "visiontune.extension_state"
 WARM_START_TAG = "visiontune.warm_start"   # the pipeline id whose trials seeded this run
 WARM_START_NEEDS = ("--warm-start seeds a model-based searcher with another run's trials: "
                     "set search.algorithm=optuna (with search.mode=random)")
@@ -60,6 +63,11 @@ def extension_of(record) -> Extension:
                      int(record.run().data.tags.get(EXTENSIONS_TAG, "0") or 0))
 
 
+def extension_pending(record) -> bool:
+    """Whether the run's latest extension started and did not finish."""
+    return record.run().data.tags.get(EXTENSION_STATE_TAG) in ("running", "stopped")
+
+
 def begin_extension(cfg: Config, before: Config, record, manifest, echo: Echo) -> Extension:
     """Check the data is what the run trained on, then record the extension on the parent
     run (its number, the larger budget as the run's config) and reopen it."""
@@ -70,7 +78,10 @@ def begin_extension(cfg: Config, before: Config, record, manifest, echo: Echo) -
     from components.tuning.driver import earlier_params
     from pipelines.steps.common import plan_search
 
-    check_data_unchanged(cfg, manifest, record.pipeline_id)
+    m = record.run().data.metrics
+    check_data_unchanged(cfg, manifest, record.pipeline_id,
+                         int(m["data_num_images"] + m.get("data_num_skipped", 0))
+                         if "data_num_images" in m else None)
     ext = Extension(record.pipeline_id, extension_of(record).number + 1)
     plan = plan_search(cfg)
     try:
@@ -85,12 +96,16 @@ def begin_extension(cfg: Config, before: Config, record, manifest, echo: Echo) -
                           "(give search.num_samples=N to repeat the grid)")
     changed = {k: v for k, v in _budget(cfg).items() if _budget(before)[k] != v}
     record.reopen()
-    record.set_tags({EXTENSIONS_TAG: str(ext.number)})
-    record.log_params({f"x{ext.number}.{k}": v for k, v in changed.items()})
-    # `--resume ID` of an interrupted extension reads the run's config: the larger budget
-    record.log_text(yaml.safe_dump(to_dict(before), sort_keys=False),
-                    f"config_before_x{ext.number}.yaml")
-    record.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+    try:
+        record.set_tags({EXTENSIONS_TAG: str(ext.number), EXTENSION_STATE_TAG: "running"})
+        record.log_params({f"x{ext.number}.{k}": v for k, v in changed.items()})
+        # `--resume ID` of an interrupted extension reads the run's config: the larger budget
+        record.log_text(yaml.safe_dump(to_dict(before), sort_keys=False),
+                        f"config_before_x{ext.number}.yaml")
+        record.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+    except BaseException:
+        record.close("FINISHED")   # as it was: it still holds its first sweep and version
+        raise
     echo(f"[visiontune] extending pipeline {record.pipeline_id} (extension {ext.number}): "
          + ", ".join(f"{k} {_budget(before)[k]} -> {v}" for k, v in changed.items()))
     return ext
@@ -105,9 +120,16 @@ def best_prefix(params: dict[str, str]) -> str:
 
 
 def best_so_far(record) -> str | None:
-    """The trial the run last evaluated and registered."""
-    params = record.run().data.params
-    return params.get(best_prefix(params) + "best_trial_id")
+    """The trial behind the run's registered version (an extension that evaluated a new best
+    but was stopped before registering it has not replaced it)."""
+    from pipelines.steps.evaluate import REGISTERED_TRIAL_TAG
+
+    data = record.run().data
+    if REGISTERED_TRIAL_TAG in data.tags:
+        return data.tags[REGISTERED_TRIAL_TAG]
+    # a run registered before the tag: its first sweep's best is what it registered
+    return data.params.get("best_trial_id") if "visiontune.registered_version" in data.tags \
+        else None
 
 
 def _budget(cfg: Config) -> dict:
@@ -115,22 +137,36 @@ def _budget(cfg: Config) -> dict:
             "search.max_trials": cfg.search.max_trials, "search.budget": cfg.search.budget}
 
 
-def check_data_unchanged(cfg: Config, manifest, pipeline_id: str) -> None:
-    """Index, read and split the data again (no decoding, nothing recorded) and compare the
-    fingerprint with the run's: an extension's trials must be comparable with the first."""
+def check_data_unchanged(cfg: Config, manifest, pipeline_id: str,
+                         files_then: int | None = None) -> None:
+    """Index, read and split the data again (the run's decoded store is found again, nothing
+    is recorded) and compare the fingerprint with the run's: an extension's trials must be
+    comparable with the first. `files_then`: the image files the run found (kept and
+    skipped); a folder that grew or shrank is refused before anything is read."""
     from components.data import (
         drop_near_copies_of_test,
         index_images,
         split_dataset,
-        validate_images,
         write_digits_folder,
     )
+    from pipelines.steps.data import validated_images
 
     d = cfg.data
-    images = validate_images(index_images(d.path or str(write_digits_folder(d.cache_dir))),
-                             d.on_bad_image, 1)
-    test = validate_images(index_images(d.test_path), d.on_bad_image, 1) if d.test_path \
-        else None
+    index = index_images(d.path or str(write_digits_folder(d.cache_dir)))
+    test_index = index_images(d.test_path) if d.test_path else None
+    files = len(index) + (len(test_index) if test_index is not None else 0)
+    # grown or shrunk: refused before anything is read (with a separate test set, near-copies
+    # of it were left out uncounted: the fingerprint below decides)
+    if files_then is not None and test_index is None and files != files_then:
+        raise ConfigError(f"--extend {pipeline_id}: the data changed since the run ({files} "
+                          f"image files now, {files_then} then): its trials would not be "
+                          "comparable; start a new run instead")
+
+    def quiet(_: str) -> None:
+        pass
+    # read as the run read them (its decoded store, found again, gives the same hashes)
+    images = validated_images(cfg, index, 1, quiet)
+    test = validated_images(cfg, test_index, 1, quiet) if test_index is not None else None
     if test is not None:
         images = drop_near_copies_of_test(images, test, d.near_copy_distance)
     seed = cfg.seed if d.split_seed is None else d.split_seed
@@ -208,7 +244,7 @@ def warm_start_seeds(cfg: Config, pipeline_id: str, record, echo: Echo) -> tuple
     except Exception as e:
         raise ConfigError(f"--warm-start {pipeline_id}: the run has no leaderboard (it did "
                           f"not finish its sweep): {e}") from None
-    board = pd.read_csv(open(text))
+    board = pd.read_csv(text)
     axes = _axes(cfg)
     seeds = []
     for _, row in board.iterrows():
@@ -229,8 +265,18 @@ def _holds(axis, value) -> bool:
     if value is None:
         return True
     if axis.is_categorical:
-        return value in axis.args or str(value) in map(str, axis.args)
-    return axis.args[0] <= float(value) <= axis.args[1]
+        return value in axis.args
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return False
+    low, high = axis.args[0], axis.args[1]
+    if axis.kind == "randint":
+        return v == int(v) and low <= v <= high
+    if axis.kind == "quniform":   # on its step, as Tune draws it
+        k = (v - low) / axis.args[2]
+        return abs(k - round(k)) < 1e-9 and low <= v <= high
+    return low <= v <= high
 
 
 def _axes(cfg: Config):

@@ -42,7 +42,7 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
         with console.ray_output_to(log_path), \
                 ray_session(cfg.ray.address, cfg.ray.num_cpus) as resources:
             resource_plan = plan_resources(cfg, plan, resources, sizes, plan.num_trials)
-            # an extension's trials so far, with their own epochs as the measure of "all"
+            # an extension's trials so far, each ended as its own sweep recorded it
             earlier = earlier_trials(job, plan.axes, cfg.ray.storage_path, ext.earlier,
                                      TrialShape.of(plan.axes, plan.base, cfg.train.epochs,
                                                    None, False, 0, 2), target)

@@ -177,7 +177,8 @@ def test_a_random_search_extended_from_two_trials_to_four(tmp_path, local_ray, m
     shutil.copy(next((data / "cat").glob("*.png")), data / "cat" / "grown.png")  # it grew
     assert main(["run", "--extend", first.pipeline_id, "search.num_samples=6"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the data changed since the run" in err[0], err
+    assert len(err) == 1 and "the data changed since the run (61 image files now, 60 then)" \
+        in err[0], err
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
     assert len(_children(client, first.parent_run_id)) == 4
 

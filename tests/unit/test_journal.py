@@ -217,3 +217,35 @@ def test_a_journal_in_a_bucket_is_published_read_and_sent(s3_server, tmp_path):
     # (pyarrow may leave an empty folder marker behind: no record)
     assert [k for k in s3_server.keys(bucket, "runs/vt-1/journal/") if k.endswith(".json")] == []
     assert [m.step for m in MlflowClient(uri).get_metric_history(run, "val_f1")] == [1, 2, 3]
+
+
+def test_two_threads_writing_during_an_outage_journal_every_record_once(tmp_path):
+    """Rank 0's epochs and its system-metrics sampler write from two threads of one
+    process: their records must neither collide (one temp name, one sequence) nor be lost."""
+    import sys
+
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", Journal(str(tmp_path), grace_s=60))
+    tracker.journal.down_since = time.time()     # the server went away a moment ago
+    tracker.journal.probed = time.monotonic() + 3600
+    errors = []
+
+    def write(key):
+        try:
+            for i in range(300):
+                tracker.log_metrics("r1", {key: float(i)}, step=i)
+        except Exception as e:   # pragma: no cover - what the test is about
+            errors.append(e)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)                  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=write, args=(k,)) for k in ("val_f1", "system/x")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    records = tracker.journal.records()
+    assert len(records) == 600
+    assert len({r.seq for r in records}) == 600
