@@ -267,7 +267,10 @@ def register_challenger(tracker: Tracker, model_uri: str, name: str, run_id: str
     mv = client.create_model_version(name, model_uri, run_id=run_id,
                                      tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
     _describe(tracker, mv, description)
-    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    # Every alias write under the lock: SQL stores insert a new alias row without a
+    # compare-and-set, and two first writes at once fail one (IntegrityError).
+    with alias_lock(tracker, name):
+        client.set_registered_model_alias(name, CHALLENGER, mv.version)
     if not has_champion:
         # Two pipelines registering a new model at once: only one becomes the champion
         # without a comparison; the other is the challenger, to be compared with it (also
