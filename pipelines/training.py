@@ -97,7 +97,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     plan = steps.plan_search(cfg)
 
     with SignalGuard() as guard:
-        record, ext, manifest = _open(cfg, resume, extend_from, extra_tags, echo)
+        record, ext, manifest = _open(cfg, plan, resume, extend_from, extra_tags, echo)
         if record.status() == "FINISHED":
             echo(f"[visiontune] pipeline {record.pipeline_id} already finished: nothing to do")
             return result_from_record(record, cfg, time.time() - started,
@@ -140,7 +140,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     return result_from_record(record, cfg, time.time() - started)
 
 
-def _open(cfg: Config, resume: str | None, extend_from: Config | None,
+def _open(cfg: Config, plan, resume: str | None, extend_from: Config | None,
           extra_tags: dict[str, str] | None, echo):
     """(the parent run's record, the extension its sweep is in or None, the manifest when it
     was read already). An extension checks its data and reopens the run here, before
@@ -150,7 +150,8 @@ def _open(cfg: Config, resume: str | None, extend_from: Config | None,
     record = steps.open_record(cfg, resume, extra_tags, echo)
     if extend_from is not None:
         manifest = steps.prepare_data(cfg, record, echo)
-        return record, steps.begin_extension(cfg, extend_from, record, manifest, echo), manifest
+        ext = steps.begin_extension(cfg, extend_from, record, manifest, plan, echo)
+        return record, ext, manifest
     if resume and steps.extension_pending(record):
         if record.status() == "FINISHED":   # a stopped extension: the run stayed FINISHED
             record.reopen()

@@ -68,7 +68,8 @@ def extension_pending(record) -> bool:
     return record.run().data.tags.get(EXTENSION_STATE_TAG) in ("running", "stopped")
 
 
-def begin_extension(cfg: Config, before: Config, record, manifest, echo: Echo) -> Extension:
+def begin_extension(cfg: Config, before: Config, record, manifest, plan,
+                    echo: Echo) -> Extension:
     """Check the data is what the run trained on, then record the extension on the parent
     run (its number, the larger budget as the run's config) and reopen it."""
     import yaml
@@ -76,14 +77,12 @@ def begin_extension(cfg: Config, before: Config, record, manifest, echo: Echo) -
     from components.config import to_dict
     from components.errors import first_line
     from components.tuning.driver import earlier_params
-    from pipelines.steps.common import plan_search
 
     m = record.run().data.metrics
     check_data_unchanged(cfg, manifest, record.pipeline_id,
                          int(m["data_num_images"] + m.get("data_num_skipped", 0))
                          if "data_num_images" in m else None)
     ext = Extension(record.pipeline_id, extension_of(record).number + 1)
-    plan = plan_search(cfg)
     try:
         ran = earlier_params(cfg.ray.storage_path, ext.earlier, plan.axes, plan.base)
     except Exception as e:   # the sweeps' own records are what an extension keeps

@@ -173,8 +173,8 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, be
     names = sorted(model_sizes(cfg, plan))
     se = cfg.search
     if se.mode == "random":
-        draws = left["count"] if left else se.num_samples
-        demand = {n: max(1, draws // len(names)) for n in names}
+        wanted = left["count"] if left else se.num_samples
+        demand = {n: max(1, wanted // len(names)) for n in names}
         draws = 1
     elif left is not None:   # an extension: the points its run has not run yet
         demand = {n: sum(family_of(p) == n for p in left["points"]) for n in names}
