@@ -28,16 +28,22 @@ def _epoch_times(workspace, run_id: str) -> list[float]:
     return [m.timestamp / 1000 for m in workspace.client().get_metric_history(run_id, "val_f1")]
 
 
-def test_tracking_server_restarted_60s_later_the_sweep_rides_it_out(workspace, mlflow_server):
+def _server_killed_mid_training(workspace, mlflow_server, *overrides: str):
+    """The command against the server, the server killed once a trial is mid-training:
+    (the command, its parent run, its pipeline id)."""
     workspace.env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
-    run = workspace.start("run", "--config", str(workspace.config))
+    run = workspace.start("run", "--config", str(workspace.config), *overrides)
     workspace.wait_for(workspace.a_trial_mid_training, run)
     parent = workspace.parent()
     mlflow_server.kill()
+    return run, parent, parent.data.tags["visiontune.pipeline_id"]
+
+
+def test_tracking_server_restarted_60s_later_the_sweep_rides_it_out(workspace, mlflow_server):
+    run, parent, pipeline_id = _server_killed_mid_training(workspace, mlflow_server)
     down = time.time()
     time.sleep(OUTAGE_S)
     assert run.proc.poll() is None, run.output()[-3000:]   # still training, not stopped
-    pipeline_id = parent.data.tags["visiontune.pipeline_id"]
     waiting = _journal(workspace, pipeline_id)
     mlflow_server.start()
     up = time.time()
@@ -66,12 +72,7 @@ def test_tracking_server_restarted_60s_later_the_sweep_rides_it_out(workspace, m
 
 def test_driver_sigkilled_during_an_outage_then_resume_sends_the_journal_first(
         workspace, mlflow_server):
-    workspace.env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
-    run = workspace.start("run", "--config", str(workspace.config))
-    workspace.wait_for(workspace.a_trial_mid_training, run)
-    parent = workspace.parent()
-    pipeline_id = parent.data.tags["visiontune.pipeline_id"]
-    mlflow_server.kill()
+    run, parent, pipeline_id = _server_killed_mid_training(workspace, mlflow_server)
     deadline = time.time() + 120
     while len(_journal(workspace, pipeline_id)) < 2 and time.time() < deadline:
         time.sleep(0.5)   # epochs trained during the outage, journaled
@@ -90,12 +91,8 @@ def test_driver_sigkilled_during_an_outage_then_resume_sends_the_journal_first(
 
 def test_an_outage_longer_than_the_grace_stops_the_sweep_and_resume_sends_the_journal(
         workspace, mlflow_server):
-    workspace.env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
-    run = workspace.start("run", "--config", str(workspace.config),
-                          "tracking.outage_grace_s=20")
-    workspace.wait_for(workspace.a_trial_mid_training, run)
-    parent = workspace.parent()
-    mlflow_server.kill()
+    run, parent, pipeline_id = _server_killed_mid_training(workspace, mlflow_server,
+                                                           "tracking.outage_grace_s=20")
     killed = time.time()
     assert run.wait(timeout=300) == 1, run.output()[-4000:]
     assert time.time() - killed < 240
@@ -117,12 +114,7 @@ def test_ctrl_c_during_an_outage_then_resume_once_the_server_is_back(workspace, 
     """Ctrl-C to the process group while the server is away: the command stops as it does
     with a server (exit 130, one line, nothing registered); what it could not record goes to
     the journal, and `--resume ID` sends it first and finishes the record."""
-    workspace.env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
-    run = workspace.start("run", "--config", str(workspace.config))
-    workspace.wait_for(workspace.a_trial_mid_training, run)
-    parent = workspace.parent()
-    pipeline_id = parent.data.tags["visiontune.pipeline_id"]
-    mlflow_server.kill()
+    run, parent, pipeline_id = _server_killed_mid_training(workspace, mlflow_server)
     deadline = time.time() + 60
     while "tracking server unreachable since" not in run.output() and time.time() < deadline:
         time.sleep(0.5)
