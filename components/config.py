@@ -243,6 +243,16 @@ class RegistryConfig:
         "promote: refuse when any class's F1 drops by more than this (off by default)"))
     min_images: int = field(default=30, metadata=_positive(
         "promote: the fewest images neither model trained or selected on that it decides on"))
+    hooks: list[str] = field(default_factory=list, metadata={
+        "doc": "URLs that get a signed POST after every move of champion by promote, approve "
+               "or rollback (signed with $VISIONTUNE_HOOK_SECRET; docs/serving.md)"})
+    hook_attempts: int = field(default=4, metadata=_positive(
+        "tries per hook delivery (retried with backoff on no answer, 5xx, 408, 429)"))
+    require_promotion_record: bool = field(default=False, metadata={
+        "doc": "predict, serve and promote refuse a champion moved outside visiontune "
+               "(else one warning line)"})
+    approval: str = field(default="none", metadata=_choices(
+        "none", "required", doc="required: a promotion waits for `visiontune approve`"))
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pipelines.cli_help import LazyConfigHelp
 from pipelines.console import quiet_mlflow
 from pipelines.predict import RAY_ABOVE as _RAY_ABOVE
 from pipelines.predict import RAY_ABOVE_ENV as _RAY_ABOVE_ENV
+from pipelines.serve import add_serve_command
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
 DEBUG_ENV = "VISIONTUNE_DEBUG"
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_commands(sub)
     _add_registry_commands(sub)
     _add_predict_command(sub)
+    add_serve_command(sub)
     for command in sub.choices.values():  # `visiontune run --debug` works as well
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help=argparse.SUPPRESS)
@@ -114,8 +116,18 @@ def _add_registry_commands(sub) -> None:
                     help="decide, record and print; move no alias and tag no version")
     pr.add_argument("--force", action="store_true",
                     help="promote whatever the evidence (recorded as forced)")
+    pr.add_argument("--approve-by", metavar="NAME",
+                    help="record a promotion as pending until NAME runs `visiontune approve` "
+                         "(registry.approval=required: anyone may)")
     _add_config_args(pr)
-    rb = sub.add_parser("rollback", help="move champion back to previous-champion")
+    ap = sub.add_parser("approve", help="move champion to a version whose promotion waits for "
+                                        "approval; who approved is recorded")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--version", required=True)
+    ap.add_argument("--by", required=True, metavar="NAME", help="who approves")
+    _add_config_args(ap)
+    rb = sub.add_parser("rollback", help="move champion back to previous-champion (or to the "
+                                         "last recorded champion, if it was moved by hand)")
     rb.add_argument("--model", required=True)
     _add_config_args(rb)
 
@@ -124,7 +136,11 @@ def _add_predict_command(sub) -> None:
     pd = sub.add_parser("predict", help="classify images with a registered model")
     pd.add_argument("--model", required=True, help="e.g. models:/NAME@champion")
     pd.add_argument("paths", nargs="+", metavar="PATH",
-                    help="image files, folders or object-storage prefixes (s3://bucket/dir)")
+                    help="image files, folders or object-storage prefixes (s3://bucket/dir); "
+                         "a section.key=value that is not a file is a config override (e.g. "
+                         "registry.require_promotion_record=true)")
+    pd.add_argument("--config", metavar="FILE", help="an experiment YAML (its tracking and "
+                                                     "registry keys)")
     pd.add_argument("--output", "-o",
                     help="CSV file, or Parquet if it ends in .parquet (default: CSV on stdout)")
     pd.add_argument("--tracking-uri", help="default: tracking.uri of the config")
@@ -244,7 +260,7 @@ EXIT_NOT_PROMOTED = 3
 def cmd_promote(args) -> int:
     quiet_mlflow()  # the decision is the story here
     from components.registry import promote
-    from pipelines.training import review_links
+    from components.tracking.links import review_links
 
     if not 0.5 <= args.confidence < 1:
         raise ConfigError(f"--confidence={args.confidence} must be in [0.5, 1), e.g. 0.95")
@@ -263,18 +279,26 @@ def cmd_promote(args) -> int:
     evidence = Evidence(min_images=reg.min_images, max_comparisons=reg.max_comparisons,
                         near_copy_distance=cfg.data.near_copy_distance,
                         max_class_drop=reg.max_class_drop)
+    approver = args.approve_by or ("any" if reg.approval == "required" else None)
     r = promote(tracker, args.model, args.version, data=args.data, confidence=args.confidence,
                 min_gain=reg.min_f1_gain, non_inferior=args.non_inferior,
                 resamples=args.resamples, seed=args.seed, force=args.force,
-                dry_run=args.dry_run, echo=lambda line: print(line, flush=True),
-                experiment_name=cfg.tracking.experiment_name, evidence=evidence)
+                dry_run=args.dry_run, echo=_echo, experiment_name=cfg.tracking.experiment_name,
+                evidence=evidence, policy=_policy(cfg, approver))
     for line in promotion_lines(r):
         print(line)
+    speed = speed_comparison(tracker, args.model, r)
+    if speed:
+        print(f"  {'trade-off' if args.non_inferior is not None else 'speed'}: {speed}")
     verdict = "promote" if r.promote else "keep the champion"
     print(f"{verdict}: {r.reason}" + (" [dry run: no alias moved]" if args.dry_run else ""))
     if r.applied:
         print(f"models:/{args.model}@champion -> version {r.challenger.version}"
               + (f" (previous-champion -> {r.champion.version})" if r.champion else ""))
+    elif r.awaiting:
+        by = r.awaiting if r.awaiting != "any" else "NAME"
+        print(f"pending approval: nothing moved until `visiontune approve --model {args.model} "
+              f"--version {r.challenger.version} --by {by}`")
     if r.run_id:
         link = review_links(tracker.uri, r.experiment_id, r.run_id)["run"]
         print(f"record: {link}")
@@ -294,14 +318,62 @@ def promotion_lines(r) -> list[str]:
     return lines
 
 
+def _echo(line: str) -> None:
+    print(line, flush=True)
+
+
+def _policy(cfg, approver: str | None = None):
+    from components.registry import ChampionPolicy
+
+    reg = cfg.registry
+    return ChampionPolicy(hooks=tuple(reg.hooks), hook_attempts=reg.hook_attempts,
+                          require_record=reg.require_promotion_record, approver=approver)
+
+
+def speed_comparison(tracker, name: str, r) -> str | None:
+    """Both versions' measured speed and size, from their version tags (registration
+    measured them), as one line; None when either was not measured."""
+    from components.serving.speed import HARDWARE_TAG, compare_line, speed_of
+
+    if r.champion is None or r.champion.version == r.challenger.version:
+        return None
+    tags = [tracker.client.get_model_version(name, c.version).tags
+            for c in (r.challenger, r.champion)]
+    line = compare_line(speed_of(tags[0]), speed_of(tags[1]))
+    machines = {t.get(HARDWARE_TAG) for t in tags}
+    if line and len(machines) > 1:
+        line += " (measured on different machines: compare with care)"
+    return line
+
+
 def cmd_rollback(args) -> int:
+    quiet_mlflow()
     from components.registry import rollback
 
-    _, tracker = _tracking(args)
-    new, old = rollback(tracker, args.model)
+    cfg, tracker = _tracking(args)
+    new, old = rollback(tracker, args.model, _policy(cfg), _echo,
+                        cfg.tracking.experiment_name)
     print(f"models:/{args.model}@champion -> version {new}"
           + (f" (previous-champion -> {old})" if old else ""))
     return 0
+
+
+def cmd_approve(args) -> int:
+    quiet_mlflow()
+    from components.registry import approve
+
+    cfg, tracker = _tracking(args)
+    new, old = approve(tracker, args.model, args.version, args.by, _policy(cfg), _echo,
+                       cfg.tracking.experiment_name)
+    print(f"models:/{args.model}@champion -> version {new} (approved by {args.by})"
+          + (f" (previous-champion -> {old})" if old else ""))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from pipelines.serve import run_serve
+
+    return run_serve(args)
 
 
 def cmd_predict(args) -> int:
@@ -311,7 +383,8 @@ def cmd_predict(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "jobs": cmd_jobs, "status": cmd_status,
-            "promote": cmd_promote, "rollback": cmd_rollback, "predict": cmd_predict}
+            "promote": cmd_promote, "approve": cmd_approve, "rollback": cmd_rollback,
+            "predict": cmd_predict, "serve": cmd_serve}
 
 
 # Mistakes a user can fix, or a state of the world they can change (a server down): one line,
@@ -323,6 +396,7 @@ _USER_ERRORS = (
     ("components.models.transfer", "WeightsNotFoundError"),
     ("components.registry", "RegistryError"),
     ("components.registry", "PromotionError"),
+    ("components.registry.hooks", "HookError"),
     ("components.storage", "StorageError"),
     ("components.tracking", "TrackingError"),
     ("components.tracking", "JournalError"),
@@ -341,7 +415,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Positionals after an option (`predict DIR --tracking-uri U registry.x=y`) belong to the
+    # command's own positional list, as a user reads the line.
+    rest = "paths" if hasattr(args, "paths") else "overrides"
+    if extra and hasattr(args, rest) and not any(a.startswith("-") for a in extra):
+        setattr(args, rest, [*getattr(args, rest), *extra])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     from pipelines.interrupt import Interrupted
 

@@ -63,9 +63,11 @@ def run_predict(args) -> int:
             raise LookupError(f"{flag} must be at least 1, got {value}")
     check_no_credentials("--tracking-uri", args.tracking_uri)
     check_no_credentials("--address", args.address)
-    uri = args.tracking_uri or load_config([]).tracking.uri
+    overrides = [p for p in args.paths if _OVERRIDE.match(p) and not os.path.exists(p)]
+    cfg = load_config(overrides, args.config)
+    uri = args.tracking_uri or cfg.tracking.uri
     mlflow.set_tracking_uri(uri)
-    paths = expand_paths(args.paths)
+    paths = expand_paths([p for p in args.paths if p not in overrides])
     if not paths:
         raise FileNotFoundError(f"no image files in {' '.join(args.paths)}")
     # --ray/--no-ray decide; an --address means the cluster; else the number of images
@@ -78,6 +80,7 @@ def run_predict(args) -> int:
     with tempfile.TemporaryDirectory(prefix="visiontune-predict-") as tmp, SignalGuard():
         try:
             pinned, described = resolve_model_uri(args.model)
+            _check_champion(args.model, pinned, uri, cfg.registry.require_promotion_record)
             local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp)
         except MlflowException as e:
             raise LookupError(f"cannot load {args.model} from {uri}: "
@@ -91,6 +94,19 @@ def run_predict(args) -> int:
 
 
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+_OVERRIDE = re.compile(r"^[a-z_]+\.[a-z_.]+=")   # registry.require_promotion_record=true
+
+
+def _check_champion(model_uri: str, pinned: str, tracking_uri: str, require: bool) -> None:
+    """`models:/NAME@champion` must have got there by a recorded promotion or rollback: one
+    warning line, or refused with registry.require_promotion_record=true."""
+    from components.registry import CHAMPION, check_champion
+    from components.tracking import Tracker
+
+    m, v = _ALIAS_URI.match(model_uri), _VERSION_URI.match(pinned)
+    if m and v and m["alias"] == CHAMPION:
+        check_champion(Tracker(tracking_uri), m["name"], v["version"], require,
+                       lambda line: print(f"visiontune: {line}", file=sys.stderr))
 
 
 def _verify_code(model_uri: str, local_model: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from components.config import Config
+from components.tracking.links import review_links  # noqa: F401  (re-exported: the CLI, tests)
 from pipelines.interrupt import Interrupted, SignalGuard
 
 
@@ -42,7 +43,6 @@ class PipelineFailed(RuntimeError):
         self.pipeline_id = pipeline_id
 
 
-LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 SLOW_SERVER_GRACE_S = 60.0  # how long the start-up check waits for a server that is slow
 
 
@@ -50,21 +50,6 @@ def mlflow_ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"
-
-
-def review_links(uri: str, experiment_id: str, run_id: str, model_name: str = "",
-                 version: str = "") -> dict[str, str]:
-    """Direct links into the MLflow UI (3.x routes, hash router): the parent run's page, the
-    experiment's runs table and the registered model version. A local store (SQLite, files)
-    has no UI of its own: the links are those of `mlflow ui` on its default address."""
-    from urllib.parse import quote
-
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    experiment = f"{base}/#/experiments/{experiment_id}"
-    links = {"run": f"{experiment}/runs/{run_id}", "runs": f"{experiment}/runs"}
-    if model_name and version:
-        links["model"] = f"{base}/#/models/{quote(model_name, safe='')}/versions/{version}"
-    return links
 
 
 def run_training_pipeline(cfg: Config, *, resume: str | None = None,

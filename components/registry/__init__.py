@@ -2,12 +2,19 @@
 promotion gate (a paired comparison on the same images, recorded as an MLflow run)."""
 
 from components.evaluation.paired import PairedDecision, decide
+from components.registry.champion import (
+    ChampionPolicy,
+    UnrecordedChampion,
+    champion_problem,
+    check_champion,
+)
 from components.registry.promotion import (
     PREVIOUS,
     Candidate,
     Evidence,
     PromotionError,
     PromotionResult,
+    approve,
     promote,
     rollback,
     same_test_images,
@@ -28,8 +35,9 @@ from components.registry.registry import (
     version_of_run,
 )
 
-__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "AliasConflict", "Candidate", "Evidence",
-           "PairedDecision",
+__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "AliasConflict", "Candidate", "ChampionPolicy",
+           "Evidence", "PairedDecision", "UnrecordedChampion", "approve", "champion_problem",
+           "check_champion",
            "PromotionError", "PromotionResult", "RegisteredVersion", "RegistryError",
            "alias_lock", "decide", "get_alias_version", "get_version", "is_not_found",
            "model_version_aliases", "promote", "register_challenger", "rollback",

@@ -86,13 +86,17 @@ class PromotionResult:
     experiment_id: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     predictions: Any = None    # DataFrame: path, label, both models' predictions, error
+    awaiting: str | None = None   # who must approve the move ("any": anyone), if anyone
 
     @property
     def decision(self) -> str:
-        """What the record says: "pending" between the verdict and the champion's move."""
+        """What the record says: "pending" between the verdict and the champion's move,
+        "pending approval" until `visiontune approve` moves it."""
         if not self.promote:
             return "rejected"
-        return "promoted" if self.applied else "pending"
+        if self.applied:
+            return "promoted"
+        return "pending approval" if self.awaiting else "pending"
 
 
 # ----------------------------------------------------------------------------- the versions

@@ -31,6 +31,13 @@ from mlflow.exceptions import MlflowException
 from requests.exceptions import RequestException
 
 from components.evaluation.paired import DEFAULT_RESAMPLES
+from components.registry.champion import (
+    ChampionPolicy,
+    announce,
+    check_champion,
+    hook_urls,
+    recorded_champion,
+)
 from components.registry.comparison import (
     Candidate,
     Echo,
@@ -43,7 +50,9 @@ from components.registry.comparison import (
     same_test_images,
 )
 from components.registry.record import (
+    MODEL_NAME_TAG,
     NOTE_TAG,
+    ROLE,
     comparisons_on,
     experiment_of,
     note,
@@ -58,12 +67,15 @@ from components.registry.registry import (
     alias_lock,
     get_alias_version,
     get_version,
+    moved_by,
+    record_champion,
 )
-from components.tracking import Tracker, first_line
+from components.tracking import ROLE_TAG, Tracker, first_line
 
 PREVIOUS = "previous-champion"
+APPROVER_TAG = "promotion.approver"   # on a promotion run that waits: who may approve it
 __all__ = ["PREVIOUS", "Candidate", "Evidence", "PromotionError", "PromotionResult", "ScoredImages",
-           "promote", "rollback", "same_test_images"]
+           "approve", "promote", "rollback", "same_test_images"]
 
 
 # ----------------------------------------------------------------------------- promote
@@ -76,14 +88,19 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
             non_inferior: float | None = None, resamples: int = DEFAULT_RESAMPLES,
             seed: int | None = None, force: bool = False, dry_run: bool = False,
             echo: Echo = lambda line: None, experiment_name: str = "visiontune",
-            batch_size: int = 64, evidence: Evidence = Evidence()) -> PromotionResult:
+            batch_size: int = 64, evidence: Evidence = Evidence(),
+            policy: ChampionPolicy = ChampionPolicy()) -> PromotionResult:
     """`seed`: of the resamples; None derives it from the two versions and the images (the
-    same comparison gets the same answer), a set one is recorded as set."""
+    same comparison gets the same answer), a set one is recorded as set. `policy`: the hooks
+    told of a move, whether an unrecorded champion is refused, who must approve the move."""
     mv = get_version(tracker, name, str(version)) if version is not None else \
         get_alias_version(tracker, name, CHALLENGER)
     if mv is None:
         raise LookupError(f"model {name!r} has no '{CHALLENGER}' alias; pass --version")
+    urls = hook_urls(tracker, name, policy)   # a hook that cannot be signed: before comparing
     current = get_alias_version(tracker, name, CHAMPION)
+    if current is not None:
+        check_champion(tracker, name, str(current.version), policy.require_record, echo)
     try:
         challenger = candidate(tracker, mv)
         champion = candidate(tracker, current) if current is not None else None
@@ -103,6 +120,8 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
         result = compare(tracker, name, challenger, champion, data, force, echo, decide_kw,
                          average, batch_size, evidence)
         result.experiment_id = experiment_id
+        if result.promote and not dry_run and policy.approver:
+            result.awaiting = policy.approver
         settings = {**decide_kw, "min_f1_gain": min_gain, "non_inferior_margin": non_inferior,
                     "data": data or "", "min_images": evidence.min_images,
                     "max_comparisons": evidence.max_comparisons,
@@ -111,7 +130,9 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
                     "champion_test_f1_average": champion.f1_average if champion else ""}
         result.run_id = record_promotion(tracker, result.experiment_id, name, result,
                                          dry_run=dry_run, force=force, settings=settings)
-        if result.promote and not dry_run:
+        if result.awaiting:
+            tracker.set_tags(result.run_id, {APPROVER_TAG: result.awaiting})
+        elif result.promote and not dry_run:
             try:
                 _move_champion(tracker, name, result)
             except AliasConflict as conflict:
@@ -132,10 +153,13 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
                                 f"versions after the decision ({result.decision}, aliases "
                                 f"{'moved' if result.applied else 'unchanged'}): "
                                 f"{first_line(e)}") from e
+    if result.applied:
+        announce(tracker, name, urls, "promote", challenger.version,
+                 champion.version if champion else None, result.run_id, policy, echo)
     return result
 
 
-def _move_champion(tracker: Tracker, name: str, r: PromotionResult) -> None:
+def _move_champion(tracker: Tracker, name: str, r: PromotionResult, by: str = "promote") -> None:
     """Under the alias lock, and only if the champion is still the version compared."""
     client = tracker.client
     with alias_lock(tracker, name):
@@ -151,30 +175,114 @@ def _move_champion(tracker: Tracker, name: str, r: PromotionResult) -> None:
         if r.champion is not None:
             client.set_registered_model_alias(name, PREVIOUS, r.champion.version)
         client.set_registered_model_alias(name, CHAMPION, r.challenger.version)
+        record_champion(tracker, name, r.challenger.version, by, r.run_id)
     r.applied = True
 
 
-def rollback(tracker: Tracker, name: str) -> tuple[str, str]:
-    """Swap `champion` and `previous-champion`; returns (new champion, new previous)."""
+def rollback(tracker: Tracker, name: str, policy: ChampionPolicy = ChampionPolicy(),
+             echo=lambda line: None, experiment_name: str = "visiontune") -> tuple[str, str]:
+    """Swap `champion` and `previous-champion`, or, when `champion` was moved outside
+    visiontune, put back the version the record names. A run (role `rollback`) records the
+    move and the hooks' deliveries. Returns (new champion, new previous)."""
+    urls = hook_urls(tracker, name, policy)
     client = tracker.client
     with alias_lock(tracker, name):
         previous = get_alias_version(tracker, name, PREVIOUS)
         current = get_alias_version(tracker, name, CHAMPION)
-        if previous is None:
+        record = recorded_champion(tracker, name)
+        now = str(current.version) if current is not None else None
+        if now is not None and record is not None and str(record["version"]) != now:
+            target, keep = get_version(tracker, name, record["version"]), previous
+            reason = (f"champion v{now} had been moved outside visiontune; restored "
+                      f"v{target.version}, the last recorded champion")
+        elif previous is None:
             raise LookupError(f"model {name!r} has no '{PREVIOUS}' alias: nothing to roll "
                               f"back to")
-        client.set_registered_model_alias(name, CHAMPION, previous.version)
-        if current is not None:
-            client.set_registered_model_alias(name, PREVIOUS, current.version)
+        else:
+            target, keep = previous, current
+            reason = f"rolled back from v{now} to v{previous.version}" if now else \
+                f"restored v{previous.version}"
+        run_id = _rollback_run(tracker, name, str(target.version), now, reason,
+                               experiment_name)
+        client.set_registered_model_alias(name, CHAMPION, target.version)
+        if keep is not None and str(keep.version) != str(target.version):
+            client.set_registered_model_alias(name, PREVIOUS, keep.version)
         else:
             client.delete_registered_model_alias(name, PREVIOUS)
+        record_champion(tracker, name, str(target.version), "rollback", run_id)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    client.set_model_version_tag(name, previous.version, "promotion.decision",
-                                 "restored by rollback")
-    client.set_model_version_tag(name, previous.version, "promotion.time", stamp)
-    if current is not None:
-        client.set_model_version_tag(name, current.version, "promotion.decision",
-                                     "rolled back")
-        client.set_model_version_tag(name, current.version, "promotion.time", stamp)
-        return str(previous.version), str(current.version)
-    return str(previous.version), ""
+    moved = [(target.version, "restored by rollback")] + (
+        [(now, "rolled back")] if now and now != str(target.version) else [])
+    for version, decision in moved:
+        client.set_model_version_tag(name, version, "promotion.decision", decision)
+        client.set_model_version_tag(name, version, "promotion.time", stamp)
+        client.set_model_version_tag(name, version, "promotion.run_id", run_id)
+    announce(tracker, name, urls, "rollback", str(target.version), now, run_id, policy, echo)
+    tracker.end_run(run_id, "FINISHED")
+    kept = str(keep.version) if keep is not None and str(keep.version) != str(
+        target.version) else ""
+    return str(target.version), kept
+
+
+def _rollback_run(tracker: Tracker, name: str, target: str, replaced: str | None, reason: str,
+                  experiment_name: str) -> str:
+    """The record of a rollback, created before the alias moves (the champion record names
+    it)."""
+    mv = get_version(tracker, name, target)
+    experiment_id = experiment_of(tracker, candidate(tracker, mv), experiment_name)
+    run_id = tracker.create_run(
+        experiment_id, f"rollback to v{target}",
+        {ROLE_TAG: "rollback", MODEL_NAME_TAG: name, "promotion.decision": "rollback",
+         "promotion.reason": reason, "promotion.moved_by": moved_by(),
+         NOTE_TAG: f"**Rollback of {name}**: {reason}\n"})
+    tracker.log_params(run_id, {"model_name": name, "restored_version": target,
+                                "replaced_version": replaced or ""})
+    return run_id
+
+
+# ----------------------------------------------------------------------------- approve
+
+def pending_promotion(tracker: Tracker, name: str, version: str, experiment_name: str):
+    """The latest promotion run of `name` v`version` that waits for approval, or LookupError."""
+    mv = get_version(tracker, name, version)
+    experiment_id = experiment_of(tracker, candidate(tracker, mv), experiment_name)
+    runs = tracker.client.search_runs(
+        [experiment_id], f"tags.`{ROLE_TAG}` = '{ROLE}' and tags.`{MODEL_NAME_TAG}` = '{name}' "
+                         f"and params.challenger_version = '{version}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or runs[0].data.tags.get("promotion.decision") != "pending approval":
+        raise LookupError(f"no promotion of {name} version {version} waits for approval: run "
+                          f"`visiontune promote --model {name} --version {version} "
+                          f"--approve-by NAME` first")
+    return runs[0]
+
+
+def approve(tracker: Tracker, name: str, version: str, by: str,
+            policy: ChampionPolicy = ChampionPolicy(), echo=lambda line: None,
+            experiment_name: str = "visiontune") -> tuple[str, str | None]:
+    """Move `champion` to `version` as its pending promotion decided, if the champion is still
+    the version it was compared with; who approved is recorded. Returns (new, previous)."""
+    run = pending_promotion(tracker, name, str(version), experiment_name)
+    wanted = run.data.tags.get(APPROVER_TAG, "any")
+    if wanted not in ("any", by):
+        raise PromotionError(f"the promotion of {name} version {version} waits for approval "
+                             f"by {wanted}, not {by}")
+    urls = hook_urls(tracker, name, policy)
+    compared = run.data.params.get("champion_version") or None
+    r = PromotionResult(True, run.data.tags.get("promotion.reason", ""),
+                        Candidate(str(version), None, None),
+                        Candidate(compared, None, None) if compared else None,
+                        run_id=run.info.run_id)
+    _move_champion(tracker, name, r, by=f"approve by {by}")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tracker.set_tags(r.run_id, {"promotion.decision": "promoted",
+                                "promotion.approved_by": by, "promotion.approved_at": stamp,
+                                "promotion.approved_from": moved_by()})
+    client = tracker.client
+    client.set_model_version_tag(name, version, "promotion.decision",
+                                 f"promoted (approved by {by})")
+    if compared:
+        client.set_model_version_tag(name, compared, "promotion.decision",
+                                     f"replaced by v{version}")
+    announce(tracker, name, urls, "approve", str(version), compared, r.run_id, policy, echo)
+    return str(version), compared

@@ -192,8 +192,9 @@ def tag_versions(tracker: Tracker, name: str, r: PromotionResult) -> None:
                        "promotion.f1_difference": f"{r.paired.difference:+.4f}"})
     roles = [(r.challenger.version, "challenger", r.decision)]
     if r.champion is not None and r.champion.version != r.challenger.version:
-        kept = f"replaced by v{r.challenger.version}" if r.applied else \
-            f"kept (v{r.challenger.version} rejected)"
+        kept = (f"replaced by v{r.challenger.version}" if r.applied else
+                f"kept (v{r.challenger.version} awaits approval)" if r.awaiting else
+                f"kept (v{r.challenger.version} rejected)")
         roles.append((r.champion.version, "champion", kept))
     for version, role, decision in roles:
         for k, v in {**common, "promotion.role": role, "promotion.decision": decision}.items():

@@ -8,6 +8,8 @@ else raises `RegistryError` before any alias is moved.
 from __future__ import annotations
 
 import contextlib
+import getpass
+import json
 import os
 import re
 import socket
@@ -176,6 +178,27 @@ def alias_lock(tracker: Tracker, name: str, wait_s: float | None = None,
                 tracker.client.delete_registered_model(lock)
 
 
+# ------------------------------------------------------------------ the champion's record
+
+RECORD_TAG = "visiontune.champion_record"   # on the registered model: the last recorded move
+
+
+def moved_by() -> str:
+    """Who and where, for the record and the hook payload (never a credential)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return f"{user}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def record_champion(tracker: Tracker, name: str, version: str, by: str, run_id: str) -> None:
+    """Called under the alias lock, right after `champion` moved to `version`."""
+    tracker.client.set_registered_model_tag(name, RECORD_TAG, json.dumps(
+        {"version": str(version), "by": by, "run_id": run_id, "moved_by": moved_by(),
+         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, sort_keys=True))
+
+
 def model_version_aliases(tracker: Tracker, name: str, version: str) -> tuple[str, ...]:
     return tuple(get_version(tracker, name, version).aliases)
 
@@ -258,6 +281,8 @@ def register_challenger(tracker: Tracker, model_uri: str, name: str, run_id: str
             with alias_lock(tracker, name):
                 if get_alias_version(tracker, name, CHAMPION) is None:
                     client.set_registered_model_alias(name, CHAMPION, existing.version)
+                    record_champion(tracker, name, str(existing.version),
+                                    "first registration", run_id)
                     aliases.add(CHAMPION)
         return RegisteredVersion(name, str(existing.version), tuple(sorted(aliases)))
     # Read before creating the version or moving `challenger`: a registry that fails here
@@ -279,6 +304,7 @@ def register_challenger(tracker: Tracker, model_uri: str, name: str, run_id: str
             champion = get_alias_version(tracker, name, CHAMPION)
             if champion is None:
                 client.set_registered_model_alias(name, CHAMPION, mv.version)
+                record_champion(tracker, name, str(mv.version), "first registration", run_id)
             elif str(champion.version) != str(mv.version):
                 challenger = get_alias_version(tracker, name, CHALLENGER)
                 if challenger is None or str(challenger.version) == str(champion.version):

@@ -61,12 +61,15 @@ def log_image_classifier(tracker: Tracker, run_id: str, model, class_names: list
     return info.model_uri
 
 
-def model_code_digest(tracker: Tracker, model_uri: str) -> str:
-    """The sha256 of each file of the logged model (`components.serving.code_digests`), as the
-    registry tag value: read back from the artifact store, as every loader will read it."""
+def inspect_logged_model(tracker: Tracker, model_uri: str):
+    """The logged model read back from the artifact store, as every loader will read it: the
+    sha256 of each of its files (`components.serving.code_digests`, the registry tag value)
+    and its measured speed and size (`components.serving.speed.Speed`)."""
     import tempfile
 
     from components.serving import code_digests, format_digests
+    from components.serving.speed import measure_speed
 
     with tempfile.TemporaryDirectory() as d:
-        return format_digests(code_digests(tracker.download_model(model_uri, d)))
+        local = tracker.download_model(model_uri, d)
+        return format_digests(code_digests(local)), measure_speed(local)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.config import Config
+from components.errors import first_line
 from pipelines.steps.common import Echo, SearchPlan
 from pipelines.steps.data import test_dataset_name
 
@@ -198,7 +199,7 @@ def _register(name: str, manifest, evaluation: Evaluation, record, model_tag: st
     `register_challenger` returns the version this run already registered."""
     from components.registry import register_challenger
     from components.serving import CODE_TAG
-    from components.serving.packaging import log_image_classifier, model_code_digest
+    from components.serving.packaging import inspect_logged_model, log_image_classifier
 
     best, prep, report = evaluation.best, evaluation.preprocessing, evaluation.report
     model_uri = record.run().data.tags.get(model_tag)
@@ -216,10 +217,13 @@ def _register(name: str, manifest, evaluation: Evaluation, record, model_tag: st
                 record.run_id, model_uri.removeprefix("models:/"),
                 {f"test_{k}": v for k, v in report.metrics.items()},
                 test_dataset_name(manifest), manifest.test_fingerprint)
+        _mlflow_evaluation(record, report, manifest.classes, model_uri)
         record.set_tags({model_tag: model_uri, MODEL_URI_TAG: model_uri})
     # What every loader will run, hashed as it lies in the artifact store: predict and
-    # promote refuse the version if a file changes there.
-    code = model_code_digest(record.tracker, model_uri)
+    # promote refuse the version if a file changes there. Its speed and size, measured on
+    # that same copy: promote prints both versions' beside the F1 difference.
+    code, speed = inspect_logged_model(record.tracker, model_uri)
+    record.log_metrics(speed.metrics)
     # k-fold: best_val_f1 is the folds' mean; the registered model is one fold's
     val_f1 = best.cv["cv_best_fold_val_f1"] if best.cv else best.best_val_f1
     return register_challenger(
@@ -229,8 +233,22 @@ def _register(name: str, manifest, evaluation: Evaluation, record, model_tag: st
               "test_f1": report.metrics["f1"], "test_f1_average": report.average,
               "test_f1_interval": "[{:.4f}, {:.4f}] at 95%".format(*report.f1_interval),
               "val_f1": val_f1, "pipeline_id": record.pipeline_id, "model_uri": model_uri,
-              CODE_TAG: code, **({"cv_mean_val_f1": best.best_val_f1} if best.cv else {})},
+              CODE_TAG: code, **speed.tags(),
+              **({"cv_mean_val_f1": best.best_val_f1} if best.cv else {})},
         description=_description(manifest, evaluation, record))
+
+
+def _mlflow_evaluation(record, report, classes: list[str], model_uri: str) -> None:
+    """MLflow's own classifier metrics of these test predictions, beside ours. An extra: a
+    failure is recorded on the run (tag) and registration goes on."""
+    from components.tracking.evaluation import log_mlflow_evaluation
+
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    try:
+        log_mlflow_evaluation(record.tracker.uri, record.run_id, report.predictions, classes,
+                              model_id)
+    except Exception as e:
+        record.set_tags({"visiontune.mlflow_evaluate_error": first_line(e)[:500]})
 
 
 def _description(manifest, evaluation: Evaluation, record) -> str:

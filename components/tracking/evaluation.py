@@ -1,0 +1,49 @@
+"""MLflow's own evaluation of a registered version's test predictions, beside ours.
+
+`mlflow.models.evaluate` in static-dataset mode (predictions and targets given, no model
+called): MLflow's classifier metrics (`mlflow_test_f1_score`, ...: its default averaging,
+weighted for several classes) and its confusion matrix, linked to the LoggedModel, so
+MLflow's evaluation views and `mlflow.validate_evaluation_results` users see the standard
+numbers. The paired decision of `promote` stays the authority (docs/promotion.md says why).
+"""
+
+from __future__ import annotations
+
+import threading
+
+PREFIX = "mlflow_test_"
+
+
+def log_mlflow_evaluation(tracking_uri: str, run_id: str, predictions, classes: list[str],
+                          model_id: str | None) -> dict[str, float]:
+    """Evaluate `predictions` (columns label, prediction: class names) into `run_id`; returns
+    MLflow's metrics. `mlflow.models.evaluate` logs to the fluent active run and ending that
+    would end the pipeline's run: it runs in a thread of its own, whose active-run stack
+    (thread-local in MLflow) holds the run and is dropped with the thread, the run still open."""
+    import mlflow
+    import pandas as pd
+
+    index = {c: i for i, c in enumerate(classes)}
+    frame = pd.DataFrame({"label": [index[c] for c in predictions["label"]],
+                          "prediction": [index[c] for c in predictions["prediction"]]})
+    out: dict = {}
+
+    def evaluate() -> None:
+        try:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.start_run(run_id=run_id)
+            result = mlflow.models.evaluate(
+                data=frame, predictions="prediction", targets="label", model_type="classifier",
+                model_id=model_id, evaluator_config={
+                    "metric_prefix": PREFIX, "log_model_explainability": False,
+                    "label_list": list(range(len(classes)))})
+            out["metrics"] = dict(result.metrics)
+        except BaseException as e:   # raised again in the caller's thread
+            out["error"] = e
+
+    worker = threading.Thread(target=evaluate, name="mlflow-evaluate")
+    worker.start()
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out["metrics"]

@@ -1,0 +1,88 @@
+"""The `serve` command: check what would be served (one line when it cannot), then run the
+follower's app under uvicorn, in this process or in `--workers` processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def add_serve_command(sub) -> None:
+    sv = sub.add_parser(
+        "serve", help="serve a registered model over HTTP (MLflow's scoring protocol), "
+                      "following its alias: a promote or rollback is served without a restart")
+    sv.add_argument("--model", required=True, metavar="NAME", help="registered model name")
+    sv.add_argument("--alias", default="champion", help="the alias to follow (default: champion)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: 127.0.0.1, this host only)")
+    sv.add_argument("--port", "-p", type=int, default=5001, help="default: 5001")
+    sv.add_argument("--workers", "-w", type=int, default=1,
+                    help="server processes, each following the alias (default: 1)")
+    sv.add_argument("--timeout", "-t", type=float, default=None,
+                    help="seconds one request may take (default: "
+                         "$MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT or 60)")
+    sv.add_argument("--poll", type=float, default=10.0, metavar="SECONDS",
+                    help="how often the registry is checked for a moved alias (default: 10; "
+                         "POST /visiontune/refresh checks at once)")
+    sv.add_argument("--tracking-uri", help="default: tracking.uri of the config")
+    sv.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides, e.g. registry.require_promotion_record=true")
+    sv.add_argument("--config", metavar="FILE")
+
+
+def run_serve(args) -> int:
+    from components.config import check_no_credentials
+    from components.serving.server import (
+        LOG_FORMAT,
+        SETTINGS_ENV,
+        TIMEOUT_ENV,
+        Follower,
+        Refused,
+        ServeSettings,
+        create_app,
+    )
+    from components.tracking import bound_http_retries
+    from pipelines.config import load_config
+    from pipelines.console import quiet_mlflow
+
+    quiet_mlflow()
+    for flag, value, low in (("--workers", args.workers, 1), ("--poll", args.poll, 0.5),
+                             ("--port", args.port, 1)):
+        if value < low:
+            raise LookupError(f"{flag} must be at least {low}, got {value}")
+    check_no_credentials("--tracking-uri", args.tracking_uri)
+    bound_http_retries()   # a registry that is away costs a poll seconds, not minutes
+    cfg = load_config(args.overrides, args.config)
+    settings = ServeSettings(args.tracking_uri or cfg.tracking.uri, args.model, args.alias,
+                             args.poll, cfg.registry.require_promotion_record)
+    if args.timeout is not None:
+        os.environ[TIMEOUT_ENV] = str(args.timeout)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    log = logging.getLogger("visiontune.serve")
+    follower = Follower(settings)
+    try:
+        loaded = follower.start() if args.workers == 1 else follower.resolve()
+    except Refused as e:
+        raise LookupError(f"cannot serve {e}") from None
+    version = loaded.version if args.workers == 1 else loaded
+    log.warning(f"serving models:/{args.model}/{version} (alias {args.alias}) on "
+                f"http://{args.host}:{args.port} with {args.workers} worker(s); checking the "
+                f"registry every {args.poll:g} s")
+    return _run_uvicorn(args, follower, settings, create_app, SETTINGS_ENV)
+
+
+def _run_uvicorn(args, follower, settings, create_app, settings_env: str) -> int:
+    """One process: the follower already holds its version. Several: each worker loads and
+    follows on its own (uvicorn's factory), the parent only supervises."""
+    import uvicorn
+
+    common = dict(host=args.host, port=args.port, log_level="warning",
+                  timeout_graceful_shutdown=30, access_log=False)
+    if args.workers == 1:
+        uvicorn.Server(uvicorn.Config(create_app(follower), **common)).run()
+    else:
+        follower.stop()
+        os.environ[settings_env] = settings.to_env()
+        uvicorn.run("components.serving.server:worker_app", factory=True,
+                    workers=args.workers, **common)
+    return 0

@@ -1,0 +1,198 @@
+"""The champion's record, the guard, approval and rollback on a SQLite registry (no server):
+versions registered through the pipeline's own steps with networks whose answers are known
+(tests/unit/test_promotion.py), hooks delivered to a real HTTP receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from mlflow import MlflowClient
+
+from components.registry import (
+    CHAMPION,
+    PREVIOUS,
+    AliasConflict,
+    ChampionPolicy,
+    PromotionError,
+    UnrecordedChampion,
+    approve,
+    champion_problem,
+    get_alias_version,
+    rollback,
+)
+from components.registry.champion import HOOKS_TAG, hook_urls, recorded_champion
+from components.registry.hooks import HookError
+from components.tracking import Tracker
+from tests.conftest import make_image_folder, register_like_the_pipeline
+from tests.unit.test_promotion import _always_cat, _perfect, promote
+
+SECRET = "test-hook-secret-2f9c"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("champion")
+    data = make_image_folder(tmp / "pets", per_class=100, corrupt=False)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+
+    def register(net, name):
+        return register_like_the_pipeline(uri, str(tmp / "art"), data, net, name)[0]
+
+    return {"tracker": Tracker(uri), "register": register}
+
+
+@pytest.fixture
+def receiver():
+    """A hook receiver on 127.0.0.1: answers 500 to the first delivery, then 200."""
+    got, statuses = [], [500]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append({"headers": dict(self.headers), "body": body})
+            self.send_response(statuses.pop(0) if statuses else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", got
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _alias(tracker, name, alias=CHAMPION):
+    mv = get_alias_version(tracker, name, alias)
+    return None if mv is None else str(mv.version)
+
+
+def test_every_recorded_move_matches_and_a_hand_move_is_named(store):
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "guard")
+    record = recorded_champion(tracker, "guard")
+    assert record["version"] == "1" and record["by"] == "first registration"
+    assert champion_problem(tracker, "guard", "1") is None
+    register(_perfect(), "guard")
+    r = promote(tracker, "guard")
+    assert r.applied and recorded_champion(tracker, "guard")["run_id"] == r.run_id
+    assert champion_problem(tracker, "guard", "2") is None
+    # moved by hand, as the MLflow UI does
+    MlflowClient(tracker.uri).set_registered_model_alias("guard", CHAMPION, "1")
+    problem = champion_problem(tracker, "guard", "1")
+    assert problem.startswith("models:/guard@champion is version 1, moved there outside "
+                              "visiontune (the last recorded move made version 2 champion "
+                              "(promote, ") and "visiontune rollback --model guard" in problem
+    assert "\n" not in problem
+    # promote says so; with the record required it refuses before comparing
+    register(_perfect(), "guard")
+    with pytest.raises(UnrecordedChampion, match="refusing it"):
+        promote(tracker, "guard", policy=ChampionPolicy(require_record=True))
+    lines = []
+    promote(tracker, "guard", dry_run=True, echo=lines.append)
+    assert lines[0].startswith("warning: models:/guard@champion is version 1, moved there")
+    # rollback restores the recorded champion, and records that it did
+    assert rollback(tracker, "guard") == ("2", "1")
+    assert _alias(tracker, "guard") == "2" and champion_problem(tracker, "guard", "2") is None
+    run = tracker.client.get_run(recorded_champion(tracker, "guard")["run_id"])
+    assert run.data.tags["visiontune.role"] == "rollback"
+    assert "moved outside visiontune" in run.data.tags["promotion.reason"]
+
+
+def test_a_promotion_waits_for_its_approver(store):
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "approved")
+    register(_perfect(), "approved")
+    r = promote(tracker, "approved", policy=ChampionPolicy(approver="alice"))
+    assert r.promote and not r.applied and r.decision == "pending approval"
+    assert _alias(tracker, "approved") == "1"
+    run = tracker.client.get_run(r.run_id)
+    assert run.data.tags["promotion.decision"] == "pending approval"
+    assert run.data.tags["promotion.approver"] == "alice"
+    assert tracker.client.get_model_version("approved", "1").tags["promotion.decision"] == \
+        "kept (v2 awaits approval)"
+    with pytest.raises(PromotionError, match="waits for approval by alice, not bob"):
+        approve(tracker, "approved", "2", "bob")
+    with pytest.raises(LookupError, match="no promotion of approved version 1 waits"):
+        approve(tracker, "approved", "1", "alice")
+    assert approve(tracker, "approved", "2", "alice") == ("2", "1")
+    assert _alias(tracker, "approved") == "2" and _alias(tracker, "approved", PREVIOUS) == "1"
+    run = tracker.client.get_run(r.run_id)
+    assert run.data.tags["promotion.decision"] == "promoted"
+    assert run.data.tags["promotion.approved_by"] == "alice"
+    assert recorded_champion(tracker, "approved")["by"] == "approve by alice"
+    with pytest.raises(LookupError):   # approved once: nothing waits any more
+        approve(tracker, "approved", "2", "alice")
+
+
+def test_approval_refused_when_the_champion_moved_since_the_decision(store):
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "raced")
+    register(_perfect(), "raced")
+    register(_perfect(), "raced")
+    promote(tracker, "raced", "2", policy=ChampionPolicy(approver="any"))
+    promote(tracker, "raced", "3")       # v3 moved the champion meanwhile
+    assert _alias(tracker, "raced") == "3"
+    with pytest.raises(AliasConflict, match="changed from v1 to v3"):
+        approve(tracker, "raced", "2", "carol")
+    assert _alias(tracker, "raced") == "3"
+
+
+def test_hooks_are_checked_before_anything_moves(store, monkeypatch, receiver):
+    tracker, register = store["tracker"], store["register"]
+    url, got = receiver
+    register(_always_cat(), "hooked")
+    register(_perfect(), "hooked")
+    monkeypatch.delenv("VISIONTUNE_HOOK_SECRET", raising=False)
+    with pytest.raises(HookError, match="VISIONTUNE_HOOK_SECRET"):
+        promote(tracker, "hooked", policy=ChampionPolicy(hooks=(url,)))
+    assert _alias(tracker, "hooked") == "1" and got == []
+    # the model's own hooks (a tag) join the config's, once each
+    MlflowClient(tracker.uri).set_registered_model_tag("hooked", HOOKS_TAG, f"{url}, {url}x")
+    monkeypatch.setenv("VISIONTUNE_HOOK_SECRET", SECRET)
+    assert hook_urls(tracker, "hooked", ChampionPolicy(hooks=(url,))) == [url, url + "x"]
+
+
+def test_a_promotion_and_a_rollback_are_delivered_signed_and_recorded(store, monkeypatch,
+                                                                      receiver):
+    tracker, register = store["tracker"], store["register"]
+    url, got = receiver
+    monkeypatch.setenv("VISIONTUNE_HOOK_SECRET", SECRET)
+    register(_always_cat(), "told")
+    register(_perfect(), "told")
+    policy = ChampionPolicy(hooks=(url,), hook_attempts=3)
+    r = promote(tracker, "told", policy=policy)
+    assert r.applied and len(got) == 2   # 500, then 200
+    first, second = got
+    assert first["body"] == second["body"]
+    assert first["headers"]["X-Visiontune-Delivery"] == second["headers"]["X-Visiontune-Delivery"]
+    for delivery in got:
+        expected = hmac.new(SECRET.encode(), delivery["body"], hashlib.sha256).hexdigest()
+        assert delivery["headers"]["X-Visiontune-Signature"] == f"sha256={expected}"
+    body = json.loads(first["body"])
+    assert (body["event"], body["version"], body["previous_version"]) == \
+        ("champion.promoted", "2", "1")
+    assert body["decision"]["decision"] == "promoted" and body["run"]["id"] == r.run_id
+    assert body["decision"]["p_value"] == pytest.approx(r.paired.p_value)
+    assert SECRET not in first["body"].decode()
+    run = tracker.client.get_run(r.run_id)
+    assert run.data.tags["promotion.hooks"] == "1 of 1 delivered"
+    assert run.data.metrics["hook_attempts"] == 2
+    hooks = json.loads(open(tracker.client.download_artifacts(
+        r.run_id, "promotion/hooks.json")).read())
+    assert [a["status"] for a in hooks[0]["attempts"]] == [500, 200]
+    assert rollback(tracker, "told", policy) == ("1", "2")
+    body = json.loads(got[2]["body"])
+    assert (body["event"], body["version"], body["previous_version"]) == \
+        ("champion.rolled_back", "1", "2")
+    rolled = tracker.client.get_run(body["run"]["id"])
+    assert rolled.data.tags["promotion.hooks"] == "1 of 1 delivered"
