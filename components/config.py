@@ -1,9 +1,7 @@
 """The typed configuration: one dataclass per section, validated before anything starts.
-
 Components take the section they need (a `ModelConfig`, a `TrainConfig`); only the CLI sees the
 whole `Config`. Validation turns a nested dict (YAML + overrides) into these objects and fails
-with one line naming the key and the valid choices.
-"""
+with one line naming the key and the valid choices."""
 
 from __future__ import annotations
 
@@ -232,27 +230,21 @@ class TrackingConfig:
 class RegistryConfig:
     model_name: str = "visiontune-classifier"
     min_f1_gain: float = field(default=0.0, metadata=_check(
-        lambda v: v >= 0, "must be >= 0",
-        "promote: the F1 gain the challenger must be shown to have (the lower bound of the "
-        "paired interval must be above it)"))
+        lambda v: v >= 0, "must be >= 0", "promote: the F1 gain the challenger must be shown "
+        "to have (the lower bound of the paired interval must be above it)"))
     max_comparisons: int = field(default=10, metadata=_positive(
         "promote: comparisons allowed on the same test images before fresh ones (--data) are "
         "needed: every look at them spends their evidence"))
     max_class_drop: float | None = field(default=None, metadata=_check(
-        lambda v: 0 <= v <= 1, "must be in [0, 1]",
-        "promote: refuse when any class's F1 drops by more than this (off by default)"))
+        lambda v: 0 <= v <= 1, "must be in [0, 1]", "promote: refuse when any class's F1 "
+        "drops by more than this (off by default)"))
     min_images: int = field(default=30, metadata=_positive(
         "promote: the fewest images neither model trained or selected on that it decides on"))
-    hooks: list[str] = field(default_factory=list, metadata={
-        "doc": "URLs that get a signed POST after every move of champion by promote, approve "
-               "or rollback (signed with $VISIONTUNE_HOOK_SECRET; docs/serving.md)"})
-    hook_attempts: int = field(default=4, metadata=_positive(
-        "tries per hook delivery (retried with backoff on no answer, 5xx, 408, 429)"))
+    hooks: list[str] = field(default_factory=list, metadata={"doc": "URLs told of champion moves"})
+    hook_attempts: int = field(default=4, metadata=_positive("tries per hook delivery"))
     require_promotion_record: bool = field(default=False, metadata={
-        "doc": "predict, serve and promote refuse a champion moved outside visiontune "
-               "(else one warning line)"})
-    approval: str = field(default="none", metadata=_choices(
-        "none", "required", doc="required: a promotion waits for `visiontune approve`"))
+        "doc": "refuse a champion moved outside visiontune"})
+    approval: str = field(default="none", metadata=_choices("none", "required"))
 
 
 @dataclass

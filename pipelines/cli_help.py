@@ -72,3 +72,11 @@ def field_docs(cls: type = Config, prefix: str = "", values=None) -> list[tuple[
             text = (text + "; " if text else "") + "one of " + "|".join(map(str, choices))
         rows.append((key, "" if key == "search.space" else repr(default), text))
     return rows
+
+
+def add_config_args(p) -> None:
+    """The `key=value` overrides and `--config FILE` every config-reading command takes."""
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides: group=option or section.key=value")
+    p.add_argument("--config", metavar="FILE",
+                   help="an experiment YAML (e.g. conf/experiment/quick.yaml)")

@@ -15,9 +15,10 @@ PREFIX = "mlflow_test_"
 
 
 def log_mlflow_evaluation(tracking_uri: str, run_id: str, predictions, classes: list[str],
-                          model_id: str | None) -> dict[str, float]:
+                          model_id: str | None, dataset_name: str) -> dict[str, float]:
     """Evaluate `predictions` (columns label, prediction: class names) into `run_id`; returns
-    MLflow's metrics. `mlflow.models.evaluate` logs to the fluent active run and ending that
+    MLflow's metrics. MLflow logs the frame as a dataset of the run (`dataset_name`, context
+    the metric prefix). `mlflow.models.evaluate` logs to the fluent active run and ending that
     would end the pipeline's run: it runs in a thread of its own, whose active-run stack
     (thread-local in MLflow) holds the run and is dropped with the thread, the run still open."""
     import mlflow
@@ -32,8 +33,10 @@ def log_mlflow_evaluation(tracking_uri: str, run_id: str, predictions, classes: 
         try:
             mlflow.set_tracking_uri(tracking_uri)
             mlflow.start_run(run_id=run_id)
+            data = mlflow.data.from_pandas(frame, name=dataset_name, targets="label",
+                                           predictions="prediction")
             result = mlflow.models.evaluate(
-                data=frame, predictions="prediction", targets="label", model_type="classifier",
+                data=data, model_type="classifier",
                 model_id=model_id, evaluator_config={
                     "metric_prefix": PREFIX, "log_model_explainability": False,
                     "label_list": list(range(len(classes)))})

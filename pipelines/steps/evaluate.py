@@ -217,7 +217,8 @@ def _register(name: str, manifest, evaluation: Evaluation, record, model_tag: st
                 record.run_id, model_uri.removeprefix("models:/"),
                 {f"test_{k}": v for k, v in report.metrics.items()},
                 test_dataset_name(manifest), manifest.test_fingerprint)
-        _mlflow_evaluation(record, report, manifest.classes, model_uri)
+        _mlflow_evaluation(record, report, manifest.classes, model_uri,
+                           test_dataset_name(manifest) + "-predictions")
         record.set_tags({model_tag: model_uri, MODEL_URI_TAG: model_uri})
     # What every loader will run, hashed as it lies in the artifact store: predict and
     # promote refuse the version if a file changes there. Its speed and size, measured on
@@ -238,7 +239,8 @@ def _register(name: str, manifest, evaluation: Evaluation, record, model_tag: st
         description=_description(manifest, evaluation, record))
 
 
-def _mlflow_evaluation(record, report, classes: list[str], model_uri: str) -> None:
+def _mlflow_evaluation(record, report, classes: list[str], model_uri: str,
+                       dataset: str) -> None:
     """MLflow's own classifier metrics of these test predictions, beside ours. An extra: a
     failure is recorded on the run (tag) and registration goes on."""
     from components.tracking.evaluation import log_mlflow_evaluation
@@ -246,7 +248,7 @@ def _mlflow_evaluation(record, report, classes: list[str], model_uri: str) -> No
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     try:
         log_mlflow_evaluation(record.tracker.uri, record.run_id, report.predictions, classes,
-                              model_id)
+                              model_id, dataset)
     except Exception as e:
         record.set_tags({"visiontune.mlflow_evaluate_error": first_line(e)[:500]})
 

@@ -94,6 +94,39 @@ def test_registered_version_with_alias(pipeline_run):
         result.parent_run_id).data.params["data_fingerprint"]
 
 
+def test_registered_version_carries_its_speed_and_mlflow_evaluation(pipeline_run):
+    """Speed and size measured at registration (version tags and run metrics), and MLflow's
+    own classifier metrics of the same test predictions, recomputed here with scikit-learn
+    (MLflow averages F1 over classes by support for several classes; binary here: dog)."""
+    import os
+
+    import mlflow
+
+    result, cfg, client, tmp = pipeline_run
+    mv = client.get_model_version("it-model", result.registered_version)
+    run = client.get_run(result.parent_run_id)
+    for b in (1, 32):
+        p50, p95 = (float(mv.tags[f"speed.latency_{q}_ms_batch{b}"]) for q in ("p50", "p95"))
+        assert 0 < p50 <= p95
+        assert float(mv.tags[f"speed.images_per_s_batch{b}"]) == pytest.approx(
+            b * 1000 / p50, rel=1e-3)
+        assert run.data.metrics[f"images_per_s_batch{b}"] == pytest.approx(
+            float(mv.tags[f"speed.images_per_s_batch{b}"]), rel=1e-3)
+    assert f"{os.cpu_count()} cores" in mv.tags["speed.hardware"]
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    files = mlflow.artifacts.download_artifacts(f"models:/it-model/{mv.version}",
+                                                dst_path=str(tmp / "model-files"))
+    on_disk = sum(f.stat().st_size for f in Path(files).rglob("*") if f.is_file()
+                  and f.name != "registered_model_meta")
+    assert abs(int(mv.tags["speed.model_bytes"]) - on_disk) < 200   # MLflow's download note
+    preds = pd.read_csv(client.download_artifacts(run.info.run_id,
+                                                  "evaluation/test_predictions.csv", str(tmp)))
+    assert "visiontune.mlflow_evaluate_error" not in run.data.tags
+    assert run.data.metrics["mlflow_test_f1_score"] == pytest.approx(
+        f1_score(preds.label == "dog", preds.prediction == "dog"))
+    assert run.data.metrics["mlflow_test_example_count"] == len(preds)
+
+
 def test_registered_model_classifies_raw_images(pipeline_run):
     """The registered model is the pyfunc from code that takes image bytes (see
     tests/unit/test_serving_model.py and tests/e2e/test_serving.py for the rest)."""
@@ -164,14 +197,18 @@ def test_parent_run_logs_the_split_as_datasets_with_its_source(pipeline_run):
     contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"]
                 for i in inputs}
     assert contexts == {"images-train": "training", "images-val": "validation",
-                        "images-test": "test"}
+                        "images-test": "test", "images-test-predictions": "mlflow_test_"}
     manifest = pd.read_csv(client.download_artifacts(result.parent_run_id,
                                                      "data/split_manifest.csv", str(tmp)))
-    for i in inputs:
+    splits = [i for i in inputs if i.dataset.name != "images-test-predictions"]
+    for i in splits:
         assert i.dataset.digest == fingerprint[:12]
         assert str(Path(cfg.data.path).resolve()) in i.dataset.source
         split = i.dataset.name.removeprefix("images-")
         assert f'"num_rows": {(manifest.split == split).sum()}' in i.dataset.profile
+    # MLflow's own evaluation logs the test predictions it scored (one row per test image)
+    (scored,) = [i for i in inputs if i.dataset.name == "images-test-predictions"]
+    assert f'"num_rows": {(manifest.split == "test").sum()}' in scored.dataset.profile
     assert run.data.tags["mlflow.source.name"] == "visiontune run"
     assert run.data.tags["mlflow.source.type"] == "LOCAL"
 
