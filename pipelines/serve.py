@@ -3,8 +3,10 @@ follower's app under uvicorn, in this process or in `--workers` processes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 
 
 def add_serve_command(sub) -> None:
@@ -76,13 +78,35 @@ def _run_uvicorn(args, follower, settings, create_app, settings_env: str) -> int
     follows on its own (uvicorn's factory), the parent only supervises."""
     import uvicorn
 
+    StoppingServer = _server_class()
     common = dict(host=args.host, port=args.port, log_level="warning",
                   timeout_graceful_shutdown=30, access_log=False)
     if args.workers == 1:
-        uvicorn.Server(uvicorn.Config(create_app(follower), **common)).run()
+        StoppingServer(uvicorn.Config(create_app(follower), **common)).run()
     else:
         follower.stop()
         os.environ[settings_env] = settings.to_env()
         uvicorn.run("components.serving.server:worker_app", factory=True,
                     workers=args.workers, **common)
     return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown, so the process
+        would end killed by the signal; a requested stop of a server is its normal end (exit
+        0, as uvicorn's own multi-worker supervisor ends)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return StoppingServer

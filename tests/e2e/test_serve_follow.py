@@ -246,3 +246,108 @@ def test_a_champion_moved_by_hand_is_named_and_refused_when_required(server):
         stop_group(proc)
     assert [line for line in log.read_text().splitlines() if "outside visiontune" in line
             and f"warning: {said}" in line], log.read_text()
+
+
+def _post(base: str, body: bytes, content_type: str = "application/json", timeout=60):
+    request = urllib.request.Request(f"{base}/invocations", body, {"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def _raw_post(port: int, length_header: str, chunks: list[bytes]) -> str:
+    """POST /invocations over a bare socket, sending `chunks` of the body (not necessarily all
+    of it), then read the answer's head."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     f"application/json\r\n{length_header}\r\n\r\n".encode())
+        for chunk in chunks:
+            sock.sendall(chunk)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(65536)
+            if not data:
+                break
+            head += data
+    return head.decode(errors="replace").lower().replace("http/1.1", "HTTP/1.1")
+
+
+def _frame(column: str, values: list[str]) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": [column],
+                                           "data": [[v] for v in values]}}).encode()
+
+
+def _photo_jpeg(size: int = 256) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+        buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_serve_reads_only_what_it_is_sent_and_stops_gracefully(server, tmp_path):
+    """Hostile requests to 2 workers: a body over the limit (declared, and chunked with no
+    length), malformed bytes, a path to a server file, a FIFO; then SIGTERM with a request
+    in flight: it is answered, and the server exits 0."""
+    import os
+    import signal
+
+    server["register"](_perfect(), "bounded")
+    port = free_port()
+    log = server["tmp"] / "bounded.log"
+    proc = subprocess.Popen(
+        [VISIONTUNE, "serve", "--model", "bounded", "--port", str(port), "--workers", "2"],
+        env={**server["env"], "VISIONTUNE_MAX_REQUEST_BYTES": "100000000"}, cwd=server["tmp"],
+        start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    try:
+        wait_until_ok(f"{base}/ping", proc, log, 120)
+        # Refused before the body is read: a client that goes on sending may see the
+        # connection closed instead, as with any server that refuses early.
+        declared = _raw_post(port, "Content-Length: 101000000", [b"x" * 1000])
+        assert declared.startswith("HTTP/1.1 413") and "x-visiontune-model-version: 1" in declared
+        chunk = b"%x\r\n%s\r\n" % (1_000_000, b"y" * 1_000_000)
+        assert _raw_post(port, "Transfer-Encoding: chunked", [chunk] * 101).startswith(
+            "HTTP/1.1 413")
+        status, _, body = _post(base, b"{not json")
+        assert status == 400 and "error_code" in json.loads(body)
+        assert _post(base, b"a,b\n", "text/plain")[0] == 415
+        started = time.time()
+        status, _, body = _post(base, _frame("path", ["/etc/passwd", str(fifo)]))
+        assert status == 200 and time.time() - started < 10
+        assert [row["error"].split(":")[0] for row in json.loads(body)["predictions"]] == \
+            ["PathRefused", "PathRefused"]
+        # a request in flight when SIGTERM arrives is answered; then the server exits 0
+        photo = base64.b64encode(_photo_jpeg()).decode()
+        answer = {}
+        def in_flight():
+            try:
+                answer.update(zip(("status", "headers", "body"),
+                                  _post(base, _frame("image", [photo] * 1000))))
+                answer["at"] = time.time()
+            except OSError as e:
+                answer["error"] = repr(e)
+
+        thread = threading.Thread(target=in_flight)
+        thread.start()
+        time.sleep(1.0)
+        signalled = time.time()
+        os.kill(proc.pid, signal.SIGTERM)
+        thread.join(timeout=60)
+        assert proc.wait(timeout=40) == 0, log.read_text()[-2000:]
+    finally:
+        stop_group(proc)
+    assert answer["status"] == 200 and answer["at"] > signalled, answer
+    rows = json.loads(answer["body"])["predictions"]
+    assert len(rows) == 1000 and all(r["error"] is None for r in rows)
