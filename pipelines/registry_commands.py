@@ -96,7 +96,7 @@ def cmd_promote(args) -> int:
         print(line)
     speed = speed_comparison(tracker, args.model, r)
     if speed:
-        print(f"  {'trade-off' if args.non_inferior is not None else 'speed'}: {speed}")
+        print(f"  {'trade-off: ' if args.non_inferior is not None else ''}{speed}")
     verdict = "promote" if r.promote else "keep the champion"
     print(f"{verdict}: {r.reason}" + (" [dry run: no alias moved]" if args.dry_run else ""))
     if r.applied:

@@ -196,3 +196,42 @@ def test_a_promotion_and_a_rollback_are_delivered_signed_and_recorded(store, mon
         ("champion.rolled_back", "1", "2")
     rolled = tracker.client.get_run(body["run"]["id"])
     assert rolled.data.tags["promotion.hooks"] == "1 of 1 delivered"
+
+
+def test_promote_prints_both_versions_measured_speed_and_approve_moves(store, capsys):
+    """As users type it: promote prints the speed and size registration measured for both
+    versions (ratios recomputed here from the version tags), waits for its approver, and
+    `visiontune approve` moves the champion."""
+    import re
+
+    from pipelines.cli import main
+    from tests.unit.test_promotion import EVIDENCE_ARGS
+
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "timed")
+    register(_perfect(), "timed")
+    args = [f"tracking.uri={tracker.uri}", *EVIDENCE_ARGS]
+    assert main(["promote", "--model", "timed", "--approve-by", "dana", *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    (line,) = [line for line in out if line.startswith("  speed (CPU, batch 32): ")]
+    tags = {v: tracker.client.get_model_version("timed", v).tags for v in ("1", "2")}
+    rate = {v: float(t["speed.images_per_s_batch32"]) for v, t in tags.items()}
+    found = re.search(r"images/s \((?:([\d.]+)x (faster|slower)|same)\)", line)
+    assert found, line
+    if found.group(1) is None:   # within 1%
+        assert rate["2"] / rate["1"] == pytest.approx(1, abs=0.0101)
+    else:
+        assert float(found.group(1)) == pytest.approx(
+            max(rate["2"] / rate["1"], rate["1"] / rate["2"]), rel=0.01)
+        assert found.group(2) == ("faster" if rate["2"] > rate["1"] else "slower")
+    assert "size:" in line and "M parameters" in line
+    assert out[-2] == ("pending approval: nothing moved until `visiontune approve --model timed "
+                       "--version 2 --by dana`") and out[-1].startswith("record: ")
+    assert _alias(tracker, "timed") == "1"
+    assert main(["approve", "--model", "timed", "--version", "2", "--by", "erin", *args]) == 1
+    assert capsys.readouterr().err.strip() == ("visiontune: error: the promotion of timed "
+                                               "version 2 waits for approval by dana, not erin")
+    assert main(["approve", "--model", "timed", "--version", "2", "--by", "dana", *args]) == 0
+    assert capsys.readouterr().out.strip() == ("models:/timed@champion -> version 2 (approved "
+                                               "by dana) (previous-champion -> 1)")
+    assert _alias(tracker, "timed") == "2"
