@@ -33,8 +33,7 @@ def add_serve_command(sub) -> None:
 
 
 def run_serve(args) -> int:
-    from components.config import check_no_credentials
-    from components.serving.server import (
+    from components.champion_server import (
         LOG_FORMAT,
         SETTINGS_ENV,
         TIMEOUT_ENV,
@@ -43,6 +42,7 @@ def run_serve(args) -> int:
         ServeSettings,
         create_app,
     )
+    from components.config import check_no_credentials
     from components.tracking import bound_http_retries
     from pipelines.config import load_config
     from pipelines.console import quiet_mlflow
@@ -86,7 +86,7 @@ def _run_uvicorn(args, follower, settings, create_app, settings_env: str) -> int
     else:
         follower.stop()
         os.environ[settings_env] = settings.to_env()
-        uvicorn.run("components.serving.server:worker_app", factory=True,
+        uvicorn.run("components.champion_server:worker_app", factory=True,
                     workers=args.workers, **common)
     return 0
 

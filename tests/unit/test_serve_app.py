@@ -16,8 +16,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.pyfunc.scoring_server import invocations
 
+from components.champion_server import Follower, ServeSettings, answer, load_version
 from components.serving import CODE_TAG, code_digests, example_image_bytes, format_digests
-from components.serving.server import Follower, ServeSettings, answer, load_version
 from tests.conftest import register_untrained_model
 
 
