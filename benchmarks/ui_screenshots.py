@@ -944,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UIError(f"--tracking-uri {uri}: the UI needs a running `mlflow server` "
                           f"(http://HOST:PORT)")
         from components.tracking import TrackingError, bound_http_retries, check_tracking_uri
-        from components.tracking.links import review_links
+        from components.ui_links import review_links
 
         browser = find_browser(args.browser)
         bound_http_retries()

@@ -67,7 +67,7 @@ EXIT_NOT_PROMOTED = 3
 def cmd_promote(args) -> int:
     quiet_mlflow()  # the decision is the story here
     from components.registry import promote
-    from components.tracking.links import review_links
+    from components.ui_links import review_links
 
     if not 0.5 <= args.confidence < 1:
         raise ConfigError(f"--confidence={args.confidence} must be in [0.5, 1), e.g. 0.95")

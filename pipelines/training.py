@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from components.config import Config
-from components.tracking.links import review_links  # noqa: F401  (re-exported: the CLI, tests)
+from components.ui_links import review_links  # noqa: F401  (re-exported: the CLI, tests)
 from pipelines.interrupt import Interrupted, SignalGuard
 
 

@@ -31,7 +31,7 @@ from components.registry.registry import (
     moved_by,
 )
 from components.tracking import Tracker, first_line
-from components.tracking.links import review_links
+from components.ui_links import review_links
 
 HOOKS_TAG = "visiontune.hooks"              # on the registered model: its own hook URLs
 

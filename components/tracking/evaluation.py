@@ -9,7 +9,9 @@ numbers. The paired decision of `promote` stays the authority (docs/promotion.md
 
 from __future__ import annotations
 
+import logging
 import threading
+import warnings
 
 PREFIX = "mlflow_test_"
 
@@ -29,20 +31,36 @@ def log_mlflow_evaluation(tracking_uri: str, run_id: str, predictions, classes: 
                           "prediction": [index[c] for c in predictions["prediction"]]})
     out: dict = {}
 
+    def run_evaluation() -> dict:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.start_run(run_id=run_id)
+        data = mlflow.data.from_pandas(frame, name=dataset_name, targets="label",
+                                       predictions="prediction")
+        result = mlflow.models.evaluate(
+            data=data, model_type="classifier",
+            model_id=model_id, evaluator_config={
+                "metric_prefix": PREFIX, "log_model_explainability": False,
+                "label_list": list(range(len(classes)))})
+        return dict(result.metrics)
+
     def evaluate() -> None:
+        # MLflow's evaluator narrates (schema hints, the model type it infers from integer
+        # labels, "testing metrics on first row"): none of it is news on the pipeline's console
+        quiet = [logging.getLogger(n) for n in ("mlflow.models.evaluation", "mlflow.types",
+                                                 "mlflow.data")]
+        levels = [logger.level for logger in quiet]
         try:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.start_run(run_id=run_id)
-            data = mlflow.data.from_pandas(frame, name=dataset_name, targets="label",
-                                           predictions="prediction")
-            result = mlflow.models.evaluate(
-                data=data, model_type="classifier",
-                model_id=model_id, evaluator_config={
-                    "metric_prefix": PREFIX, "log_model_explainability": False,
-                    "label_list": list(range(len(classes)))})
-            out["metrics"] = dict(result.metrics)
+            for logger in quiet:
+                logger.setLevel(logging.ERROR)
+            # the caller's thread waits in join(): the process-wide filters are ours meanwhile
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out["metrics"] = run_evaluation()
         except BaseException as e:   # raised again in the caller's thread
             out["error"] = e
+        finally:
+            for logger, level in zip(quiet, levels):
+                logger.setLevel(level)
 
     worker = threading.Thread(target=evaluate, name="mlflow-evaluate")
     worker.start()

@@ -184,6 +184,9 @@ def test_user_errors_are_named_correctly_and_jobs_status_answer_without_torch_or
             "for argv in (['status', 'visiontune-x', '--address', 'http://127.0.0.1:9'],\n"
             "             ['jobs', '--address', '127.0.0.1:9']):\n"
             "    assert main(argv) == 1\n"
+            # `run` imports the pipeline before it quiets MLflow: MLflow reads its logging
+            # level when first imported, so importing the pipeline must not import it
+            "import pipelines.training, pipelines.registry_commands, pipelines.serve\n"
             "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "[]"
