@@ -204,21 +204,28 @@ def rollback(tracker: Tracker, name: str, policy: ChampionPolicy = ChampionPolic
                 f"restored v{previous.version}"
         run_id = _rollback_run(tracker, name, str(target.version), now, reason,
                                experiment_name)
-        client.set_registered_model_alias(name, CHAMPION, target.version)
-        if keep is not None and str(keep.version) != str(target.version):
-            client.set_registered_model_alias(name, PREVIOUS, keep.version)
-        else:
-            client.delete_registered_model_alias(name, PREVIOUS)
-        record_champion(tracker, name, str(target.version), "rollback", run_id)
+        try:
+            client.set_registered_model_alias(name, CHAMPION, target.version)
+            if keep is not None and str(keep.version) != str(target.version):
+                client.set_registered_model_alias(name, PREVIOUS, keep.version)
+            else:
+                client.delete_registered_model_alias(name, PREVIOUS)
+            record_champion(tracker, name, str(target.version), "rollback", run_id)
+        except BaseException:   # the record never stays RUNNING
+            tracker.end_run(run_id, "FAILED")
+            raise
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     moved = [(target.version, "restored by rollback")] + (
         [(now, "rolled back")] if now and now != str(target.version) else [])
-    for version, decision in moved:
-        client.set_model_version_tag(name, version, "promotion.decision", decision)
-        client.set_model_version_tag(name, version, "promotion.time", stamp)
-        client.set_model_version_tag(name, version, "promotion.run_id", run_id)
-    announce(tracker, name, urls, "rollback", str(target.version), now, run_id, policy, echo)
-    tracker.end_run(run_id, "FINISHED")
+    try:
+        for version, decision in moved:
+            client.set_model_version_tag(name, version, "promotion.decision", decision)
+            client.set_model_version_tag(name, version, "promotion.time", stamp)
+            client.set_model_version_tag(name, version, "promotion.run_id", run_id)
+        announce(tracker, name, urls, "rollback", str(target.version), now, run_id, policy,
+                 echo)
+    finally:   # the champion has moved: the run says so whatever the tags and hooks did
+        tracker.end_run(run_id, "FINISHED")
     kept = str(keep.version) if keep is not None and str(keep.version) != str(
         target.version) else ""
     return str(target.version), kept
