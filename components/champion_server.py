@@ -68,7 +68,13 @@ class Loaded:
 
 
 class Refused(RuntimeError):
-    """A version that will not be served (its files changed, not a visiontune model, ...)."""
+    """A version that will not be served. `permanent`: its files, format or answers are
+    wrong (not tried again); otherwise fetching it failed (the registry or the artifact store
+    did not answer: tried again at the next poll)."""
+
+    def __init__(self, message: str, permanent: bool):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def load_version(settings: ServeSettings, version: str) -> Loaded:
@@ -90,6 +96,10 @@ def load_version(settings: ServeSettings, version: str) -> Loaded:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{settings.name}/{version}", dst_path=folder.name,
             tracking_uri=settings.tracking_uri)
+    except Exception as e:
+        folder.cleanup()
+        raise Refused(f"{what}: {first_line(e, None)}", permanent=False) from e
+    try:
         verify_code(local, tags.get(CODE_TAG), what)
         info = Model.load(local)
         if check_model_format(info.metadata or {}, info.flavors) != "images":
@@ -103,7 +113,9 @@ def load_version(settings: ServeSettings, version: str) -> Loaded:
             raise ValueError(f"it cannot classify its own input example: {warm['error'][0]}")
     except Exception as e:
         folder.cleanup()
-        raise Refused(f"{what}: {first_line(e, None)}") from e
+        line = first_line(e, None)   # a CodeMismatch names the version itself
+        raise Refused(line if line.startswith(what) else f"{what}: {line}",
+                      permanent=True) from e
     return Loaded(str(version), model, model.metadata.get_input_schema(), folder,
                   time.monotonic() - start)
 
@@ -178,6 +190,8 @@ class Follower:
         except Exception as e:   # the registry away, the alias gone, an unrecorded champion
             self._say(f"{first_line(e, None)}; still serving version {now}")
             return
+        if self._said.endswith(f"; still serving version {now}"):
+            self._said = ""   # answered again: the next outage is said again
         if version == now or version in self.refused:
             return
         log.warning(f"{self.settings.alias} moved {now} -> {version}: loading version "
@@ -185,6 +199,9 @@ class Follower:
         try:
             loaded = load_version(self.settings, version)
         except Refused as e:
+            if not e.permanent:   # the store did not answer: the next poll tries again
+                self._say(f"could not fetch {e}; still serving version {now}, trying again")
+                return
             self.refused[version] = str(e)
             log.warning(f"refused {e}; still serving version {now}")
             return
@@ -216,6 +233,15 @@ def create_app(follower: Follower):
     def named(response, served: Loaded):
         response.headers[VERSION_HEADER] = served.version
         response.headers[MODEL_HEADER] = follower.settings.name
+        return response
+
+    @app.middleware("http")
+    async def name_every_answer(request, call_next):
+        """404s, 405s and the visiontune routes too; a scoring answer keeps the version of
+        the request (set by the route, which may differ from the current one)."""
+        response = await call_next(request)
+        if VERSION_HEADER not in response.headers and follower.current is not None:
+            named(response, follower.current)
         return response
 
     @app.get("/ping")
@@ -300,9 +326,10 @@ def image_frame(body: bytes, content_type: str):
 
     import pandas as pd
 
-    if content_type.replace(" ", "").lower() not in ("application/json",
-                                                      "application/json;charset=utf-8"):
-        return None
+    mime, *parameters = [part.strip() for part in content_type.split(";")]
+    if mime != "application/json" or any(p.replace(" ", "").lower() != "charset=utf-8"
+                                         for p in parameters):
+        return None   # as MLflow parses it: anything else is its to answer (or refuse)
     try:
         doc = json.loads(body)
         split = doc["dataframe_split"]

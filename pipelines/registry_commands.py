@@ -62,6 +62,7 @@ def _tracking(args):
 
 
 EXIT_NOT_PROMOTED = 3
+EXIT_PENDING_APPROVAL = 4   # shown better, nothing moved yet: `promote && deploy` must not go on
 
 
 def cmd_promote(args) -> int:
@@ -109,6 +110,8 @@ def cmd_promote(args) -> int:
     if r.run_id:
         link = review_links(tracker.uri, r.experiment_id, r.run_id)["run"]
         print(f"record: {link}")
+    if r.awaiting:
+        return EXIT_PENDING_APPROVAL
     return 0 if r.promote else EXIT_NOT_PROMOTED
 
 

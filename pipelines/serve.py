@@ -35,23 +35,29 @@ def add_serve_command(sub) -> None:
 def run_serve(args) -> int:
     from components.champion_server import (
         LOG_FORMAT,
+        MAX_BODY_ENV,
         SETTINGS_ENV,
         TIMEOUT_ENV,
         Follower,
         Refused,
         ServeSettings,
         create_app,
+        load_version,
     )
-    from components.config import check_no_credentials
+    from components.config import ConfigError, check_no_credentials
     from components.tracking import bound_http_retries
     from pipelines.config import load_config
     from pipelines.console import quiet_mlflow
 
     quiet_mlflow()
     for flag, value, low in (("--workers", args.workers, 1), ("--poll", args.poll, 0.5),
-                             ("--port", args.port, 1)):
+                             ("--port", args.port, 1),
+                             ("--timeout", 1 if args.timeout is None else args.timeout, 0.1)):
         if value < low:
-            raise LookupError(f"{flag} must be at least {low}, got {value}")
+            raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    for env in (MAX_BODY_ENV, TIMEOUT_ENV):   # read by every worker: checked once, here
+        if os.environ.get(env) and not _positive_number(os.environ[env]):
+            raise ConfigError(f"{env}={os.environ[env]!r} must be a positive number")
     check_no_credentials("--tracking-uri", args.tracking_uri)
     bound_http_retries()   # a registry that is away costs a poll seconds, not minutes
     cfg = load_config(args.overrides, args.config)
@@ -63,10 +69,12 @@ def run_serve(args) -> int:
     log = logging.getLogger("visiontune.serve")
     follower = Follower(settings)
     try:
-        loaded = follower.start() if args.workers == 1 else follower.resolve()
+        # Several workers load it each on their own: it is loaded and verified here first, so
+        # a version that cannot serve is one line, not a worker that dies at start-up.
+        version = follower.start().version if args.workers == 1 else \
+            load_version(settings, follower.resolve()).version
     except Refused as e:
         raise LookupError(f"cannot serve {e}") from None
-    version = loaded.version if args.workers == 1 else loaded
     log.warning(f"serving models:/{args.model}/{version} (alias {args.alias}) on "
                 f"http://{args.host}:{args.port} with {args.workers} worker(s); checking the "
                 f"registry every {args.poll:g} s")
@@ -81,14 +89,27 @@ def _run_uvicorn(args, follower, settings, create_app, settings_env: str) -> int
     StoppingServer = _server_class()
     common = dict(host=args.host, port=args.port, log_level="warning",
                   timeout_graceful_shutdown=30, access_log=False)
-    if args.workers == 1:
-        StoppingServer(uvicorn.Config(create_app(follower), **common)).run()
-    else:
-        follower.stop()
-        os.environ[settings_env] = settings.to_env()
-        uvicorn.run("components.champion_server:worker_app", factory=True,
-                    workers=args.workers, **common)
+    try:
+        if args.workers == 1:
+            StoppingServer(uvicorn.Config(create_app(follower), **common)).run()
+        else:
+            follower.stop()
+            os.environ[settings_env] = settings.to_env()
+            uvicorn.run("components.champion_server:worker_app", factory=True,
+                        workers=args.workers, **common)
+    except SystemExit as e:   # uvicorn's own exit: the port taken, a worker that failed
+        if e.code not in (None, 0):
+            raise ConnectionError(f"the server on {args.host}:{args.port} stopped (uvicorn "
+                                  f"exit {e.code}): is the port in use? see the lines above"
+                                  ) from None
     return 0
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def _server_class():

@@ -75,9 +75,12 @@ def champion_problem(tracker: Tracker, name: str, version: str) -> str | None:
     if record is not None and str(record.get("version")) == str(version):
         return None
     if record is None:
-        how = "no promotion or rollback is recorded for this model"
-        fix = (f"move it with `visiontune promote --model {name} --version {version}` after "
-               f"registering a challenger, or restore the alias to a promoted version")
+        if _moved_before_the_record(tracker, name, str(version)):
+            return None
+        how = "no promotion or rollback of this model is recorded"
+        fix = (f"`visiontune rollback --model {name}` puts back previous-champion, recorded; "
+               f"or, without registry.require_promotion_record, promote a challenger "
+               f"against it: every move from then on is recorded")
     else:
         how = (f"the last recorded move made version {record['version']} champion "
                f"({record.get('by', '?')}, {record.get('at', '?')})")
@@ -86,6 +89,18 @@ def champion_problem(tracker: Tracker, name: str, version: str) -> str | None:
                f"{name} --version {version}`")
     return (f"models:/{name}@champion is version {version}, moved there outside visiontune "
             f"({how}): {fix}")
+
+
+def _moved_before_the_record(tracker: Tracker, name: str, version: str) -> bool:
+    """A model whose champion moved before visiontune kept the record tag: its version tags
+    say how it got there (promoted, restored by rollback), or it is the model's first version
+    (a first registration makes it champion)."""
+    mv = tracker.client.get_model_version(name, version)
+    if (mv.tags or {}).get("promotion.decision", "").startswith(("promoted",
+                                                                  "restored by rollback")):
+        return True
+    found = tracker.client.search_model_versions(f"name = '{name}'")
+    return bool(found) and min(int(v.version) for v in found) == int(version)
 
 
 def check_champion(tracker: Tracker, name: str, version: str, require: bool, warn) -> bool:

@@ -24,6 +24,7 @@ or tag is written.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 
@@ -140,23 +141,43 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
                                                  "promotion.reason": str(conflict)[:5000]})
                 raise
     except _FAILURES as e:
+        if result.applied:   # the champion did move: say so, and tell the hooks
+            _announce_quietly(tracker, name, urls, result, policy, echo)
+            raise RegistryError(f"the MLflow server at {tracker.uri} failed during promote "
+                                f"after the champion moved to v{challenger.version}: "
+                                f"{first_line(e)}; its record may be incomplete") from e
         raise RegistryError(f"the MLflow server at {tracker.uri} failed during promote: "
                             f"{first_line(e)}; the champion was not moved") from e
-    if not dry_run and not (champion and champion.version == challenger.version):
-        try:
-            if result.applied:   # the record says so only once the champion has moved
-                tracker.set_tags(result.run_id, {"promotion.decision": result.decision,
-                                                 NOTE_TAG: note(name, result, dry_run)})
-            tag_versions(tracker, name, result)
-        except _FAILURES as e:
-            raise RegistryError(f"the MLflow server at {tracker.uri} failed while tagging the "
-                                f"versions after the decision ({result.decision}, aliases "
-                                f"{'moved' if result.applied else 'unchanged'}): "
-                                f"{first_line(e)}") from e
-    if result.applied:
-        announce(tracker, name, urls, "promote", challenger.version,
-                 champion.version if champion else None, result.run_id, policy, echo)
+    try:
+        if not dry_run and not (champion and champion.version == challenger.version):
+            _tag_decision(tracker, name, result, dry_run)
+    finally:
+        if result.applied:   # announced whatever the tagging did: the champion moved
+            announce(tracker, name, urls, "promote", challenger.version,
+                     champion.version if champion else None, result.run_id, policy, echo)
     return result
+
+
+def _tag_decision(tracker: Tracker, name: str, result: PromotionResult, dry_run: bool) -> None:
+    try:
+        if result.applied:   # the record says so only once the champion has moved
+            tracker.set_tags(result.run_id, {"promotion.decision": result.decision,
+                                             NOTE_TAG: note(name, result, dry_run)})
+        tag_versions(tracker, name, result)
+    except _FAILURES as e:
+        raise RegistryError(f"the MLflow server at {tracker.uri} failed while tagging the "
+                            f"versions after the decision ({result.decision}, aliases "
+                            f"{'moved' if result.applied else 'unchanged'}): "
+                            f"{first_line(e)}") from e
+
+
+def _announce_quietly(tracker: Tracker, name: str, urls: list[str], r: PromotionResult,
+                      policy: ChampionPolicy, echo) -> None:
+    try:
+        announce(tracker, name, urls, "promote", r.challenger.version,
+                 r.champion.version if r.champion else None, r.run_id, policy, echo)
+    except _FAILURES:
+        echo("hooks not sent: the MLflow server failed while reading the decision to send")
 
 
 def _move_champion(tracker: Tracker, name: str, r: PromotionResult, by: str = "promote") -> None:
@@ -175,8 +196,8 @@ def _move_champion(tracker: Tracker, name: str, r: PromotionResult, by: str = "p
         if r.champion is not None:
             client.set_registered_model_alias(name, PREVIOUS, r.champion.version)
         client.set_registered_model_alias(name, CHAMPION, r.challenger.version)
+        r.applied = True   # moved: whatever fails after this, the champion is the challenger
         record_champion(tracker, name, r.challenger.version, by, r.run_id)
-    r.applied = True
 
 
 def rollback(tracker: Tracker, name: str, policy: ChampionPolicy = ChampionPolicy(),
@@ -191,10 +212,10 @@ def rollback(tracker: Tracker, name: str, policy: ChampionPolicy = ChampionPolic
         current = get_alias_version(tracker, name, CHAMPION)
         record = recorded_champion(tracker, name)
         now = str(current.version) if current is not None else None
-        if now is not None and record is not None and str(record["version"]) != now:
+        if record is not None and str(record["version"]) != now:
             target, keep = get_version(tracker, name, record["version"]), previous
-            reason = (f"champion v{now} had been moved outside visiontune; restored "
-                      f"v{target.version}, the last recorded champion")
+            reason = (f"champion {'v' + now if now else '(none)'} had been moved outside "
+                      f"visiontune; restored v{target.version}, the last recorded champion")
         elif previous is None:
             raise LookupError(f"model {name!r} has no '{PREVIOUS}' alias: nothing to roll "
                               f"back to")
@@ -204,28 +225,33 @@ def rollback(tracker: Tracker, name: str, policy: ChampionPolicy = ChampionPolic
                 f"restored v{previous.version}"
         run_id = _rollback_run(tracker, name, str(target.version), now, reason,
                                experiment_name)
+        moved = False
         try:
             client.set_registered_model_alias(name, CHAMPION, target.version)
+            moved = True
             if keep is not None and str(keep.version) != str(target.version):
                 client.set_registered_model_alias(name, PREVIOUS, keep.version)
             else:
                 client.delete_registered_model_alias(name, PREVIOUS)
             record_champion(tracker, name, str(target.version), "rollback", run_id)
-        except BaseException:   # the record never stays RUNNING
-            tracker.end_run(run_id, "FAILED")
+        except BaseException:   # the record never stays RUNNING, and says if it moved
+            with contextlib.suppress(*_FAILURES):
+                tracker.end_run(run_id, "FINISHED" if moved else "FAILED")
             raise
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    moved = [(target.version, "restored by rollback")] + (
+    tagged = [(target.version, "restored by rollback")] + (
         [(now, "rolled back")] if now and now != str(target.version) else [])
     try:
-        for version, decision in moved:
+        for version, decision in tagged:
             client.set_model_version_tag(name, version, "promotion.decision", decision)
             client.set_model_version_tag(name, version, "promotion.time", stamp)
             client.set_model_version_tag(name, version, "promotion.run_id", run_id)
-        announce(tracker, name, urls, "rollback", str(target.version), now, run_id, policy,
-                 echo)
-    finally:   # the champion has moved: the run says so whatever the tags and hooks did
-        tracker.end_run(run_id, "FINISHED")
+    finally:   # the champion has moved: announced and recorded whatever the tags did
+        try:
+            announce(tracker, name, urls, "rollback", str(target.version), now, run_id,
+                     policy, echo)
+        finally:
+            tracker.end_run(run_id, "FINISHED")
     kept = str(keep.version) if keep is not None and str(keep.version) != str(
         target.version) else ""
     return str(target.version), kept
@@ -242,8 +268,13 @@ def _rollback_run(tracker: Tracker, name: str, target: str, replaced: str | None
         {ROLE_TAG: "rollback", MODEL_NAME_TAG: name, "promotion.decision": "rollback",
          "promotion.reason": reason, "promotion.moved_by": moved_by(),
          NOTE_TAG: f"**Rollback of {name}**: {reason}\n"})
-    tracker.log_params(run_id, {"model_name": name, "restored_version": target,
-                                "replaced_version": replaced or ""})
+    try:
+        tracker.log_params(run_id, {"model_name": name, "restored_version": target,
+                                    "replaced_version": replaced or ""})
+    except BaseException:
+        with contextlib.suppress(*_FAILURES):
+            tracker.end_run(run_id, "FAILED")
+        raise
     return run_id
 
 
@@ -280,16 +311,20 @@ def approve(tracker: Tracker, name: str, version: str, by: str,
                         Candidate(str(version), None, None),
                         Candidate(compared, None, None) if compared else None,
                         run_id=run.info.run_id)
-    _move_champion(tracker, name, r, by=f"approve by {by}")
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    tracker.set_tags(r.run_id, {"promotion.decision": "promoted",
-                                "promotion.approved_by": by, "promotion.approved_at": stamp,
-                                "promotion.approved_from": moved_by()})
-    client = tracker.client
-    client.set_model_version_tag(name, version, "promotion.decision",
-                                 f"promoted (approved by {by})")
-    if compared:
-        client.set_model_version_tag(name, compared, "promotion.decision",
-                                     f"replaced by v{version}")
-    announce(tracker, name, urls, "approve", str(version), compared, r.run_id, policy, echo)
+    try:
+        _move_champion(tracker, name, r, by=f"approve by {by}")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        tracker.set_tags(r.run_id, {"promotion.decision": "promoted",
+                                    "promotion.approved_by": by, "promotion.approved_at": stamp,
+                                    "promotion.approved_from": moved_by()})
+        client = tracker.client
+        client.set_model_version_tag(name, version, "promotion.decision",
+                                     f"promoted (approved by {by})")
+        if compared:
+            client.set_model_version_tag(name, compared, "promotion.decision",
+                                         f"replaced by v{version}")
+    finally:
+        if r.applied:   # announced whatever the tagging did: the champion moved
+            announce(tracker, name, urls, "approve", str(version), compared, r.run_id, policy,
+                     echo)
     return str(version), compared

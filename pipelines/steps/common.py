@@ -70,7 +70,12 @@ def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | No
     tags.setdefault("mlflow.source.type", "JOB" if os.environ.get(JOB_ID_ENV) else "LOCAL")
     experiment_id = tracker.ensure_experiment(cfg.tracking.experiment_name,
                                               cfg.tracking.artifact_location)
+    from components.registry.hooks import shown_url  # the registry package imports MLflow
+
     config = to_dict(cfg)
+    # Hook URLs often carry a token (Slack, Teams): recorded as scheme, host and first path
+    # segment only; a run never sends hooks, promote and rollback read the config anew.
+    config["registry"]["hooks"] = [shown_url(u) for u in config["registry"].get("hooks", [])]
     pipeline_id = new_pipeline_id()
     tracker.journal = run_journal(cfg, pipeline_id)
     return PipelineRecord.create(tracker, experiment_id, pipeline_id, tags, config,

@@ -320,8 +320,13 @@ def test_serve_reads_only_what_it_is_sent_and_stops_gracefully(server, tmp_path)
         chunk = b"%x\r\n%s\r\n" % (1_000_000, b"y" * 1_000_000)
         assert _raw_post(port, "Transfer-Encoding: chunked", [chunk] * 101).startswith(
             "HTTP/1.1 413")
-        status, _, body = _post(base, b"{not json")
+        status, headers, body = _post(base, b"{not json")
         assert status == 400 and "error_code" in json.loads(body)
+        assert headers["X-Visiontune-Model-Version"] == "1"
+        try:   # any answer names the version, a 404 too
+            urllib.request.urlopen(f"{base}/no-such-route", timeout=10)
+        except urllib.error.HTTPError as e:
+            assert e.code == 404 and e.headers["X-Visiontune-Model-Version"] == "1"
         assert _post(base, b"a,b\n", "text/plain")[0] == 415
         started = time.time()
         status, _, body = _post(base, _frame("path", ["/etc/passwd", str(fifo)]))

@@ -211,7 +211,7 @@ def test_promote_prints_both_versions_measured_speed_and_approve_moves(store, ca
     register(_always_cat(), "timed")
     register(_perfect(), "timed")
     args = [f"tracking.uri={tracker.uri}", *EVIDENCE_ARGS]
-    assert main(["promote", "--model", "timed", "--approve-by", "dana", *args]) == 0
+    assert main(["promote", "--model", "timed", "--approve-by", "dana", *args]) == 4
     out = capsys.readouterr().out.splitlines()
     (line,) = [line for line in out if line.startswith("  speed (CPU, batch 32): ")]
     tags = {v: tracker.client.get_model_version("timed", v).tags for v in ("1", "2")}
@@ -235,3 +235,44 @@ def test_promote_prints_both_versions_measured_speed_and_approve_moves(store, ca
     assert capsys.readouterr().out.strip() == ("models:/timed@champion -> version 2 (approved "
                                                "by dana) (previous-champion -> 1)")
     assert _alias(tracker, "timed") == "2"
+
+
+def test_rollback_of_a_deleted_champion_restores_the_recorded_one(store):
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "deleted")
+    MlflowClient(tracker.uri).delete_registered_model_alias("deleted", CHAMPION)
+    assert rollback(tracker, "deleted") == ("1", "")
+    assert _alias(tracker, "deleted") == "1"
+
+
+def test_a_champion_from_before_the_record_counts_as_recorded_when_its_tags_say_so(store):
+    """Models whose champion moved before visiontune kept `visiontune.champion_record`: the
+    first version, or one tagged promoted / restored by rollback, is not named as a hand move;
+    another version is."""
+    tracker, register = store["tracker"], store["register"]
+    register(_always_cat(), "legacy")
+    register(_perfect(), "legacy")
+    client = MlflowClient(tracker.uri)
+    client.delete_registered_model_tag("legacy", "visiontune.champion_record")
+    assert champion_problem(tracker, "legacy", "1") is None          # the first version
+    problem = champion_problem(tracker, "legacy", "2")
+    assert "no promotion or rollback of this model is recorded" in problem
+    client.set_model_version_tag("legacy", "2", "promotion.decision", "promoted")
+    assert champion_problem(tracker, "legacy", "2") is None
+
+
+def test_hook_urls_in_the_config_are_recorded_without_their_secret_path(tmp_path):
+    """A run records its config (params, config.yaml); a hook URL's token never reaches it."""
+    from pipelines.config import load_config
+    from pipelines.steps import open_record
+
+    secret = "T000/B000/s3cr3tT0ken"
+    cfg = load_config([f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                       f"registry.hooks=[https://hooks.example.com/services/{secret}]"])
+    record = open_record(cfg, None, None, lambda line: None)
+    run = record.run()
+    assert run.data.params["registry.hooks"] == "['https://hooks.example.com/services/…']"
+    config = open(record.tracker.client.download_artifacts(
+        record.run_id, "config.yaml", str(tmp_path))).read()
+    assert secret not in config and "s3cr3t" not in str(run.data)
+    record.close("FINISHED")

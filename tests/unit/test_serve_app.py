@@ -16,7 +16,13 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.pyfunc.scoring_server import invocations
 
-from components.champion_server import Follower, ServeSettings, answer, load_version
+from components.champion_server import (
+    Follower,
+    ServeSettings,
+    answer,
+    image_frame,
+    load_version,
+)
 from components.serving import CODE_TAG, code_digests, example_image_bytes, format_digests
 from tests.conftest import register_untrained_model
 
@@ -26,7 +32,7 @@ def registry(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-app")
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
-    for _ in range(3):
+    for _ in range(4):
         version = register_untrained_model(uri, "followed", artifact_location=str(tmp / "art"))
         # the sha256 of its files, as registration records them
         local = mlflow.artifacts.download_artifacts(
@@ -114,3 +120,58 @@ def test_the_registry_is_read_every_poll_and_at_once_when_nudged(registry):
     follower.stop()
     thread.join(timeout=5)
     assert len(checks) == before + 1
+
+
+def test_a_version_that_could_not_be_fetched_is_tried_again(registry, caplog, monkeypatch):
+    """The artifact store not answering for a moment (its download raises, as a refused
+    connection to S3 or an MLflow server does) is not a verdict on the version: it is
+    fetched again at the next poll, not refused for good."""
+    client = MlflowClient(registry["uri"])
+    client.set_registered_model_alias("followed", "champion", "1")
+    follower = Follower(registry["settings"])
+    follower.start()
+    follower.stop()
+    real = mlflow.artifacts.download_artifacts
+    calls = []
+
+    def away_once(*args, **kwargs):
+        calls.append(kwargs.get("artifact_uri"))
+        if len(calls) == 1:
+            raise ConnectionError("[Errno 111] Connection refused")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", away_once)
+    client.set_registered_model_alias("followed", "champion", "4")
+    with caplog.at_level(logging.INFO, logger="visiontune.serve"):
+        follower.check()
+    assert follower.current.version == "1" and "4" not in follower.refused
+    assert any(r.getMessage() == "could not fetch followed version 4: [Errno 111] Connection "
+               "refused; still serving version 1, trying again" for r in caplog.records)
+    follower.check()
+    assert follower.current.version == "4" and calls == ["models:/followed/4"] * 2
+
+
+def test_the_shortcut_takes_only_what_mlflow_would_parse_as_json():
+    body = _body([b"x"])
+    assert image_frame(body, "application/json") is not None
+    assert image_frame(body, "application/json; charset=UTF-8") is not None
+    for content_type in ("Application/JSON", "application/json; charset=latin-1",
+                         "application/json; foo=bar", "text/csv"):
+        assert image_frame(body, content_type) is None, content_type
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_1(registry, capsys):
+    import socket
+
+    from pipelines.cli import main
+
+    MlflowClient(registry["uri"]).set_registered_model_alias("followed", "champion", "1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--model", "followed", "--port", str(port), "--tracking-uri",
+                     registry["uri"]])
+    err = capsys.readouterr().err
+    assert code == 1 and f"visiontune: error: the server on 127.0.0.1:{port} stopped" in err
+    assert "Traceback" not in err
