@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -360,3 +361,55 @@ def register_like_the_pipeline(tracking_uri: str, artifacts: str | None, data: P
     registered = register_best(cfg, manifest, Evaluation(best, net, prep, report), record, quiet)
     record.close("FINISHED")
     return registered, manifest
+
+
+# ------------------------------------------------------------- servers the tests start
+@contextlib.contextmanager
+def mlflow_server(tmp: Path, env: dict):
+    """`mlflow server` (SQLite in `tmp`, artifacts proxied to tmp/artifacts) on a free loopback
+    port, in its own process group (its web workers go down with it); yields its URL."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    log = tmp / "mlflow.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+         "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
+        cwd=tmp, env=env, start_new_session=True, stdout=open(log, "w"),
+        stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ok(f"{url}/health", proc, log, 120)
+        yield url
+    finally:
+        stop_group(proc)
+
+
+@contextlib.contextmanager
+def hook_receiver(statuses: list[int]):
+    """A hook receiver on 127.0.0.1 answering `statuses` in turn, then 200; yields its URL and
+    the list of what it received ({"headers", "body"} each)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    got, answers = [], list(statuses)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append({"headers": dict(self.headers), "body": body})
+            self.send_response(answers.pop(0) if answers else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/hook", got
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

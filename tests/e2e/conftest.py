@@ -4,13 +4,9 @@ they open are the same run's."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import cli_env, free_port, run_tiny_pipeline, stop_group, wait_until_ok
+from tests.conftest import cli_env, mlflow_server, run_tiny_pipeline
 
 SERVED_MODEL = "e2e-served"
 PLANTED = {"MLFLOW_TRACKING_PASSWORD": "vt-planted-password-7f3a9c",
@@ -30,19 +26,7 @@ def served_pipeline(tmp_path_factory):
     # Secrets as an operator passes them, through the environment: none may reach the record
     # (tests/e2e/test_security.py greps it).
     env = cli_env(**PLANTED, **USER)
-    port = free_port()
-    log = tmp / "mlflow.log"
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-         "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-        cwd=tmp, env=env, start_new_session=True, stdout=open(log, "w"),
-        stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ok(f"{url}/health", proc, log, 120)
+    with mlflow_server(tmp, env) as url:
         ran = run_tiny_pipeline(tmp, url, SERVED_MODEL, env)
         yield {"tmp": tmp, "env": env, "url": url, "uri": url, "data": ran["data"],
                "log": ran["log"], "model": SERVED_MODEL}
-    finally:
-        stop_group(proc)

@@ -19,7 +19,6 @@ import time
 import urllib.error
 import urllib.request
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,9 @@ from mlflow import MlflowClient
 from tests.conftest import (
     cli_env,
     free_port,
+    hook_receiver,
     make_image_folder,
+    mlflow_server,
     register_like_the_pipeline,
     stop_group,
     wait_until_ok,
@@ -44,50 +45,21 @@ VISIONTUNE = str(Path(sys.executable).parent / "visiontune")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`mlflow server` (SQLite, artifacts proxied to a folder) in its own process group."""
+    """`mlflow server` (SQLite, artifacts proxied to a folder) and a labelled folder."""
     tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    log = tmp / "mlflow.log"
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-         "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-        cwd=tmp, env=cli_env(), start_new_session=True, stdout=open(log, "w"),
-        stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ok(f"{url}/health", proc, log, 120)
+    with mlflow_server(tmp, cli_env()) as url:
         data = make_image_folder(tmp / "pets", per_class=100, corrupt=False)
         yield {"tmp": tmp, "url": url, "data": data,
                "env": {**cli_env(VISIONTUNE_HOOK_SECRET=SECRET), "MLFLOW_TRACKING_URI": url},
                "register": lambda net, name: register_like_the_pipeline(
                    url, None, data, net, name)[0]}
-    finally:
-        stop_group(proc)
 
 
 @pytest.fixture
 def receiver():
     """A hook receiver: 500 to the first delivery, 200 after."""
-    got, statuses = [], [500]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            got.append({"headers": dict(self.headers), "body": body})
-            self.send_response(statuses.pop(0) if statuses else 200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/hook", got
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with hook_receiver([500]) as (url, got):
+        yield url, got
 
 
 class Load:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from mlflow import MlflowClient
@@ -28,7 +26,7 @@ from components.registry import (
 from components.registry.champion import HOOKS_TAG, hook_urls, recorded_champion
 from components.registry.hooks import HookError
 from components.tracking import Tracker
-from tests.conftest import make_image_folder, register_like_the_pipeline
+from tests.conftest import hook_receiver, make_image_folder, register_like_the_pipeline
 from tests.unit.test_promotion import _always_cat, _perfect, promote
 
 SECRET = "test-hook-secret-2f9c"
@@ -49,26 +47,8 @@ def store(tmp_path_factory):
 @pytest.fixture
 def receiver():
     """A hook receiver on 127.0.0.1: answers 500 to the first delivery, then 200."""
-    got, statuses = [], [500]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            got.append({"headers": dict(self.headers), "body": body})
-            self.send_response(statuses.pop(0) if statuses else 200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", got
-    finally:
-        server.shutdown()
-        server.server_close()
+    with hook_receiver([500]) as (url, got):
+        yield url, got
 
 
 def _alias(tracker, name, alias=CHAMPION):
