@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from components import storage
+from components.errors import UnreachableError
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -24,8 +25,8 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise ConnectionError(f"no Ray cluster answers at {address}: "
-                              f"{e.strerror or type(e).__name__}") from None
+        raise UnreachableError(f"no Ray cluster answers at {address}: "
+                               f"{e.strerror or type(e).__name__}") from None
 
 
 def enable_token_auth() -> None:
@@ -50,8 +51,6 @@ def ray_session(address: str | None, num_cpus: int | None = None,
         check_reachable(address)
         enable_token_auth()   # before ray is imported: it reads RAY_AUTH_MODE then
     import ray
-
-    from components.tuning.plan import node_resources
 
     if ray.is_initialized():
         yield node_resources()
@@ -81,6 +80,13 @@ def ray_session(address: str | None, num_cpus: int | None = None,
         yield node_resources()
     finally:
         ray.shutdown()
+
+
+def node_resources() -> list[dict[str, float]]:
+    """Resources of every live node of the connected Ray cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
 def _restore_handlers(handlers: dict) -> None:

@@ -25,7 +25,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from components.tuning.plan import ResourcePlan, node_resources
+from components.cluster import node_resources
+from components.tuning.plan import ResourcePlan
 
 POLL_S = 2.0    # how often the live nodes are read (one GCS call)
 # How long the live nodes may hold no trial before the sweep stops. Ray marks a node dead only

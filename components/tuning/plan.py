@@ -17,6 +17,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from components.errors import UserError
+
 # What a Tune trial itself holds: its Train workers hold the CPUs/GPUs, the trial only drives
 # them. A token amount of a resource every Ray node has (`memory`, in bytes): no custom
 # resource and no start flag is needed on any node. A bundle of {"cpu": 0} alone is refused
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
 
 
-class ResourceError(RuntimeError):
+class ResourceError(UserError, RuntimeError):
     """The configuration can never fit the cluster."""
 
 
@@ -77,13 +79,6 @@ class ResourcePlan:
                 + (f"\n    why: {self.reason}" if self.reason else ""))
 
 
-def node_resources() -> list[dict[str, float]]:
-    """Resources of every live node of the connected Ray cluster."""
-    import ray
-
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-
-
 def _workers_on(node: dict[str, float], per_worker: dict[str, float]) -> int:
     """How many workers asking `per_worker` one node can hold at once."""
     counts = [math.floor(float(node.get(k, 0)) / v + 1e-9) for k, v in per_worker.items()
@@ -94,9 +89,9 @@ def _workers_on(node: dict[str, float], per_worker: dict[str, float]) -> int:
 def plan_resources(nodes: list[dict[str, float]] | dict[str, float], num_trials: int,
                    num_workers: int, per_worker: dict[str, float],
                    max_concurrent: int | None = None) -> ResourcePlan:
-    """`nodes`: each node's resources (`node_resources()`; one dict = a one-node cluster);
-    `per_worker` what one worker asks for. A worker must fit on one node: two GPU workers need
-    GPU nodes with room for them, not a cluster whose GPUs add up."""
+    """`nodes`: each node's resources (`components.cluster.node_resources()`; one dict = a
+    one-node cluster); `per_worker` what one worker asks for. A worker must fit on one node:
+    two GPU workers need GPU nodes with room for them, not a cluster whose GPUs add up."""
     nodes = [nodes] if isinstance(nodes, dict) else list(nodes)
     cluster: dict[str, float] = {}
     for node in nodes:
