@@ -151,7 +151,7 @@ def _write_photo(job: tuple) -> int:
 def _write_resized(job: tuple) -> int:
     from PIL import Image
 
-    from components.serving.preprocessing import open_image, to_array
+    from components.imaging import open_image, to_array
 
     src, dst, size = job
     dst = Path(dst)
@@ -230,7 +230,7 @@ def decode_rates(paths: list[str], sizes=(224, 64)) -> dict:
     """Full vs reduced-scale decode + resize of the files (already in memory), one thread."""
     import numpy as np
 
-    from components.serving.preprocessing import open_image, to_array
+    from components.imaging import open_image, to_array
 
     datas = [Path(p).read_bytes() for p in paths]
     to_array(open_image(datas[0]), CHANNELS, sizes[0])   # warm up (imports, tables)
@@ -265,7 +265,7 @@ def real_photos() -> list[str]:
 # ----------------------------------------------------------------------------- 2. the floor
 
 def _floor_one(path: str) -> int:
-    from components.serving.preprocessing import open_image, to_array
+    from components.imaging import open_image, to_array
 
     with open_image(path, SWEEP_SIZE) as img:
         to_array(img, CHANNELS, SWEEP_SIZE)

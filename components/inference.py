@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from components import storage
+from components import imaging, storage
 from components.data.ingest import image_files
-from components.serving import MODEL_FORMAT, preprocessing
+from components.imaging import preprocess, softmax  # noqa: F401 (API)
+from components.serving import MODEL_FORMAT
 from components.serving import image_classifier as _model_code
-from components.serving.preprocessing import preprocess, softmax  # noqa: F401 (API)
 
 ERROR, PREDICTION, PROBABILITY = _model_code.ERROR, _model_code.PREDICTION, \
     _model_code.PROBABILITY
@@ -61,7 +61,7 @@ class _TensorModel(_model_code.ImageClassifier):
         self._pyfunc = pyfunc
         self.class_names = [str(c) for c in meta["class_names"]]
         self.preprocessing = dict(meta["preprocessing"])
-        self.prep = preprocessing   # this repository's: the model file has none of its own
+        self.prep = imaging   # this repository's: the model file has none of its own
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return softmax(np.asarray(self._pyfunc.predict(batch), dtype=np.float64))
@@ -124,7 +124,7 @@ def _read(path: str) -> bytes:
     over the model's byte limit is refused before it is read into memory."""
     if not storage.is_uri(path):
         with open(path, "rb") as f:
-            data = f.read(preprocessing.max_image_bytes() + 1)
+            data = f.read(imaging.max_image_bytes() + 1)
         return data
     return storage.read_bytes(path)
 

@@ -11,10 +11,17 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from components.config import Config
+from components.errors import UserError
 from components.ui_links import review_links  # noqa: F401  (re-exported: the CLI, tests)
 from pipelines.interrupt import Interrupted, SignalGuard
+
+if TYPE_CHECKING:   # the steps import torch, Ray and MLflow: imported where a run begins
+    from components.tracking import PipelineRecord
+    from components.tuning.driver import TrialResult
+    from pipelines.steps import Echo, Extension, PreparedData, SearchPlan
 
 
 @dataclass
@@ -35,7 +42,7 @@ class PipelineResult:
     experiment_id: str = ""
 
 
-class PipelineFailed(RuntimeError):
+class PipelineFailed(UserError, RuntimeError):
     """The run ended FAILED (or could not be recorded); `pipeline_id` says which run."""
 
     def __init__(self, message: str, pipeline_id: str):
@@ -62,6 +69,8 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     adds (`pipelines.steps.extend`); `warm_start`: another run whose trials seed Optuna.
     Ctrl-C and SIGTERM raise `Interrupted` after the run was recorded as KILLED; nothing is
     registered from a run that did not finish."""
+    # Here and in the functions below, not at the top: the steps import torch, Ray and MLflow,
+    # and `run` must quiet MLflow's logging before MLflow is first imported (pipelines.cli).
     from components.tracking import StoreWatch, bound_http_retries, check_tracking_uri
     from pipelines import steps
     from pipelines.console import console
@@ -82,7 +91,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     plan = steps.plan_search(cfg)
 
     with SignalGuard() as guard:
-        record, ext, manifest = _open(cfg, plan, resume, extend_from, extra_tags, echo)
+        record, ext, data = _open(cfg, plan, resume, extend_from, extra_tags, echo)
         if record.status() == "FINISHED":
             echo(f"[visiontune] pipeline {record.pipeline_id} already finished: nothing to do")
             return result_from_record(record, cfg, time.time() - started,
@@ -90,7 +99,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
         echo(f"[visiontune] pipeline {record.pipeline_id}: MLflow run {record.run_id} at "
              f"{cfg.tracking.uri}")
         try:
-            manifest = manifest or steps.prepare_data(cfg, record, echo)
+            data = data or steps.prepare_data(cfg, record, echo)
             seeds = (steps.warm_start_seeds(cfg, warm_start, record, echo) if warm_start
                      else ())
             # A server that goes away is ridden out (the journal) for tracking.outage_grace_s.
@@ -98,7 +107,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
             with guard.noting():
                 try:
                     trials = steps.tune_trials(
-                        cfg, plan, manifest, record, echo,
+                        cfg, plan, data, record, echo,
                         resume=bool(resume) and extend_from is None,
                         stop_requested=lambda: guard.requested or store.lost(),
                         ext=ext, seeds=seeds)
@@ -106,7 +115,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                     guard.raise_if_requested()
                     raise
             guard.raise_if_requested()
-            _evaluate_and_register(cfg, plan, manifest, trials, record, ext, guard, echo)
+            _evaluate_and_register(cfg, plan, data, trials, record, ext, guard, echo)
         except Interrupted as e:
             with guard.deferring():
                 _close(record, "KILLED", echo, ext)
@@ -125,18 +134,19 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     return result_from_record(record, cfg, time.time() - started)
 
 
-def _open(cfg: Config, plan, resume: str | None, extend_from: Config | None,
-          extra_tags: dict[str, str] | None, echo):
-    """(the parent run's record, the extension its sweep is in or None, the manifest when it
-    was read already). An extension checks its data and reopens the run here, before
+def _open(cfg: Config, plan: SearchPlan, resume: str | None, extend_from: Config | None,
+          extra_tags: dict[str, str] | None,
+          echo: Echo) -> tuple[PipelineRecord, Extension | None, PreparedData | None]:
+    """(the parent run's record, the extension its sweep is in or None, the data when it was
+    prepared already). An extension checks its data and reopens the run here, before
     anything can fail it: a refused extension leaves the run FINISHED."""
     from pipelines import steps
 
     record = steps.open_record(cfg, resume, extra_tags, echo)
     if extend_from is not None:
-        manifest = steps.prepare_data(cfg, record, echo)
-        ext = steps.begin_extension(cfg, extend_from, record, manifest, plan, echo)
-        return record, ext, manifest
+        data = steps.prepare_data(cfg, record, echo)
+        ext = steps.begin_extension(cfg, extend_from, record, data.manifest, plan, echo)
+        return record, ext, data
     if resume and steps.extension_pending(record):
         if record.status() == "FINISHED":   # a stopped extension: the run stayed FINISHED
             record.reopen()
@@ -145,8 +155,9 @@ def _open(cfg: Config, plan, resume: str | None, extend_from: Config | None,
     return record, steps.extension_of(record) if resume else None, None
 
 
-def _evaluate_and_register(cfg: Config, plan, manifest, trials, record, ext, guard,
-                           echo) -> None:
+def _evaluate_and_register(cfg: Config, plan: SearchPlan, data: PreparedData,
+                           trials: list[TrialResult], record: PipelineRecord,
+                           ext: Extension | None, guard: SignalGuard, echo: Echo) -> None:
     """The best trial on the test split, registered, and the run FINISHED. An extension
     whose best trial is the one already registered only refreshes the sweep's review."""
     from components.evaluation import select_best_trial
@@ -164,12 +175,12 @@ def _evaluate_and_register(cfg: Config, plan, manifest, trials, record, ext, gua
                                 record)
         _finish(record, suffix)
         return
-    evaluation = steps.evaluate_best(cfg, plan, manifest, trials, record, echo, suffix)
+    evaluation = steps.evaluate_best(cfg, plan, data, trials, record, echo, suffix)
     wait_and_send(record.tracker, record.pipeline_id, echo)   # gone again meanwhile?
     # Registering takes seconds; a signal now waits for it, so the registry never holds a
     # version of a run that is not FINISHED.
     with guard.deferring():
-        steps.register_best(cfg, manifest, evaluation, record, echo, suffix)
+        steps.register_best(cfg, data.manifest, evaluation, record, echo, suffix)
         _finish(record, suffix)
 
 

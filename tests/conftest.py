@@ -339,7 +339,7 @@ def register_like_the_pipeline(tracking_uri: str, artifacts: str | None, data: P
     from components.augment import eval_preprocessing
     from components.evaluation import evaluate_on_test
     from components.tuning.driver import TrialResult
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
     from pipelines.steps import Evaluation, open_record, prepare_data, register_best
 
     grey = channels == 1
@@ -351,7 +351,7 @@ def register_like_the_pipeline(tracking_uri: str, artifacts: str | None, data: P
                        *overrides])
     quiet = lambda line: None  # noqa: E731
     record = open_record(cfg, None, None, quiet)
-    manifest = prepare_data(cfg, record, quiet)
+    manifest = prepare_data(cfg, record, quiet).manifest
     prep = eval_preprocessing(cfg.data, cfg.model)
     paths, labels = manifest.subset("test")
     report = evaluate_on_test(net.eval(), paths, labels, manifest.classes, prep,

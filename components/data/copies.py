@@ -50,7 +50,7 @@ def phash_grey(grey: np.ndarray) -> list[str]:
 def grey_32(img: Image.Image) -> np.ndarray:
     """Any image -> its (32, 32) grey pixels, by the shared preprocessing (EXIF rotation,
     16-bit scaling, bilinear resize), so every path to a hash sees the same picture."""
-    from components.serving.preprocessing import to_array
+    from components.imaging import to_array
 
     return to_array(img, 1, HASH_SIDE)[:, :, 0]
 

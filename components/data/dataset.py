@@ -10,14 +10,14 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from components import storage
-from components.serving.preprocessing import open_image, to_array
+from components.imaging import open_image, to_array
 
 
 def load_image(path_or_image, channels: int, image_size: int) -> np.ndarray:
     """Any file PIL reads (a path, an object-storage URI or a PIL image), any size or colour
     mode -> uint8 array (size, size, channels): EXIF rotation applied, converted to L or RGB,
     bilinear resize to a square. The registered model decodes with the same code
-    (`components.serving.preprocessing`, logged with it)."""
+    (`components.imaging`, logged with it)."""
     if isinstance(path_or_image, Image.Image):
         img = path_or_image
     elif storage.is_uri(path_or_image):  # object storage

@@ -1,5 +1,5 @@
 """Decoded once per sweep: every image of a dataset decoded to the training size and colour
-mode (the shared preprocessing, `components.serving.preprocessing`, reduced-scale JPEG decode
+mode (the shared preprocessing, `components.imaging`, reduced-scale JPEG decode
 included) into one uint8 array file, stored beside the run's checkpoints (a local folder or
 the bucket) where every node reads it. Every trial's ranks read their rows from it instead of
 decoding the files again; augmentation stays per epoch and per trial.
@@ -54,7 +54,7 @@ def store_key(root: str, paths: Iterable[str], digests: Iterable[str], image_siz
               channels: int) -> str:
     """The key of the store of these files (each with its bytes' sha256) at this size. The
     root is part of it: a store's rows are found by the paths it was built from."""
-    from components.serving.preprocessing import VERSION
+    from components.imaging import VERSION
 
     h = hashlib.sha256(json.dumps({"format": FORMAT, "preprocessing": VERSION, "root": root,
                                    "image_size": image_size, "channels": channels}).encode())

@@ -43,9 +43,6 @@ class SplitManifest:
     # their training data differ, with data.test_path). "" in manifests from before it.
     test_fingerprint: str = ""
     test_root: str | None = None   # data.test_path's root when the test split came from there
-    # The stores its images were decoded into (components.data.preprocessed), if any: where
-    # trials read them. Not saved with the manifest (the run's tags say where they are).
-    decoded: tuple = ()
     # Aligned with paths (empty in manifests from before them): each image's sha256, its
     # perceptual hash (16 hex digits, "" unknown) and its group of copies (one split each).
     digests: list[str] = field(default_factory=list)
@@ -194,11 +191,9 @@ def split_dataset(images: ValidatedImages, val_fraction: float, test_fraction: f
                                   ["test"] * len(test_rows[0]), idx.classes)
     if test_images is not None:   # the training data and the separate test set together
         fp = hashlib.sha256(f"{fp}\ntest:{test_fp}".encode()).hexdigest()
-    decoded = tuple(v.decoded for v in (images, test_images)
-                    if v is not None and v.decoded is not None)
     summary = copies_summary(found, distance)
     return SplitManifest(idx.root, paths, labels, splits, list(idx.classes), fp, test_fp,
-                         None if test_images is None else test_root, decoded, digests,
+                         None if test_images is None else test_root, digests,
                          phashes, groups, summary)
 
 

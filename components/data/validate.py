@@ -34,7 +34,7 @@ from components.data.preprocessed import (
     store_key,
 )
 from components.data.preprocessed import store_location as _store_location
-from components.serving.preprocessing import open_image
+from components.imaging import open_image
 from components.storage import StorageError
 
 __all__ = ["DataError", "DecodeTarget", "ValidatedImages", "check_image", "image_signatures",

@@ -1,6 +1,7 @@
 """What goes into the registered model besides MLflow's own files: the models-from-code file
 (`image_classifier.py`, copied into the model and run when it is loaded), the preprocessing it
-loads (`preprocessing.py`, an artifact: the training pipeline's own image loading), the network
+loads (`components/imaging.py`, logged as the artifact `preprocessing.py`: the training
+pipeline's own image loading), the network
 exported with torch.export, an input example, and the pinned requirements of a serving
 environment.
 
@@ -15,7 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 MODEL_CODE = Path(__file__).resolve().with_name("image_classifier.py")
-PREPROCESSING_CODE = Path(__file__).resolve().with_name("preprocessing.py")  # logged with it
+PREPROCESSING_CODE = Path(__file__).resolve().parents[1] / "imaging.py"  # logged with it...
+PREPROCESSING_FILE = "preprocessing.py"   # ... under this name, as every version has it
 MODEL_FORMAT = "visiontune-images-v1"   # metadata["model_format"] of a model logged this way
 WEIGHTS_FILE = "network.pt2"
 # Everything the model file imports; pinned to this environment's versions so that

@@ -27,7 +27,7 @@ Output: a DataFrame, one row per input row, in order:
 
 Preprocessing (the training pipeline's eval transform, parameters in
 `model_config["preprocessing"]`) is the code the training pipeline itself loads images with:
-`components/serving/preprocessing.py`, logged with the model as the artifact `preprocessing`
+`components/imaging.py`, logged with the model as the artifact `preprocessing` (`preprocessing.py`)
 and loaded from there under a name of its own (two models in one process keep their own
 copies). The network is a torch.export program (artifact `weights`) that returns logits;
 softmax gives probabilities.

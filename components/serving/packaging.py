@@ -19,6 +19,7 @@ def log_image_classifier(tracker: Tracker, run_id: str, model, class_names: list
     `mlflow models serve` and `mlflow.pyfunc.load_model` need nothing from this repository.
     Returns the model URI."""
     import copy
+    import shutil
     import tempfile
 
     import pandas as pd
@@ -29,6 +30,7 @@ def log_image_classifier(tracker: Tracker, run_id: str, model, class_names: list
         MODEL_CODE,
         MODEL_FORMAT,
         PREPROCESSING_CODE,
+        PREPROCESSING_FILE,
         WEIGHTS_FILE,
         example_image_bytes,
         export_network,
@@ -46,10 +48,13 @@ def log_image_classifier(tracker: Tracker, run_id: str, model, class_names: list
     mlflow.set_tracking_uri(tracker.uri)
     with tempfile.TemporaryDirectory() as d:
         weights = export_network(model, c, size, Path(d) / WEIGHTS_FILE)
+        # components/imaging.py, under the name every version's copy has
+        code = Path(d) / PREPROCESSING_FILE
+        shutil.copyfile(PREPROCESSING_CODE, code)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=str(MODEL_CODE), artifacts={"weights": str(weights),
-                                                 "preprocessing": str(PREPROCESSING_CODE)},
+                                                 "preprocessing": str(code)},
                 model_config={"class_names": [str(k) for k in class_names],
                               "preprocessing": copy.deepcopy(preprocessing)},
                 signature=signature,

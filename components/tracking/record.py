@@ -112,28 +112,29 @@ class PipelineRecord:
                 closed += 1
         return closed
 
-    def run_step(self, name: str, echo: Callable[[str], None], compute: Callable[..., T],
-                 save: Callable[[T], None], load: Callable[[], T] | None = None,
-                 inputs: Callable[[], tuple] = tuple) -> T:
-        """Step `name`, once per pipeline run: `compute(*inputs())` its result and `save` it on
-        this run; the step is tagged done only once both succeeded. A resumed run whose step is
+    def run_step(self, name: str, echo: Callable[[str], None], compute: Callable[[], T],
+                 save: Callable[[T], None], load: Callable[[], T] | None = None) -> T:
+        """Step `name`, once per pipeline run: `compute()` its result and `save` it on this
+        run; the step is tagged done only once both succeeded. A resumed run whose step is
         done gets its result back instead: `load()` reads it from this record or, with no
         `load` (a result that is deterministic and cheap, such as the test evaluation), it is
-        computed again and not saved twice. `inputs` (earlier steps of their own, such as
-        ingest and validate before split) run only when the step does."""
+        computed again and not saved twice."""
         if self.step_done(name):
             if load is not None:
-                value = load()
-                echo(f"[visiontune] {name}: done before; its result read back from the run")
-                return value
+                return self.read_back(name, echo, load)
             # Outside `step`: a failure now must not turn a recorded step back into "failed"
             # (the next resume would save its result a second time).
             echo(f"[visiontune] {name}: done before; computed again, recorded once")
-            return compute(*inputs())
-        args = inputs()
+            return compute()
         with self.step(name, echo):
-            value = compute(*args)
+            value = compute()
             save(value)
+        return value
+
+    def read_back(self, name: str, echo: Callable[[str], None], load: Callable[[], T]) -> T:
+        """The result of step `name`, done before, read back from this run by `load`."""
+        value = load()
+        echo(f"[visiontune] {name}: done before; its result read back from the run")
         return value
 
     @contextlib.contextmanager

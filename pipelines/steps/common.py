@@ -14,7 +14,19 @@ import yaml
 
 from components import storage
 from components.config import Config, ConfigError, to_dict
+from components.models.transfer import pretrained_weights_file
 from components.names import new_id
+from components.tracking import Journal, PipelineRecord, Tracker
+from components.tuning.space import (
+    TRIAL_SECTIONS,
+    check_search,
+    check_space,
+    count_trials,
+    grid_points,
+    parse_space,
+    set_params,
+)
+from pipelines.jobs import CLUSTER_ENV, JOB_ID_ENV
 
 Echo = Callable[[str], None]
 SOURCE_NAME = "visiontune run"  # the entry point, as the run page's "Source" names it
@@ -39,8 +51,6 @@ def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | No
                 echo: Echo):
     """The parent run: a new one, or with `resume` the run of that pipeline id (reopened
     unless it already finished)."""
-    from components.tracking import PipelineRecord, Tracker
-
     if resume:
         tracker = Tracker(cfg.tracking.uri, run_journal(cfg, resume))
         sent = tracker.send_journal()   # what the last attempt logged while the server was away
@@ -54,8 +64,6 @@ def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | No
             record.reopen()
             echo(f"[visiontune] resuming pipeline {resume} (MLflow run {record.run_id})")
         return record
-
-    from pipelines.jobs import CLUSTER_ENV, JOB_ID_ENV
 
     tracker = Tracker(cfg.tracking.uri)
     tags = dict(extra_tags or {})
@@ -86,8 +94,6 @@ def run_journal(cfg: Config, pipeline_id: str):
     """Where the run's processes journal what they log while the tracking server is away
     (`components.tracking.journal`): beside its checkpoints. None without a server, or with
     tracking.outage_grace_s=0 (a lost server stops the sweep)."""
-    from components.tracking import Journal
-
     if (not cfg.tracking.uri.startswith(("http://", "https://"))
             or not cfg.tracking.outage_grace_s or not re.fullmatch(r"[\w.-]+", pipeline_id)):
         return None
@@ -106,17 +112,6 @@ class SearchPlan:
 
 def plan_search(cfg: Config) -> SearchPlan:
     """Everything the search space implies, checked before data, Ray or MLflow are touched."""
-    from components.models.transfer import pretrained_weights_file
-    from components.tuning.space import (
-        TRIAL_SECTIONS,
-        check_search,
-        check_space,
-        count_trials,
-        grid_points,
-        parse_space,
-        set_params,
-    )
-
     axes = parse_space(cfg.search.space)
     base = {s: getattr(cfg, s) for s in TRIAL_SECTIONS}
     check_space(axes, base, cfg.search.mode)

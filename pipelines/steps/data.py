@@ -4,46 +4,71 @@ and their record."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
+from components.cluster import ray_map, ray_session
 from components.config import Config
-from pipelines.console import Progress
+from components.data.builtin import write_digits_folder
+from components.data.ingest import ImageIndex, index_images
+from components.data.preprocessed import DecodedImages, open_store
+from components.data.split import (
+    SplitManifest,
+    drop_near_copies_of_test,
+    min_images_per_class,
+    split_dataset,
+)
+from components.data.validate import DecodeTarget, ValidatedImages, validate_images
+from components.training.metrics import check_average
+from pipelines.console import Progress, console
 from pipelines.steps.common import Echo
 
-# ----------------------------------------------------------------------------- data
 
-def prepare_data(cfg: Config, record, echo: Echo = print):
-    """ingest -> validate -> split; a resumed run reads the manifest it logged instead."""
-    from components.data import split_dataset
+@dataclass(frozen=True)
+class Ingested:
+    """ingest's output: the image files under data.path, and under data.test_path if set."""
 
-    d = cfg.data
-    split_seed = cfg.seed if d.split_seed is None else d.split_seed
-
-    def split(images, test_images):
-        manifest = split_dataset(images, d.val_fraction, d.test_fraction, split_seed,
-                                 test_images, d.near_copy_distance)
-        echo(f"  split {manifest.counts()} (split seed {split_seed}"
-             + (f", test split from {d.test_path}" if d.test_path else "")
-             + f"), fingerprint {manifest.fingerprint[:12]}, test images "
-             f"{manifest.test_fingerprint[:12]}")
-        echo(copies_line(manifest))
-        return manifest
-
-    return record.run_step("split", echo, split, save=lambda m: _save_split(m, record),
-                           load=lambda: _load_split(record, echo),
-                           inputs=lambda: _ingest_and_validate(cfg, record, echo))
+    root: str
+    index: ImageIndex
+    test_index: ImageIndex | None
 
 
-def _ingest_and_validate(cfg: Config, record, echo: Echo):
-    """The images of data.path (and data.test_path) that can be read, each decoded once into
-    the sweep's store when data.preprocess is on: (images, test images or None)."""
-    from components.data import drop_near_copies_of_test, index_images, write_digits_folder
-    from components.data.split import min_images_per_class
-    from components.training.metrics import check_average
+@dataclass(frozen=True)
+class Validated:
+    """validate's output: the images that can be read, and the stores they were decoded into
+    once for the sweep (none with data.preprocess=false)."""
 
+    images: ValidatedImages
+    test_images: ValidatedImages | None
+    stores: tuple[DecodedImages, ...]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """What the data steps hand on: the split, and where its images lie decoded (trials and
+    the test evaluation read them there instead of decoding again)."""
+
+    manifest: SplitManifest
+    stores: tuple[DecodedImages, ...] = ()
+
+
+def prepare_data(cfg: Config, record, echo: Echo = print) -> PreparedData:
+    """ingest -> validate -> split, each a step of the run. A resumed run whose split is done
+    reads back the manifest it logged and the stores its tag names, without ingesting."""
+    if record.step_done("split"):
+        return record.read_back("split", echo, lambda: _load_split(record, echo))
+    validated = validate(cfg, ingest(cfg, record, echo), record, echo)
+    manifest = record.run_step("split", echo, lambda: split(cfg, validated, echo),
+                               save=lambda m: _save_split(m, record))
+    return PreparedData(manifest, validated.stores)
+
+
+def ingest(cfg: Config, record, echo: Echo) -> Ingested:
+    """The image files of data.path (the built-in digits without one) and data.test_path."""
     d = cfg.data
     with record.step("ingest", echo):
         root = d.path or str(write_digits_folder(d.cache_dir))
@@ -53,6 +78,13 @@ def _ingest_and_validate(cfg: Config, record, echo: Echo):
         if test_index is not None:
             echo(f"  test set: {len(test_index)} image files in {len(test_index.classes)} "
                  f"classes under {d.test_path}")
+    return Ingested(root, index, test_index)
+
+
+def validate(cfg: Config, ingested: Ingested, record, echo: Echo) -> Validated:
+    """The images that can be read, each decoded once into the sweep's store when
+    data.preprocess is on; the skipped ones listed on the run."""
+    d, index, test_index = cfg.data, ingested.index, ingested.test_index
     with record.step("validate", echo):
         # Known only now, and cheaper to refuse here than in every trial.
         check_average(cfg.evaluation.average, len(index.classes))
@@ -62,7 +94,9 @@ def _ingest_and_validate(cfg: Config, record, echo: Echo):
         test_images = None if test_index is None else validated_images(cfg, test_index, 1, echo)
         if test_images is not None:   # no picture of the test set is trained on
             images = drop_near_copies_of_test(images, test_images, d.near_copy_distance)
-        _log_decoded([v for v in (images, test_images) if v is not None], record, echo)
+        stores = tuple(v.decoded for v in (images, test_images)
+                       if v is not None and v.decoded is not None)
+        _log_decoded(stores, record, echo)
         skipped = images.skipped + (test_images.skipped if test_images else [])
         for path, reason in skipped[:10]:
             echo(f"  skipped {path}: {reason}")
@@ -73,10 +107,24 @@ def _ingest_and_validate(cfg: Config, record, echo: Echo):
         if skipped:
             record.log_text("\n".join(f"{p}\t{r}" for p, r in skipped),
                             "data/skipped_images.tsv")
-    return images, test_images
+    return Validated(images, test_images, stores)
 
 
-def _save_split(manifest, record) -> None:
+def split(cfg: Config, validated: Validated, echo: Echo) -> SplitManifest:
+    """train/val/test by content hash, each group of copies kept in one split."""
+    d = cfg.data
+    split_seed = cfg.seed if d.split_seed is None else d.split_seed
+    manifest = split_dataset(validated.images, d.val_fraction, d.test_fraction, split_seed,
+                             validated.test_images, d.near_copy_distance)
+    echo(f"  split {manifest.counts()} (split seed {split_seed}"
+         + (f", test split from {d.test_path}" if d.test_path else "")
+         + f"), fingerprint {manifest.fingerprint[:12]}, test images "
+         f"{manifest.test_fingerprint[:12]}")
+    echo(copies_line(manifest))
+    return manifest
+
+
+def _save_split(manifest: SplitManifest, record) -> None:
     """The manifest (data/ artifacts), its fingerprints and the split's dataset inputs."""
     record.set_tags({"visiontune.data_fingerprint": manifest.fingerprint,
                      "visiontune.test_fingerprint": manifest.test_fingerprint})
@@ -94,7 +142,7 @@ def _save_split(manifest, record) -> None:
     log_split_datasets(manifest, record)
 
 
-def copies_line(manifest) -> str:
+def copies_line(manifest: SplitManifest) -> str:
     """What grouping found, in one console line."""
     c = manifest.copies
     near = (f"{c['near_copies']:,} near-copies (pHash <= {c['near_copy_distance']} bits)"
@@ -109,32 +157,26 @@ def copies_line(manifest) -> str:
             + "; each group kept in one split")
 
 
-def _load_split(record, echo: Echo):
-    """The manifest a run saved, with the stores of decoded images its tag names."""
-    from components.data import SplitManifest
-    from components.data.preprocessed import open_store
-
+def _load_split(record, echo: Echo) -> PreparedData:
+    """The manifest a run saved, and the stores of decoded images its tag names (the stores
+    are not saved with the manifest: they lie under ray.storage_path, shared by runs)."""
     with tempfile.TemporaryDirectory() as d:
         record.download("data", d)
         manifest = SplitManifest.load(Path(d) / "data")
-    stores = record.run().data.tags.get(DECODED_TAG, "")
-    # The stores are not saved with the manifest: the run's tag says where they are.
-    manifest = dataclasses.replace(manifest, decoded=tuple(
-        s for s in map(open_store, filter(None, stores.split("\n"))) if s is not None))
+    names = record.run().data.tags.get(DECODED_TAG, "")
+    stores = tuple(s for s in map(open_store, filter(None, names.split("\n"))) if s is not None)
     echo(f"  data: the run's manifest {manifest.counts()}, fingerprint "
          f"{manifest.fingerprint[:12]}")
-    return manifest
+    return PreparedData(manifest, stores)
 
 
 DECODED_TAG = "visiontune.decoded_images"   # the stores of decoded images, one per line
 
 
-def validated_images(cfg: Config, index, min_per_class: int, echo: Echo):
+def validated_images(cfg: Config, index: ImageIndex, min_per_class: int,
+                     echo: Echo) -> ValidatedImages:
     """The readable images of `index`; with data.preprocess, decoded once into a store (or
     found in one an earlier run built)."""
-    from components.data import validate_images
-    from components.data.validate import DecodeTarget
-
     d = cfg.data
     target = None
     if d.preprocess:
@@ -151,17 +193,13 @@ def validated_images(cfg: Config, index, min_per_class: int, echo: Echo):
 def _cluster_session(cfg: Config):
     """The cluster's Ray for a step before the sweep (Ray's own output to a log), and the map
     that runs the decoding as Ray tasks on it."""
-    from components.cluster import ray_map, ray_session
-    from pipelines.console import console
-
     log = Path(tempfile.gettempdir()) / "visiontune" / "ray-data-step.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with console.ray_output_to(log), ray_session(cfg.ray.address, cfg.ray.num_cpus):
         yield ray_map
 
 
-def _log_decoded(validated: list, record, echo: Echo) -> None:
-    stores = [v.decoded for v in validated if v.decoded is not None]
+def _log_decoded(stores: tuple[DecodedImages, ...], record, echo: Echo) -> None:
     for s in stores:
         size = f"{len(s.paths)} images at {s.image_size} px x {s.channels} channel(s)"
         if s.decoded:
@@ -179,20 +217,18 @@ DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 DIGEST_CHARS = 12  # the prefix of the data fingerprint the console shows too
 
 
-def _dataset_base(manifest) -> str:
+def _dataset_base(manifest: SplitManifest) -> str:
     return manifest.root.rstrip("/").rsplit("/", 1)[-1] or "images"
 
 
-def test_dataset_name(manifest) -> str:
+def test_dataset_name(manifest: SplitManifest) -> str:
     """The test split's name as the run's datasets and the model's metrics name it."""
     return f"{_dataset_base(manifest)}-test"
 
 
-def log_split_datasets(manifest, record) -> None:
+def log_split_datasets(manifest: SplitManifest, record) -> None:
     """The split manifest's train/val/test rows (path, label) as the parent run's dataset
     inputs, named after the data folder, with the data fingerprint as their digest."""
-    import pandas as pd
-
     base = _dataset_base(manifest)
     datasets = []
     for split, context in DATASET_CONTEXTS.items():

@@ -20,8 +20,23 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from components.config import Config, ConfigError
-from pipelines.steps.common import Echo
+import yaml
+
+from components.config import Config, ConfigError, to_dict
+from components.data import (
+    drop_near_copies_of_test,
+    index_images,
+    split_dataset,
+    write_digits_folder,
+)
+from components.data.split import SplitManifest
+from components.errors import first_line
+from components.tracking import PipelineRecord
+from components.tuning.driver import earlier_params
+from components.tuning.space import _marker, grid_points, parse_space
+from pipelines.steps.common import Echo, SearchPlan
+from pipelines.steps.data import validated_images
+from pipelines.steps.register import REGISTERED_TRIAL_TAG
 
 EXTENSIONS_TAG = "visiontune.extensions"   # how many times the run was extended
 # running | stopped (interrupted or failed: `--resume ID` continues it) | done. A run whose
@@ -68,16 +83,10 @@ def extension_pending(record) -> bool:
     return record.run().data.tags.get(EXTENSION_STATE_TAG) in ("running", "stopped")
 
 
-def begin_extension(cfg: Config, before: Config, record, manifest, plan,
-                    echo: Echo) -> Extension:
+def begin_extension(cfg: Config, before: Config, record, manifest: SplitManifest,
+                    plan: SearchPlan, echo: Echo) -> Extension:
     """Check the data is what the run trained on, then record the extension on the parent
     run (its number, the larger budget as the run's config) and reopen it."""
-    import yaml
-
-    from components.config import to_dict
-    from components.errors import first_line
-    from components.tuning.driver import earlier_params
-
     m = record.run().data.metrics
     check_data_unchanged(cfg, manifest, record.pipeline_id,
                          int(m["data_num_images"] + m.get("data_num_skipped", 0))
@@ -121,8 +130,6 @@ def best_prefix(params: dict[str, str]) -> str:
 def best_so_far(record) -> str | None:
     """The trial behind the run's registered version (an extension that evaluated a new best
     but was stopped before registering it has not replaced it)."""
-    from pipelines.steps.evaluate import REGISTERED_TRIAL_TAG
-
     data = record.run().data
     if REGISTERED_TRIAL_TAG in data.tags:
         return data.tags[REGISTERED_TRIAL_TAG]
@@ -136,20 +143,12 @@ def _budget(cfg: Config) -> dict:
             "search.max_trials": cfg.search.max_trials, "search.budget": cfg.search.budget}
 
 
-def check_data_unchanged(cfg: Config, manifest, pipeline_id: str,
+def check_data_unchanged(cfg: Config, manifest: SplitManifest, pipeline_id: str,
                          files_then: int | None = None) -> None:
     """Index, read and split the data again (the run's decoded store is found again, nothing
     is recorded) and compare the fingerprint with the run's: an extension's trials must be
     comparable with the first. `files_then`: the image files the run found (kept and
     skipped); a folder that grew or shrank is refused before anything is read."""
-    from components.data import (
-        drop_near_copies_of_test,
-        index_images,
-        split_dataset,
-        write_digits_folder,
-    )
-    from pipelines.steps.data import validated_images
-
     d = cfg.data
     index = index_images(d.path or str(write_digits_folder(d.cache_dir)))
     test_index = index_images(d.test_path) if d.test_path else None
@@ -180,8 +179,6 @@ def check_data_unchanged(cfg: Config, manifest, pipeline_id: str,
 def grid_left(planned: list[dict], done: list[dict]) -> list[dict]:
     """The planned grid points (in order, repeats included) that the done ones do not
     already account for."""
-    from components.tuning.space import _marker
-
     have = Counter(_marker(p) for p in done)
     left = []
     for p in planned:
@@ -197,8 +194,6 @@ def trials_left(cfg: Config, plan, earlier: list[dict]) -> dict:
     """What an extension adds to trials that ran with the `earlier` parameters: the grid
     points (repeats included, cut at max_trials) not run yet, or the random draws still to
     make; with a budget and every point run, another draw per point (grid+random)."""
-    from components.tuning.space import grid_points
-
     se = cfg.search
     if se.mode == "random":
         n = plan.num_trials - len(earlier) if se.budget is None else plan.num_trials
@@ -228,8 +223,6 @@ def warm_start_seeds(cfg: Config, pipeline_id: str, record, echo: Echo) -> tuple
     """Another run's trials (its leaderboard) as seeds for this run's Optuna, recorded on
     this run; refused for a searcher that cannot use them."""
     import pandas as pd
-
-    from components.tracking import PipelineRecord
 
     if cfg.search.algorithm != "optuna":
         raise ConfigError(WARM_START_NEEDS)
@@ -279,6 +272,5 @@ def _holds(axis, value) -> bool:
 
 
 def _axes(cfg: Config):
-    from components.tuning.space import parse_space
 
     return parse_space(cfg.search.space)

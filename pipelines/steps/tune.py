@@ -9,32 +9,45 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components import storage
+from components.augment import build_train_transform, eval_preprocessing, plot_augmented_samples
+from components.cluster import ray_session
 from components.config import Config
+from components.data.dataset import load_image
+from components.data.split import SplitManifest
+from components.durations import format_duration, parse_duration
+from components.models import build_model
+from components.training.trainer import worker_resources
+from components.training.worker import TrainJob
+from components.tuning import budget as b
+from components.tuning.budget import planned_points
+from components.tuning.callbacks import ConsoleProgress, TrackingTarget
+from components.tuning.driver import Launch, TrialResult, earlier_trials, run_search
+from components.tuning.gate import SweepGate, TrialShape
+from components.tuning.plan import plan_sweep
+from components.tuning.probe import probe_costs
+from components.tuning.space import grid_points
+from pipelines.console import console
 from pipelines.steps.common import Echo, SearchPlan
+from pipelines.steps.data import PreparedData
 from pipelines.steps.extend import Extension, seeds_of, trials_left
 
 # ----------------------------------------------------------------------------- tune
 
-def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = print, *,
-                resume: bool = False, stop_requested: Callable[[], bool] = lambda: False,
-                ext: Extension | None = None, seeds: tuple = ()):
+def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record,
+                echo: Echo = print, *, resume: bool = False,
+                stop_requested: Callable[[], bool] = lambda: False,
+                ext: Extension | None = None, seeds: tuple = ()) -> list[TrialResult]:
     """The Ray Tune search; returns the list of `TrialResult`s. Each trial trains in its own
     process or drives a Ray Train run, as the resource plan chooses. Raises `SearchStopped`
     when `stop_requested` ended it before every trial did. `ext`: the sweep of an extended
     run (`pipelines.steps.extend`), whose earlier trials come first in the list; `seeds`:
     another run's trials for Optuna (`--warm-start`)."""
-    from components.cluster import ray_session
-    from components.tuning.callbacks import ConsoleProgress, TrackingTarget
-    from components.tuning.driver import Launch, earlier_trials, run_search
-    from components.tuning.gate import SweepGate, TrialShape
-    from pipelines.console import console
-
     ext = ext or Extension(record.pipeline_id, 0)
     with record.step("tune" + ext.suffix, echo):
         began = time.time()
-        job = train_job(cfg, manifest, record)
+        job = train_job(cfg, data, record)
         target = TrackingTarget(record.tracker, record.experiment_id, record.run_id)
-        log_augmented_samples(cfg, manifest, record)
+        log_augmented_samples(cfg, data.manifest, record)
         log_path = ray_log_path(cfg, record.pipeline_id)
         if not console.verbose:
             echo(f"  Ray's and Tune's own output: {log_path} (--verbose shows it here)")
@@ -93,16 +106,15 @@ def tune_trials(cfg: Config, plan: SearchPlan, manifest, record, echo: Echo = pr
     return outcome.trials
 
 
-def train_job(cfg: Config, manifest, record):
+def train_job(cfg: Config, data: PreparedData, record) -> TrainJob:
     """What every trial trains with, before a trial's own parameters are applied."""
-    from components.training.worker import TrainJob
-
+    manifest = data.manifest
     return TrainJob(
         data=cfg.data, augment=cfg.augment, model=cfg.model, train=cfg.train,
         average=cfg.evaluation.average, seed=cfg.seed,
         train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
         num_classes=len(manifest.classes), tracker=record.tracker,
-        decoded=manifest.decoded, system_metrics_s=cfg.tracking.system_metrics_s,
+        decoded=data.stores, system_metrics_s=cfg.tracking.system_metrics_s,
         group_keys=manifest.group_keys() if cfg.data.cv_folds else {})
 
 
@@ -128,9 +140,6 @@ def search_line(cfg: Config, budget, seeds: int = 0) -> str:
 def plan_resources(cfg: Config, plan: SearchPlan, resources, sizes: dict[str, int],
                    num_trials: int):
     """How `num_trials` trials use the cluster (`components.tuning.plan.plan_sweep`)."""
-    from components.training.trainer import worker_resources
-    from components.tuning.plan import plan_sweep
-
     return plan_sweep(
         resources, num_trials, cfg.train.num_workers,
         worker_resources(cfg.train.cpus_per_worker, cfg.train.use_gpu,
@@ -155,9 +164,6 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, be
     pipeline run and kept on the parent run, so a resumed run trains the same plan."""
     import json
 
-    from components.durations import parse_duration
-    from components.tuning import budget as b
-
     if cfg.search.budget is None:
         return None
     saved = record.run().data.tags.get(BUDGET_TAG)
@@ -165,9 +171,6 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, be
         budget = b.from_json(json.loads(saved))
         echo("  " + budget.describe().split("\n")[0] + " (the run's plan, kept on resume)")
         return budget
-    from components.tuning.gate import TrialShape
-    from components.tuning.probe import probe_costs
-    from components.tuning.space import grid_points
 
     family_of = TrialShape(plan.axes, plan.base, cfg.train.epochs).family
     names = sorted(model_sizes(cfg, plan))
@@ -216,8 +219,6 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, be
 def budget_left(cfg: Config, record, resume: bool) -> float:
     """The budget minus what earlier attempts of this run spent in the sweep (their
     `sweep_seconds`): `--resume` keeps the remaining budget."""
-    from components.durations import parse_duration
-
     spent = 0.0
     if resume:
         spent = sum(m.value for m in record.tracker.metric_history(record.run_id,
@@ -228,9 +229,6 @@ def budget_left(cfg: Config, record, resume: bool) -> float:
 def launched_trials(cfg: Config, plan: SearchPlan, budget, shape, left=None) -> dict:
     """What Tune launches: the budget's trials (grid points per family, or random draws), or
     the configured ones; an extension only what is `left` (`trials_left`)."""
-    from components.tuning.budget import planned_points
-    from components.tuning.space import grid_points
-
     if budget is None:
         return left or {"points": None, "num_samples": None, "count": plan.num_trials}
     if cfg.search.mode == "random":
@@ -244,8 +242,6 @@ def launched_trials(cfg: Config, plan: SearchPlan, budget, shape, left=None) -> 
 def record_sweep_end(record, gate, budget, planned: int, trials, seconds: float,
                      slots: int, echo: Echo) -> None:
     """Why the sweep ended and what stopping saved, on the console and the parent run."""
-    from components.durations import format_duration
-
     not_started = max(0, planned - len(trials))
     why = gate.reason or "every planned trial ran"
     ran = [t for t in trials if t.epochs]
@@ -284,8 +280,6 @@ def _trial_cost(cfg: Config, sizes: dict[str, int], resource_plan):
 def model_sizes(cfg: Config, plan: SearchPlan) -> dict[str, int]:
     """The parameter count of each model the sweep trains (`model.name` and its searched
     values) by name, as built for this data: what the plan weighs data parallelism against."""
-    from components.models import build_model
-
     names = {cfg.model.name}
     for axis in plan.axes:
         if axis.key == "model.name":
@@ -296,13 +290,10 @@ def model_sizes(cfg: Config, plan: SearchPlan) -> dict[str, int]:
             for n in sorted(names)}
 
 
-def log_augmented_samples(cfg: Config, manifest, record) -> None:
+def log_augmented_samples(cfg: Config, manifest: SplitManifest, record) -> None:
     """A grid of training images as the trials' models see them, on the parent run: once per
     pipeline instead of once per trial (a trial that searches the augmentation logs its own)."""
     import matplotlib.pyplot as plt
-
-    from components.augment import build_train_transform, eval_preprocessing, plot_augmented_samples
-    from components.data.dataset import load_image
 
     paths = manifest.subset("train")[0][:32]
     if not paths:
@@ -327,7 +318,6 @@ def ray_log_path(cfg: Config, pipeline_id: str) -> Path:
 
 class SearchStopped(Exception):
     """The search ended before every trial did."""
-
     def __init__(self, outcome):
         super().__init__("the search stopped before every trial ended")
         self.outcome = outcome

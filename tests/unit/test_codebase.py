@@ -139,7 +139,7 @@ def test_no_import_cycle_between_modules():
 def test_pure_modules_import_neither_ray_nor_mlflow():
     pure = ["components/augment.py", "components/training/loop.py",
             "components/training/metrics.py", "components/evaluation/paired.py",
-            "components/data/split.py", "components/serving/preprocessing.py",
+            "components/data/split.py", "components/imaging.py",
             "components/evaluation/paired_tests.py", "components/tuning/budget.py",
             "components/durations.py", "components/evaluation/importance.py",
             "components/evaluation/parallel.py",

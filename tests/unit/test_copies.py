@@ -199,7 +199,7 @@ def test_the_data_step_prints_and_records_the_copies(planted, tmp_path):
     label conflicts in the run's skipped table."""
     from mlflow import MlflowClient
 
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
     from pipelines.steps import open_record, prepare_data
 
     root, files = planted
@@ -209,7 +209,7 @@ def test_the_data_step_prints_and_records_the_copies(planted, tmp_path):
                        f"ray.storage_path={tmp_path}/ray"])
     lines: list[str] = []
     record = open_record(cfg, None, None, lines.append)
-    manifest = prepare_data(cfg, record, lines.append)
+    manifest = prepare_data(cfg, record, lines.append).manifest
     record.close("FINISHED")
     assert f"  copies: {len(manifest.paths)} images in 80 groups: 30 exact copies, 15 " \
            "near-copies (pHash <= 4 bits), 3 label conflicts (6 files left out); each group " \

@@ -319,7 +319,7 @@ def test_a_split_seed_moves_the_test_split_and_a_test_set_must_be_unseen(tmp_pat
 
 
 def test_the_pipeline_data_step_uses_split_seed_and_test_path(tmp_path):
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
     from pipelines.steps import open_record, prepare_data
 
     train = make_image_folder(tmp_path / "train", per_class=20, corrupt=False)
@@ -330,7 +330,8 @@ def test_the_pipeline_data_step_uses_split_seed_and_test_path(tmp_path):
     def manifest(*extra):
         cfg = load_config([*base, *extra])
         lines = []
-        return prepare_data(cfg, open_record(cfg, None, None, lines.append), lines.append), lines
+        record = open_record(cfg, None, None, lines.append)
+        return prepare_data(cfg, record, lines.append).manifest, lines
 
     default, _ = manifest("seed=3")
     seeded, _ = manifest("seed=3", "data.split_seed=0")

@@ -79,8 +79,8 @@ def test_every_limit_of_the_served_model_is_documented_with_its_default():
     """The Security table of docs/serving.md names every limit the served model reads from its
     environment, with the default the code uses: a new limit, or a changed default, shows up
     in the page an operator reads."""
+    from components import imaging as pp
     from components.serving import image_classifier as mc
-    from components.serving import preprocessing as pp
 
     table = (ROOT / "docs" / "serving.md").read_text()
     limits = {pp.MAX_PIXELS_ENV: pp.DEFAULT_MAX_PIXELS, pp.MAX_BYTES_ENV: pp.DEFAULT_MAX_BYTES,

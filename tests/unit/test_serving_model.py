@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from components import imaging as pp
 from components.augment import build_eval_transform
 from components.data.dataset import load_image
 from components.serving import MODEL_CODE, MODEL_FORMAT, PREPROCESSING_CODE
 from components.serving import image_classifier as mc
-from components.serving import preprocessing as pp
 from components.serving.packaging import log_image_classifier
 
 ROOT = Path(__file__).resolve().parents[2]

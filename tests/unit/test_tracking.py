@@ -136,16 +136,16 @@ def test_a_step_runs_once_and_a_resumed_run_reads_its_result_back(tracker):
         calls.append(("save", value))
         record.log_metrics({"doubled": value})
 
-    assert record.run_step("double", lines.append, compute, save,
-                           load=lambda: "from the record", inputs=lambda: (21,)) == 42
+    assert record.run_step("double", lines.append, lambda: compute(21), save,
+                           load=lambda: "from the record") == 42
     assert calls == [("compute", 21), ("save", 42)] and record.step_done("double")
-    # resumed: inputs and compute do not run again, nothing is saved twice
-    assert record.run_step("double", lines.append, compute, save, load=lambda: "loaded",
-                           inputs=lambda: calls.append("inputs") or (1,)) == "loaded"
+    # resumed: compute does not run again, nothing is saved twice
+    assert record.run_step("double", lines.append, lambda: compute(1), save,
+                           load=lambda: "loaded") == "loaded"
     assert calls == [("compute", 21), ("save", 42)]
     assert "[visiontune] double: done before; its result read back from the run" in lines
     # without `load`: computed again, not saved
-    assert record.run_step("double", lines.append, compute, save, inputs=lambda: (5,)) == 10
+    assert record.run_step("double", lines.append, lambda: compute(5), save) == 10
     assert calls[-1] == ("compute", 5) and ("save", 10) not in calls
     # ... and a failure while computing it again leaves the step done (saved once)
     with pytest.raises(ZeroDivisionError):
@@ -157,10 +157,10 @@ def test_a_step_runs_once_and_a_resumed_run_reads_its_result_back(tracker):
         raise OSError("store lost")
 
     with pytest.raises(OSError):
-        record.run_step("fragile", lines.append, compute, broken_save, inputs=lambda: (1,))
+        record.run_step("fragile", lines.append, lambda: compute(1), broken_save)
     assert not record.step_done("fragile")
     assert t.client.get_run(parent).data.tags["visiontune.step.fragile"] == "failed"
-    assert record.run_step("fragile", lines.append, compute, save, inputs=lambda: (3,)) == 6
+    assert record.run_step("fragile", lines.append, lambda: compute(3), save) == 6
 
 
 def test_a_table_is_logged_as_a_csv_artifact(tracker, tmp_path):

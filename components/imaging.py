@@ -1,9 +1,11 @@
-"""The eval-time preprocessing, once, for training and for the registered model.
+"""Image decoding and the eval-time preprocessing, once, for training and for the registered
+model.
 
-The training pipeline's image loader (`components.data.dataset.load_image`), the registered
-model (`image_classifier.py` loads the copy of this file logged with it) and `visiontune
-predict` all decode and resize with these functions. The model carries its own copy, so this
-file imports only numpy and PIL (no mlflow, no torch, nothing of this repository): a serving
+The training pipeline's image loader (`components.data.dataset.load_image`), the data checks
+(`components.data`), the registered model (`components/serving/image_classifier.py` loads the
+copy of this file logged with it, as the artifact `preprocessing.py`) and `visiontune predict`
+all decode and resize with these functions. The model carries its own copy, so this file
+imports only numpy and PIL (no mlflow, no torch, nothing of this repository): a serving
 process that knows nothing of visiontune loads it from the model's artifacts.
 
 Steps: the header checked against the limits below, then the first frame decoded (a JPEG
