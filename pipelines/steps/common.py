@@ -48,7 +48,7 @@ def git_commit() -> str | None:
 # ----------------------------------------------------------------------------- the record
 
 def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | None,
-                echo: Echo):
+                echo: Echo) -> PipelineRecord:
     """The parent run: a new one, or with `resume` the run of that pipeline id (reopened
     unless it already finished)."""
     if resume:
@@ -90,7 +90,7 @@ def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | No
                                  yaml.safe_dump(config, sort_keys=False))
 
 
-def run_journal(cfg: Config, pipeline_id: str):
+def run_journal(cfg: Config, pipeline_id: str) -> Journal | None:
     """Where the run's processes journal what they log while the tracking server is away
     (`components.tracking.journal`): beside its checkpoints. None without a server, or with
     tracking.outage_grace_s=0 (a lost server stops the sweep)."""

@@ -19,11 +19,11 @@ from components.models import build_model
 from components.training.trainer import worker_resources
 from components.training.worker import TrainJob
 from components.tuning import budget as b
-from components.tuning.budget import planned_points
+from components.tuning.budget import BudgetPlan, planned_points
 from components.tuning.callbacks import ConsoleProgress, TrackingTarget
 from components.tuning.driver import Launch, TrialResult, earlier_trials, run_search
 from components.tuning.gate import SweepGate, TrialShape
-from components.tuning.plan import plan_sweep
+from components.tuning.plan import ResourcePlan, plan_sweep
 from components.tuning.probe import probe_costs
 from components.tuning.space import grid_points
 from pipelines.console import console
@@ -138,7 +138,7 @@ def search_line(cfg: Config, budget, seeds: int = 0) -> str:
 
 
 def plan_resources(cfg: Config, plan: SearchPlan, resources, sizes: dict[str, int],
-                   num_trials: int):
+                   num_trials: int) -> ResourcePlan:
     """How `num_trials` trials use the cluster (`components.tuning.plan.plan_sweep`)."""
     return plan_sweep(
         resources, num_trials, cfg.train.num_workers,
@@ -158,8 +158,9 @@ def stop_rules(search) -> str:
     return f"; {', '.join(rules)}" if rules else ""
 
 
-def plan_budget_of(cfg: Config, plan: SearchPlan, job, resource_plan, record, began: float,
-                   resume: bool, echo: Echo, left: dict | None = None):
+def plan_budget_of(cfg: Config, plan: SearchPlan, job: TrainJob, resource_plan: ResourcePlan,
+                   record, began: float, resume: bool, echo: Echo,
+                   left: dict | None = None) -> BudgetPlan | None:
     """`search.budget`'s plan (`components.tuning.budget`): measured and chosen once per
     pipeline run and kept on the parent run, so a resumed run trains the same plan."""
     import json
