@@ -65,7 +65,9 @@ start() {
     mkdir -p "$STATE_DIR" "$ARTIFACTS_DIR"
     rm -f "$PID_FILE"   # stale: its group is gone
     # The inner shell records its own pid, which setsid has made a session and process group
-    # leader, then execs the server in place: the pid file holds the group id.
+    # leader, then execs the server in place: the pid file holds the group id. (Single quotes on
+    # purpose: $$, $1 and $@ are the inner shell's.)
+    # shellcheck disable=SC2016
     setsid bash -c 'echo $$ > "$1"; shift; exec "$@"' _ "$PID_FILE" \
         "$MLFLOW_BIN" server \
         --host "$HOST" --port "$PORT" \
