@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from components.errors import first_line
+from components.errors import NotFoundError, first_line
 
 VERSION_HEADER = "X-Visiontune-Model-Version"
 MODEL_HEADER = "X-Visiontune-Model"
@@ -142,7 +142,7 @@ class Follower:
         tracker = Tracker(s.tracking_uri)
         mv = get_alias_version(tracker, s.name, s.alias)
         if mv is None:
-            raise LookupError(f"model {s.name!r} has no alias {s.alias!r} at {s.tracking_uri}")
+            raise NotFoundError(f"model {s.name!r} has no alias {s.alias!r} at {s.tracking_uri}")
         if s.alias == CHAMPION:
             check_champion(tracker, s.name, str(mv.version), s.require_record, self._say)
         return str(mv.version)

@@ -24,6 +24,7 @@ from PIL import Image
 
 from components import imaging, storage
 from components.data.ingest import image_files
+from components.errors import MissingPathError
 from components.imaging import preprocess, softmax  # noqa: F401 (API)
 from components.serving import MODEL_FORMAT
 from components.serving import image_classifier as _model_code
@@ -48,8 +49,8 @@ def expand_paths(paths: list[str]) -> list[str]:
         elif kind == "file":
             out.append(p)
         else:
-            raise FileNotFoundError(f"{p} does not exist" + (" (or is not readable)"
-                                                             if storage.is_uri(p) else ""))
+            raise MissingPathError(f"{p} does not exist" + (" (or is not readable)"
+                                                            if storage.is_uri(p) else ""))
     return out
 
 

@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from components.errors import UserError
+
 BUCKET_SCHEMES = ("s3", "gs", "gcs")  # paths inside them start with the bucket
 # Query options that would carry credentials into every recorded path (MLflow params, manifests).
 SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A storage URI that cannot be used (unknown scheme, missing bucket, no access)."""
 
 

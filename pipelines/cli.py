@@ -8,8 +8,7 @@ import sys
 import traceback
 
 from components import storage
-from components.config import ConfigError
-from components.errors import first_line
+from components.errors import EXIT_ERROR, ConfigError, UserError, first_line
 from pipelines.cli_help import LazyConfigHelp, add_config_args
 from pipelines.console import quiet_mlflow
 from pipelines.predict import RAY_ABOVE as _RAY_ABOVE
@@ -22,17 +21,30 @@ from pipelines.registry_commands import (
 )
 from pipelines.serve import add_serve_command
 
-EXIT_FAILED, EXIT_CONFIG = 1, 2
 DEBUG_ENV = "VISIONTUNE_DEBUG"
 
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose mistakes are one line like every other mistake of the command line
+    (exit 2): `visiontune predict: error: the following arguments are required: --model, PATH
+    (see visiontune predict --help)`, instead of argparse's usage block and the error."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}   # the top parser's: name -> its parser
+
+    def error(self, message: str):
+        self.exit(ConfigError.exit_code, f"{self.prog}: error: {message} (see {self.prog} "
+                                         f"--help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="visiontune",
         description="Search, train, evaluate and register image classifiers with Ray Tune, "
                     "Ray Train and MLflow.")
     parser.add_argument("--debug", action="store_true",
                         help=f"show Python tracebacks (also {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
     _add_pipeline_commands(sub)
     add_registry_commands(sub)
     _add_predict_command(sub)
@@ -40,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():  # `visiontune run --debug` works as well
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help=argparse.SUPPRESS)
+        command.set_defaults(command_parser=command)   # its usage mistakes name the command
     return parser
 
 
@@ -112,15 +125,13 @@ def _add_predict_command(sub) -> None:
 
 
 def cmd_run(args) -> int:
+    if not args.verbose:   # before MLflow is imported (the steps import it; `--resume` reads
+        quiet_mlflow()     # the run's config from MLflow): its INFO lines are not the story
     import yaml
 
     from components.config import to_dict
-    from pipelines.config import extend_config, load_config, resume_config
-    from pipelines.steps.extend import WARM_START_NEEDS
-    from pipelines.training import run_training_pipeline, summary
+    from pipelines.compose import extend_config, load_config, resume_config
 
-    if not args.verbose:
-        quiet_mlflow()  # before `--resume` reads the run's config from MLflow
     given = [f for f, v in (("--resume", args.resume), ("--extend", args.extend),
                             ("--warm-start", args.warm_start)) if v]
     if len(given) > 1:
@@ -138,6 +149,8 @@ def cmd_run(args) -> int:
     else:
         cfg = load_config(args.overrides, args.config)
     if args.warm_start and cfg.search.algorithm != "optuna":   # before a run is created
+        from pipelines.steps.extend import WARM_START_NEEDS
+
         raise ConfigError(WARM_START_NEEDS)
     if args.verbose:
         from pipelines.console import console
@@ -146,6 +159,8 @@ def cmd_run(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    from pipelines.training import run_training_pipeline, summary
+
     result = run_training_pipeline(cfg, resume=args.resume or args.extend,
                                    extend_from=before, warm_start=args.warm_start)
     print(summary(result))
@@ -154,7 +169,7 @@ def cmd_run(args) -> int:
 
 def cmd_submit(args) -> int:
     from components.config import check_no_credentials
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
     from pipelines.jobs import dashboard_url, follow, submit
 
     # The address is recorded with every run of the job (visiontune.ray_cluster_address).
@@ -178,10 +193,22 @@ def cmd_submit(args) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def _dashboard(address: str) -> str:
+    """The Ray dashboard's address of `jobs` and `status` (they call its REST API)."""
+    from components.config import check_no_credentials
+
+    check_no_credentials("--address", address)   # a token goes in --token
+    scheme = address.partition("://")[0] if "://" in address else ""
+    if scheme not in ("", "http", "https"):
+        raise ConfigError(f"--address {address} is not the Ray dashboard's address: give "
+                          "http://HOST:8265 (or HOST:8265)")
+    return address
+
+
 def cmd_jobs(args) -> int:
     from pipelines.jobs import JobsAPI
 
-    for job in sorted(JobsAPI(args.address, args.token).list_jobs(),
+    for job in sorted(JobsAPI(_dashboard(args.address), args.token).list_jobs(),
                       key=lambda j: j.get("start_time") or 0):
         job_id = job.get("submission_id") or ""
         if job_id.startswith("visiontune-"):
@@ -192,7 +219,7 @@ def cmd_jobs(args) -> int:
 def cmd_status(args) -> int:
     from pipelines.jobs import JobsAPI
 
-    api = JobsAPI(args.address, args.token)
+    api = JobsAPI(_dashboard(args.address), args.token)
     info = api.job(args.job_id)
     print(f"{args.job_id}  {info.get('status', '?')}  {info.get('message') or ''}")
     if args.logs:
@@ -217,32 +244,6 @@ COMMANDS = {"run": cmd_run, "submit": cmd_submit, "jobs": cmd_jobs, "status": cm
             "predict": cmd_predict, "serve": cmd_serve}
 
 
-# Mistakes a user can fix, or a state of the world they can change (a server down): one line,
-# no traceback. Named, not imported: an exception of a module that was never imported cannot
-# have been raised, and importing them all would cost an error seconds of torch and MLflow.
-_USER_ERRORS = (
-    ("components.data.ingest", "DataError"),
-    ("components.evaluation.evaluate", "NoUsableTrialError"),
-    ("components.models.transfer", "WeightsNotFoundError"),
-    ("components.registry", "RegistryError"),
-    ("components.registry", "PromotionError"),
-    ("components.registry.hooks", "HookError"),
-    ("components.storage", "StorageError"),
-    ("components.tracking", "TrackingError"),
-    ("components.tracking", "JournalError"),
-    ("components.tuning.plan", "ResourceError"),
-    ("pipelines.training", "PipelineFailed"),
-)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [FileNotFoundError, LookupError, ConnectionError]
-    for module, name in _USER_ERRORS:
-        if module in sys.modules:
-            found.append(getattr(sys.modules[module], name))
-    return tuple(found)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -252,15 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, rest) and not any(a.startswith("-") for a in extra):
         setattr(args, rest, [*getattr(args, rest), *extra])
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     from pipelines.interrupt import Interrupted
 
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as e:
-        _report(f"config error: {e}", debug)
-        return EXIT_CONFIG
+    except UserError as e:   # a mistake a user can fix: one line, its kind's exit code
+        _report(f"{e.label}: {first_line(e, None)}", debug)
+        return e.exit_code
     except Interrupted as e:
         pipeline_id = getattr(e, "pipeline_id", None)
         if getattr(e, "extension", False):
@@ -276,13 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _report("interrupted", debug)
         return 130
-    except Exception as e:
-        known = isinstance(e, _user_errors())
-        line = first_line(e, None)
-        text = line if known else (f"{type(e).__name__}: {line} (run with --debug or "
-                                   f"{DEBUG_ENV}=1 for the traceback)")
-        _report(f"error: {text}", debug)
-        return EXIT_FAILED
+    except Exception as e:   # a bug, or a failure nobody named: its type says which
+        _report(f"error: {type(e).__name__}: {first_line(e, None)} (run with --debug or "
+                f"{DEBUG_ENV}=1 for the traceback)", debug)
+        return EXIT_ERROR
 
 
 def _report(text: str, debug: bool) -> None:

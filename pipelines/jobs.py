@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from components.errors import ConfigError, NotFoundError, UnreachableError
 from components.names import new_id
 
 AGENT_WAIT_S = 60   # how long submit waits for a new head's job agent
@@ -73,17 +74,17 @@ class JobsAPI:
                 return json.loads(response.read())
         except urllib.error.HTTPError as e:
             if e.code == 404:
-                raise LookupError(f"no such job at {self.base}: {path.split('/')[3]}") from None
+                raise NotFoundError(f"no such job at {self.base}: {path.split('/')[3]}") from None
             if e.code in (401, 403):
-                raise ConnectionError(
+                raise UnreachableError(
                     f"the Ray dashboard at {self.base} refused the request ({e.code}): give "
                     "its token with --token or RAY_AUTH_TOKEN") from None
-            raise ConnectionError(f"the Ray dashboard at {self.base} answered {e.code}: "
-                                  f"{e.reason}") from None
+            raise UnreachableError(f"the Ray dashboard at {self.base} answered {e.code}: "
+                                   f"{e.reason}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise ConnectionError(f"cannot reach the Ray dashboard at {self.base}: "
-                                  f"{reason}") from None
+            raise UnreachableError(f"cannot reach the Ray dashboard at {self.base}: "
+                                   f"{reason}") from None
 
     def list_jobs(self) -> list[dict]:
         return self._get("/api/jobs/")
@@ -103,8 +104,8 @@ def build_entrypoint(overrides: list[str], config_file: str | None) -> str:
         try:
             parts += ["--config", str(path.relative_to(project_root()))]
         except ValueError:
-            raise ValueError(f"--config {config_file} must be inside the project "
-                             f"({project_root()}) to travel with the job") from None
+            raise ConfigError(f"--config {config_file} must be inside the project "
+                              f"({project_root()}) to travel with the job") from None
     return shlex.join(parts)
 
 
@@ -135,7 +136,7 @@ def submit(address: str, overrides: list[str], config_file: str | None = None,
             if "No available agent" not in str(e):
                 raise
             if time.monotonic() > deadline:
-                raise ConnectionError(
+                raise UnreachableError(
                     f"{address}: the cluster's job agent did not come up in {AGENT_WAIT_S} s "
                     f"(Ray: {str(e).strip().splitlines()[0]}); its log on the head node is "
                     f"dashboard_agent.log (a port taken by another Ray, for one)") from None

@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from components.errors import ConfigError, MissingPathError, UserError, first_line
+
 # From this many images on, `predict` without --ray/--no-ray runs on Ray: below it, starting
 # Ray and loading the model in every actor costs more than the actors save (docs/serving.md,
 # "Many images: `predict --ray`", has the measurement this is set from).
@@ -26,7 +28,7 @@ def ray_above() -> int:
     try:
         return int(value) if value.strip() else RAY_ABOVE
     except ValueError:
-        raise LookupError(f"{RAY_ABOVE_ENV}={value!r} is not a number of images") from None
+        raise ConfigError(f"{RAY_ABOVE_ENV}={value!r} is not a number of images") from None
 
 
 def resolve_model_uri(model_uri: str) -> tuple[str, str]:
@@ -44,9 +46,16 @@ def resolve_model_uri(model_uri: str) -> tuple[str, str]:
 
 
 def run_predict(args) -> int:
-    from components.errors import first_line
     from pipelines.console import console, quiet_mlflow
 
+    # Usage mistakes first: before MLflow is imported or any file is read
+    for flag, value in (("--workers", args.workers), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.output and Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} is a folder; give a file name "
+                          f"(.csv, or .parquet)")
+    ray_above()   # a bad $VISIONTUNE_PREDICT_RAY_ABOVE, likewise
     if not args.verbose:
         quiet_mlflow()   # before MLflow is imported
     else:
@@ -56,11 +65,9 @@ def run_predict(args) -> int:
 
     from components.config import check_no_credentials
     from components.inference import expand_paths
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
     from pipelines.interrupt import SignalGuard
-    for flag, value in (("--workers", args.workers), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise LookupError(f"{flag} must be at least 1, got {value}")
+
     check_no_credentials("--tracking-uri", args.tracking_uri)
     check_no_credentials("--address", args.address)
     overrides = [p for p in args.paths if _OVERRIDE.match(p) and not os.path.exists(p)]
@@ -69,13 +76,10 @@ def run_predict(args) -> int:
     mlflow.set_tracking_uri(uri)
     paths = expand_paths([p for p in args.paths if p not in overrides])
     if not paths:
-        raise FileNotFoundError(f"no image files in {' '.join(args.paths)}")
+        raise MissingPathError(f"no image files in {' '.join(args.paths)}")
     # --ray/--no-ray decide; an --address means the cluster; else the number of images
     on_ray = args.ray if args.ray is not None else \
         bool(args.address) or len(paths) >= ray_above()
-    if args.output and Path(args.output).is_dir():
-        raise FileNotFoundError(f"--output {args.output} is a folder; give a file name "
-                                f"(.csv, or .parquet)")
 
     with tempfile.TemporaryDirectory(prefix="visiontune-predict-") as tmp, SignalGuard():
         try:
@@ -83,13 +87,13 @@ def run_predict(args) -> int:
             _check_champion(args.model, pinned, uri, cfg.registry.require_promotion_record)
             local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp)
         except MlflowException as e:
-            raise LookupError(f"cannot load {args.model} from {uri}: "
-                              f"{first_line(e, None)}") from None
+            raise UserError(f"cannot load {args.model} from {uri}: "
+                            f"{first_line(e, None)}") from None
         try:
             _verify_code(pinned, local)   # code changed in the artifact store: not run
             _check(local)  # a model visiontune cannot classify with: one line, before any file
         except ValueError as e:
-            raise LookupError(f"cannot classify with {args.model}: {e}") from None
+            raise UserError(f"cannot classify with {args.model}: {e}") from None
         return _classify(args, local, described, paths, on_ray, console)
 
 

@@ -54,7 +54,7 @@ def add_registry_commands(sub) -> None:
 
 def _tracking(args):
     from components.tracking import Tracker, bound_http_retries
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
 
     bound_http_retries()  # a server that went away fails in seconds, not minutes
     cfg = load_config(args.overrides, args.config)
@@ -67,9 +67,6 @@ EXIT_PENDING_APPROVAL = 4   # shown better, nothing moved yet: `promote && deplo
 
 def cmd_promote(args) -> int:
     quiet_mlflow()  # the decision is the story here
-    from components.registry import promote
-    from components.ui_links import review_links
-
     if not 0.5 <= args.confidence < 1:
         raise ConfigError(f"--confidence={args.confidence} must be in [0.5, 1), e.g. 0.95")
     if args.non_inferior is not None and not 0 < args.non_inferior < 1:
@@ -80,7 +77,8 @@ def cmd_promote(args) -> int:
     from components.config import check_no_credentials
 
     check_no_credentials("--data", args.data)   # it is recorded with the decision
-    from components.registry import Evidence
+    from components.registry import Evidence, promote
+    from components.ui_links import review_links
 
     cfg, tracker = _tracking(args)
     reg = cfg.registry

@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 
+from components.errors import UserError
+
 
 def add_serve_command(sub) -> None:
     sv = sub.add_parser(
@@ -33,6 +35,17 @@ def add_serve_command(sub) -> None:
 
 
 def run_serve(args) -> int:
+    from components.config import ConfigError, check_no_credentials
+
+    for flag, value, low in (("--workers", args.workers, 1), ("--poll", args.poll, 0.5),
+                             ("--port", args.port, 1),
+                             ("--timeout", 1 if args.timeout is None else args.timeout, 0.1)):
+        if value < low:   # before anything is imported: a usage mistake answers at once
+            raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    check_no_credentials("--tracking-uri", args.tracking_uri)
+    from pipelines.console import quiet_mlflow
+
+    quiet_mlflow()   # before MLflow is imported
     from components.champion_server import (
         LOG_FORMAT,
         MAX_BODY_ENV,
@@ -44,21 +57,12 @@ def run_serve(args) -> int:
         create_app,
         load_version,
     )
-    from components.config import ConfigError, check_no_credentials
     from components.tracking import bound_http_retries
-    from pipelines.config import load_config
-    from pipelines.console import quiet_mlflow
+    from pipelines.compose import load_config
 
-    quiet_mlflow()
-    for flag, value, low in (("--workers", args.workers, 1), ("--poll", args.poll, 0.5),
-                             ("--port", args.port, 1),
-                             ("--timeout", 1 if args.timeout is None else args.timeout, 0.1)):
-        if value < low:
-            raise ConfigError(f"{flag} must be at least {low}, got {value}")
     for env in (MAX_BODY_ENV, TIMEOUT_ENV):   # read by every worker: checked once, here
         if os.environ.get(env) and not _positive_number(os.environ[env]):
             raise ConfigError(f"{env}={os.environ[env]!r} must be a positive number")
-    check_no_credentials("--tracking-uri", args.tracking_uri)
     bound_http_retries()   # a registry that is away costs a poll seconds, not minutes
     cfg = load_config(args.overrides, args.config)
     settings = ServeSettings(args.tracking_uri or cfg.tracking.uri, args.model, args.alias,
@@ -74,7 +78,7 @@ def run_serve(args) -> int:
         version = follower.start().version if args.workers == 1 else \
             load_version(settings, follower.resolve()).version
     except Refused as e:
-        raise LookupError(f"cannot serve {e}") from None
+        raise UserError(f"cannot serve {e}") from None
     log.warning(f"serving models:/{args.model}/{version} (alias {args.alias}) on "
                 f"http://{args.host}:{args.port} with {args.workers} worker(s); checking the "
                 f"registry every {args.poll:g} s")
@@ -99,9 +103,8 @@ def _run_uvicorn(args, follower, settings, create_app, settings_env: str) -> int
                         workers=args.workers, **common)
     except SystemExit as e:   # uvicorn's own exit: the port taken, a worker that failed
         if e.code not in (None, 0):
-            raise ConnectionError(f"the server on {args.host}:{args.port} stopped (uvicorn "
-                                  f"exit {e.code}): is the port in use? see the lines above"
-                                  ) from None
+            raise UserError(f"the server on {args.host}:{args.port} stopped (uvicorn exit "
+                            f"{e.code}): is the port in use? see the lines above") from None
     return 0
 
 

@@ -6,12 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components import storage
+from components.errors import DataError, MissingPathError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class DataError(ValueError):
-    """The data cannot be used: a malformed manifest, too few classes or images."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ def _index_url_folder(url: str) -> ImageIndex:
     every node reads the images from there, none travels with the job."""
     url = url.rstrip("/")
     if storage.file_type(url) != "dir":
-        raise FileNotFoundError(f"data.path={url} is not a directory (or not readable)")
+        raise MissingPathError(f"data.path={url} is not a directory (or not readable)")
     head, query = url.partition("?")[0], "?" + url.partition("?")[2] if "?" in url else ""
     by_class: dict[str, list[str]] = {}
     for f, parts in image_files(url):
@@ -79,7 +76,7 @@ def index_image_folder(root: str | Path) -> ImageIndex:
         return _index_url_folder(str(root))
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"data.path={root} is not a directory")
+        raise MissingPathError(f"data.path={root} is not a directory")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     paths, labels = [], []
     for label, name in enumerate(classes):
@@ -111,7 +108,7 @@ def index_csv_manifest(csv_path: str | Path, split: str | None = None) -> ImageI
     if not storage.is_uri(csv_path):
         csv_path = str(Path(csv_path).expanduser().resolve())
     if storage.file_type(csv_path) != "file":
-        raise FileNotFoundError(f"data.path={csv_path} does not exist")
+        raise MissingPathError(f"data.path={csv_path} does not exist")
     text = storage.read_bytes(csv_path).decode("utf-8-sig")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = {"path", "label"} - set(reader.fieldnames or [])

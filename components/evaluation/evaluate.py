@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from components.augment import build_eval_transform  # noqa: E402
 from components.data.dataset import ImageDataset  # noqa: E402
+from components.errors import UserError  # noqa: E402
 from components.evaluation.paired_tests import f1_interval  # noqa: E402
 from components.training.loop import predict  # noqa: E402
 from components.training.metrics import (  # noqa: E402
@@ -25,8 +26,9 @@ from components.training.metrics import (  # noqa: E402
 )
 
 
-class NoUsableTrialError(RuntimeError):
-    pass
+class NoUsableTrialError(UserError, RuntimeError):
+    """No trial of the sweep produced a checkpoint (the run fails; the trials' errors say
+    why)."""
 
 
 def select_best_trial(trials):

@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from components.errors import MissingPathError
 from components.models.initializers import apply_initializer
 from components.names import backbone_names
 
 
-class WeightsNotFoundError(FileNotFoundError):
-    pass
+class WeightsNotFoundError(MissingPathError):
+    """A backbone's pretrained weights are neither in the cache nor at model.weights_path."""
 
 
 class NoClassifierHeadError(ValueError):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from mlflow.exceptions import MlflowException
 from requests.exceptions import RequestException
 
+from components.errors import NotFoundError
 from components.registry.hooks import DEFAULT_ATTEMPTS, SECRET_ENV, Delivery, check_hooks, deliver
 from components.registry.registry import (
     RECORD_TAG,
@@ -55,7 +56,7 @@ def model_tags(tracker: Tracker, name: str) -> dict[str, str]:
         return dict(tracker.client.get_registered_model(name).tags)
     except (MlflowException, RequestException) as exc:
         if is_not_found(exc):
-            raise LookupError(f"no registered model {name!r} at {tracker.uri}") from None
+            raise NotFoundError(f"no registered model {name!r} at {tracker.uri}") from None
         raise RegistryError(f"the model registry at {tracker.uri} failed while reading model "
                             f"{name}: {first_line(exc)}; no alias was moved") from exc
 

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
+from components.errors import ConfigError
+
 SECRET_ENV = "VISIONTUNE_HOOK_SECRET"
 SIGNATURE_HEADER = "X-Visiontune-Signature"   # "sha256=<hex of HMAC-SHA256(secret, body)>"
 DELIVERY_HEADER = "X-Visiontune-Delivery"     # the delivery id (uuid4 hex), same on every retry
@@ -31,8 +33,9 @@ USER_AGENT = "visiontune-hooks"
 MAX_WAIT_S = 30.0   # a command that moved the champion should not hang on one slow receiver
 
 
-class HookError(ValueError):
-    """Hooks configured wrongly (a user can fix it); the message is one line."""
+class HookError(ConfigError):
+    """Hooks configured wrongly (registry.hooks, the model's own hook tag, the secret): a
+    config mistake, one line (exit 2)."""
 
 
 def check_hooks(urls: list[str], secret: str | None) -> None:

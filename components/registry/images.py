@@ -13,13 +13,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 
+from components.errors import UserError
 from components.tracking import Tracker, first_line
 
 # the splits a model learned from (train) or was chosen on (val)
 SEEN_SPLITS = ("train", "val")
 
 
-class PromotionError(RuntimeError):
+class PromotionError(UserError, RuntimeError):
     """Promote cannot compare: images that cannot be read, classes that differ, a model that
     does not load, too few images neither model has seen. Nothing moved."""
 

@@ -31,6 +31,7 @@ from dataclasses import replace
 from mlflow.exceptions import MlflowException
 from requests.exceptions import RequestException
 
+from components.errors import NotFoundError
 from components.evaluation.paired import DEFAULT_RESAMPLES
 from components.registry.champion import (
     ChampionPolicy,
@@ -97,7 +98,7 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
     mv = get_version(tracker, name, str(version)) if version is not None else \
         get_alias_version(tracker, name, CHALLENGER)
     if mv is None:
-        raise LookupError(f"model {name!r} has no '{CHALLENGER}' alias; pass --version")
+        raise NotFoundError(f"model {name!r} has no '{CHALLENGER}' alias; pass --version")
     urls = hook_urls(tracker, name, policy)   # a hook that cannot be signed: before comparing
     current = get_alias_version(tracker, name, CHAMPION)
     if current is not None:
@@ -217,7 +218,7 @@ def rollback(tracker: Tracker, name: str, policy: ChampionPolicy = ChampionPolic
             reason = (f"champion {'v' + now if now else '(none)'} had been moved outside "
                       f"visiontune; restored v{target.version}, the last recorded champion")
         elif previous is None:
-            raise LookupError(f"model {name!r} has no '{PREVIOUS}' alias: nothing to roll "
+            raise NotFoundError(f"model {name!r} has no '{PREVIOUS}' alias: nothing to roll "
                               f"back to")
         else:
             target, keep = previous, current
@@ -289,7 +290,7 @@ def pending_promotion(tracker: Tracker, name: str, version: str, experiment_name
                          f"and params.challenger_version = '{version}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     if not runs or runs[0].data.tags.get("promotion.decision") != "pending approval":
-        raise LookupError(f"no promotion of {name} version {version} waits for approval: run "
+        raise NotFoundError(f"no promotion of {name} version {version} waits for approval: run "
                           f"`visiontune promote --model {name} --version {version} "
                           f"--approve-by NAME` first")
     return runs[0]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from mlflow.exceptions import MlflowException
 from requests.exceptions import RequestException
 
+from components.errors import NotFoundError, UserError
 from components.tracking import Tracker, first_line
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -37,7 +38,7 @@ _ALIAS_NOT_FOUND = re.compile(r"Registered model alias \S+ not found")
 _REGISTRY_FAILURES = (MlflowException, RequestException)
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """The model registry failed (not "not found"): nothing that depended on the read moved."""
 
 
@@ -81,7 +82,7 @@ def get_version(tracker: Tracker, name: str, version: str | int):
         return tracker.client.get_model_version(name, version)
     except _REGISTRY_FAILURES as exc:
         if is_not_found(exc):
-            raise LookupError(f"model {name!r} has no version {version}") from None
+            raise NotFoundError(f"model {name!r} has no version {version}") from None
         raise _registry_error(tracker, f"version {version} of model {name}", exc) from exc
 
 

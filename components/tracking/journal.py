@@ -43,12 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components import storage
+from components.errors import UserError
 
 VERSION = 1
 _NO_SPACE = re.compile(r"No space left on device|ENOSPC|Disk quota exceeded|no space left")
 
 
-class JournalError(OSError):
+class JournalError(UserError, OSError):
     """The journal cannot be written (a full disk, no access): the run cannot keep its record
     while the server is away."""
 

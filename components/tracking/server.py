@@ -15,7 +15,7 @@ from collections.abc import Callable
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from components.errors import first_line
+from components.errors import UserError, first_line
 
 PROBE_EVERY_S = 5.0   # how often a process whose server went away asks whether it is back
 # How a server that is away (stopped, restarting, overloaded) shows through MLflow's client.
@@ -34,7 +34,7 @@ HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking store cannot be used: an unsupported URI, a server that does not answer."""
 
 

@@ -171,13 +171,16 @@ def test_a_signal_leaves_a_partial_file_and_no_process(setup, tmp_path, sig, cod
 
 
 def test_mistakes_get_one_line(setup, tmp_path):
-    bad = [(["--workers", "0", "--ray"], "visiontune: error: --workers must be at least 1, got 0"),
-           (["--batch-size", "0"], "visiontune: error: --batch-size must be at least 1, got 0"),
-           (["-o", str(tmp_path)], f"visiontune: error: --output {tmp_path} is a folder; give a "
+    # usage mistakes: exit 2, as docs/faults.md promises (tests/unit/test_exit_codes.py has
+    # every command's)
+    config = "visiontune: config error: "
+    bad = [(["--workers", "0", "--ray"], f"{config}--workers must be at least 1, got 0"),
+           (["--batch-size", "0"], f"{config}--batch-size must be at least 1, got 0"),
+           (["-o", str(tmp_path)], f"{config}--output {tmp_path} is a folder; give a "
                                    f"file name (.csv, or .parquet)")]
     for extra, line in bad:
         p = _predict(setup, *setup["model"], str(setup["images"] / "cat" / "000.png"), *extra)
-        assert p.returncode == 1 and p.stderr.strip() == line, p.stderr
+        assert p.returncode == 2 and p.stderr.strip() == line, p.stderr
     # a cluster address where nothing listens: one line at once, not minutes of retries
     port = free_port()
     start = time.monotonic()
@@ -189,5 +192,5 @@ def test_mistakes_get_one_line(setup, tmp_path):
     assert "Traceback" not in p.stderr
     env = {**setup["env"], "VISIONTUNE_PREDICT_RAY_ABOVE": "many"}
     p = _predict(setup, *setup["model"], str(setup["images"]), env=env)
-    assert p.returncode == 1 and p.stderr.strip() == \
-        "visiontune: error: VISIONTUNE_PREDICT_RAY_ABOVE='many' is not a number of images"
+    assert p.returncode == 2 and p.stderr.strip() == \
+        "visiontune: config error: VISIONTUNE_PREDICT_RAY_ABOVE='many' is not a number of images"
