@@ -71,7 +71,7 @@ ARTIFACTS = {"heatmap": "evaluation/comparison_heatmap.png",
              "marginal_effects": "evaluation/marginal_effects.png"}
 OPTIONAL = {"importance"}  # taken by default only when the run logged its artifact
 PARALLEL_HTML = "evaluation/parallel_coordinates.html"
-METRIC = "best_val_f1"  # the trials' score: components.evaluation.comparison.METRIC
+METRIC = "best_val_f1"  # the trials' score: components.evaluation.search_plots.METRIC
 
 # Where MLflow 3.x keeps an experiment page's view (its charts among them): localStorage,
 # LocalStorageUtils.getStoreForComponent("ExperimentPage", JSON.stringify(sorted experiment

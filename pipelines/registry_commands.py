@@ -115,7 +115,7 @@ def cmd_promote(args) -> int:
 
 def promotion_lines(r) -> list[str]:
     """The evidence, as the console shows it before the verdict."""
-    from components.registry.record import evidence_lines
+    from components.registry.promotion_record import evidence_lines
 
     if r.paired is None:
         return []

@@ -7,9 +7,9 @@ constants without paying for torch and matplotlib."""
 from components.lazy import lazy_names
 
 _WHERE = {
-    "plot_comparison_heatmap": "comparison", "plot_continuous_axes": "comparison",
-    "per_class_metrics": "errors", "plot_misclassified": "errors",
-    "plot_per_class_metrics": "errors",
+    "plot_comparison_heatmap": "search_plots", "plot_continuous_axes": "search_plots",
+    "per_class_metrics": "mistakes", "plot_misclassified": "mistakes",
+    "plot_per_class_metrics": "mistakes",
     "TestReport": "evaluate", "evaluate_on_test": "evaluate", "leaderboard": "evaluate",
     "plot_confusion_matrix": "evaluate", "plot_trial_curves": "evaluate",
     "select_best_trial": "evaluate",

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from components.evaluation.comparison import METRIC, MISSING, _labels, _scored, _text  # noqa: E402
+from components.evaluation.search_plots import METRIC, MISSING, _labels, _scored, _text  # noqa: E402
 
 BOOTSTRAP = 40           # resamples for the importance interval
 N_TREES = 32

@@ -14,7 +14,7 @@ import json
 
 import pandas as pd
 
-from components.evaluation.comparison import METRIC, _labels, _scored, _text
+from components.evaluation.search_plots import METRIC, _labels, _scored, _text
 
 
 def _axis(key: str, values: pd.Series, kind: str) -> dict:

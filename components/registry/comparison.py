@@ -3,7 +3,7 @@ lineage or their fingerprint tags), the labelled images both models classify (th
 challenger's test split, or `--data`, minus every image either model trained or was selected
 on: `components.registry.images`), both registered models loaded as they are served, and the
 paired decision over their per-image answers (`components.evaluation.paired.decide`).
-Nothing here writes to MLflow: `record` records, `promotion` moves the aliases."""
+Nothing here writes to MLflow: `promotion_record` records, `promotion` moves the aliases."""
 
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ same labelled images, and every decision leaves an MLflow run saying why.
      that changed meanwhile was never compared with this challenger, so nothing moves.
 
 Steps 1-4 live in `components.registry.comparison` (nothing there writes to MLflow), step 5
-in `components.registry.record`; this module sequences them and owns the aliases. A registry
-read that fails for any reason other than "not found" raises `RegistryError` before any alias
-or tag is written.
+in `components.registry.promotion_record`; this module sequences them and owns the aliases. A
+registry read that fails for any reason other than "not found" raises `RegistryError` before
+any alias or tag is written.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from components.registry.comparison import (
     compare,
     same_test_images,
 )
-from components.registry.record import (
+from components.registry.promotion_record import (
     MODEL_NAME_TAG,
     NOTE_TAG,
     ROLE,

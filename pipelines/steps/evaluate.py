@@ -24,7 +24,7 @@ from components.evaluation import (
     plot_trial_curves,
     select_best_trial,
 )
-from components.evaluation.comparison import PANEL_KEY
+from components.evaluation.search_plots import PANEL_KEY
 from components.evaluation.importance import (
     Importance,
     param_importance,

@@ -14,8 +14,8 @@ from components.evaluation import (
     plot_misclassified,
     plot_per_class_metrics,
 )
-from components.evaluation.comparison import heatmap_layout
-from components.evaluation.errors import misclassified
+from components.evaluation.mistakes import misclassified
+from components.evaluation.search_plots import heatmap_layout
 from components.registry import version_description
 from pipelines.training import PipelineResult, review_links, summary
 
