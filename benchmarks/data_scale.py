@@ -74,10 +74,11 @@ def old_loop(config: dict) -> None:
 
     from components.augment import build_train_transform, eval_preprocessing
     from components.data.dataset import ImageDataset
-    from components.training import worker
+    from components.models import build_model
+    from components.training.loaders import FirstBatchClock, rss_mb
     from components.training.ranks import peak_rss_mb
 
-    started, started_rss = time.monotonic(), worker._rss_mb()
+    started, started_rss = time.monotonic(), rss_mb()
     job = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -89,11 +90,9 @@ def old_loop(config: dict) -> None:
     for i in range(len(ds)):  # preload=True: everything decoded before the first batch
         ds.image(i)
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=0)
-    loader = worker._FirstBatchClock(DataLoader(ds, batch_size=job.train.batch_size,
-                                                sampler=sampler, drop_last=True), started,
-                                     started_rss)
-    model = ray.train.torch.prepare_model(worker.build_model(job.model, job.num_classes,
-                                                             channels))
+    loader = FirstBatchClock(DataLoader(ds, batch_size=job.train.batch_size, sampler=sampler,
+                                        drop_last=True), started, started_rss)
+    model = ray.train.torch.prepare_model(build_model(job.model, job.num_classes, channels))
     opt = torch.optim.Adam(model.parameters(), job.train.lr)
     from components.training.loop import train_one_epoch
 
@@ -146,7 +145,7 @@ def main() -> int:
     from components.data import index_images, split_dataset, validate_images
     from components.data.dataset import decoded_bytes, use_cache
     from components.data.validate import DecodeTarget
-    from components.training.worker import TrainJob
+    from components.training.spec import TrainJob
     from pipelines.console import Progress
 
     root = Path(args.data_dir or Path.home() / ".cache" / "visiontune" /

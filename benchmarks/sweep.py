@@ -22,10 +22,11 @@ the same ones again (same seed; the results say whether they matched).
 
 Every sweep runs as its own subprocess, in a fresh temporary directory as its working
 directory, timed around the subprocess: each pays for its own interpreter start and its
-imports (torch, MLflow, and for (a)/(b) also Ray, which `_rank_datasets`' module imports:
-about 0.3 s). (c) and (d) also pay for what the pipeline does besides the sweep (ingest,
-validate, split, evaluating the best trial on the test set, registering its model): their
-`tune` step alone is in the table too. (a) and (b) compute no test F1.
+imports (torch, MLflow; before `rank_datasets` moved to `components/training/loaders.py`,
+(a)/(b) also paid for Ray, which its module imported: about 0.3 s). (c) and (d) also pay for
+what the pipeline does besides the sweep (ingest, validate, split, evaluating the best trial
+on the test set, registering its model): their `tune` step alone is in the table too.
+(a) and (b) compute no test F1.
 
 Same trials, not bit-equal scores: with 1 torch thread the loop of (a) reproduces (c)'s
 trials' val F1 exactly; with the cores as threads the float sums differ and so do the last
@@ -104,10 +105,11 @@ def train_trial(cfg, manifest, params: dict, threads: int, log_epoch) -> dict:
     from components.data.dataset import EpochShuffle
     from components.models import build_model
     from components.models.freezing import build_param_groups, unfreeze
+    from components.training.loaders import rank_datasets
     from components.training.loop import track_best, train_one_epoch
     from components.training.optim import build_optimizer, build_scheduler
     from components.training.ranks import evaluate_split, state_dict
-    from components.training.worker import TrainJob, _rank_datasets
+    from components.training.spec import TrainJob
     from components.tuning.space import TUNABLE_SECTIONS, set_params
 
     cfg = dataclasses.replace(cfg, **set_params({s: getattr(cfg, s) for s in TUNABLE_SECTIONS},
@@ -119,7 +121,7 @@ def train_trial(cfg, manifest, params: dict, threads: int, log_epoch) -> dict:
                    train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
                    num_classes=len(manifest.classes))
     tc, mc, cpu = job.train, job.model, torch.device("cpu")
-    train_ds, val_ds = _rank_datasets(job, 0, 1, eval_preprocessing(job.data, job.model))
+    train_ds, val_ds = rank_datasets(job, 0, 1, eval_preprocessing(job.data, job.model))
     sampler = EpochShuffle(len(train_ds), seed=job.seed)
     train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler,
                               drop_last=len(train_ds) > tc.batch_size,

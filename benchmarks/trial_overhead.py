@@ -55,10 +55,11 @@ def bare_epochs(cfg, manifest, epochs: int, threads: int) -> list[float]:
     from components.data.dataset import EpochShuffle
     from components.models import build_model
     from components.models.freezing import build_param_groups
+    from components.training.loaders import rank_datasets
     from components.training.loop import train_one_epoch
     from components.training.optim import build_optimizer, build_scheduler
     from components.training.ranks import evaluate_split
-    from components.training.worker import TrainJob, _rank_datasets
+    from components.training.spec import TrainJob
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -67,7 +68,7 @@ def bare_epochs(cfg, manifest, epochs: int, threads: int) -> list[float]:
                    train_rows=manifest.subset("train"), val_rows=manifest.subset("val"),
                    num_classes=len(manifest.classes))
     prep = eval_preprocessing(job.data, job.model)
-    train_ds, val_ds = _rank_datasets(job, 0, 1, prep)
+    train_ds, val_ds = rank_datasets(job, 0, 1, prep)
     tc = job.train
     sampler = EpochShuffle(len(train_ds), seed=job.seed)
     train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler,

@@ -28,6 +28,29 @@ def read_checkpoint(checkpoint) -> dict:
                 "state": json.loads((Path(d) / STATE_FILE).read_text())}
 
 
+def write_checkpoint(folder: str | Path, model_state: dict, optimizer, scheduler,
+                     best_weights: dict | None, state: dict, prep: dict) -> None:
+    """Rank 0's checkpoint: the resume state, the best weights and the preprocessing."""
+    torch.save({"model": model_state, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler else None},
+               Path(folder) / MODEL_FILE)
+    torch.save(best_weights, Path(folder) / BEST_MODEL_FILE)
+    (Path(folder) / STATE_FILE).write_text(json.dumps(state))
+    (Path(folder) / PREPROCESSING_FILE).write_text(json.dumps(prep))
+
+
+def restore_checkpoint(resumed: dict, model, optimizer, scheduler) -> tuple[dict, dict]:
+    """A restarted run continues where it stopped: `resumed` (`read_checkpoint`) loaded into
+    the model (unwrapped from DDP), the optimizer and the scheduler. Returns (the best
+    weights, the run's state)."""
+    saved = resumed["saved"]
+    (model.module if hasattr(model, "module") else model).load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None and saved.get("scheduler"):
+        scheduler.load_state_dict(saved["scheduler"])
+    return resumed["best"], resumed["state"]
+
+
 def load_best_weights(checkpoint: str | Path) -> dict:
     """The best epoch's weights from a checkpoint directory: a local path or a URI on the
     run's storage (s3://..., read through the same filesystem Ray wrote it with)."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from components.training.worker import TrainJob, train_loop_per_worker
+from components.training.spec import TrainJob
+from components.training.worker import train_loop_per_worker
 
 
 def worker_resources(num_cpus: float, use_gpu: bool, extra: dict | None = None) -> dict:

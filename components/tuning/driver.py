@@ -29,8 +29,9 @@ from components.data.split import kfold_rows
 from components.timing import mark
 from components.tracking.server import is_unreachable
 from components.training.checkpoint import recover_torn_run
+from components.training.spec import TrainJob
 from components.training.trainer import build_trainer
-from components.training.worker import TrainJob, train_in_trial
+from components.training.worker import train_in_trial
 from components.tuning.callbacks import (
     ConsoleProgress,
     StopOnRequest,

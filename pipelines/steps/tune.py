@@ -16,8 +16,8 @@ from components.data.dataset import load_image
 from components.data.split import SplitManifest
 from components.durations import format_duration, parse_duration
 from components.models import build_model
+from components.training.spec import TrainJob
 from components.training.trainer import worker_resources
-from components.training.worker import TrainJob
 from components.tuning import budget as b
 from components.tuning.budget import BudgetPlan, planned_points
 from components.tuning.callbacks import ConsoleProgress, TrackingTarget

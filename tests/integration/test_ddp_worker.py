@@ -26,8 +26,8 @@ from components.data.validate import validate_images
 from components.models import build_model
 from components.training.checkpoint import BEST_MODEL_FILE, MODEL_FILE
 from components.training.ranks import evaluate_split
+from components.training.spec import TrainJob
 from components.training.trainer import build_trainer
-from components.training.worker import TrainJob
 from tests.conftest import make_image_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -161,7 +161,7 @@ def test_the_metric_names_trials_report_are_the_epoch_metrics_fields():
     import dataclasses
     import re
 
-    from components.training.worker import EpochMetrics
+    from components.training.spec import EpochMetrics
 
     fields = {f.name for f in dataclasses.fields(EpochMetrics)}
     metric = re.compile(r"^(epoch|early_stopped|(train|val|best_val)_\w+|best_epoch|lr)$")

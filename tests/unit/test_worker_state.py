@@ -55,7 +55,8 @@ def test_each_rank_gets_its_own_shard_of_train_and_val(tmp_path):
     """A rank never holds the whole split: its train rows are its fixed shard, its val rows
     are disjoint from the other rank's, and with a small cache limit nothing is kept."""
     from components.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
-    from components.training.worker import TrainJob, _rank_datasets
+    from components.training.loaders import rank_datasets
+    from components.training.spec import TrainJob
 
     paths = [f"/data/{i}.png" for i in range(101)]
     val = [f"/data/v{i}.png" for i in range(11)]
@@ -64,13 +65,13 @@ def test_each_rank_gets_its_own_shard_of_train_and_val(tmp_path):
                    train_rows=(paths, [i % 2 for i in range(101)]),
                    val_rows=(val, [i % 2 for i in range(11)]), num_classes=2)
     prep = {"mean": [0.5] * 3, "std": [0.5] * 3}
-    (t0, v0), (t1, v1) = (_rank_datasets(job, r, 2, prep) for r in (0, 1))
+    (t0, v0), (t1, v1) = (rank_datasets(job, r, 2, prep) for r in (0, 1))
     assert len(t0) == len(t1) == 51
     assert set(t0.paths) | set(t1.paths) == set(paths)
     assert sorted(v0.ids + v1.ids) == list(range(11)) and not set(v0.paths) & set(v1.paths)
     assert t0._cache is None and v0._cache is None     # 51 x 48 KiB > 1 MiB: decode per epoch
     small = TrainJob(**{**job.__dict__, "data": DataConfig(image_size=8)})
-    assert _rank_datasets(small, 0, 2, prep)[0]._cache == {}   # fits: kept after decoding
+    assert rank_datasets(small, 0, 2, prep)[0]._cache == {}   # fits: kept after decoding
 
 
 def _checkpoint(folder, epoch: int, torn: bool = False):
