@@ -295,7 +295,7 @@ def data_path(paths: list[str], labels: list[int], classes: list[str], root: str
     from components.data.ingest import ImageIndex
     from components.data.preprocessed import DecodedLookup
     from components.data.validate import DecodeTarget, validate_images
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
 
     torch.set_num_threads(1)   # one rank's data path: what one core does
     cfg = load_config(SWEEP + [f"data.path={root}"])

@@ -83,7 +83,7 @@ def load_data(overrides: list[str]):
     """The config and the split the pipeline uses (same data, same seed)."""
     from components.data import index_images, split_dataset, validate_images, write_digits_folder
     from components.data.split import min_images_per_class
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
 
     cfg = load_config(overrides)
     d = cfg.data
@@ -302,7 +302,7 @@ def _cli_trials(workdir: Path, overrides: list[str]) -> list[dict]:
     from mlflow import MlflowClient
 
     from components.tuning.space import parse_space
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
 
     axes = {a.key: a for a in parse_space(load_config(overrides).search.space)}
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -504,7 +504,7 @@ def main() -> int:
               "skews the timings", flush=True)
     # The built-in data written once before anything is timed (every sweep reads it).
     from components.data import write_digits_folder
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
 
     write_digits_folder(load_config(overrides).data.cache_dir)
     sweeps = out["sweeps"]

@@ -227,7 +227,7 @@ def summarize_trials(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- pipeline
 
 def run_pipeline(overrides: list[str], tmp: Path, name: str):
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
     from pipelines.training import run_training_pipeline
 
     cfg = load_config([f"tracking.uri=sqlite:///{tmp}/{name}.db",
@@ -314,7 +314,7 @@ def main() -> int:
     SUFFIX = "_quick" if args.quick else ""
     overrides = (["search=quick", "train.epochs=2"] if args.quick else []) + args.search
     from components import timing
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
 
     cfg0 = load_config(overrides)
     workers, cpus = cfg0.train.num_workers, cfg0.train.cpus_per_worker

@@ -1,10 +1,13 @@
-"""The typed configuration: one dataclass per section, validated before anything starts.
-Components take the section they need (a `ModelConfig`, a `TrainConfig`); only the CLI sees the
-whole `Config`. Validation turns a nested dict (YAML + overrides) into these objects and fails
-with one line naming the key and the valid choices."""
+"""The typed configuration: one dataclass per section, validated before anything starts, and
+the one place defaults live: `Config()` is what `visiontune run` runs with no options (conf/
+holds only choices that differ from it). Components take the section they need (a
+`TrainConfig`); only the CLI sees the whole `Config`. Validation turns a nested dict (YAML +
+overrides) into these objects and fails with one line naming the key and the valid choices."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import types
 import typing
@@ -37,11 +40,9 @@ def _positive(doc=""):
 
 
 def _is_duration(value) -> bool:
-    try:
-        parse_duration(value)
-    except ConfigError:
-        return False
-    return True
+    with contextlib.suppress(ConfigError):
+        return parse_duration(value) is not None
+    return False
 
 
 def _fraction(doc=""):
@@ -54,28 +55,38 @@ def _model_names() -> tuple[str, ...]:
     return ("cnn", *backbone_names())
 
 
+# The digits' augmentation: small shifts, zooms and rotations; a 6 never becomes a 9, so no flips.
+DIGITS_AUGMENT = [{"name": "Affine", "scale": [0.9, 1.1], "translate_percent": [-0.1, 0.1],
+                   "rotate": [-10, 10], "p": 0.8}]
+# The default search (docs/performance.md, "The default search"): optimizer x initializer x
+# model on the grid (8 trials), lr and dropout drawn at random, planned to fit search.budget.
+DEFAULT_SPACE = {"train.optimizer": {"grid": ["sgd_momentum", "adam"]},
+                 "model.initializer": {"grid": ["xavier_uniform", "kaiming_normal"]},
+                 "model.name": {"grid": ["cnn", "resnet18"]},
+                 "train.lr": {"loguniform": [0.0005, 0.005]},
+                 "model.dropout": {"uniform": [0.0, 0.4]}}
+
+
 @dataclass
 class DataConfig:
     path: str | None = field(default=None, metadata={
         "doc": "image folder root/<class>/<files>, or a CSV manifest (path,label); "
                "empty = built-in digits dataset"})
     image_size: int = field(default=32, metadata=_positive("images are resized to this square"))
-    channels: int = field(default=3, metadata=_choices(1, 3, doc="1 = grey, 3 = RGB"))
+    channels: int = field(default=1, metadata=_choices(1, 3, doc="1 = grey, 3 = RGB"))
     on_bad_image: str = field(default="skip", metadata=_choices(
         "skip", "fail", doc="what to do with unreadable/corrupt images"))
     val_fraction: float = field(default=0.15, metadata=_fraction())
-    test_fraction: float = field(default=0.15, metadata=_fraction(
-        "ignored with data.test_path"))
+    test_fraction: float = field(default=0.15, metadata=_fraction("ignored with data.test_path"))
     split_seed: int | None = field(default=None, metadata={
         "doc": "seed of the train/val/test split; default: seed. Keep it to test later runs "
                "(other training seeds) on the same images"})
     test_path: str | None = field(default=None, metadata={
         "doc": "a labelled folder or CSV manifest used as the test split (never for training "
                "or selection): runs over more or other data.path images share a test set"})
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5], metadata={
-        "doc": "normalisation mean per channel (ImageNet's when model.pretrained)"})
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5],
-                             metadata={"doc": "per channel"})
+    mean: list[float] = field(default_factory=lambda: [0.5], metadata={
+        "doc": "normalisation mean per channel or one for all (ImageNet's when model.pretrained)"})
+    std: list[float] = field(default_factory=lambda: [0.5], metadata={"doc": "per channel, or one"})
     cache_dir: str | None = field(default=None, metadata={
         "doc": "where the built-in dataset is written; default ~/.cache/visiontune"})
     cv_folds: int = field(default=0, metadata=_check(
@@ -101,7 +112,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    train: list[dict] = field(default_factory=list, metadata={
+    train: list[dict] = field(default_factory=lambda: copy.deepcopy(DIGITS_AUGMENT), metadata={
         "doc": "albumentations transforms for the train split: [{name: Affine, rotate: 10}, ...]"})
 
 
@@ -140,7 +151,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=5, metadata=_positive())
+    epochs: int = field(default=6, metadata=_positive())
     batch_size: int = field(default=32, metadata=_positive("per worker"))
     optimizer: str = field(default="adam", metadata=_choices(*OPTIMIZER_NAMES))
     lr: float = field(default=1e-3, metadata=_positive())
@@ -155,7 +166,7 @@ class TrainConfig:
                                                     "L1 penalty on trainable weights"))
     grad_clip: float | None = field(default=None, metadata=_positive("max gradient norm"))
     label_smoothing: float = field(default=0.0, metadata=_fraction())
-    scheduler: str = field(default="none", metadata=_choices(*SCHEDULER_NAMES))
+    scheduler: str = field(default="cosine", metadata=_choices(*SCHEDULER_NAMES))
     step_size: int = field(default=3, metadata=_positive("step scheduler: epochs per step"))
     gamma: float = field(default=0.1, metadata=_check(
         lambda v: 0 < v < 1, "must be in (0, 1)", "step and plateau schedulers: lr factor"))
@@ -186,10 +197,10 @@ class SearchConfig:
     grace_period: int = field(default=1, metadata=_positive("asha: epochs before stopping"))
     reduction_factor: int = field(default=2, metadata=_check(lambda v: v >= 2, "must be >= 2"))
     max_trials: int | None = field(default=None, metadata=_positive("cap on trials launched"))
-    budget: str | None = field(default=None, metadata=_check(
+    budget: str | None = field(default="2m30s", metadata=_check(
         _is_duration, "must be a duration such as 90s, 4m or 2h",
-        "wall time of the sweep (90s, 4m, 2h): trials and epochs per model family are planned "
-        "to fit it, and running trials stop at an epoch boundary when it runs out"))
+        "wall time of the sweep (90s, 4m, 2h; null: none): trials and epochs per model family "
+        "are planned to fit it, running trials stop at an epoch boundary when it runs out"))
     stop_at_f1: float | None = field(default=None, metadata=_check(
         lambda v: 0 < v <= 1, "must be in (0, 1]",
         "no new trial once a trial reaches this val F1 (running trials finish)"))
@@ -199,7 +210,7 @@ class SearchConfig:
         "random draws (per grid point in grid+random)"))
     max_concurrent_trials: int | None = field(default=None, metadata={
         "doc": "cap on parallel trials; default: as many as the cluster fits"})
-    space: dict = field(default_factory=dict, metadata={
+    space: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_SPACE), metadata={
         "doc": "dotted config key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | "
                "{loguniform: [lo, hi]} | {randint: [lo, hi]} | {quniform: [lo, hi, q]}, "
                "optionally with when: {key: [values]}"})
@@ -294,13 +305,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}={value!r} must be an integer")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            with contextlib.suppress(ValueError):  # YAML reads 1e-3 (no dot) as a string
                 return float(value)
-            except ValueError:
-                pass
         raise ConfigError(f"{key}={value!r} must be a number")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -332,12 +339,10 @@ def from_dict(cls: type, data: dict | None, prefix: str = ""):
         raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys: "
                           f"{', '.join(prefix + n for n in fields)}")
     kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            continue
+    for name in [n for n in fields if n in data]:
         key = prefix + name
         value = _coerce(data[name], hints[name], key)
-        meta = f.metadata
+        meta = fields[name].metadata
         choices = meta.get("choices")
         if choices is not None and value is not None and value not in meta.get("known", ()):
             valid = choices() if callable(choices) else choices
@@ -377,15 +382,12 @@ def validate_config(cfg: Config) -> Config:
     for key in URI_KEYS:
         section, name = key.split(".")
         check_no_credentials(key, getattr(getattr(cfg, section), name))
-    se = cfg.search
-    if se.scheduler == "asha" and d.cv_folds:
+    if cfg.search.scheduler == "asha" and d.cv_folds:
         raise ConfigError("search.scheduler=asha needs per-epoch scores; it cannot run with "
                           "data.cv_folds (a trial's score is known only after every fold)")
     return cfg
 
 
-# Where a URI's credentials belong instead: the environment or the library's credential files,
-# which nothing of visiontune records.
 def check_model(m: ModelConfig) -> ModelConfig:
     """Rules across model keys; also run on every trial's combination of search values."""
     if m.name == "cnn" and (m.freeze != "none" or m.backbone_lr_mult != 1.0 or m.pretrained):

@@ -9,7 +9,7 @@ from components.config import Config, ConfigError
 
 
 def _config_help() -> str:
-    from pipelines.config import GROUPS, conf_dir, group_options, load_config
+    from pipelines.compose import GROUPS, conf_dir, group_options
 
     lines = ["config groups (pick one with group=option):"]
     try:
@@ -19,14 +19,10 @@ def _config_help() -> str:
         lines.append(f"  experiment files: {root / 'experiment'}/*.yaml (use --config)")
     except ConfigError as e:
         lines.append(f"  ({e})")
-    try:
-        values = load_config([], resolve=False)
-        lines.append("\nconfig keys with the default config's values (override with key=value, "
-                     "e.g. train.epochs=3):")
-    except ConfigError:
-        values = None
-        lines.append("\nconfig keys (override with key=value, e.g. train.epochs=3):")
-    for key, default, doc in field_docs(values=values):
+    # The dataclass defaults are the default run's values (tests/unit/test_defaults.py).
+    lines.append("\nconfig keys and their defaults (override with key=value, e.g. "
+                 "train.epochs=3):")
+    for key, default, doc in field_docs():
         lines.append(f"  {key:<28} {default:<22} {doc}")
     return "\n".join(lines)
 
@@ -50,22 +46,17 @@ class LazyConfigHelp(str):
         return iter(_config_help())
 
 
-def field_docs(cls: type = Config, prefix: str = "", values=None) -> list[tuple[str, str, str]]:
-    """(dotted key, value, help) for every leaf key: what `visiontune run --help` prints.
-    `values` (a config object) supplies the values shown; default: the dataclass defaults."""
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf key: what `visiontune run --help` prints."""
     rows = []
     for f in dataclasses.fields(cls):
         key = prefix + f.name
         tp = typing.get_type_hints(cls)[f.name]
-        sub = getattr(values, f.name) if values is not None else None
         if dataclasses.is_dataclass(tp):
-            rows += field_docs(tp, key + ".", sub)
+            rows += field_docs(tp, key + ".")
             continue
-        if values is not None:
-            default = sub
-        else:
-            default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
-                       else f.default)
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default)
         choices = f.metadata.get("choices")
         text = f.metadata.get("doc", "")
         if choices is not None and not callable(choices):

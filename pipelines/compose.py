@@ -1,6 +1,7 @@
 """Compose conf/ YAML groups, an experiment file and CLI overrides into a validated `Config`.
 
-Precedence, lowest first: group files chosen by conf/config.yaml's `defaults`, the body of
+Precedence, lowest first: the typed defaults (`Config()`, components/config.py: the one place
+defaults live), group files chosen by conf/config.yaml's `defaults`, the body of
 conf/config.yaml, the experiment file (`--config`, whose own `defaults` may pick other group
 options), CLI group picks (`model=resnet18`), CLI dotted overrides (`train.epochs=3`).
 """

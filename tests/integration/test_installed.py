@@ -76,7 +76,7 @@ def test_installed_in_a_fresh_venv_runs_the_quick_experiment_from_an_empty_folde
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("VISIONTUNE_", "RAY_")) and k != "PYTHONPATH"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    where = subprocess.run([str(py), "-c", "import components, pipelines.config as c; "
+    where = subprocess.run([str(py), "-c", "import components, pipelines.compose as c; "
                             "print(components.__file__); print(c.conf_dir())"], cwd=empty,
                            env=env, capture_output=True, text=True, check=True).stdout.split()
     assert where[0].startswith(new_site), where        # the wheel's code, not the checkout's

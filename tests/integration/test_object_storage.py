@@ -121,7 +121,7 @@ def test_credentials_in_a_storage_uri_are_refused(s3_server):
 
 @pytest.mark.slow
 def test_pipeline_with_data_and_checkpoints_in_s3(s3_server, local_ray, tmp_path, monkeypatch):
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
 
     monkeypatch.chdir(tmp_path)  # where a local default storage path would appear
     from pipelines.training import run_training_pipeline

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from sklearn.metrics import f1_score
 
-from pipelines.config import load_config
+from pipelines.compose import load_config
 from pipelines.training import run_training_pipeline
 from tests.conftest import make_image_folder
 
@@ -155,7 +155,7 @@ def test_registered_model_classifies_raw_images(pipeline_run):
 def test_resume_of_a_finished_run_prints_its_result_and_registers_nothing(pipeline_run):
     """`--resume ID` of a run that finished reads its result back from the record: same
     parent run, same trial runs, same version, nothing trained or registered again."""
-    from pipelines.config import resume_config
+    from pipelines.compose import resume_config
 
     result, cfg, client, _ = pipeline_run
     again = run_training_pipeline(resume_config(result.pipeline_id,
@@ -178,7 +178,7 @@ def test_resume_of_a_finished_run_prints_its_result_and_registers_nothing(pipeli
 
 def test_resume_config_is_the_logged_config(pipeline_run):
     from components.config import ConfigError, to_dict
-    from pipelines.config import resume_config
+    from pipelines.compose import resume_config
 
     result, cfg, _, _ = pipeline_run
     uri = f"tracking.uri={cfg.tracking.uri}"

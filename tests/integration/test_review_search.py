@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-from pipelines.config import load_config
+from pipelines.compose import load_config
 from pipelines.training import run_training_pipeline
 from tests.conftest import make_image_folder
 

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from mlflow import MlflowClient
 
-from pipelines.config import load_config
+from pipelines.compose import load_config
 from pipelines.training import run_training_pipeline
 from tests.conftest import make_image_folder
 

@@ -243,7 +243,7 @@ def test_a_champion_from_before_the_record_counts_as_recorded_when_its_tags_say_
 
 def test_hook_urls_in_the_config_are_recorded_without_their_secret_path(tmp_path):
     """A run records its config (params, config.yaml); a hook URL's token never reaches it."""
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
     from pipelines.steps import open_record
 
     secret = "T000/B000/s3cr3tT0ken"

@@ -194,7 +194,7 @@ def test_a_huge_space_falls_back_to_pairs_and_still_finds_a_clash(monkeypatch):
 def test_default_search_is_valid_and_fast():
     import time
 
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
 
     cfg = load_config([], resolve=False)
     sections = {s: getattr(cfg, s) for s in ("data", "augment", "model", "train")}

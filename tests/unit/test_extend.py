@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from components.config import ConfigError
-from pipelines.config import _check_larger, load_config
+from pipelines.compose import _check_larger, load_config
 from pipelines.steps.extend import Extension, best_prefix, grid_left
 
 
@@ -73,7 +73,7 @@ def test_extend_refuses_a_run_that_did_not_finish_in_one_line(tmp_path):
 
     from components.config import to_dict
     from components.tracking import PipelineRecord, Tracker
-    from pipelines.config import extend_config
+    from pipelines.compose import extend_config
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = _cfg("search.num_samples=2", f"tracking.uri={uri}")
@@ -161,7 +161,7 @@ def test_the_best_so_far_is_the_trial_behind_the_registered_version(tmp_path):
 
 
 def test_extend_refuses_a_run_whose_extension_stopped(tmp_path):
-    from pipelines.config import extend_config
+    from pipelines.compose import extend_config
 
     _, uri = _record(tmp_path, {"visiontune.extension_state": "stopped",
                                 "visiontune.extensions": "1"})

@@ -252,7 +252,7 @@ def test_split_datasets_and_source_on_the_parent_run(tmp_path):
     from mlflow import MlflowClient
 
     from components.data import SplitManifest
-    from pipelines.config import load_config
+    from pipelines.compose import load_config
     from pipelines.steps import log_split_datasets, open_record
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -13,7 +13,7 @@ import pytest
 
 from components.config import ConfigError
 from pipelines.cli import main
-from pipelines.config import load_config
+from pipelines.compose import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -60,8 +60,9 @@ def test_each_rank_gets_its_own_shard_of_train_and_val(tmp_path):
 
     paths = [f"/data/{i}.png" for i in range(101)]
     val = [f"/data/v{i}.png" for i in range(11)]
-    job = TrainJob(data=DataConfig(image_size=128, cache_max_mb=1), augment=AugmentConfig(),
-                   model=ModelConfig(), train=TrainConfig(), average="macro", seed=0,
+    job = TrainJob(data=DataConfig(image_size=128, channels=3, cache_max_mb=1),
+                   augment=AugmentConfig(), model=ModelConfig(), train=TrainConfig(),
+                   average="macro", seed=0,
                    train_rows=(paths, [i % 2 for i in range(101)]),
                    val_rows=(val, [i % 2 for i in range(11)]), num_classes=2)
     prep = {"mean": [0.5] * 3, "std": [0.5] * 3}
@@ -70,7 +71,7 @@ def test_each_rank_gets_its_own_shard_of_train_and_val(tmp_path):
     assert set(t0.paths) | set(t1.paths) == set(paths)
     assert sorted(v0.ids + v1.ids) == list(range(11)) and not set(v0.paths) & set(v1.paths)
     assert t0._cache is None and v0._cache is None     # 51 x 48 KiB > 1 MiB: decode per epoch
-    small = TrainJob(**{**job.__dict__, "data": DataConfig(image_size=8)})
+    small = TrainJob(**{**job.__dict__, "data": DataConfig(image_size=8, channels=3)})
     assert rank_datasets(small, 0, 2, prep)[0]._cache == {}   # fits: kept after decoding
 
 
