@@ -10,9 +10,9 @@ _WHERE = {
     "plot_comparison_heatmap": "search_plots", "plot_continuous_axes": "search_plots",
     "per_class_metrics": "mistakes", "plot_misclassified": "mistakes",
     "plot_per_class_metrics": "mistakes",
-    "TestReport": "evaluate", "evaluate_on_test": "evaluate", "leaderboard": "evaluate",
-    "plot_confusion_matrix": "evaluate", "plot_trial_curves": "evaluate",
-    "select_best_trial": "evaluate",
+    "TestReport": "scoring", "evaluate_on_test": "scoring", "leaderboard": "scoring",
+    "plot_confusion_matrix": "scoring", "plot_trial_curves": "scoring",
+    "select_best_trial": "scoring",
     "PairedDecision": "paired", "decide": "paired", "plot_bootstrap": "paired",
 }
 

@@ -1,7 +1,7 @@
 import pytest
 
 from components.evaluation import leaderboard, select_best_trial
-from components.evaluation.evaluate import NoUsableTrialError
+from components.evaluation.scoring import NoUsableTrialError
 from components.tuning.driver import TrialResult
 
 
@@ -30,7 +30,7 @@ def test_trial_curves_with_and_without_per_epoch_history():
     (matplotlib warned 'No artists with labels found to put in legend')."""
     import warnings
 
-    from components.evaluation.evaluate import plot_trial_curves
+    from components.evaluation.scoring import plot_trial_curves
 
     with_history = _t("a", 0.9, 0.3)
     with_history.history = {"val_f1": [0.5, 0.7, 0.9]}

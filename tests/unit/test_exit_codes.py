@@ -88,7 +88,7 @@ HIERARCHY = {
     ("components.registry", "UnrecordedChampion"): ERROR,
     ("components.registry", "PromotionError"): ERROR,
     ("components.tuning.plan", "ResourceError"): ERROR,
-    ("components.evaluation.evaluate", "NoUsableTrialError"): ERROR,
+    ("components.evaluation.scoring", "NoUsableTrialError"): ERROR,
     ("pipelines.training", "PipelineFailed"): ERROR,
 }
 
