@@ -1,6 +1,7 @@
 """Ray for this process: connect to a cluster, or start a local Ray, and shut down only what
-was started here. Used by the search (`components.tuning`) and by batch prediction
-(`components.batch_inference`)."""
+was started here. Used by the search (`pipelines/steps/tune.py`, `components.tuning`), the data
+step's decoding on a cluster (`ray_map`) and `visiontune predict --ray` (`pipelines/predict.py`,
+around `components.inference.ray_data`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Index an image folder laid out as root/<class>/<files> (Kaggle Cats vs Dogs layout)."""
+"""Index an image folder laid out as root/<class>/<files> (Kaggle Cats vs Dogs layout), local
+or in object storage, or a CSV manifest (path,label)."""
 
 from __future__ import annotations
 
