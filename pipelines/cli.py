@@ -10,7 +10,7 @@ import traceback
 from components import storage
 from components.errors import EXIT_ERROR, ConfigError, UserError, first_line
 from pipelines.cli_help import LazyConfigHelp, add_config_args
-from pipelines.console import quiet_mlflow
+from pipelines.console import log_to_console, quiet_mlflow
 from pipelines.predict import RAY_ABOVE as _RAY_ABOVE
 from pipelines.predict import RAY_ABOVE_ENV as _RAY_ABOVE_ENV
 from pipelines.registry_commands import (
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    log_to_console()   # the components' lines (they log them) on the console, as printed
     from pipelines.interrupt import Interrupted
 
     try:

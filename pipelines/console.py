@@ -3,11 +3,17 @@ Ray and Tune print (their tables, worker output, the C++ core's log lines) goes 
 in the run's folder instead, shown on the terminal only with `--verbose`.
 
 The redirection is done on file descriptors 1 and 2, so it catches output from C++ and from
-Ray's log monitor thread as well as Python's; the pipeline keeps a copy of the terminal."""
+Ray's log monitor thread as well as Python's; the pipeline keeps a copy of the terminal.
+
+Components do not print: they log (`logging.getLogger(__name__)`, INFO for the lines a person
+follows, WARNING for the ones that say something went wrong) the lines exactly as the console
+shows them, and `log_to_console` gives the `components` and `pipelines` loggers one handler
+that writes each line through `console.echo`."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -100,6 +106,31 @@ class Console:
 
 
 console = Console()
+
+# The loggers whose lines are the command's story (a module's logger is named after it)
+CONSOLE_LOGGERS = ("components", "pipelines")
+
+
+class ConsoleHandler(logging.Handler):
+    """A log record as the console line it is (its message, nothing added), through
+    `console.echo`: on the terminal also while Ray's output goes to its log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            console.echo(self.format(record))
+        except Exception:   # logging's rule: a line that cannot be written is not an error
+            self.handleError(record)
+
+
+def log_to_console() -> None:
+    """Give the components' and pipelines' loggers the console's one handler (once), at
+    INFO. They still propagate: a test's capture, or a handler the root logger has, sees the
+    lines too."""
+    for name in CONSOLE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+            logger.addHandler(ConsoleHandler())
+        logger.setLevel(logging.INFO)
 
 
 class Progress:

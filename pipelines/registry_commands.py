@@ -89,7 +89,7 @@ def cmd_promote(args) -> int:
     r = promote(tracker, args.model, args.version, data=args.data, confidence=args.confidence,
                 min_gain=reg.min_f1_gain, non_inferior=args.non_inferior,
                 resamples=args.resamples, seed=args.seed, force=args.force,
-                dry_run=args.dry_run, echo=_echo, experiment_name=cfg.tracking.experiment_name,
+                dry_run=args.dry_run, experiment_name=cfg.tracking.experiment_name,
                 evidence=evidence, policy=_policy(cfg, approver))
     for line in promotion_lines(r):
         print(line)
@@ -126,10 +126,6 @@ def promotion_lines(r) -> list[str]:
     return lines
 
 
-def _echo(line: str) -> None:
-    print(line, flush=True)
-
-
 def _policy(cfg, approver: str | None = None):
     from components.registry import ChampionPolicy
 
@@ -159,8 +155,7 @@ def cmd_rollback(args) -> int:
     from components.registry import rollback
 
     cfg, tracker = _tracking(args)
-    new, old = rollback(tracker, args.model, _policy(cfg), _echo,
-                        cfg.tracking.experiment_name)
+    new, old = rollback(tracker, args.model, _policy(cfg), cfg.tracking.experiment_name)
     print(f"models:/{args.model}@champion -> version {new}"
           + (f" (previous-champion -> {old})" if old else ""))
     return 0
@@ -171,7 +166,7 @@ def cmd_approve(args) -> int:
     from components.registry import approve
 
     cfg, tracker = _tracking(args)
-    new, old = approve(tracker, args.model, args.version, args.by, _policy(cfg), _echo,
+    new, old = approve(tracker, args.model, args.version, args.by, _policy(cfg),
                        cfg.tracking.experiment_name)
     print(f"models:/{args.model}@champion -> version {new} (approved by {args.by})"
           + (f" (previous-champion -> {old})" if old else ""))

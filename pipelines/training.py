@@ -87,7 +87,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     bound_http_retries()
     # An unsupported or unreachable store fails here, before data, Ray or a plan is touched;
     # one that is there but slow (restarting its workers) is given a minute.
-    check_tracking_uri(cfg.tracking.uri, slow_grace_s=SLOW_SERVER_GRACE_S, echo=echo)
+    check_tracking_uri(cfg.tracking.uri, slow_grace_s=SLOW_SERVER_GRACE_S)
     plan = steps.plan_search(cfg)
 
     with SignalGuard() as guard:
@@ -103,7 +103,7 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
             seeds = (steps.warm_start_seeds(cfg, warm_start, record, echo) if warm_start
                      else ())
             # A server that goes away is ridden out (the journal) for tracking.outage_grace_s.
-            store = StoreWatch(record.tracker, echo=echo)
+            store = StoreWatch(record.tracker)
             with guard.noting():
                 try:
                     trials = steps.tune_trials(
@@ -166,7 +166,7 @@ def _evaluate_and_register(cfg: Config, plan: SearchPlan, data: PreparedData,
 
     suffix = ext.suffix if ext is not None else ""
     # Nothing is evaluated or registered on a journal: the server has the whole record.
-    wait_and_send(record.tracker, record.pipeline_id, echo)
+    wait_and_send(record.tracker, record.pipeline_id)
     before = steps.best_so_far(record) if suffix else None
     if before is not None and before == select_best_trial(trials).trial_id:
         echo(f"  best trial unchanged ({before}, best of {len(trials)}): not evaluated or "
@@ -176,7 +176,7 @@ def _evaluate_and_register(cfg: Config, plan: SearchPlan, data: PreparedData,
         _finish(record, suffix)
         return
     evaluation = steps.evaluate_best(cfg, plan, data, trials, record, echo, suffix)
-    wait_and_send(record.tracker, record.pipeline_id, echo)   # gone again meanwhile?
+    wait_and_send(record.tracker, record.pipeline_id)   # gone again meanwhile?
     # Registering takes seconds; a signal now waits for it, so the registry never holds a
     # version of a run that is not FINISHED.
     with guard.deferring():

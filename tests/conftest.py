@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -413,3 +414,26 @@ def hook_receiver(statuses: list[int]):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextlib.contextmanager
+def log_lines(logger: str, on_line=None):
+    """The lines a component logs (its console lines, pipelines/console.py) under `logger`
+    while the block runs, as a list; `on_line(line)` is called as each one comes."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+            if on_line is not None:
+                on_line(lines[-1])
+
+    handler, log = Collect(), logging.getLogger(logger)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

@@ -158,8 +158,7 @@ def move_payload(tracker: Tracker, name: str, action: str, version: str, previou
 
 
 def announce(tracker: Tracker, name: str, urls: list[str], action: str, version: str,
-             previous: str | None, run_id: str, policy: ChampionPolicy,
-             echo) -> list[Delivery]:
+             previous: str | None, run_id: str, policy: ChampionPolicy) -> list[Delivery]:
     """Send the move to every hook, signed, retried; then record each delivery's attempts on
     `run_id` (artifact `promotion/hooks.json`, metrics, tag `promotion.hooks`). The alias has
     already moved: a receiver that fails is reported and recorded, never undoes the move."""
@@ -168,7 +167,7 @@ def announce(tracker: Tracker, name: str, urls: list[str], action: str, version:
     event = "champion.rolled_back" if action == "rollback" else "champion.promoted"
     payload = move_payload(tracker, name, action, version, previous, run_id)
     deliveries = deliver(urls, event, payload, os.environ.get(SECRET_ENV, ""),
-                         attempts=policy.hook_attempts, echo=echo)
+                         attempts=policy.hook_attempts)
     delivered = sum(d.delivered for d in deliveries)
     tracker.log_text(run_id, json.dumps([d.as_dict() for d in deliveries], indent=1),
                      "promotion/hooks.json")

@@ -8,6 +8,7 @@ Nothing here writes to MLflow: `promotion_record` records, `promotion` moves the
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from components.registry.images import (
 from components.tracking import DATASET_DIGEST_CHARS, Tracker, first_line
 
 TEST_METRIC = "test_f1"    # the LoggedModel metric whose dataset says which images were used
-Echo = Callable[[str], None]
+log = logging.getLogger(__name__)
 __all__ = ["Candidate", "Evidence", "PromotionError", "PromotionResult", "ScoredImages",
            "candidate", "compare", "same_test_images"]
 
@@ -167,7 +168,7 @@ def classify(model, paths: list[str], batch_size: int) -> tuple[list[str | None]
 # ----------------------------------------------------------------------------- comparing
 
 def compare(tracker: Tracker, name: str, challenger: Candidate, champion: Candidate | None,
-            data: str | None, force: bool, echo: Echo, decide_kw: dict, f1_average: str,
+            data: str | None, force: bool, decide_kw: dict, f1_average: str,
             batch_size: int, evidence: Evidence = Evidence()) -> PromotionResult:
     if champion is None:
         return PromotionResult(True, "no champion yet", challenger, None)
@@ -189,8 +190,8 @@ def compare(tracker: Tracker, name: str, challenger: Candidate, champion: Candid
     if not images.paths:
         raise PromotionError(f"no images to score in {images.source}")
     comparison = evidence.count_prior(images.fingerprint) + 1
-    echo(f"  images: {len(images.paths):,} from {images.source} (fingerprint "
-         f"{images.fingerprint[:12]}); comparison #{comparison} on these images")
+    log.info(f"  images: {len(images.paths):,} from {images.source} (fingerprint "
+             f"{images.fingerprint[:12]}); comparison #{comparison} on these images")
     if comparison > evidence.max_comparisons and not force:
         raise PromotionError(
             f"these images were used in {comparison - 1} comparisons already "
@@ -201,10 +202,10 @@ def compare(tracker: Tracker, name: str, challenger: Candidate, champion: Candid
     # The models first: images of a class they do not know are the first thing to say.
     with _loaded(tracker, name, challenger, champion, images, seconds) as (models, classes):
         t = time.perf_counter()
-        images, dropped = _unseen(images, seen, evidence, echo)
+        images, dropped = _unseen(images, seen, evidence)
         seconds["images"] += time.perf_counter() - t
-        echo(f"  scoring {len(images.paths):,} images with v{challenger.version} and "
-             f"v{champion.version} ...")
+        log.info(f"  scoring {len(images.paths):,} images with v{challenger.version} and "
+                 f"v{champion.version} ...")
         t = time.perf_counter()
         preds = {role: classify(m, images.paths, batch_size) for role, m in models.items()}
         seconds["scoring"] = time.perf_counter() - t
@@ -217,7 +218,7 @@ def compare(tracker: Tracker, name: str, challenger: Candidate, champion: Candid
                              f"could be read (first: {left_out[0][0]}: {left_out[0][1]}); "
                              f"nothing moved")
     if decide_kw.get("non_inferior") is None:
-        echo(f"  {min_images_line(len(keep), decide_kw.get('confidence', 0.95))}")
+        log.info(f"  {min_images_line(len(keep), decide_kw.get('confidence', 0.95))}")
     seed, seed_set = decide_kw.get("seed"), decide_kw.get("seed") is not None
     if not seed_set:   # the same comparison gets the same resamples, whoever runs it
         seed = derive_seed(name, challenger.version, champion.version, images.fingerprint)
@@ -272,7 +273,7 @@ def _unknown_training_images(name: str, challenger: Candidate, champion: Candida
                "PATH (or --force)", challenger, champion)
 
 
-def _unseen(images: ScoredImages, seen: list[SeenImages], evidence: Evidence, echo: Echo
+def _unseen(images: ScoredImages, seen: list[SeenImages], evidence: Evidence
             ) -> tuple[ScoredImages, list[tuple[str, str]]]:
     """The images neither version trained or was selected on; too few of them is an error."""
     images = with_signatures(images)
@@ -281,12 +282,12 @@ def _unseen(images: ScoredImages, seen: list[SeenImages], evidence: Evidence, ec
     versions = " or ".join(f"v{s.version}" for s in seen)
     if dropped:
         near = sum(why.startswith("near-copy") for _, why in dropped)
-        echo(f"  dropped {len(dropped):,} of {len(images.paths):,} images that {versions} "
-             f"trained or was selected on ({len(dropped) - near} same bytes, {near} "
-             f"near-copies); {len(keep):,} remain")
+        log.info(f"  dropped {len(dropped):,} of {len(images.paths):,} images that {versions} "
+                 f"trained or was selected on ({len(dropped) - near} same bytes, {near} "
+                 f"near-copies); {len(keep):,} remain")
     line = unknown_line(seen)
     if line:
-        echo(line)
+        log.info(line)
     if len(keep) < evidence.min_images:
         raise PromotionError(
             f"only {len(keep):,} of the {len(images.paths):,} images of {images.source} were "

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +32,7 @@ EVENT_HEADER = "X-Visiontune-Event"           # "champion.promoted", "champion.r
 DEFAULT_ATTEMPTS = 4
 USER_AGENT = "visiontune-hooks"
 MAX_WAIT_S = 30.0   # a command that moved the champion should not hang on one slow receiver
+log = logging.getLogger(__name__)
 
 
 class HookError(ConfigError):
@@ -136,9 +138,9 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 def deliver(urls: list[str], event: str, payload: dict, secret: str, *,
             attempts: int = DEFAULT_ATTEMPTS, backoff_s: float = 1.0, timeout_s: float = 10.0,
-            sleep=time.sleep, echo=lambda line: None) -> list[Delivery]:
+            sleep=time.sleep) -> list[Delivery]:
     """POST the signed `payload` to each URL (one delivery id each), retrying when there is no
-    answer, a 5xx, 408 or 429; one `echo` line per URL once its delivery is settled. A receiver's
+    answer, a 5xx, 408 or 429; one log line per URL once its delivery is settled. A receiver's
     failure never raises: it is in the returned Deliveries. Raises HookError before sending
     anything when the hooks are configured wrongly (see `check_hooks`)."""
     check_hooks(urls, secret)
@@ -150,7 +152,7 @@ def deliver(urls: list[str], event: str, payload: dict, secret: str, *,
         delivery = _deliver_one(opener, url, event, payload, secret, attempts=attempts,
                                 backoff_s=backoff_s, timeout_s=timeout_s, sleep=sleep)
         deliveries.append(delivery)
-        echo(_summary(delivery, attempts))
+        log.info(_summary(delivery, attempts))
     return deliveries
 
 

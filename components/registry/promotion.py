@@ -25,6 +25,7 @@ any alias or tag is written.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import replace
 
@@ -42,7 +43,6 @@ from components.registry.champion import (
 )
 from components.registry.comparison import (
     Candidate,
-    Echo,
     Evidence,
     PromotionError,
     PromotionResult,
@@ -83,14 +83,15 @@ __all__ = ["PREVIOUS", "Candidate", "Evidence", "PromotionError", "PromotionResu
 # ----------------------------------------------------------------------------- promote
 
 _FAILURES = (MlflowException, RequestException)
+log = logging.getLogger(__name__)
 
 
 def promote(tracker: Tracker, name: str, version: str | None = None, *,
             data: str | None = None, confidence: float = 0.95, min_gain: float = 0.0,
             non_inferior: float | None = None, resamples: int = DEFAULT_RESAMPLES,
             seed: int | None = None, force: bool = False, dry_run: bool = False,
-            echo: Echo = lambda line: None, experiment_name: str = "visiontune",
-            batch_size: int = 64, evidence: Evidence = Evidence(),
+            experiment_name: str = "visiontune", batch_size: int = 64,
+            evidence: Evidence = Evidence(),
             policy: ChampionPolicy = ChampionPolicy()) -> PromotionResult:
     """`seed`: of the resamples; None derives it from the two versions and the images (the
     same comparison gets the same answer), a set one is recorded as set. `policy`: the hooks
@@ -102,25 +103,26 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
     urls = hook_urls(tracker, name, policy)   # a hook that cannot be signed: before comparing
     current = get_alias_version(tracker, name, CHAMPION)
     if current is not None:
-        check_champion(tracker, name, str(current.version), policy.require_record, echo)
+        check_champion(tracker, name, str(current.version), policy.require_record,
+                       log.warning)
     try:
         challenger = candidate(tracker, mv)
         champion = candidate(tracker, current) if current is not None else None
-        echo(f"promote: {name} v{challenger.version} (challenger) vs "
-             + (f"v{champion.version} (champion)" if champion else "no champion"))
+        log.info(f"promote: {name} v{challenger.version} (challenger) vs "
+                 + (f"v{champion.version} (champion)" if champion else "no champion"))
         # Both models are scored with one averaging: the challenger's (it was selected and
         # tested with it); a champion tested with another is named in the record.
         average = challenger.f1_average or (champion.f1_average if champion else None) or "auto"
         if champion and champion.f1_average and champion.f1_average != average:
-            echo(f"  note: v{champion.version} was tested with {champion.f1_average} F1; both "
-                 f"are scored here with {average} F1")
+            log.info(f"  note: v{champion.version} was tested with {champion.f1_average} F1; "
+                     f"both are scored here with {average} F1")
         decide_kw = dict(confidence=confidence, min_gain=min_gain, non_inferior=non_inferior,
                          resamples=resamples, seed=seed)
         experiment_id = experiment_of(tracker, challenger, experiment_name)
         evidence = replace(evidence, count_prior=lambda fingerprint: comparisons_on(
             tracker, experiment_id, name, fingerprint))
-        result = compare(tracker, name, challenger, champion, data, force, echo, decide_kw,
-                         average, batch_size, evidence)
+        result = compare(tracker, name, challenger, champion, data, force, decide_kw, average,
+                         batch_size, evidence)
         result.experiment_id = experiment_id
         if result.promote and not dry_run and policy.approver:
             result.awaiting = policy.approver
@@ -143,7 +145,7 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
                 raise
     except _FAILURES as e:
         if result.applied:   # the champion did move: say so, and tell the hooks
-            _announce_quietly(tracker, name, urls, result, policy, echo)
+            _announce_quietly(tracker, name, urls, result, policy)
             raise RegistryError(f"the MLflow server at {tracker.uri} failed during promote "
                                 f"after the champion moved to v{challenger.version}: "
                                 f"{first_line(e)}; its record may be incomplete") from e
@@ -155,7 +157,7 @@ def promote(tracker: Tracker, name: str, version: str | None = None, *,
     finally:
         if result.applied:   # announced whatever the tagging did: the champion moved
             announce(tracker, name, urls, "promote", challenger.version,
-                     champion.version if champion else None, result.run_id, policy, echo)
+                     champion.version if champion else None, result.run_id, policy)
     return result
 
 
@@ -173,12 +175,13 @@ def _tag_decision(tracker: Tracker, name: str, result: PromotionResult, dry_run:
 
 
 def _announce_quietly(tracker: Tracker, name: str, urls: list[str], r: PromotionResult,
-                      policy: ChampionPolicy, echo) -> None:
+                      policy: ChampionPolicy) -> None:
     try:
         announce(tracker, name, urls, "promote", r.challenger.version,
-                 r.champion.version if r.champion else None, r.run_id, policy, echo)
+                 r.champion.version if r.champion else None, r.run_id, policy)
     except _FAILURES:
-        echo("hooks not sent: the MLflow server failed while reading the decision to send")
+        log.warning("hooks not sent: the MLflow server failed while reading the decision to "
+                    "send")
 
 
 def _move_champion(tracker: Tracker, name: str, r: PromotionResult, by: str = "promote") -> None:
@@ -202,7 +205,7 @@ def _move_champion(tracker: Tracker, name: str, r: PromotionResult, by: str = "p
 
 
 def rollback(tracker: Tracker, name: str, policy: ChampionPolicy = ChampionPolicy(),
-             echo=lambda line: None, experiment_name: str = "visiontune") -> tuple[str, str]:
+             experiment_name: str = "visiontune") -> tuple[str, str]:
     """Swap `champion` and `previous-champion`, or, when `champion` was moved outside
     visiontune, put back the version the record names. A run (role `rollback`) records the
     move and the hooks' deliveries. Returns (new champion, new previous)."""
@@ -250,7 +253,7 @@ def rollback(tracker: Tracker, name: str, policy: ChampionPolicy = ChampionPolic
     finally:   # the champion has moved: announced and recorded whatever the tags did
         try:
             announce(tracker, name, urls, "rollback", str(target.version), now, run_id,
-                     policy, echo)
+                     policy)
         finally:
             tracker.end_run(run_id, "FINISHED")
     kept = str(keep.version) if keep is not None and str(keep.version) != str(
@@ -297,7 +300,7 @@ def pending_promotion(tracker: Tracker, name: str, version: str, experiment_name
 
 
 def approve(tracker: Tracker, name: str, version: str, by: str,
-            policy: ChampionPolicy = ChampionPolicy(), echo=lambda line: None,
+            policy: ChampionPolicy = ChampionPolicy(),
             experiment_name: str = "visiontune") -> tuple[str, str | None]:
     """Move `champion` to `version` as its pending promotion decided, if the champion is still
     the version it was compared with; who approved is recorded. Returns (new, previous)."""
@@ -326,6 +329,5 @@ def approve(tracker: Tracker, name: str, version: str, by: str,
                                          f"replaced by v{version}")
     finally:
         if r.applied:   # announced whatever the tagging did: the champion moved
-            announce(tracker, name, urls, "approve", str(version), compared, r.run_id, policy,
-                     echo)
+            announce(tracker, name, urls, "approve", str(version), compared, r.run_id, policy)
     return str(version), compared

@@ -5,18 +5,19 @@ processes write to the journal (`components.tracking.journal`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from components.errors import UserError, first_line
 
+log = logging.getLogger(__name__)
 PROBE_EVERY_S = 5.0   # how often a process whose server went away asks whether it is back
 # How a server that is away (stopped, restarting, overloaded) shows through MLflow's client.
 _UNREACHABLE = re.compile(r"Max retries exceeded|Connection (refused|aborted|reset)|timed out|"
@@ -93,8 +94,7 @@ def _ask(uri: str, timeout_s: float) -> tuple[str, bool] | None:
                 os.environ[k] = v
 
 
-def check_tracking_uri(uri: str, timeout_s: float = 10, slow_grace_s: float = 0,
-                       echo: Callable[[str], None] | None = None) -> None:
+def check_tracking_uri(uri: str, timeout_s: float = 10, slow_grace_s: float = 0) -> None:
     """An unsupported scheme or a server that is down (nothing listens) fails here at once,
     before Ray starts or any data is read. A server that is there but slow (it timed out or
     answered 502/503/504, as one restarting its workers under load does) is asked again
@@ -104,9 +104,9 @@ def check_tracking_uri(uri: str, timeout_s: float = 10, slow_grace_s: float = 0,
     while True:
         failed = _ask(uri, timeout_s)
         if failed is None:
-            if said and echo:
-                echo(f"[visiontune] the tracking server answered after "
-                     f"{time.monotonic() - started:.0f} s")
+            if said:
+                log.info(f"[visiontune] the tracking server answered after "
+                         f"{time.monotonic() - started:.0f} s")
             return
         reason, slow = failed
         waited = time.monotonic() - started
@@ -115,9 +115,9 @@ def check_tracking_uri(uri: str, timeout_s: float = 10, slow_grace_s: float = 0,
                     "slow" if slow else "down")
             raise TrackingError(f"cannot use the MLflow tracking store tracking.uri={uri}: "
                                 f"{reason} (the server is {kind})")
-        if not said and echo:
-            echo(f"[visiontune] the tracking server is slow to answer ({reason}): asking "
-                 f"again for up to {slow_grace_s:.0f} s")
+        if not said:
+            log.warning(f"[visiontune] the tracking server is slow to answer ({reason}): "
+                        f"asking again for up to {slow_grace_s:.0f} s")
             said = True
         time.sleep(min(2.0, max(0.0, slow_grace_s - waited)))
 
@@ -130,9 +130,8 @@ class StoreWatch:
     it starts (trials keep training and journal what they log), one when the server is back
     (and every process's journaled records are sent); lost only after `grace_s` down."""
 
-    def __init__(self, tracker, every_s: float = 10.0, failures: int = 2,
-                 echo: Callable[[str], None] = print):
-        self.tracker, self.every_s, self.failures, self.echo = tracker, every_s, failures, echo
+    def __init__(self, tracker, every_s: float = 10.0, failures: int = 2):
+        self.tracker, self.every_s, self.failures = tracker, every_s, failures
         journal = tracker.journal
         self.grace_s = journal.grace_s if journal is not None else 0.0
         self._last, self._failed = time.monotonic(), 0
@@ -149,9 +148,9 @@ class StoreWatch:
                 if self.grace_s and self.down_since is None:
                     self.down_since = time.time()
                     waiting = self.tracker.journal.count()
-                    self.echo(f"[visiontune] tracking server unreachable since "
-                              f"{time.strftime('%H:%M:%S', time.localtime(self.down_since))}:"
-                              f" training continues, {waiting} records waiting")
+                    log.warning(f"[visiontune] tracking server unreachable since "
+                                f"{time.strftime('%H:%M:%S', time.localtime(self.down_since))}"
+                                f": training continues, {waiting} records waiting")
         return self._gone()
 
     def _gone(self) -> bool:
@@ -172,11 +171,11 @@ class StoreWatch:
         down = time.time() - self.down_since
         self.outages.append(down)
         self.down_since = None
-        self.echo(f"[visiontune] tracking server back after {down:.0f} s: {sent} journaled "
-                  f"records sent")
+        log.info(f"[visiontune] tracking server back after {down:.0f} s: {sent} journaled "
+                 f"records sent")
 
 
-def wait_and_send(tracker, pipeline_id: str, echo: Callable[[str], None] = print) -> None:
+def wait_and_send(tracker, pipeline_id: str) -> None:
     """Before anything acts on the record (evaluation, registration): wait for the server (for
     at most the journal's grace) and send every journaled record. A run without a journal
     has nothing to wait for."""
@@ -189,7 +188,8 @@ def wait_and_send(tracker, pipeline_id: str, echo: Callable[[str], None] = print
             try:
                 sent = tracker.send_journal()
                 if sent:
-                    echo(f"[visiontune] {sent} journaled records sent to the tracking server")
+                    log.info(f"[visiontune] {sent} journaled records sent to the tracking "
+                             "server")
                 return
             except Exception as e:
                 if not is_unreachable(e):

@@ -34,7 +34,10 @@ POLL_S = 2.0    # how often the live nodes are read (one GCS call)
 # a blip; the grace covers a node that restarts at once.
 GRACE_S = 10.0
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)        # the console's lines (pipelines/console.py)
+# What Ray's placement groups needed: Ray's own log (the "ray" logger's handler writes to
+# stderr, which the console sends to the run's Ray log file), not the command's story
+ray_log = logging.getLogger("ray.visiontune")
 
 
 def _totals(nodes: list[dict[str, float]], keys) -> dict[str, float]:
@@ -125,9 +128,9 @@ def release_waiting_groups(wait_s: float = 30.0, quiet_s: float = 4.0) -> int:
                 break
             time.sleep(1.0)
     except Exception as e:  # no dashboard, or it does not answer: as before
-        log.warning("could not release this sweep's placement groups: %s", e)
+        ray_log.warning("could not release this sweep's placement groups: %s", e)
     if removed:
-        log.warning("removed %d placement group(s) the sweep's job left waiting: %s",
+        ray_log.warning("removed %d placement group(s) the sweep's job left waiting: %s",
                     len(removed), removed)
     return len(removed)
 
@@ -135,14 +138,14 @@ def release_waiting_groups(wait_s: float = 30.0, quiet_s: float = 4.0) -> int:
 class ClusterWatch:
     """Reads the live nodes at most every `poll_s` (`check`, from Tune's loop) and keeps
     `at_once` (the trials the sweep may run at once) and `halt` (why the sweep must stop, or
-    None) up to date (module docstring). `echo` prints the console lines."""
+    None) up to date (module docstring), and logs a console line when `at_once` changes."""
 
-    def __init__(self, plan: ResourcePlan, echo: Callable[[str], None] | None = None, *,
+    def __init__(self, plan: ResourcePlan, *,
                  nodes: Callable[[], list[dict[str, float]]] = node_resources,
                  poll_s: float = POLL_S, grace_s: float = GRACE_S,
                  clock: Callable[[], float] = time.monotonic,
                  release: Callable[[], int] = release_waiting_groups):
-        self.plan, self.echo, self.release = plan, echo, release
+        self.plan, self.release = plan, release
         self.at_once = plan.concurrent_trials
         self.halt: str | None = None
         self._read, self._poll_s, self._grace_s, self._clock = nodes, poll_s, grace_s, clock
@@ -167,9 +170,8 @@ class ClusterWatch:
             self._seen = nodes
         at_once = self.plan.trials_at_once(nodes)
         if at_once != self.at_once:
-            if self.echo is not None:
-                self.echo(change_line(self.plan, self._seen, nodes, self.at_once, at_once,
-                                      self._grace_s))
+            log.info(change_line(self.plan, self._seen, nodes, self.at_once, at_once,
+                                 self._grace_s))
             self.at_once, self._seen = at_once, nodes
         if at_once > 0:
             self._none_since = None

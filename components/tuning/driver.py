@@ -272,7 +272,7 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     exp_path = storage.join(storage_path, experiment_name)
     # Trials at once follow what the live nodes hold; when they hold none, the sweep stops as
     # on a request (state saved, trials resumable): `components.tuning.cluster_watch`.
-    gate.watch_cluster(plan, progress.echo if progress is not None else None)
+    gate.watch_cluster(plan)
     stopper = StopOnRequest(lambda: stop_requested() or gate.halt is not None)
     callbacks = [stopper, gate] + ([TrialRunCloser(target, shape)] if target is not None
                                    else []) + ([progress] if progress is not None else [])

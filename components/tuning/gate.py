@@ -117,10 +117,10 @@ class SweepGate(Callback):
         self.durations: list[float] = []  # wall seconds of each trial that ended
         self.cluster: ClusterWatch | None = None  # the live nodes, once watched
 
-    def watch_cluster(self, plan: ResourcePlan, echo=None) -> None:
+    def watch_cluster(self, plan: ResourcePlan) -> None:
         """From now on, admit at once only the trials the live nodes hold (never more than
         `plan` says), and `halt` when they hold none (`components.tuning.cluster_watch`)."""
-        self.cluster = ClusterWatch(plan, echo)
+        self.cluster = ClusterWatch(plan)
 
     @property
     def halt(self) -> str | None:

@@ -26,7 +26,12 @@ from components.registry import (
 from components.registry.champion import HOOKS_TAG, hook_urls, recorded_champion
 from components.registry.hooks import HookError
 from components.tracking import Tracker
-from tests.conftest import hook_receiver, make_image_folder, register_like_the_pipeline
+from tests.conftest import (
+    hook_receiver,
+    log_lines,
+    make_image_folder,
+    register_like_the_pipeline,
+)
 from tests.unit.test_promotion import _always_cat, _perfect, promote
 
 SECRET = "test-hook-secret-2f9c"
@@ -77,8 +82,8 @@ def test_every_recorded_move_matches_and_a_hand_move_is_named(store):
     register(_perfect(), "guard")
     with pytest.raises(UnrecordedChampion, match="refusing it"):
         promote(tracker, "guard", policy=ChampionPolicy(require_record=True))
-    lines = []
-    promote(tracker, "guard", dry_run=True, echo=lines.append)
+    with log_lines("components.registry") as lines:
+        promote(tracker, "guard", dry_run=True)
     assert lines[0].startswith("warning: models:/guard@champion is version 1, moved there")
     # rollback restores the recorded champion, and records that it did
     assert rollback(tracker, "guard") == ("2", "1")

@@ -14,6 +14,7 @@ from components.tuning.cluster_watch import ClusterWatch, change_line, halt_reas
 from components.tuning.gate import GatedVariantGenerator, SweepGate, TrialShape
 from components.tuning.plan import ResourcePlan, plan_resources, plan_sweep
 from components.tuning.space import TRIAL_SECTIONS
+from tests.conftest import log_lines
 
 CPU1, GPU1 = {"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}
 
@@ -89,15 +90,22 @@ class _Cluster:
         return self.now
 
 
-def _watch(plan, cluster: _Cluster, lines: list[str], grace_s: float = 10.0) -> ClusterWatch:
-    return ClusterWatch(plan, lines.append, nodes=cluster.read, poll_s=2.0, grace_s=grace_s,
+@pytest.fixture
+def lines():
+    """The console lines the watch logs during the test."""
+    with log_lines("components.tuning.cluster_watch") as said:
+        yield said
+
+
+def _watch(plan, cluster: _Cluster, grace_s: float = 10.0) -> ClusterWatch:
+    return ClusterWatch(plan, nodes=cluster.read, poll_s=2.0, grace_s=grace_s,
                         clock=cluster.clock)
 
 
-def test_a_lost_node_lowers_the_trials_at_once_with_one_line_and_room_raises_them_again():
-    plan, lines = _ddp(2, _nodes(2, 2)), []
+def test_a_lost_node_lowers_the_trials_at_once_with_one_line_and_room_raises_them_again(lines):
+    plan = _ddp(2, _nodes(2, 2))
     cluster = _Cluster(_nodes(2, 2))
-    watch = _watch(plan, cluster, lines)
+    watch = _watch(plan, cluster)
     watch.check()
     assert (watch.at_once, lines) == (2, [])
     cluster.nodes = _nodes(2)
@@ -113,10 +121,10 @@ def test_a_lost_node_lowers_the_trials_at_once_with_one_line_and_room_raises_the
     assert len(lines) == 2
 
 
-def test_no_room_for_one_trial_stops_the_sweep_after_the_grace_unless_room_comes_back():
-    plan, lines = _ddp(4, _nodes(2, 2), trials=2), []
+def test_no_room_for_one_trial_stops_the_sweep_after_the_grace_unless_room_comes_back(lines):
+    plan = _ddp(4, _nodes(2, 2), trials=2)
     cluster = _Cluster(_nodes(2, 2))
-    watch = _watch(plan, cluster, lines)
+    watch = _watch(plan, cluster)
     watch.check()
     cluster.nodes, cluster.now = _nodes(2), 2.0
     watch.check()
@@ -140,10 +148,10 @@ def test_no_room_for_one_trial_stops_the_sweep_after_the_grace_unless_room_comes
     assert cluster.reads == reads                        # halted: no more reads
 
 
-def test_a_failed_read_changes_nothing():
-    plan, lines = _ddp(2, _nodes(2, 2)), []
+def test_a_failed_read_changes_nothing(lines):
+    plan = _ddp(2, _nodes(2, 2))
     cluster = _Cluster(ConnectionError("GCS busy"))
-    watch = _watch(plan, cluster, lines)
+    watch = _watch(plan, cluster)
     for cluster.now in (0.0, 2.0, 4.0, 40.0):
         watch.check()
     assert (watch.at_once, watch.halt, lines) == (2, None, [])
@@ -180,7 +188,7 @@ def test_the_generator_admits_at_once_only_what_the_live_nodes_hold():
     plan = _ddp(2, _nodes(2, 2))
     gate = SweepGate("t-shrink", _shape())
     cluster = _Cluster(_nodes(2, 2))
-    gate.cluster = _watch(plan, cluster, [])
+    gate.cluster = _watch(plan, cluster)
     gen = GatedVariantGenerator("t-shrink", random_state=0, max_concurrent=2)
     gen.add_configurations({"e": {"run": trainable, "num_samples": 1,
                                   "config": {"a": tune.grid_search([1, 2, 3, 4])}}})

@@ -31,6 +31,33 @@ def test_ray_output_goes_to_the_log_and_ours_to_the_terminal(tmp_path):
         "a Tune table", "a Python warning", "core_worker.cc:2465: an error-level line from C++"]
 
 
+LOGGED = r"""
+import logging, sys
+from pathlib import Path
+from pipelines.console import console, log_to_console
+log_to_console(); log_to_console()                           # once is one handler
+logging.getLogger("components.tracking.server").warning("[visiontune] logged, before")
+with console.ray_output_to(Path(sys.argv[1])):
+    print("a Tune table")
+    logging.getLogger("components.tuning.cluster_watch").info("[visiontune] logged, during")
+    logging.getLogger("components.x").debug("a debug line: shown nowhere")
+    logging.getLogger("elsewhere").warning("another library's warning")  # not ours: stderr
+logging.getLogger("pipelines.steps").info("  logged by a step")
+"""
+
+
+def test_what_components_log_is_printed_as_the_console_prints_its_lines(tmp_path):
+    """The components log their console lines; the console's one handler prints each as it
+    is, on the terminal also while Ray's output goes to the log."""
+    log = tmp_path / "ray.log"
+    p = subprocess.run([sys.executable, "-c", LOGGED, str(log)], capture_output=True,
+                       text=True, check=True)
+    assert p.stdout.splitlines() == ["[visiontune] logged, before",
+                                     "[visiontune] logged, during", "  logged by a step"]
+    assert p.stderr == ""
+    assert log.read_text().splitlines() == ["a Tune table", "another library's warning"]
+
+
 def test_verbose_shows_everything_on_the_terminal(tmp_path):
     script = SCRIPT.replace("console.echo(\"before\")", "console.verbose = True")
     log = tmp_path / "ray.log"

@@ -24,6 +24,7 @@ from components.registry.hooks import (
     shown_url,
     verify,
 )
+from tests.conftest import log_lines
 
 SECRET = "s3cret-PLANTED-hook-key"
 PAYLOAD = {"model": "digits", "version": "3", "previous": "2"}
@@ -115,9 +116,9 @@ def _signature(body: bytes) -> str:
 
 
 def _deliver(urls, **kwargs):
-    slept, lines = [], []
-    out = deliver(urls, EVENT, PAYLOAD, SECRET, sleep=slept.append, echo=lines.append,
-                  **kwargs)
+    slept = []
+    with log_lines("components.registry.hooks") as lines:   # a line per URL, logged
+        out = deliver(urls, EVENT, PAYLOAD, SECRET, sleep=slept.append, **kwargs)
     return out, slept, lines
 
 

@@ -17,7 +17,10 @@ from mlflow import MlflowClient
 from components.tracking import EpochLogger, Journal, JournalError, Tracker, TrackingError
 from components.tracking.journal import no_space
 from components.tracking.server import StoreWatch, check_tracking_uri, is_unreachable
-from tests.conftest import free_port  # a port where nothing listens once it is closed
+from tests.conftest import (
+    free_port,  # a port where nothing listens once it is closed
+    log_lines,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -155,20 +158,20 @@ def test_start_up_check_tells_a_server_that_is_down_from_one_that_is_slow():
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen(8)
-        lines: list[str] = []
         started = time.monotonic()
-        with pytest.raises(TrackingError, match=r"the server is slow: no answer for \d+ s"):
+        with pytest.raises(TrackingError, match=r"the server is slow: no answer for \d+ s"), \
+                log_lines("components.tracking") as lines:
             check_tracking_uri(f"http://127.0.0.1:{listening.getsockname()[1]}", timeout_s=1,
-                               slow_grace_s=3, echo=lines.append)
+                               slow_grace_s=3)
         assert 3 <= time.monotonic() - started < 20
         assert len(lines) == 1 and "slow to answer" in lines[0]
 
 
 def test_store_watch_rides_out_an_outage_for_its_grace(tmp_path):
-    lines: list[str] = []
     tracker = Tracker(f"http://127.0.0.1:{free_port()}", Journal(str(tmp_path), grace_s=1))
-    watch = StoreWatch(tracker, every_s=0, echo=lines.append)
-    assert watch.lost() is False and watch.lost() is False   # within the grace
+    watch = StoreWatch(tracker, every_s=0)
+    with log_lines("components.tracking") as lines:
+        assert watch.lost() is False and watch.lost() is False   # within the grace
     assert len(lines) == 1 and "unreachable since" in lines[0] and "training continues" in lines[0]
     time.sleep(1.2)
     assert watch.lost() is True
@@ -177,10 +180,10 @@ def test_store_watch_rides_out_an_outage_for_its_grace(tmp_path):
 def test_store_watch_sends_the_journal_when_the_server_is_back(stores):
     away, up, client, runs = stores
     away.log_metrics(runs["trial"], {"val_f1": 0.7}, step=1)
-    lines: list[str] = []
-    watch = StoreWatch(up, every_s=0, echo=lines.append)
+    watch = StoreWatch(up, every_s=0)
     watch.down_since = time.time() - 5          # it had seen the server go
-    assert watch.lost() is False
+    with log_lines("components.tracking") as lines:
+        assert watch.lost() is False
     assert "back after" in lines[-1] and "1 journaled records sent" in lines[-1]
     assert len(client.get_metric_history(runs["trial"], "val_f1")) == 1
 

@@ -29,7 +29,7 @@ from components.registry import (
 )
 from components.registry import registry as registry_module
 from components.tracking import Tracker
-from tests.conftest import make_image_folder, register_like_the_pipeline
+from tests.conftest import log_lines, make_image_folder, register_like_the_pipeline
 
 FP = "a" * 64
 # The images here are one bright quadrant plus pixel noise: every image of a class is a
@@ -95,8 +95,8 @@ def test_a_worse_challenger_is_rejected_with_its_evidence_recorded(store, tmp_pa
     tracker, register = store["tracker"], store["register"]
     assert register(_perfect(), "worse").aliases == (CHALLENGER, CHAMPION)
     register(_always_cat(), "worse")
-    lines = []
-    r = promote(tracker, "worse", echo=lines.append)
+    with log_lines("components.registry") as lines:
+        r = promote(tracker, "worse")
     assert not r.promote and not r.applied and _alias(tracker, "worse", CHAMPION) == "1"
     p = r.paired
     n = len(r.images.paths)
@@ -223,8 +223,9 @@ def test_a_champion_that_changes_meanwhile_moves_nothing(store):
         if line.lstrip().startswith("scoring"):
             tracker.client.set_registered_model_alias("race", CHAMPION, "2")
 
-    with pytest.raises(AliasConflict, match="changed from v1 to v2 while this promote ran"):
-        promote(tracker, "race", version="3", echo=meanwhile)
+    with pytest.raises(AliasConflict, match="changed from v1 to v2 while this promote ran"), \
+            log_lines("components.registry", on_line=meanwhile):
+        promote(tracker, "race", version="3")
     assert _alias(tracker, "race", CHAMPION) == "2" and _alias(tracker, "race", PREVIOUS) is None
     runs = tracker.client.search_runs(
         [e.experiment_id for e in tracker.client.search_experiments()],
@@ -422,9 +423,9 @@ def test_the_same_images_serve_a_limited_number_of_comparisons(store):
     register(_always_cat(), "peek")
     register(_perfect(), "peek")
     limited = replace(EVIDENCE, max_comparisons=2)
-    lines = []
     for n in (1, 2):
-        promote(tracker, "peek", dry_run=True, evidence=limited, echo=lines.append)
+        with log_lines("components.registry") as lines:
+            promote(tracker, "peek", dry_run=True, evidence=limited)
         assert any(line.endswith(f"comparison #{n} on these images") for line in lines)
     with pytest.raises(PromotionError, match="used in 2 comparisons already "
                                              r"\(registry.max_comparisons=2\).*--data PATH"):
