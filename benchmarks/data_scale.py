@@ -158,14 +158,14 @@ def main() -> int:
     train_rows = manifest.subset("train")
     n_train = len(train_rows[0])
     split_mb = decoded_bytes(n_train, 3, args.size) / 2**20
-    data = DataConfig(path=str(root), image_size=args.size)
+    data = DataConfig(path=str(root), image_size=args.size, channels=3)
     per_worker = (n_train + len(manifest.subset("val")[0])) // 2
     caches = use_cache(data.cache, per_worker, 3, args.size, data.cache_max_mb)
     print(f"{len(checked.index)} images ({n_train} train, decoded {split_mb:.0f} MiB); "
           f"checked in {validate_s:.0f} s; new loading caches: {caches}", flush=True)
-    job = TrainJob(data=data, augment=AugmentConfig(),
+    job = TrainJob(data=data, augment=AugmentConfig(train=[]),
                    model=ModelConfig(name="cnn"), train=TrainConfig(
-                       epochs=1, num_workers=2, batch_size=64, patience=0),
+                       epochs=1, num_workers=2, batch_size=64, patience=0, scheduler="none"),
                    average="macro", seed=0, train_rows=train_rows,
                    val_rows=manifest.subset("val"), num_classes=len(manifest.classes))
     job.model.cnn.channels = [8, 16]

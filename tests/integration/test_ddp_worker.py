@@ -56,13 +56,14 @@ class FinishedRun:
 def _job(root: Path) -> TrainJob:
     images = validate_images(index_images(root))
     manifest = split_dataset(images, 0.3, 0.15, seed=0)
-    data = DataConfig(path=str(root), image_size=16)
+    data = DataConfig(path=str(root), image_size=16, channels=3)
     return TrainJob(
-        data=data, augment=AugmentConfig(), model=ModelConfig(cnn=CnnConfig(channels=[8, 16])),
+        data=data, augment=AugmentConfig(train=[]),
+        model=ModelConfig(cnn=CnnConfig(channels=[8, 16])),
         # A high lr moves BatchNorm's batch statistics far between batches, so ranks that
         # kept their own last-batch running statistics would validate visibly different models.
         train=TrainConfig(epochs=2, batch_size=8, patience=0, num_workers=2, lr=0.01,
-                          max_failures=0),
+                          scheduler="none", max_failures=0),
         average="macro", seed=0, train_rows=manifest.subset("train"),
         val_rows=manifest.subset("val"), num_classes=len(manifest.classes))
 
