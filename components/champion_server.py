@@ -84,7 +84,7 @@ def load_version(settings: ServeSettings, version: str) -> Loaded:
     from mlflow import MlflowClient
     from mlflow.models import Model
 
-    from components.inference import check_model_format
+    from components.inference.formats import check_model_format
     from components.serving import CODE_TAG, example_image_bytes, verify_code
 
     start = time.monotonic()

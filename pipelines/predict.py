@@ -1,7 +1,7 @@
 """`visiontune predict`: classify image files, folders or object-storage prefixes with a
 registered model, in this process or (`--ray`, or automatically from `RAY_ABOVE` images on) as
-a Ray Data job over the cluster. See components/batch_inference.py for the engines and the
-output file."""
+a Ray Data job over the cluster. See components/inference/ for the engines (`local.py`,
+`ray_data.py`) and the output file (`output.py`)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def run_predict(args) -> int:
     from mlflow.exceptions import MlflowException
 
     from components.config import check_no_credentials
-    from components.inference import expand_paths
+    from components.inference.local import expand_paths
     from pipelines.compose import load_config
     from pipelines.interrupt import SignalGuard
 
@@ -135,7 +135,7 @@ def _verify_code(model_uri: str, local_model: str) -> None:
 def _check(local_model: str) -> None:
     from mlflow.models import Model
 
-    from components.inference import check_model_format
+    from components.inference.formats import check_model_format
 
     info = Model.load(local_model)
     check_model_format(info.metadata or {}, info.flavors)
@@ -143,7 +143,9 @@ def _check(local_model: str) -> None:
 
 def _classify(args, local_model: str, described: str, paths: list[str], on_ray: bool,
               console) -> int:
-    from components import batch_inference as bi
+    import components
+    from components.inference import output, ray_data
+    from components.inference.local import local_batches
     from pipelines.console import Progress
 
     where = "in this process"
@@ -169,30 +171,30 @@ def _classify(args, local_model: str, described: str, paths: list[str], on_ray: 
         if on_ray:
             from components.cluster import ray_session
 
-            archive = bi.pack_model(local_model)
+            archive = ray_data.pack_model(local_model)
             with console.ray_output_to(log_path):
                 progress = Progress("predict:", len(paths), stream=console.stderr())
                 # This code travels with the job: the nodes need torch and mlflow (the
                 # model's own requirements), not visiontune.
-                code = {"py_modules": [str(Path(bi.__file__).resolve().parent)],
+                code = {"py_modules": [str(Path(components.__file__).resolve().parent)],
                         "excludes": ["__pycache__/"]}
                 with ray_session(address, runtime_env=code if address else None):
-                    writer = bi.PredictionWriter(args.output, console.stdout())
-                    workers = min(args.workers or bi.default_workers(), len(paths))
+                    writer = output.PredictionWriter(args.output, console.stdout())
+                    workers = min(args.workers or ray_data.default_workers(), len(paths))
                     print(f"predict: {workers:,} Ray Data workers (1 CPU each) load the model",
                           file=console.stderr(), flush=True)
-                    with contextlib.closing(bi.ray_batches(archive, paths, workers,
-                                                           args.batch_size)) as batches:
-                        classified = bi.consume(batches, writer, progress, on_skipped)
+                    with contextlib.closing(ray_data.ray_batches(
+                            archive, paths, workers, args.batch_size)) as batches:
+                        classified = output.consume(batches, writer, progress, on_skipped)
                 timing = progress.finish()
         else:
             import mlflow
 
             progress = Progress("predict:", len(paths))
             model = mlflow.pyfunc.load_model(local_model)
-            writer = bi.PredictionWriter(args.output)
-            classified = bi.consume(bi.local_batches(model, paths, args.batch_size), writer,
-                                    progress, on_skipped)
+            writer = output.PredictionWriter(args.output)
+            classified = output.consume(local_batches(model, paths, args.batch_size), writer,
+                                        progress, on_skipped)
             timing = progress.finish()
     except BaseException:
         if writer is not None and writer.partial is not None:

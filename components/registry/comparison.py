@@ -135,7 +135,7 @@ def load_version(tracker: Tracker, name: str, version: str, dst: str):
     """The registered model as a pyfunc (its own preprocessing inside), and its classes."""
     import mlflow
 
-    from components.inference import check_model_format, class_names
+    from components.inference.formats import check_model_format, class_names
     from components.serving import CODE_TAG, CodeMismatch, verify_code
 
     try:
@@ -154,9 +154,10 @@ def load_version(tracker: Tracker, name: str, version: str, dst: str):
     return model, class_names(model)
 
 
-def classify(model, paths: list[str], batch_size: int) -> tuple[list[str | None], list]:
-    """(predicted class or None, error or None) per image."""
-    from components.inference import ERROR, PREDICTION, predict_images
+def classes_and_errors(model, paths: list[str], batch_size: int
+                       ) -> tuple[list[str | None], list]:
+    """(predicted class or None, error or None) per image: what promote scores."""
+    from components.inference.local import ERROR, PREDICTION, predict_images
     from components.serving.image_classifier import is_missing
 
     frame = predict_images(model, list(paths), batch_size)
@@ -207,7 +208,8 @@ def compare(tracker: Tracker, name: str, challenger: Candidate, champion: Candid
         log.info(f"  scoring {len(images.paths):,} images with v{challenger.version} and "
                  f"v{champion.version} ...")
         t = time.perf_counter()
-        preds = {role: classify(m, images.paths, batch_size) for role, m in models.items()}
+        preds = {role: classes_and_errors(m, images.paths, batch_size)
+                 for role, m in models.items()}
         seconds["scoring"] = time.perf_counter() - t
     left_out = [(p, ea or eb) for p, ea, eb in zip(images.paths, preds["challenger"][1],
                                                     preds["champion"][1]) if ea or eb]

@@ -6,7 +6,7 @@ exported with torch.export, an input example, and the pinned requirements of a s
 environment.
 
 This package imports neither mlflow nor torch at import time; `image_classifier` is MLflow's to
-import (it calls `mlflow.models.set_model`), or `components.inference`'s.
+import (it calls `mlflow.models.set_model`), or `components.inference.formats`'s.
 """
 
 from __future__ import annotations

@@ -228,13 +228,13 @@ def test_pyfunc_classifies_raw_images_of_any_size_and_mode(servers, submitted):
     import numpy as np
     from PIL import Image
 
-    from components.inference import classify
+    from components.inference.local import classify_images
 
     mlflow.set_tracking_uri(servers["tracking"])
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     images = [Image.new("RGB", (40, 25), (200, 10, 10)), Image.new("L", (7, 7), 128),
               Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA")]
-    results = classify(model, images)
+    results = classify_images(model, images)
     assert len(results) == 3
     assert all(label in ("cat", "dog") and 0 < p <= 1 for label, p in results)
 

@@ -216,7 +216,7 @@ def test_champion_loads_where_this_repository_cannot_be_imported(pipeline, incom
 
     import mlflow
 
-    from components.inference import predict_images
+    from components.inference.local import predict_images
 
     mlflow.set_tracking_uri(pipeline["uri"])
     here = predict_images(mlflow.pyfunc.load_model(f"models:/{MODEL}@champion"),

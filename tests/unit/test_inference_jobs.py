@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from components.augment import build_eval_transform
-from components.inference import expand_paths, preprocess, softmax
+from components.imaging import preprocess, softmax
+from components.inference.local import expand_paths
 from pipelines.jobs import EXCLUDES, build_entrypoint, project_root
 
 

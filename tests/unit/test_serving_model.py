@@ -455,7 +455,7 @@ def test_logged_model_files_signature_and_metadata(registered):
 def test_logged_model_equals_the_network_on_any_image(registered, tmp_path):
     """The exported program and the model file's preprocessing give the trained network's
     probabilities, for bytes and paths, batches of 1 and many."""
-    from components.inference import classify, predict_images
+    from components.inference.local import classify_images, predict_images
 
     model, net = registered["model"], registered["net"]
     data, paths = _images(tmp_path)
@@ -475,22 +475,24 @@ def test_logged_model_equals_the_network_on_any_image(registered, tmp_path):
     one = model.predict(pd.DataFrame({"image": data[:1]}))
     np.testing.assert_allclose(one.probability.to_numpy(float), frame.probability[:1], atol=1e-6)
     pil = [Image.open(p) for p in paths]
-    assert classify(model, pil) == classify(model, data) == classify(model, paths)
+    assert classify_images(model, pil) == classify_images(model, data) \
+        == classify_images(model, paths)
     both = predict_images(model, [data[0], paths[1], pil[2]], batch_size=2)
     pd.testing.assert_frame_equal(both, frame.iloc[:3].reset_index(drop=True))
 
 
 def test_pil_images_keep_their_exif_orientation(registered):
-    from components.inference import classify, encode_image
+    from components.inference.local import classify_images, encode_image
 
     data, _ = _exif_jpeg(6)
     with Image.open(io.BytesIO(data)) as im:
-        assert classify(registered["model"], [im]) == classify(registered["model"], [data])
+        assert classify_images(registered["model"], [im]) == \
+            classify_images(registered["model"], [data])
         assert Image.open(io.BytesIO(encode_image(im))).getexif()[0x0112] == 6
 
 
 def test_classify_files_skips_what_does_not_decode(registered, tmp_path):
-    from components.inference import classify, classify_files
+    from components.inference.local import classify_files, classify_images
 
     good = tmp_path / "good.png"
     good.write_bytes(_png((255, 0, 0)))
@@ -502,7 +504,7 @@ def test_classify_files_skips_what_does_not_decode(registered, tmp_path):
     assert [s[0] for s in skipped] == paths[1:]
     assert all(": " in reason for _, reason in skipped)
     with pytest.raises(ValueError, match=r"image 1 \(.*truncated.png\) could not be read"):
-        classify(registered["model"], paths)
+        classify_images(registered["model"], paths)
 
 
 def test_registered_model_loads_where_this_repository_cannot_be_imported(registered, tmp_path):
@@ -564,7 +566,7 @@ def test_models_of_older_versions_still_classify_the_same_way(registered, tmp_pa
     classified by the same decoding and preprocessing, with its own forward pass."""
     import mlflow
 
-    from components.inference import classify, classify_files, predict_images
+    from components.inference.local import classify_files, classify_images, predict_images
     from components.registry import register_challenger
 
     tracker, net = registered["tracker"], registered["net"]
@@ -580,7 +582,8 @@ def test_models_of_older_versions_still_classify_the_same_way(registered, tmp_pa
     new = predict_images(registered["model"], data)
     old = predict_images(legacy, data)
     pd.testing.assert_frame_equal(old, new, atol=1e-5)
-    old_answer, new_answer = classify(legacy, paths), classify(registered["model"], paths)
+    old_answer = classify_images(legacy, paths)
+    new_answer = classify_images(registered["model"], paths)
     assert [c for c, _ in old_answer] == [c for c, _ in new_answer]
     assert [p for _, p in old_answer] == pytest.approx([p for _, p in new_answer], abs=1e-5)
     rows, skipped = classify_files(legacy, [paths[0], str(tmp_path / "missing.png")])
@@ -590,7 +593,7 @@ def test_models_of_older_versions_still_classify_the_same_way(registered, tmp_pa
 def test_a_model_visiontune_did_not_log_is_refused_in_one_line(registered, tmp_path, capsys):
     import mlflow
 
-    from components.inference import classify
+    from components.inference.local import classify_images
     from pipelines.cli import main
 
     tracker = registered["tracker"]
@@ -601,7 +604,7 @@ def test_a_model_visiontune_did_not_log_is_refused_in_one_line(registered, tmp_p
     tracker.client.update_run(run, "FINISHED")
     other = mlflow.pyfunc.load_model(info.model_uri)
     with pytest.raises(ValueError, match="not a visiontune image classifier"):
-        classify(other, [_png((1, 2, 3))])
+        classify_images(other, [_png((1, 2, 3))])
     img = tmp_path / "x.png"
     img.write_bytes(_png((1, 2, 3)))
     code = main(["predict", "--model", info.model_uri, str(img),
