@@ -1,15 +1,7 @@
-"""Classify images with a registered visiontune model, the same way wherever it runs.
-
-A model logged by visiontune is an MLflow pyfunc from code (`components/serving/
-image_classifier.py`): it takes image bytes or paths, decodes and preprocesses them itself and
-returns one row per image (`prediction`, `probability`, `prob_<class>`..., `error`). Everything
-here goes through that model's `predict`, as `mlflow models serve` does: there is one
-implementation of decoding, preprocessing and classifying.
-
-Models registered by visiontune before that (MLflow's `pytorch` flavour, pt2 format, taking a
-preprocessed float32 NCHW tensor and returning logits) are still classified: the same code
-decodes and preprocesses with the preprocessing recorded in their metadata, only the forward
-pass is theirs. Anything else is refused with one line (`ValueError`).
+"""Classifying images in this process, through the registered model's own `predict`
+(`components.inference.formats.image_model`): there is one implementation of decoding,
+preprocessing and classifying. Images are bytes, paths, object-storage URIs or PIL images;
+the files are read here and the model is sent their bytes.
 """
 
 from __future__ import annotations
@@ -18,19 +10,19 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from PIL import Image
 
 from components import imaging, storage
 from components.data.ingest import image_files
 from components.errors import MissingPathError
-from components.imaging import preprocess, softmax  # noqa: F401 (API)
-from components.serving import MODEL_FORMAT
+from components.inference.formats import class_names, image_model
 from components.serving import image_classifier as _model_code
 
 ERROR, PREDICTION, PROBABILITY = _model_code.ERROR, _model_code.PREDICTION, \
     _model_code.PROBABILITY
+PATH = "path"       # the column `local_batches` puts in front: the image as it was named
+BATCH_SIZE = 64
 
 # Modes PNG stores losslessly; anything else (CMYK, 32-bit int, float, ...) goes as TIFF.
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
@@ -52,57 +44,6 @@ def expand_paths(paths: list[str]) -> list[str]:
             raise MissingPathError(f"{p} does not exist" + (" (or is not readable)"
                                                             if storage.is_uri(p) else ""))
     return out
-
-
-class _TensorModel(_model_code.ImageClassifier):
-    """A model registered before models-from-code (pytorch flavour, pt2): it takes the
-    preprocessed tensor and returns logits. Decoding and preprocessing are the model file's."""
-
-    def __init__(self, pyfunc, meta: dict):
-        self._pyfunc = pyfunc
-        self.class_names = [str(c) for c in meta["class_names"]]
-        self.preprocessing = dict(meta["preprocessing"])
-        self.prep = imaging   # this repository's: the model file has none of its own
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return softmax(np.asarray(self._pyfunc.predict(batch), dtype=np.float64))
-
-    def predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
-        return self.classify(_model_code.image_sources(model_input))
-
-
-def check_model_format(metadata: dict, flavors: dict) -> str:
-    """'images' for a model of this format, 'tensor' for one of an older visiontune (pytorch
-    flavour, pt2); anything else: ValueError in one line."""
-    fmt = metadata.get("model_format")
-    if fmt == MODEL_FORMAT:
-        return "images"
-    if fmt is not None:
-        raise ValueError(f"this model's format {fmt!r} is not one this visiontune knows "
-                         f"({MODEL_FORMAT}); was it logged by a newer visiontune?")
-    if "pytorch" in (flavors or {}) and {"class_names", "preprocessing"} <= metadata.keys():
-        return "tensor"
-    raise ValueError("this model is not a visiontune image classifier: its metadata has no "
-                     "model_format, and no class_names/preprocessing of an older visiontune model")
-
-
-def image_model(model):
-    """`model` (from `mlflow.pyfunc.load_model`) as something whose `predict` takes a
-    DataFrame of `image` bytes / `path`s and returns the model file's output frame."""
-    if isinstance(model, _model_code.ImageClassifier):
-        return model   # already one (a model of an older version, wrapped)
-    meta = model.metadata.metadata or {}
-    if check_model_format(meta, model.metadata.flavors) == "images":
-        return model
-    return _TensorModel(model, meta)
-
-
-def class_names(model) -> list[str]:
-    """The model's classes, in its output order."""
-    m = image_model(model)
-    if isinstance(m, _model_code.ImageClassifier):
-        return list(m.class_names)
-    return [str(c) for c in m.metadata.metadata["class_names"]]
 
 
 def encode_image(img: Image.Image) -> bytes:
@@ -183,8 +124,9 @@ def classify_files(model, paths: list[str], batch_size: int = 64
     return rows, skipped
 
 
-def classify(model, images: list, batch_size: int = 64) -> list[tuple[str, float]]:
-    """`model`: an `mlflow.pyfunc` model logged by visiontune; `images`: bytes of image files,
+def classify_images(model, images: list, batch_size: int = 64) -> list[tuple[str, float]]:
+    """Classify images that must all be read (`classify_files` skips the unreadable):
+    `model`: an `mlflow.pyfunc` model logged by visiontune; `images`: bytes of image files,
     paths or PIL images. Returns (class, probability) per image; ValueError names the first
     image that could not be read."""
     frame = predict_images(model, list(images), batch_size)
@@ -193,3 +135,11 @@ def classify(model, images: list, batch_size: int = 64) -> list[tuple[str, float
             what = images[i] if isinstance(images[i], (str, Path)) else type(images[i]).__name__
             raise ValueError(f"image {i} ({what}) could not be read: {err}")
     return [(str(p), float(q)) for p, q in zip(frame[PREDICTION], frame[PROBABILITY])]
+
+
+def local_batches(model, paths: list[str], batch_size: int = BATCH_SIZE
+                  ) -> Iterator[pd.DataFrame]:
+    """In this process: the model's answer with a `path` column in front."""
+    for i, frame in enumerate(predict_batches(model, paths, batch_size)):
+        frame.insert(0, PATH, paths[i * batch_size: i * batch_size + len(frame)])
+        yield frame
