@@ -180,3 +180,63 @@ def test_the_metric_names_trials_report_are_the_epoch_metrics_fields():
             read |= {k for k in keys if isinstance(k, str) and metric.match(k)}
     assert read, "the scan found no metric names: the test no longer reads the code"
     assert read <= fields, f"read but not reported: {sorted(read - fields)}"
+
+
+def test_no_two_modules_share_a_file_name():
+    """A file name says one thing across components/ and pipelines/ (`__init__.py` aside):
+    two `errors.py` or two `record.py` made a reader open the wrong one."""
+    by_name: dict[str, list[str]] = {}
+    for p in SOURCES:
+        if p.name != "__init__.py":
+            by_name.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
+    shared = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    assert not shared, f"modules that share a file name: {shared}"
+
+
+def _import_graph():
+    """docs/import_graph.py, the script that draws the graph docs/layout.md shows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "docs" / "import_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_imports_between_packages_go_one_way():
+    """components/ never imports pipelines/, and between the packages and top-level modules
+    of components/ imports go one way: no package imports one that imports it back, not even
+    inside a function (the graph docs/layout.md draws; `data/` once imported the decoder from
+    `serving/`, `cluster.py` a helper of `tuning/`)."""
+    edges = _import_graph().graph(ROOT)
+    into_pipelines = sorted(n for n, targets in edges.items() if n.startswith("components/")
+                            and any(t.startswith("pipelines/") for t in targets))
+    assert not into_pipelines, f"components that import pipelines/: {into_pipelines}"
+    inner = {n: {t for t in targets if t.startswith("components/")}
+             for n, targets in edges.items() if n.startswith("components/")}
+    cycles, state = [], {}
+
+    def visit(n, stack):
+        state[n] = "open"
+        for d in sorted(inner.get(n, ())):
+            if state.get(d) == "open":
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[n] = "done"
+
+    for n in sorted(inner):
+        if n not in state:
+            visit(n, [n])
+    assert not cycles, f"packages that import each other: {cycles}"
+
+
+def test_the_layout_page_draws_the_import_graph_of_the_code():
+    """docs/layout.md's import graph is the code's: a changed import between packages shows
+    up on the page (regenerate it with `python docs/import_graph.py --write`)."""
+    graph = _import_graph()
+    page = (ROOT / "docs" / "layout.md").read_text()
+    assert graph.BEGIN in page and graph.END in page, "docs/layout.md lost its graph markers"
+    drawn = page.split(graph.BEGIN, 1)[1].split(graph.END, 1)[0].strip()
+    assert drawn == graph.mermaid(graph.graph(ROOT)).strip(), (
+        "docs/layout.md's import graph is not the code's: run python docs/import_graph.py --write")
