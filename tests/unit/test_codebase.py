@@ -203,12 +203,29 @@ def _import_graph():
     return module
 
 
+# The lower rooms (docs/layout.md, the rules): what each may not import, even inside a function.
+# `data/` once imported the image decoder from `serving/`, and `cluster.py` a helper of
+# `tuning/`.
+_ANY = "any module of this project"
+BELOW = {
+    "components/errors.py": _ANY,
+    "components/imaging.py": _ANY,   # copied into every registered model
+    "components/data/": {"components/serving/", "components/inference/"},
+    "components/cluster.py": {"components/tuning/", "components/inference/"},
+    "components/serving/": {"components/inference/", "components/registry/",
+                            "components/champion_server.py"},
+}
+
+
 def test_imports_between_packages_go_one_way():
-    """components/ never imports pipelines/, and between the packages and top-level modules
-    of components/ imports go one way: no package imports one that imports it back, not even
-    inside a function (the graph docs/layout.md draws; `data/` once imported the decoder from
-    `serving/`, `cluster.py` a helper of `tuning/`)."""
+    """components/ never imports pipelines/; the lower rooms import none of those above them
+    (`BELOW`); and between the packages and top-level modules of components/ imports go one
+    way: no package imports one that imports it back, not even inside a function (the graph
+    docs/layout.md draws)."""
     edges = _import_graph().graph(ROOT)
+    upward = sorted(f"{low} -> {t}" for low, above in BELOW.items()
+                    for t in edges.get(low, ()) if above == _ANY or t in above)
+    assert not upward, f"lower rooms that import a room above them: {upward}"
     into_pipelines = sorted(n for n, targets in edges.items() if n.startswith("components/")
                             and any(t.startswith("pipelines/") for t in targets))
     assert not into_pipelines, f"components that import pipelines/: {into_pipelines}"
