@@ -8,7 +8,7 @@ A node is a package of components/ (`data/`, `training/`, ...), a top-level modu
 components/ (`cluster.py`, ...), `pipelines/steps/`, or the rest of pipelines/. An arrow
 `a --> b` says that some module of `a` imports one of `b`, at its top or inside a function.
 Standard library only: it reads the source's syntax trees and imports nothing of it.
-`tests/unit/test_codebase.py` holds docs/layout.md to this script's output.
+`tests/policy/test_codebase.py` holds docs/layout.md to this script's output.
 """
 
 from __future__ import annotations

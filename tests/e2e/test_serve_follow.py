@@ -3,7 +3,7 @@ steady load: `promote`, `rollback` and a hand-moved alias while requests keep co
 hooks to a receiver that fails once; the champion guard of `predict` and `serve`.
 
 The versions are registered through the pipeline's own steps with networks whose answers
-are known (tests/unit/test_promotion.py): the one that always says "cat" is shown worse than
+are known (tests/integration/test_promotion.py): the one that always says "cat" is shown worse than
 the one that reads the image."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tests.conftest import (
     stop_group,
     wait_until_ok,
 )
-from tests.unit.test_promotion import _always_cat, _perfect
+from tests.integration.test_promotion import _always_cat, _perfect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SECRET = "e2e-hook-secret-8d1e"

@@ -26,6 +26,8 @@ from components.champion_server import (
 from components.serving import CODE_TAG, code_digests, example_image_bytes, format_digests
 from tests.conftest import register_untrained_model
 
+pytestmark = pytest.mark.integration   # opens a SQLite MLflow store
+
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):

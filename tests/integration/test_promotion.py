@@ -31,6 +31,8 @@ from components.registry import registry as registry_module
 from components.tracking import Tracker
 from tests.conftest import log_lines, make_image_folder, register_like_the_pipeline
 
+pytestmark = pytest.mark.integration   # opens a SQLite MLflow store
+
 FP = "a" * 64
 # The images here are one bright quadrant plus pixel noise: every image of a class is a
 # perceptual near-copy of the others by design, and a test split holds about 28 of them.

@@ -9,6 +9,8 @@ from components.config import ConfigError
 from pipelines.compose import _check_larger, load_config
 from pipelines.steps.extend import Extension, best_prefix, grid_left
 
+pytestmark = pytest.mark.integration   # opens a SQLite MLflow store
+
 
 def test_grid_left_subtracts_what_ran_as_a_multiset_keeping_the_order():
     a, b, c = {"x": 1}, {"x": 2}, {"x": 3}

@@ -24,6 +24,8 @@ from components.registry import (
 )
 from components.tracking import Tracker
 
+pytestmark = pytest.mark.integration   # opens a SQLite MLflow store
+
 FP = "a" * 64
 TAGS = {"data_fingerprint": FP, "test_f1_average": "macro"}
 
@@ -166,7 +168,7 @@ def test_promote_moves_no_alias_when_reading_the_champion_fails(store):
     assert _aliases(store, "p") == before
     assert "promotion.decision" not in tracker.client.get_model_version("p", "2").tags
     # The same registry, reading normally, gets past the champion to the images (these
-    # versions have no pipeline run behind them: tests/unit/test_promotion.py promotes real
+    # versions have no pipeline run behind them: tests/integration/test_promotion.py promotes real
     # ones): the error alone held the alias.
     with pytest.raises(PromotionError, match="no split manifest"):
         promote(tracker, "p")

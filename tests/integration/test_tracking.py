@@ -4,6 +4,8 @@ import pytest
 
 from components.tracking import EpochLogger, Tracker, flatten
 
+pytestmark = pytest.mark.integration   # opens a SQLite MLflow store
+
 
 @pytest.fixture
 def tracker(tmp_path):

@@ -1,6 +1,6 @@
 """The champion's record, the guard, approval and rollback on a SQLite registry (no server):
 versions registered through the pipeline's own steps with networks whose answers are known
-(tests/unit/test_promotion.py), hooks delivered to a real HTTP receiver on 127.0.0.1."""
+(tests/integration/test_promotion.py), hooks delivered to a real HTTP receiver on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ from tests.conftest import (
     make_image_folder,
     register_like_the_pipeline,
 )
-from tests.unit.test_promotion import _always_cat, _perfect, promote
+from tests.integration.test_promotion import _always_cat, _perfect, promote
+
+pytestmark = pytest.mark.integration   # opens a SQLite MLflow store
 
 SECRET = "test-hook-secret-2f9c"
 
@@ -190,7 +192,7 @@ def test_promote_prints_both_versions_measured_speed_and_approve_moves(store, ca
     import re
 
     from pipelines.cli import main
-    from tests.unit.test_promotion import EVIDENCE_ARGS
+    from tests.integration.test_promotion import EVIDENCE_ARGS
 
     tracker, register = store["tracker"], store["register"]
     register(_always_cat(), "timed")

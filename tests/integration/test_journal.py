@@ -22,6 +22,8 @@ from tests.conftest import (
     log_lines,
 )
 
+pytestmark = pytest.mark.integration   # opens a SQLite MLflow store
+
 
 @pytest.fixture(autouse=True)
 def _no_http_retries(monkeypatch):
