@@ -24,7 +24,6 @@ from components.evaluation import (
     plot_trial_curves,
     select_best_trial,
 )
-from components.evaluation.search_plots import PANEL_KEY
 from components.evaluation.importance import (
     Importance,
     param_importance,
@@ -32,6 +31,7 @@ from components.evaluation.importance import (
     plot_marginal_effects,
 )
 from components.evaluation.parallel import parallel_coordinates_html
+from components.evaluation.search_plots import PANEL_KEY
 from components.models import build_model
 from components.training.checkpoint import load_best_weights
 from components.tuning.driver import TrialResult
