@@ -69,6 +69,12 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     adds (`pipelines.steps.extend`); `warm_start`: another run whose trials seed Optuna.
     Ctrl-C and SIGTERM raise `Interrupted` after the run was recorded as KILLED; nothing is
     registered from a run that did not finish."""
+    from components.cluster import enable_token_auth
+
+    if cfg.ray.address:
+        # First, before anything imports ray: Ray reads its auth mode once, when it is
+        # imported, and importing the steps imports it.
+        enable_token_auth()
     # Here and in the functions below, not at the top: the steps import torch, Ray and MLflow,
     # and `run` must quiet MLflow's logging before MLflow is first imported (pipelines.cli).
     from components.tracking import StoreWatch, bound_http_retries, check_tracking_uri
@@ -78,12 +84,6 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     echo = echo or console.echo
 
     started = time.time()
-    if cfg.ray.address:
-        from components.cluster import enable_token_auth
-
-        # Now, before anything imports ray: Ray reads its auth mode once, when it is imported,
-        # and a resumed run imports it (the tune step's modules) before `ray_session`.
-        enable_token_auth()
     bound_http_retries()
     # An unsupported or unreachable store fails here, before data, Ray or a plan is touched;
     # one that is there but slow (restarting its workers) is given a minute.
