@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import resource
@@ -148,11 +149,14 @@ def main() -> int:
     from components.training.spec import TrainJob
     from pipelines.console import Progress
 
+    shown = logging.getLogger("data_scale")   # Progress logs its lines: here, on stdout
+    shown.addHandler(logging.StreamHandler(sys.stdout))
+    shown.setLevel(logging.INFO)
     root = Path(args.data_dir or Path.home() / ".cache" / "visiontune" /
                 f"bench-{args.images}-{args.size}")
     make_folder(root, args.images, args.size)
     start = time.monotonic()
-    checked = validate_images(index_images(root), progress=Progress("checked", echo=print))
+    checked = validate_images(index_images(root), progress=Progress("checked", log=shown))
     validate_s = time.monotonic() - start
     manifest = split_dataset(checked, 0.1, 0.1, 0)
     train_rows = manifest.subset("train")
@@ -177,7 +181,7 @@ def main() -> int:
             # the other two pay in every trial; it is timed apart, not in the runs below).
             start = time.monotonic()
             store = validate_images(index_images(root), decode_to=DecodeTarget(
-                storage, args.size, 3), decoding=Progress("decoded", echo=print)).decoded
+                storage, args.size, 3), decoding=Progress("decoded", log=shown)).decoded
             store_s = time.monotonic() - start
             print(f"decoded store built in {store_s:.0f} s: {store.location}", flush=True)
             with_store = dataclasses.replace(job, decoded=(store,))

@@ -228,8 +228,10 @@ def summarize_trials(rows: list[dict]) -> dict:
 
 def run_pipeline(overrides: list[str], tmp: Path, name: str):
     from pipelines.compose import load_config
+    from pipelines.console import log_to_console
     from pipelines.training import run_training_pipeline
 
+    log_to_console()   # the run's lines on the console, as `visiontune run` prints them
     cfg = load_config([f"tracking.uri=sqlite:///{tmp}/{name}.db",
                        f"tracking.artifact_location={tmp}/{name}-mlruns",
                        f"ray.storage_path={tmp}/{name}-ray", *overrides])

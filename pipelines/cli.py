@@ -188,7 +188,7 @@ def cmd_submit(args) -> int:
           f"\n  status:    visiontune status {job_id} --address {args.address}", flush=True)
     if not args.follow:
         return 0
-    status = follow(client, job_id, lambda *a, **k: print(*a, **k, flush=True))
+    status = follow(client, job_id)
     print(f"job {job_id} {status}")
     return 0 if status == "SUCCEEDED" else 1
 

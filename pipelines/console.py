@@ -5,10 +5,12 @@ in the run's folder instead, shown on the terminal only with `--verbose`.
 The redirection is done on file descriptors 1 and 2, so it catches output from C++ and from
 Ray's log monitor thread as well as Python's; the pipeline keeps a copy of the terminal.
 
-Components do not print: they log (`logging.getLogger(__name__)`, INFO for the lines a person
-follows, WARNING for the ones that say something went wrong) the lines exactly as the console
-shows them, and `log_to_console` gives the `components` and `pipelines` loggers one handler
-that writes each line through `console.echo`."""
+Components and the pipeline's steps do not print: they log (`logging.getLogger(__name__)`,
+INFO for the lines a person follows, WARNING for the ones that say something went wrong) the
+lines exactly as the console shows them, and `log_to_console` gives the `components` and
+`pipelines` loggers one handler that writes each line through `console.echo`. The CLI
+(`pipelines.cli.main`) installs it; code that runs the pipeline without the CLI (a benchmark)
+calls `log_to_console()` itself to see the lines."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 # MLflow's INFO lines (creating a store's tables, validating the input example), its download
@@ -135,16 +137,17 @@ def log_to_console() -> None:
 
 class Progress:
     """The one progress line of long work: `predict: 1,536/3,000 images (51%), 412 images/s,
-    2 unreadable, 4 s left`. On a terminal stream it is a live line; given `echo` (the
-    pipeline's steps) or a stream that is not a terminal (logs, CI), a line every `every_s`
-    seconds and, when any was printed, the last one. The rate is measured from the first
-    update on: what comes before it (starting Ray, loading a model) is start-up, not work."""
+    2 unreadable, 4 s left`. On a terminal stream it is a live line; given `log` (the
+    pipeline's steps: their module's logger, INFO) or a stream that is not a terminal (logs,
+    CI), a line every `every_s` seconds and, when any was printed, the last one. The rate is
+    measured from the first update on: what comes before it (starting Ray, loading a model)
+    is start-up, not work."""
 
     def __init__(self, label: str, total: int = 0, unit: str = "images", *,
-                 echo: Callable[[str], None] | None = None, stream=None, every_s: float = 5.0):
+                 log: logging.Logger | None = None, stream=None, every_s: float = 5.0):
         self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
-        self.echo = echo
-        self.stream = None if echo else stream or sys.stderr
+        self.log = log
+        self.stream = None if log is not None else stream or sys.stderr
         self.tty = self.stream is not None and hasattr(self.stream, "isatty") \
             and self.stream.isatty()
         self.start = self._last = time.monotonic()
@@ -196,8 +199,8 @@ class Progress:
 
     def _print(self, text: str) -> None:
         self.printed = True
-        if self.echo is not None:
-            self.echo(text)
+        if self.log is not None:
+            self.log.info(text)
         else:
             print(text, file=self.stream, flush=True)
 

@@ -63,6 +63,7 @@ class SignalGuard:
             self.signum = signum
             from pipelines.console import console
 
+            # printed, not logged: logging's locks are not safe in a signal handler (its docs)
             console.echo(f"\n[visiontune] {signal.Signals(signum).name} received: stopping "
                          "(a second Ctrl-C stops at once)")
         if self._mode == "raise":

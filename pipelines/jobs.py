@@ -147,13 +147,14 @@ def submit(address: str, overrides: list[str], config_file: str | None = None,
             time.sleep(2)
 
 
-def follow(client, job_id: str, echo=print) -> str:
-    """Stream the job's logs until it ends; returns its final status."""
+def follow(client, job_id: str) -> str:
+    """Stream the job's logs to stdout until it ends; returns its final status."""
     import asyncio
 
     async def tail():
         async for lines in client.tail_job_logs(job_id):
-            echo(lines, end="")
+            # the job's own log is the command's output (data, not a line of ours): stdout
+            print(lines, end="", flush=True)
 
     asyncio.run(tail())
     for _ in range(60):  # the log stream can close a moment before the status settles

@@ -8,8 +8,8 @@ MLflow record.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,9 @@ from pipelines.interrupt import Interrupted, SignalGuard
 if TYPE_CHECKING:   # the steps import torch, Ray and MLflow: imported where a run begins
     from components.tracking import PipelineRecord
     from components.tuning.driver import TrialResult
-    from pipelines.steps import Echo, Extension, PreparedData, SearchPlan
+    from pipelines.steps import Extension, PreparedData, SearchPlan
+
+log = logging.getLogger(__name__)   # the console's lines (pipelines/console.py)
 
 
 @dataclass
@@ -60,7 +62,6 @@ def mlflow_ui_command(uri: str) -> str:
 
 
 def run_training_pipeline(cfg: Config, *, resume: str | None = None,
-                          echo: Callable[[str], None] | None = None,
                           extra_tags: dict[str, str] | None = None,
                           extend_from: Config | None = None,
                           warm_start: str | None = None) -> PipelineResult:
@@ -68,7 +69,8 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     `extend_from` (the config it finished with) as well, add the trials `cfg`'s larger budget
     adds (`pipelines.steps.extend`); `warm_start`: another run whose trials seed Optuna.
     Ctrl-C and SIGTERM raise `Interrupted` after the run was recorded as KILLED; nothing is
-    registered from a run that did not finish."""
+    registered from a run that did not finish. Its lines are logged (`pipelines.console`:
+    the CLI prints them; elsewhere, `log_to_console()` does)."""
     from components.cluster import enable_token_auth
 
     if cfg.ray.address:
@@ -79,9 +81,6 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     # and `run` must quiet MLflow's logging before MLflow is first imported (pipelines.cli).
     from components.tracking import StoreWatch, bound_http_retries, check_tracking_uri
     from pipelines import steps
-    from pipelines.console import console
-
-    echo = echo or console.echo
 
     started = time.time()
     bound_http_retries()
@@ -91,23 +90,22 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
     plan = steps.plan_search(cfg)
 
     with SignalGuard() as guard:
-        record, ext, data = _open(cfg, plan, resume, extend_from, extra_tags, echo)
+        record, ext, data = _open(cfg, plan, resume, extend_from, extra_tags)
         if record.status() == "FINISHED":
-            echo(f"[visiontune] pipeline {record.pipeline_id} already finished: nothing to do")
+            log.info(f"[visiontune] pipeline {record.pipeline_id} already finished: nothing to do")
             return result_from_record(record, cfg, time.time() - started,
                                       already_finished=True)
-        echo(f"[visiontune] pipeline {record.pipeline_id}: MLflow run {record.run_id} at "
-             f"{cfg.tracking.uri}")
+        log.info(f"[visiontune] pipeline {record.pipeline_id}: MLflow run {record.run_id} at "
+                 f"{cfg.tracking.uri}")
         try:
-            data = data or steps.prepare_data(cfg, record, echo)
-            seeds = (steps.warm_start_seeds(cfg, warm_start, record, echo) if warm_start
-                     else ())
+            data = data or steps.prepare_data(cfg, record)
+            seeds = steps.warm_start_seeds(cfg, warm_start, record) if warm_start else ()
             # A server that goes away is ridden out (the journal) for tracking.outage_grace_s.
             store = StoreWatch(record.tracker)
             with guard.noting():
                 try:
                     trials = steps.tune_trials(
-                        cfg, plan, data, record, echo,
+                        cfg, plan, data, record,
                         resume=bool(resume) and extend_from is None,
                         stop_requested=lambda: guard.requested or store.lost(),
                         ext=ext, seeds=seeds)
@@ -115,49 +113,49 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                     guard.raise_if_requested()
                     raise
             guard.raise_if_requested()
-            _evaluate_and_register(cfg, plan, data, trials, record, ext, guard, echo)
+            _evaluate_and_register(cfg, plan, data, trials, record, ext, guard)
         except Interrupted as e:
             with guard.deferring():
-                _close(record, "KILLED", echo, ext)
+                _close(record, "KILLED", ext)
             e.pipeline_id, e.extension = record.pipeline_id, bool(ext and ext.number)
             raise
         except BaseException as e:
             with guard.deferring():
-                _close(record, "FAILED", echo, ext)
+                _close(record, "FAILED", ext)
             failure = _failure(e, cfg, record.pipeline_id)
             if failure is e:
                 raise
             raise failure from e
     if guard.requested:
-        echo("[visiontune] the signal came while the model was being registered: the run "
-             "finished first")
+        log.info("[visiontune] the signal came while the model was being registered: the run "
+                 "finished first")
     return result_from_record(record, cfg, time.time() - started)
 
 
 def _open(cfg: Config, plan: SearchPlan, resume: str | None, extend_from: Config | None,
-          extra_tags: dict[str, str] | None,
-          echo: Echo) -> tuple[PipelineRecord, Extension | None, PreparedData | None]:
+          extra_tags: dict[str, str] | None
+          ) -> tuple[PipelineRecord, Extension | None, PreparedData | None]:
     """(the parent run's record, the extension its sweep is in or None, the data when it was
     prepared already). An extension checks its data and reopens the run here, before
     anything can fail it: a refused extension leaves the run FINISHED."""
     from pipelines import steps
 
-    record = steps.open_record(cfg, resume, extra_tags, echo)
+    record = steps.open_record(cfg, resume, extra_tags)
     if extend_from is not None:
-        data = steps.prepare_data(cfg, record, echo)
-        ext = steps.begin_extension(cfg, extend_from, record, data.manifest, plan, echo)
+        data = steps.prepare_data(cfg, record)
+        ext = steps.begin_extension(cfg, extend_from, record, data.manifest, plan)
         return record, ext, data
     if resume and steps.extension_pending(record):
         if record.status() == "FINISHED":   # a stopped extension: the run stayed FINISHED
             record.reopen()
-        echo(f"[visiontune] continuing extension {steps.extension_of(record).number} of "
-             f"pipeline {record.pipeline_id}")
+        log.info(f"[visiontune] continuing extension {steps.extension_of(record).number} of "
+                 f"pipeline {record.pipeline_id}")
     return record, steps.extension_of(record) if resume else None, None
 
 
 def _evaluate_and_register(cfg: Config, plan: SearchPlan, data: PreparedData,
                            trials: list[TrialResult], record: PipelineRecord,
-                           ext: Extension | None, guard: SignalGuard, echo: Echo) -> None:
+                           ext: Extension | None, guard: SignalGuard) -> None:
     """The best trial on the test split, registered, and the run FINISHED. An extension
     whose best trial is the one already registered only refreshes the sweep's review."""
     from components.evaluation import select_best_trial
@@ -169,18 +167,18 @@ def _evaluate_and_register(cfg: Config, plan: SearchPlan, data: PreparedData,
     wait_and_send(record.tracker, record.pipeline_id)
     before = steps.best_so_far(record) if suffix else None
     if before is not None and before == select_best_trial(trials).trial_id:
-        echo(f"  best trial unchanged ({before}, best of {len(trials)}): not evaluated or "
-             "registered again")
-        steps.log_search_review(plan, trials, steps.sweep_importance(cfg, plan, trials, echo),
+        log.info(f"  best trial unchanged ({before}, best of {len(trials)}): not evaluated or "
+                 "registered again")
+        steps.log_search_review(plan, trials, steps.sweep_importance(cfg, plan, trials),
                                 record)
         _finish(record, suffix)
         return
-    evaluation = steps.evaluate_best(cfg, plan, data, trials, record, echo, suffix)
+    evaluation = steps.evaluate_best(cfg, plan, data, trials, record, suffix=suffix)
     wait_and_send(record.tracker, record.pipeline_id)   # gone again meanwhile?
     # Registering takes seconds; a signal now waits for it, so the registry never holds a
     # version of a run that is not FINISHED.
     with guard.deferring():
-        steps.register_best(cfg, data.manifest, evaluation, record, echo, suffix)
+        steps.register_best(cfg, data.manifest, evaluation, record, suffix=suffix)
         _finish(record, suffix)
 
 
@@ -192,7 +190,7 @@ def _finish(record, suffix: str) -> None:
     record.close("FINISHED")
 
 
-def _close(record, status: str, echo, ext=None) -> None:
+def _close(record, status: str, ext=None) -> None:
     """Close the parent and every trial run still open. The store itself may be what
     failed: then the runs stay open until `--resume` continues them. A stopped extension
     leaves the parent FINISHED (its version is the one it finished with), tagged stopped."""
@@ -218,7 +216,8 @@ def _close(record, status: str, echo, ext=None) -> None:
             return
         except Exception as e:
             if attempt == 2 or "locked" not in str(e):
-                echo(f"[visiontune] could not record the run as {status}: {first_line(e)}")
+                log.warning(f"[visiontune] could not record the run as {status}: "
+                            f"{first_line(e)}")
                 return
             time.sleep(1)
 

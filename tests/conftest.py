@@ -350,16 +350,15 @@ def register_like_the_pipeline(tracking_uri: str, artifacts: str | None, data: P
                        f"tracking.uri={tracking_uri}", f"registry.model_name={name}",
                        *([f"tracking.artifact_location={artifacts}"] if artifacts else []),
                        *overrides])
-    quiet = lambda line: None  # noqa: E731
-    record = open_record(cfg, None, None, quiet)
-    manifest = prepare_data(cfg, record, quiet).manifest
+    record = open_record(cfg, None, None)
+    manifest = prepare_data(cfg, record).manifest
     prep = eval_preprocessing(cfg.data, cfg.model)
     paths, labels = manifest.subset("test")
     report = evaluate_on_test(net.eval(), paths, labels, manifest.classes, prep,
                               cfg.evaluation.average)
     best = TrialResult("given", dict(params or {}), "FINISHED", None,
                        best_val_f1=report.metrics["f1"], checkpoint_path="(given)")
-    registered = register_best(cfg, manifest, Evaluation(best, net, prep, report), record, quiet)
+    registered = register_best(cfg, manifest, Evaluation(best, net, prep, report), record)
     record.close("FINISHED")
     return registered, manifest
 

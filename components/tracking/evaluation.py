@@ -49,6 +49,8 @@ def log_mlflow_evaluation(tracking_uri: str, run_id: str, predictions, classes: 
         quiet = [logging.getLogger(n) for n in ("mlflow.models.evaluation", "mlflow.types",
                                                  "mlflow.data")]
         levels = [logger.level for logger in quiet]
+        root = logging.getLogger()
+        root_handlers, root_level = list(root.handlers), root.level
         try:
             for logger in quiet:
                 logger.setLevel(logging.ERROR)
@@ -61,6 +63,12 @@ def log_mlflow_evaluation(tracking_uri: str, run_id: str, predictions, classes: 
         finally:
             for logger, level in zip(quiet, levels):
                 logger.setLevel(level)
+            # mlflow.pytorch's autolog module, which evaluate imports, calls basicConfig: the
+            # root logger is put back, or each console line after it (they propagate, see
+            # pipelines/console.py) would be printed a second time, on stderr
+            for handler in [h for h in root.handlers if h not in root_handlers]:
+                root.removeHandler(handler)
+            root.setLevel(root_level)
 
     worker = threading.Thread(target=evaluate, name="mlflow-evaluate")
     worker.start()

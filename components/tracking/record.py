@@ -4,6 +4,7 @@ pipeline's parent run with its steps (`PipelineRecord`)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from components.tracking.client import (
     STEP_TAG,
     Tracker,
 )
+
+log = logging.getLogger(__name__)   # the steps' console lines (pipelines/console.py)
 
 
 class EpochLogger:
@@ -112,8 +115,8 @@ class PipelineRecord:
                 closed += 1
         return closed
 
-    def run_step(self, name: str, echo: Callable[[str], None], compute: Callable[[], T],
-                 save: Callable[[T], None], load: Callable[[], T] | None = None) -> T:
+    def run_step(self, name: str, compute: Callable[[], T], save: Callable[[T], None],
+                 load: Callable[[], T] | None = None) -> T:
         """Step `name`, once per pipeline run: `compute()` its result and `save` it on this
         run; the step is tagged done only once both succeeded. A resumed run whose step is
         done gets its result back instead: `load()` reads it from this record or, with no
@@ -121,39 +124,39 @@ class PipelineRecord:
         computed again and not saved twice."""
         if self.step_done(name):
             if load is not None:
-                return self.read_back(name, echo, load)
+                return self.read_back(name, load)
             # Outside `step`: a failure now must not turn a recorded step back into "failed"
             # (the next resume would save its result a second time).
-            echo(f"[visiontune] {name}: done before; computed again, recorded once")
+            log.info(f"[visiontune] {name}: done before; computed again, recorded once")
             return compute()
-        with self.step(name, echo):
+        with self.step(name):
             value = compute()
             save(value)
         return value
 
-    def read_back(self, name: str, echo: Callable[[str], None], load: Callable[[], T]) -> T:
+    def read_back(self, name: str, load: Callable[[], T]) -> T:
         """The result of step `name`, done before, read back from this run by `load`."""
         value = load()
-        echo(f"[visiontune] {name}: done before; its result read back from the run")
+        log.info(f"[visiontune] {name}: done before; its result read back from the run")
         return value
 
     @contextlib.contextmanager
-    def step(self, name: str, echo: Callable[[str], None]) -> Iterator[None]:
+    def step(self, name: str) -> Iterator[None]:
         """Tag visiontune.step.<name> running -> done | failed, and time the step."""
         start = time.time()
-        echo(f"[visiontune] {name} ...")
+        log.info(f"[visiontune] {name} ...")
         self.set_tags({STEP_TAG + name: "running"})
         try:
             yield
         except BaseException:
             with contextlib.suppress(Exception):  # the store itself may be what failed
                 self.set_tags({STEP_TAG + name: "failed"})
-            echo(f"[visiontune] {name} stopped after {time.time() - start:.1f}s")
+            log.warning(f"[visiontune] {name} stopped after {time.time() - start:.1f}s")
             raise
         secs = time.time() - start
         self.log_metrics({f"step_seconds_{name}": secs})
         self.set_tags({STEP_TAG + name: "done"})
-        echo(f"[visiontune] {name} done in {secs:.1f}s")
+        log.info(f"[visiontune] {name} done in {secs:.1f}s")
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.tracker.log_params(self.run_id, params)

@@ -5,6 +5,7 @@ them so that a restored sweep calls the live ones (see `_LIVE`)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from components.tracking import Tracker
 from components.tracking.journal import no_space
 from components.tuning.gate import TrialShape, ended_status
 from components.tuning.space import Axis, resolve_params
+
+log = logging.getLogger(__name__)   # the console's lines (pipelines/console.py)
 
 
 @dataclass
@@ -55,12 +58,14 @@ def _short(value: Any) -> str:
 
 class ConsoleProgress(Callback):
     """The sweep for a person: a line when a trial starts (what it tries), a live line per
-    epoch on a terminal, a line when it ends (status, best val F1, epochs, time) with the best
-    so far. Tune's own tables go to the log with the rest of Ray's output."""
+    epoch on a terminal (`status`: terminal-only, so a callable and not a log line), a line
+    when it ends (status, best val F1, epochs, time) with the best so far, both logged. Tune
+    calls it in the driver, where the console's handler is. Tune's own tables go to the log
+    with the rest of Ray's output."""
 
-    def __init__(self, echo: Callable[[str], None], status: Callable[[str], None],
-                 axes: list[Axis], sections: dict, shape: TrialShape, num_trials: int):
-        self.echo, self.status = echo, status
+    def __init__(self, status: Callable[[str], None], axes: list[Axis], sections: dict,
+                 shape: TrialShape, num_trials: int):
+        self.status = status
         self.axes, self.sections = axes, sections
         self.shape, self.num_trials = shape, num_trials
         self.number: dict[str, int] = {}
@@ -79,7 +84,7 @@ class ConsoleProgress(Callback):
         import time
 
         self.started[trial.trial_id] = time.monotonic()
-        self.echo(f"  {self._name(trial)} started: {self._params(trial)}")
+        log.info(f"  {self._name(trial)} started: {self._params(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "val_f1" not in result:
@@ -101,7 +106,7 @@ class ConsoleProgress(Callback):
                 f"{int(m.get('epoch', 0) or 0)} epochs, {took:.0f} s")
         if self.best is not None:
             text += f" | best so far {self.best[0]:.4f} ({self.best[1]})"
-        self.echo(text + detail)
+        (log.warning if status == "FAILED" else log.info)(text + detail)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended(trial, ended_status(trial.last_result, self.shape.epochs_of(trial.config)))

@@ -2,7 +2,8 @@
 
 Every step records its result on the pipeline's MLflow parent run (a `PipelineRecord`) and
 marks itself done there; a resumed run recovers a done step's result from that record instead
-of recomputing or re-logging it. `pipelines.training` only sequences these.
+of recomputing or re-logging it. `pipelines.training` only sequences these. A step logs the
+lines a person follows through its module's logger (`pipelines/console.py` prints them).
 
   plan_search(cfg)                                -> SearchPlan        (nothing recorded)
   prepare_data(cfg, record)                       -> PreparedData      data/ artifacts
@@ -16,7 +17,6 @@ register again under the extension's step names (`tune-x1`, ...).
 """
 
 from pipelines.steps.common import (
-    Echo,
     SearchPlan,
     git_commit,
     new_pipeline_id,
@@ -54,7 +54,7 @@ from pipelines.steps.register import MODEL_URI_TAG, NOTE_TAG, VERSION_TAG, regis
 from pipelines.steps.tune import SearchStopped, model_sizes, tune_trials
 
 __all__ = ["DATASET_CONTEXTS", "DECODED_TAG", "MODEL_URI_TAG", "NOTE_TAG",
-           "VERSION_TAG", "Echo", "Evaluation", "Extension", "Ingested", "PreparedData",
+           "VERSION_TAG", "Evaluation", "Extension", "Ingested", "PreparedData",
            "SearchPlan", "SearchStopped", "Validated", "ingest", "split", "validate",
            "begin_extension", "best_so_far", "evaluate_best", "extension_of",
            "extension_pending", "git_commit",

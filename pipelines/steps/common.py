@@ -1,11 +1,11 @@
-"""What every step shares: the parent run's record, the search plan, progress lines."""
+"""What every step shares: the parent run's record and the search plan."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from components.tuning.space import (
 )
 from pipelines.jobs import CLUSTER_ENV, JOB_ID_ENV
 
-Echo = Callable[[str], None]
+log = logging.getLogger(__name__)   # the console's lines (pipelines/console.py)
 SOURCE_NAME = "visiontune run"  # the entry point, as the run page's "Source" names it
 
 
@@ -47,22 +47,22 @@ def git_commit() -> str | None:
 
 # ----------------------------------------------------------------------------- the record
 
-def open_record(cfg: Config, resume: str | None, extra_tags: dict[str, str] | None,
-                echo: Echo) -> PipelineRecord:
+def open_record(cfg: Config, resume: str | None,
+                extra_tags: dict[str, str] | None) -> PipelineRecord:
     """The parent run: a new one, or with `resume` the run of that pipeline id (reopened
     unless it already finished)."""
     if resume:
         tracker = Tracker(cfg.tracking.uri, run_journal(cfg, resume))
         sent = tracker.send_journal()   # what the last attempt logged while the server was away
         if sent:
-            echo(f"[visiontune] {sent} journaled records of {resume} sent first")
+            log.info(f"[visiontune] {sent} journaled records of {resume} sent first")
         record = PipelineRecord.find(tracker, resume)
         if record is None:
             raise ConfigError(f"--resume {resume}: no pipeline run with that id in the MLflow "
                               f"store {cfg.tracking.uri}")
         if record.status() != "FINISHED":
             record.reopen()
-            echo(f"[visiontune] resuming pipeline {resume} (MLflow run {record.run_id})")
+            log.info(f"[visiontune] resuming pipeline {resume} (MLflow run {record.run_id})")
         return record
 
     tracker = Tracker(cfg.tracking.uri)

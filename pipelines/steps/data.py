@@ -4,6 +4,7 @@ and their record."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from components.data.split import (
 from components.data.validate import DecodeTarget, ValidatedImages, validate_images
 from components.training.metrics import check_average
 from pipelines.console import Progress, console
-from pipelines.steps.common import Echo
+
+log = logging.getLogger(__name__)   # the console's lines (pipelines/console.py)
 
 
 @dataclass(frozen=True)
@@ -56,52 +58,52 @@ class PreparedData:
     stores: tuple[DecodedImages, ...] = ()
 
 
-def prepare_data(cfg: Config, record, echo: Echo = print) -> PreparedData:
+def prepare_data(cfg: Config, record) -> PreparedData:
     """ingest -> validate -> split, each a step of the run. A resumed run whose split is done
     reads back the manifest it logged and the stores its tag names, without ingesting."""
     if record.step_done("split"):
-        return record.read_back("split", echo, lambda: _load_split(record, echo))
-    validated = validate(cfg, ingest(cfg, record, echo), record, echo)
-    manifest = record.run_step("split", echo, lambda: split(cfg, validated, echo),
+        return record.read_back("split", lambda: _load_split(record))
+    validated = validate(cfg, ingest(cfg, record), record)
+    manifest = record.run_step("split", lambda: split(cfg, validated),
                                save=lambda m: _save_split(m, record))
     return PreparedData(manifest, validated.stores)
 
 
-def ingest(cfg: Config, record, echo: Echo) -> Ingested:
+def ingest(cfg: Config, record) -> Ingested:
     """The image files of data.path (the built-in digits without one) and data.test_path."""
     d = cfg.data
-    with record.step("ingest", echo):
+    with record.step("ingest"):
         root = d.path or str(write_digits_folder(d.cache_dir))
         index = index_images(root)
-        echo(f"  {len(index)} image files in {len(index.classes)} classes under {root}")
+        log.info(f"  {len(index)} image files in {len(index.classes)} classes under {root}")
         test_index = index_images(d.test_path) if d.test_path else None
         if test_index is not None:
-            echo(f"  test set: {len(test_index)} image files in {len(test_index.classes)} "
-                 f"classes under {d.test_path}")
+            log.info(f"  test set: {len(test_index)} image files in "
+                     f"{len(test_index.classes)} classes under {d.test_path}")
     return Ingested(root, index, test_index)
 
 
-def validate(cfg: Config, ingested: Ingested, record, echo: Echo) -> Validated:
+def validate(cfg: Config, ingested: Ingested, record) -> Validated:
     """The images that can be read, each decoded once into the sweep's store when
     data.preprocess is on; the skipped ones listed on the run."""
     d, index, test_index = cfg.data, ingested.index, ingested.test_index
-    with record.step("validate", echo):
+    with record.step("validate"):
         # Known only now, and cheaper to refuse here than in every trial.
         check_average(cfg.evaluation.average, len(index.classes))
         # With a separate test set, data.path only has to fill train and val.
         images = validated_images(cfg, index, min_images_per_class(
-            d.val_fraction, d.test_fraction if test_index is None else d.val_fraction), echo)
-        test_images = None if test_index is None else validated_images(cfg, test_index, 1, echo)
+            d.val_fraction, d.test_fraction if test_index is None else d.val_fraction))
+        test_images = None if test_index is None else validated_images(cfg, test_index, 1)
         if test_images is not None:   # no picture of the test set is trained on
             images = drop_near_copies_of_test(images, test_images, d.near_copy_distance)
         stores = tuple(v.decoded for v in (images, test_images)
                        if v is not None and v.decoded is not None)
-        _log_decoded(stores, record, echo)
+        _log_decoded(stores, record)
         skipped = images.skipped + (test_images.skipped if test_images else [])
         for path, reason in skipped[:10]:
-            echo(f"  skipped {path}: {reason}")
+            log.warning(f"  skipped {path}: {reason}")
         if len(skipped) > 10:
-            echo(f"  ... and {len(skipped) - 10} more skipped")
+            log.warning(f"  ... and {len(skipped) - 10} more skipped")
         record.log_metrics({"data_num_images": len(images.index) + (
             len(test_images.index) if test_images else 0), "data_num_skipped": len(skipped)})
         if skipped:
@@ -110,17 +112,17 @@ def validate(cfg: Config, ingested: Ingested, record, echo: Echo) -> Validated:
     return Validated(images, test_images, stores)
 
 
-def split(cfg: Config, validated: Validated, echo: Echo) -> SplitManifest:
+def split(cfg: Config, validated: Validated) -> SplitManifest:
     """train/val/test by content hash, each group of copies kept in one split."""
     d = cfg.data
     split_seed = cfg.seed if d.split_seed is None else d.split_seed
     manifest = split_dataset(validated.images, d.val_fraction, d.test_fraction, split_seed,
                              validated.test_images, d.near_copy_distance)
-    echo(f"  split {manifest.counts()} (split seed {split_seed}"
-         + (f", test split from {d.test_path}" if d.test_path else "")
-         + f"), fingerprint {manifest.fingerprint[:12]}, test images "
-         f"{manifest.test_fingerprint[:12]}")
-    echo(copies_line(manifest))
+    log.info(f"  split {manifest.counts()} (split seed {split_seed}"
+             + (f", test split from {d.test_path}" if d.test_path else "")
+             + f"), fingerprint {manifest.fingerprint[:12]}, test images "
+             f"{manifest.test_fingerprint[:12]}")
+    log.info(copies_line(manifest))
     return manifest
 
 
@@ -157,7 +159,7 @@ def copies_line(manifest: SplitManifest) -> str:
             + "; each group kept in one split")
 
 
-def _load_split(record, echo: Echo) -> PreparedData:
+def _load_split(record) -> PreparedData:
     """The manifest a run saved, and the stores of decoded images its tag names (the stores
     are not saved with the manifest: they lie under ray.storage_path, shared by runs)."""
     with tempfile.TemporaryDirectory() as d:
@@ -165,18 +167,18 @@ def _load_split(record, echo: Echo) -> PreparedData:
         manifest = SplitManifest.load(Path(d) / "data")
     names = record.run().data.tags.get(DECODED_TAG, "")
     stores = tuple(s for s in map(open_store, filter(None, names.split("\n"))) if s is not None)
-    echo(f"  data: the run's manifest {manifest.counts()}, fingerprint "
-         f"{manifest.fingerprint[:12]}")
+    log.info(f"  data: the run's manifest {manifest.counts()}, fingerprint "
+             f"{manifest.fingerprint[:12]}")
     return PreparedData(manifest, stores)
 
 
 DECODED_TAG = "visiontune.decoded_images"   # the stores of decoded images, one per line
 
 
-def validated_images(cfg: Config, index: ImageIndex, min_per_class: int,
-                     echo: Echo) -> ValidatedImages:
+def validated_images(cfg: Config, index: ImageIndex, min_per_class: int, *,
+                     quiet: bool = False) -> ValidatedImages:
     """The readable images of `index`; with data.preprocess, decoded once into a store (or
-    found in one an earlier run built)."""
+    found in one an earlier run built). `quiet`: without the progress lines."""
     d = cfg.data
     target = None
     if d.preprocess:
@@ -184,29 +186,30 @@ def validated_images(cfg: Config, index: ImageIndex, min_per_class: int,
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         target = DecodeTarget(cfg.ray.storage_path, d.image_size, d.channels,
                               cluster=(lambda: _cluster_session(cfg)) if address else None)
-    return validate_images(index, d.on_bad_image, min_per_class,
-                           progress=Progress("  read" if target else "  checked", echo=echo),
-                           decode_to=target, decoding=Progress("  decoded", echo=echo))
+    return validate_images(
+        index, d.on_bad_image, min_per_class,
+        progress=None if quiet else Progress("  read" if target else "  checked", log=log),
+        decode_to=target, decoding=None if quiet else Progress("  decoded", log=log))
 
 
 @contextlib.contextmanager
 def _cluster_session(cfg: Config):
     """The cluster's Ray for a step before the sweep (Ray's own output to a log), and the map
     that runs the decoding as Ray tasks on it."""
-    log = Path(tempfile.gettempdir()) / "visiontune" / "ray-data-step.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with console.ray_output_to(log), ray_session(cfg.ray.address, cfg.ray.num_cpus):
+    ray_log = Path(tempfile.gettempdir()) / "visiontune" / "ray-data-step.log"
+    ray_log.parent.mkdir(parents=True, exist_ok=True)
+    with console.ray_output_to(ray_log), ray_session(cfg.ray.address, cfg.ray.num_cpus):
         yield ray_map
 
 
-def _log_decoded(stores: tuple[DecodedImages, ...], record, echo: Echo) -> None:
+def _log_decoded(stores: tuple[DecodedImages, ...], record) -> None:
     for s in stores:
         size = f"{len(s.paths)} images at {s.image_size} px x {s.channels} channel(s)"
         if s.decoded:
-            echo(f"  decoded {size} once for the sweep into {s.location}")
+            log.info(f"  decoded {size} once for the sweep into {s.location}")
         else:
-            echo(f"  reusing the decoded images of an earlier run: {s.location} ({size}; "
-                 "nothing decoded)")
+            log.info(f"  reusing the decoded images of an earlier run: {s.location} ({size}; "
+                     "nothing decoded)")
     if stores:
         record.set_tags({DECODED_TAG: "\n".join(s.location for s in stores)})
         record.log_metrics({"data_decoded_images": sum(s.decoded for s in stores)})

@@ -3,6 +3,7 @@ with the sweep's review (leaderboard, curves, importance) on the parent run."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,10 @@ from components.models import build_model
 from components.training.checkpoint import load_best_weights
 from components.tuning.driver import TrialResult
 from components.tuning.space import set_params
-from pipelines.steps.common import Echo, SearchPlan
+from pipelines.steps.common import SearchPlan
 from pipelines.steps.data import PreparedData
+
+log = logging.getLogger(__name__)   # the console's lines (pipelines/console.py)
 
 # ----------------------------------------------------------------------------- evaluate
 
@@ -53,8 +56,7 @@ class Evaluation:
 
 
 def evaluate_best(cfg: Config, plan: SearchPlan, data: PreparedData,
-                  trials: list[TrialResult], record, echo: Echo = print,
-                  suffix: str = "") -> Evaluation:
+                  trials: list[TrialResult], record, *, suffix: str = "") -> Evaluation:
     """The best trial by val F1, loaded from its best epoch and run once on the test split.
     Recomputed on resume (deterministic, seconds); recorded only once. `suffix`: an
     extension's ("-x1"), its step and parameters named after it."""
@@ -71,16 +73,16 @@ def evaluate_best(cfg: Config, plan: SearchPlan, data: PreparedData,
         report = evaluate_on_test(model, test_paths, test_labels, manifest.classes, prep,
                                   cfg.evaluation.average, decoded=data.stores)
         low, high = report.f1_interval
-        echo(f"  best trial {best.trial_id}: val_f1={best.best_val_f1:.4f} (selection score: "
-             f"best of {len(trials)}, optimistic) test_f1={report.metrics['f1']:.4f} "
-             f"[{low:.4f}, {high:.4f}] ({report.average}, 95% interval over test images)")
+        log.info(f"  best trial {best.trial_id}: val_f1={best.best_val_f1:.4f} (selection "
+                 f"score: best of {len(trials)}, optimistic) test_f1={report.metrics['f1']:.4f} "
+                 f"[{low:.4f}, {high:.4f}] ({report.average}, 95% interval over test images)")
         for warning in report.warnings:
-            echo(f"  note: {warning}")
-        importance = sweep_importance(cfg, plan, trials, echo)
+            log.warning(f"  note: {warning}")
+        importance = sweep_importance(cfg, plan, trials)
         return Evaluation(best, model, prep, report, importance)
 
     return record.run_step(
-        "evaluate" + suffix, echo, evaluate,
+        "evaluate" + suffix, evaluate,
         save=lambda e: _save_evaluation(plan, manifest, trials, e, record, suffix))
 
 
@@ -89,13 +91,13 @@ def param_prefix(suffix: str) -> str:
     return suffix.lstrip("-") + "." if suffix else ""
 
 
-def sweep_importance(cfg: Config, plan: SearchPlan, trials: list[TrialResult],
-                     echo: Echo) -> Importance:
+def sweep_importance(cfg: Config, plan: SearchPlan,
+                     trials: list[TrialResult]) -> Importance:
     """Which axes mattered (`components.evaluation.importance`), said in one line when it
     ranks them."""
     importance = param_importance(leaderboard(trials), plan.axes, seed=cfg.seed)
     if importance.ranked:   # too few trials: the reason is on the run, not the console
-        echo(f"  {importance.note}")
+        log.info(f"  {importance.note}")
     return importance
 
 

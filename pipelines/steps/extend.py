@@ -16,6 +16,7 @@ is evaluated on the test split and registered only when it is not the one that a
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -34,9 +35,11 @@ from components.errors import first_line
 from components.tracking import PipelineRecord
 from components.tuning.driver import earlier_params
 from components.tuning.space import _marker, grid_points, parse_space
-from pipelines.steps.common import Echo, SearchPlan
+from pipelines.steps.common import SearchPlan
 from pipelines.steps.data import validated_images
 from pipelines.steps.register import REGISTERED_TRIAL_TAG
+
+log = logging.getLogger(__name__)   # the console's lines (pipelines/console.py)
 
 EXTENSIONS_TAG = "visiontune.extensions"   # how many times the run was extended
 # running | stopped (interrupted or failed: `--resume ID` continues it) | done. A run whose
@@ -84,7 +87,7 @@ def extension_pending(record) -> bool:
 
 
 def begin_extension(cfg: Config, before: Config, record, manifest: SplitManifest,
-                    plan: SearchPlan, echo: Echo) -> Extension:
+                    plan: SearchPlan) -> Extension:
     """Check the data is what the run trained on, then record the extension on the parent
     run (its number, the larger budget as the run's config) and reopen it."""
     m = record.run().data.metrics
@@ -114,8 +117,8 @@ def begin_extension(cfg: Config, before: Config, record, manifest: SplitManifest
     except BaseException:
         record.close("FINISHED")   # as it was: it still holds its first sweep and version
         raise
-    echo(f"[visiontune] extending pipeline {record.pipeline_id} (extension {ext.number}): "
-         + ", ".join(f"{k} {_budget(before)[k]} -> {v}" for k, v in changed.items()))
+    log.info(f"[visiontune] extending pipeline {record.pipeline_id} (extension {ext.number}): "
+             + ", ".join(f"{k} {_budget(before)[k]} -> {v}" for k, v in changed.items()))
     return ext
 
 
@@ -159,12 +162,10 @@ def check_data_unchanged(cfg: Config, manifest: SplitManifest, pipeline_id: str,
         raise ConfigError(f"--extend {pipeline_id}: the data changed since the run ({files} "
                           f"image files now, {files_then} then): its trials would not be "
                           "comparable; start a new run instead")
-
-    def quiet(_: str) -> None:
-        pass
     # read as the run read them (its decoded store, found again, gives the same hashes)
-    images = validated_images(cfg, index, 1, quiet)
-    test = validated_images(cfg, test_index, 1, quiet) if test_index is not None else None
+    images = validated_images(cfg, index, 1, quiet=True)
+    test = (validated_images(cfg, test_index, 1, quiet=True) if test_index is not None
+            else None)
     if test is not None:
         images = drop_near_copies_of_test(images, test, d.near_copy_distance)
     seed = cfg.seed if d.split_seed is None else d.split_seed
@@ -219,7 +220,7 @@ def seeds_of(trials) -> tuple:
                  if t.best_val_f1 is not None and t.best_val_f1 >= 0)
 
 
-def warm_start_seeds(cfg: Config, pipeline_id: str, record, echo: Echo) -> tuple:
+def warm_start_seeds(cfg: Config, pipeline_id: str, record) -> tuple:
     """Another run's trials (its leaderboard) as seeds for this run's Optuna, recorded on
     this run; refused for a searcher that cannot use them."""
     import pandas as pd
@@ -247,8 +248,8 @@ def warm_start_seeds(cfg: Config, pipeline_id: str, record, echo: Echo) -> tuple
     seeds = tuple(seeds)
     record.set_tags({WARM_START_TAG: pipeline_id})
     data = other.run().data.tags.get("visiontune.data_fingerprint", "?")[:12]
-    echo(f"  warm start: Optuna is told the {len(seeds)} trials of {pipeline_id} inside this "
-         f"search space first (of {len(board)}; its data: fingerprint {data})")
+    log.info(f"  warm start: Optuna is told the {len(seeds)} trials of {pipeline_id} inside "
+             f"this search space first (of {len(board)}; its data: fingerprint {data})")
     return seeds
 
 

@@ -16,7 +16,6 @@ from components.registry import (
 from components.serving import CODE_TAG
 from components.serving.packaging import inspect_logged_model, log_image_classifier
 from components.tracking.evaluation import log_mlflow_evaluation
-from pipelines.steps.common import Echo
 from pipelines.steps.data import test_dataset_name
 from pipelines.steps.evaluate import Evaluation
 
@@ -26,8 +25,8 @@ REGISTERED_TRIAL_TAG = "visiontune.registered_trial"   # the trial behind that v
 NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI (Markdown)
 
 
-def register_best(cfg: Config, manifest: SplitManifest, evaluation: Evaluation, record,
-                  echo: Echo = print, suffix: str = "") -> RegisteredVersion:
+def register_best(cfg: Config, manifest: SplitManifest, evaluation: Evaluation, record, *,
+                  suffix: str = "") -> RegisteredVersion:
     """Log the model and register it as `challenger` (and `champion` when there is none).
     The model is an MLflow pyfunc from code that takes raw images (bytes or paths) and carries
     its own preprocessing (`components/serving/image_classifier.py`). A resumed run whose
@@ -41,7 +40,7 @@ def register_best(cfg: Config, manifest: SplitManifest, evaluation: Evaluation, 
                                  model_version_aliases(record.tracker, name, version))
 
     return record.run_step(
-        "register" + suffix, echo,
+        "register" + suffix,
         lambda: _register(name, manifest, evaluation, record, MODEL_URI_TAG + suffix),
         save=lambda registered: _save_registered(registered, manifest, evaluation, record),
         load=registered_before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,14 +28,16 @@ from components.tuning.plan import ResourcePlan, plan_sweep
 from components.tuning.probe import probe_costs
 from components.tuning.space import grid_points
 from pipelines.console import console
-from pipelines.steps.common import Echo, SearchPlan
+from pipelines.steps.common import SearchPlan
 from pipelines.steps.data import PreparedData
 from pipelines.steps.extend import Extension, seeds_of, trials_left
 
+log = logging.getLogger(__name__)   # the console's lines (pipelines/console.py)
+
 # ----------------------------------------------------------------------------- tune
 
-def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record,
-                echo: Echo = print, *, resume: bool = False,
+def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record, *,
+                resume: bool = False,
                 stop_requested: Callable[[], bool] = lambda: False,
                 ext: Extension | None = None, seeds: tuple = ()) -> list[TrialResult]:
     """The Ray Tune search; returns the list of `TrialResult`s. Each trial trains in its own
@@ -43,14 +46,14 @@ def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record,
     run (`pipelines.steps.extend`), whose earlier trials come first in the list; `seeds`:
     another run's trials for Optuna (`--warm-start`)."""
     ext = ext or Extension(record.pipeline_id, 0)
-    with record.step("tune" + ext.suffix, echo):
+    with record.step("tune" + ext.suffix):
         began = time.time()
         job = train_job(cfg, data, record)
         target = TrackingTarget(record.tracker, record.experiment_id, record.run_id)
         log_augmented_samples(cfg, data.manifest, record)
         log_path = ray_log_path(cfg, record.pipeline_id)
         if not console.verbose:
-            echo(f"  Ray's and Tune's own output: {log_path} (--verbose shows it here)")
+            log.info(f"  Ray's and Tune's own output: {log_path} (--verbose shows it here)")
         sizes = model_sizes(cfg, plan)
         with console.ray_output_to(log_path), \
                 ray_session(cfg.ray.address, cfg.ray.num_cpus) as resources:
@@ -60,8 +63,7 @@ def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record,
                                      TrialShape.of(plan.axes, plan.base, cfg.train.epochs,
                                                    None, False, 0, 2), target)
             left = trials_left(cfg, plan, [t.params for t in earlier]) if ext.number else None
-            budget = plan_budget_of(cfg, plan, job, resource_plan, record, began, resume, echo,
-                                    left)
+            budget = plan_budget_of(cfg, plan, job, resource_plan, record, began, resume, left)
             shape = TrialShape.of(plan.axes, plan.base, cfg.train.epochs, budget,
                                   cfg.search.scheduler == "asha", cfg.search.grace_period,
                                   cfg.search.reduction_factor, len(job.val_rows[0]))
@@ -70,15 +72,15 @@ def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record,
                 resource_plan = plan_resources(cfg, plan, resources, sizes, launch["count"])
             job = dataclasses.replace(job, train=dataclasses.replace(
                 job.train, num_workers=resource_plan.workers_per_trial))
-            record_plan(cfg, resource_plan, record, echo)
+            record_plan(cfg, resource_plan, record)
             gate = SweepGate(ext.experiment, shape, plan=budget,
                              deadline=None if budget is None else
                              began + budget_left(cfg, record, resume or ext.number > 0),
                              stop_at_f1=cfg.search.stop_at_f1,
                              stop_no_improvement=cfg.search.stop_no_improvement)
             seeds = seeds or seeds_of(earlier)
-            echo(search_line(cfg, budget, len(seeds)))
-            progress = ConsoleProgress(echo, console.status, plan.axes, plan.base, shape,
+            log.info(search_line(cfg, budget, len(seeds)))
+            progress = ConsoleProgress(console.status, plan.axes, plan.base, shape,
                                        launch["count"])
             outcome = run_search(job, plan.axes, cfg.search, plan=resource_plan,
                                  storage_path=cfg.ray.storage_path,
@@ -92,11 +94,11 @@ def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record,
                                  earlier=tuple(earlier))
         counts = {s: sum(t.status == s for t in outcome.trials)
                   for s in ("FINISHED", "KILLED", "FAILED")}
-        echo(f"  trials: {counts}" + ("" if outcome.complete else " (search stopped)"))
+        log.info(f"  trials: {counts}" + ("" if outcome.complete else " (search stopped)"))
         record.log_metrics({"sweep_seconds": time.time() - began})
         if outcome.complete:
             record_sweep_end(record, gate, budget, launch["count"], outcome.trials,
-                             time.time() - began, resource_plan.concurrent_trials, echo)
+                             time.time() - began, resource_plan.concurrent_trials)
             record.log_metrics({f"trials_{k.lower()}": v for k, v in counts.items()})
             if log_path.is_file() and log_path.stat().st_size:
                 record.log_artifact(log_path, "logs")  # beside the run, for its reviewers
@@ -118,13 +120,13 @@ def train_job(cfg: Config, data: PreparedData, record) -> TrainJob:
         group_keys=manifest.group_keys() if cfg.data.cv_folds else {})
 
 
-def record_plan(cfg: Config, resource_plan, record, echo: Echo) -> None:
+def record_plan(cfg: Config, resource_plan, record) -> None:
     """How the sweep uses the cluster, on the parent run's tags and the console."""
     record.set_tags({"visiontune.plan.workers_per_trial": resource_plan.workers_per_trial,
                      "visiontune.plan.trials_at_once": resource_plan.concurrent_trials,
                      "visiontune.plan.in_trial": resource_plan.in_trial,
                      "visiontune.plan.reason": resource_plan.reason})
-    echo("  " + resource_plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
+    log.info("  " + resource_plan.describe(cfg.train.epochs * max(cfg.data.cv_folds, 1)))
 
 
 def search_line(cfg: Config, budget, seeds: int = 0) -> str:
@@ -159,7 +161,7 @@ def stop_rules(search) -> str:
 
 
 def plan_budget_of(cfg: Config, plan: SearchPlan, job: TrainJob, resource_plan: ResourcePlan,
-                   record, began: float, resume: bool, echo: Echo,
+                   record, began: float, resume: bool,
                    left: dict | None = None) -> BudgetPlan | None:
     """`search.budget`'s plan (`components.tuning.budget`): measured and chosen once per
     pipeline run and kept on the parent run, so a resumed run trains the same plan."""
@@ -170,7 +172,7 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job: TrainJob, resource_plan: 
     saved = record.run().data.tags.get(BUDGET_TAG)
     if resume and saved:
         budget = b.from_json(json.loads(saved))
-        echo("  " + budget.describe().split("\n")[0] + " (the run's plan, kept on resume)")
+        log.info("  " + budget.describe().split("\n")[0] + " (the run's plan, kept on resume)")
         return budget
 
     family_of = TrialShape(plan.axes, plan.base, cfg.train.epochs).family
@@ -189,8 +191,8 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job: TrainJob, resource_plan: 
         points = grid_points(plan.axes, se.mode, plan.base) or [{}]
         demand = {n: sum(family_of(p) == n for p in points) * se.num_samples for n in names}
         draws = se.num_samples
-    echo(f"  measuring one epoch of {', '.join(names)} ({resource_plan.concurrent_trials} "
-         f"probe(s) at once) ...")
+    log.info(f"  measuring one epoch of {', '.join(names)} ({resource_plan.concurrent_trials} "
+             f"probe(s) at once) ...")
     # a data-parallel trial's probe holds one of its workers' resources
     costs = probe_costs(job, names, resource_plan.trial_resources() if resource_plan.in_trial
                         else resource_plan.per_worker, resource_plan.concurrent_trials)
@@ -210,7 +212,7 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job: TrainJob, resource_plan: 
     # the whole step's budget and estimate: the probe's seconds are spent from it
     budget = dataclasses.replace(budget, budget_s=parse_duration(se.budget),
                                  estimate_s=budget.estimate_s + (time.time() - began))
-    echo("  " + budget.describe())
+    log.info("  " + budget.describe())
     record.set_tags({BUDGET_TAG: json.dumps(b.to_json(budget))})
     record.log_metrics({"budget_seconds": budget.budget_s,
                         "budget_estimate_seconds": budget.estimate_s})
@@ -241,7 +243,7 @@ def launched_trials(cfg: Config, plan: SearchPlan, budget, shape, left=None) -> 
 
 
 def record_sweep_end(record, gate, budget, planned: int, trials, seconds: float,
-                     slots: int, echo: Echo) -> None:
+                     slots: int) -> None:
     """Why the sweep ended and what stopping saved, on the console and the parent run."""
     not_started = max(0, planned - len(trials))
     why = gate.reason or "every planned trial ran"
@@ -261,7 +263,7 @@ def record_sweep_end(record, gate, budget, planned: int, trials, seconds: float,
         line += f"; {not_started} planned trial(s) not started"
     if gate.budget_stopped:
         line += f"; {gate.budget_stopped} trial(s) stopped at an epoch boundary by the budget"
-    echo(line)
+    log.info(line)
     record.set_tags({"visiontune.sweep.ended_because": why})
     record.log_metrics({"trials_not_started": not_started, "sweep_seconds_saved": saved,
                         "trials_stopped_by_budget": gate.budget_stopped,

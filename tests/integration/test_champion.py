@@ -256,7 +256,7 @@ def test_hook_urls_in_the_config_are_recorded_without_their_secret_path(tmp_path
     secret = "T000/B000/s3cr3tT0ken"
     cfg = load_config([f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                        f"registry.hooks=[https://hooks.example.com/services/{secret}]"])
-    record = open_record(cfg, None, None, lambda line: None)
+    record = open_record(cfg, None, None)
     run = record.run()
     assert run.data.params["registry.hooks"] == "['https://hooks.example.com/services/…']"
     config = open(record.tracker.client.download_artifacts(

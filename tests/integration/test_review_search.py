@@ -17,7 +17,7 @@ from mlflow.artifacts import download_artifacts
 
 from pipelines.compose import load_config
 from pipelines.training import run_training_pipeline
-from tests.conftest import make_image_folder
+from tests.conftest import log_lines, make_image_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,8 +41,8 @@ def course_sweep(tmp_path_factory, local_ray):
                        "train.batch_size=8", "train.epochs=3", "train.lr=0.003",
                        "model.cnn.channels=[8,16]", "search.mode=grid", "search.budget=null",
                        "search.scheduler=none", COURSE_GRID])
-    lines: list[str] = []
-    result = run_training_pipeline(cfg, echo=lines.append)
+    with log_lines("pipelines") as lines:   # the run's console lines
+        result = run_training_pipeline(cfg)
     return cfg, result, lines
 
 

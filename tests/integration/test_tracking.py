@@ -125,10 +125,11 @@ def test_a_step_runs_once_and_a_resumed_run_reads_its_result_back(tracker):
     resumed run loads the saved result (or recomputes it, unsaved, without `load`); a step
     that failed while saving runs again."""
     from components.tracking import PipelineRecord
+    from tests.conftest import log_lines
 
     t, exp, parent = tracker
     record = PipelineRecord(t, exp, parent, "vt-test")
-    calls, lines = [], []
+    calls = []
 
     def compute(x):
         calls.append(("compute", x))
@@ -138,20 +139,21 @@ def test_a_step_runs_once_and_a_resumed_run_reads_its_result_back(tracker):
         calls.append(("save", value))
         record.log_metrics({"doubled": value})
 
-    assert record.run_step("double", lines.append, lambda: compute(21), save,
+    assert record.run_step("double", lambda: compute(21), save,
                            load=lambda: "from the record") == 42
     assert calls == [("compute", 21), ("save", 42)] and record.step_done("double")
     # resumed: compute does not run again, nothing is saved twice
-    assert record.run_step("double", lines.append, lambda: compute(1), save,
-                           load=lambda: "loaded") == "loaded"
+    with log_lines("components.tracking.record") as lines:
+        assert record.run_step("double", lambda: compute(1), save,
+                               load=lambda: "loaded") == "loaded"
     assert calls == [("compute", 21), ("save", 42)]
     assert "[visiontune] double: done before; its result read back from the run" in lines
     # without `load`: computed again, not saved
-    assert record.run_step("double", lines.append, lambda: compute(5), save) == 10
+    assert record.run_step("double", lambda: compute(5), save) == 10
     assert calls[-1] == ("compute", 5) and ("save", 10) not in calls
     # ... and a failure while computing it again leaves the step done (saved once)
     with pytest.raises(ZeroDivisionError):
-        record.run_step("double", lines.append, lambda: 1 / 0, save)
+        record.run_step("double", lambda: 1 / 0, save)
     assert record.step_done("double")
     assert [m.value for m in t.metric_history(parent, "doubled")] == [42]
 
@@ -159,10 +161,10 @@ def test_a_step_runs_once_and_a_resumed_run_reads_its_result_back(tracker):
         raise OSError("store lost")
 
     with pytest.raises(OSError):
-        record.run_step("fragile", lines.append, lambda: compute(1), broken_save)
+        record.run_step("fragile", lambda: compute(1), broken_save)
     assert not record.step_done("fragile")
     assert t.client.get_run(parent).data.tags["visiontune.step.fragile"] == "failed"
-    assert record.run_step("fragile", lines.append, lambda: compute(3), save) == 6
+    assert record.run_step("fragile", lambda: compute(3), save) == 6
 
 
 def test_a_table_is_logged_as_a_csv_artifact(tracker, tmp_path):

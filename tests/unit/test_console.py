@@ -7,6 +7,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+from tests.conftest import log_lines
+
 SCRIPT = r"""
 import os, sys
 from pathlib import Path
@@ -72,24 +74,27 @@ def test_one_line_per_trial_start_and_end_with_the_best_so_far():
     from components.tuning.gate import TrialShape
     from components.tuning.space import parse_space
 
-    lines = []
+    status = []              # the live line: terminal-only, not logged
     axes = parse_space({"train.optimizer": {"grid": ["adam", "sgd"]},
                         "train.lr": {"loguniform": [1e-4, 1e-2]}})
     sections = {}
-    p = ConsoleProgress(lines.append, lines.append, axes, sections, TrialShape(axes, sections, 3),
+    p = ConsoleProgress(status.append, axes, sections, TrialShape(axes, sections, 3),
                         num_trials=2)
 
     def trial(tid, config, **result):
         return SimpleNamespace(trial_id=tid, config=config, last_result=result)
 
-    a = trial("t_a", {"train.optimizer": "adam", "train.lr": 0.00123456})
-    p.on_trial_start(0, [], a)
-    a.last_result = {"epoch": 3, "best_val_f1": 0.91, "best_epoch": 2, "val_f1": 0.9}
-    p.on_trial_complete(0, [], a)
-    b = trial("t_b", {"train.optimizer": "sgd", "train.lr": 0.01})
-    p.on_trial_start(0, [], b)
-    b.last_result = {"epoch": 1, "best_val_f1": 0.5, "best_epoch": 1}
-    p.on_trial_error(0, [], b)
+    with log_lines("components.tuning.callbacks") as lines:
+        a = trial("t_a", {"train.optimizer": "adam", "train.lr": 0.00123456})
+        p.on_trial_start(0, [], a)
+        a.last_result = {"epoch": 3, "best_val_f1": 0.91, "best_epoch": 2, "val_f1": 0.9}
+        p.on_trial_result(0, [], a, a.last_result)
+        p.on_trial_complete(0, [], a)
+        b = trial("t_b", {"train.optimizer": "sgd", "train.lr": 0.01})
+        p.on_trial_start(0, [], b)
+        b.last_result = {"epoch": 1, "best_val_f1": 0.5, "best_epoch": 1}
+        p.on_trial_error(0, [], b)
+    assert status == ["  trial 1/2 t_a epoch 3/3: val_f1 0.9000 (best 0.9100)"]
     assert lines[0] == "  trial 1/2 t_a started: optimizer=adam lr=0.00123"
     assert lines[1].startswith("  trial 1/2 t_a FINISHED: best val_f1 0.9100 at epoch 2, "
                                "3 epochs, ")
@@ -107,33 +112,36 @@ class _Clock:
 
 
 def test_progress_lines_every_few_seconds_with_the_rate_after_start_up(monkeypatch):
-    """One progress class for the data steps (lines through `echo`, a cumulative callback)
+    """One progress class for the data steps (lines logged, a cumulative callback)
     and predict (increments, unreadable images): the rate counts from the first update, a
     line at most every `every_s` seconds, and the last one when any was printed."""
+    import logging
+
     import pipelines.console as pc
 
     clock = _Clock()
     monkeypatch.setattr(pc.time, "monotonic", clock)
-    lines = []
-    progress = pc.Progress("  decoded", echo=lines.append, every_s=5)
-    clock.now += 10          # start-up before the first image: not in the rate
-    progress(10, 1000)       # the callback form: done so far, total
-    assert lines == ["  decoded 10/1,000 images (1%)"]
-    clock.now += 2
-    progress(210, 1000)
-    assert len(lines) == 1   # 2 s after the last line
-    clock.now += 4
-    progress(610, 1000)
-    assert lines[-1] == "  decoded 610/1,000 images (61%), 100 images/s, 4 s left"
-    clock.now += 1
-    progress(1000, 1000)     # the last one, though only 1 s later
-    assert lines[-1].startswith("  decoded 1,000/1,000 images (100%)") and len(lines) == 3
-    assert progress.finish().startswith("1,000 images in 17.0 s (59 images/s; 141 images/s "
-                                        "after 10 s of start-up")
+    step = logging.getLogger("pipelines.steps.data")
+    with log_lines("pipelines.steps.data") as lines:
+        progress = pc.Progress("  decoded", log=step, every_s=5)
+        clock.now += 10          # start-up before the first image: not in the rate
+        progress(10, 1000)       # the callback form: done so far, total
+        assert lines == ["  decoded 10/1,000 images (1%)"]
+        clock.now += 2
+        progress(210, 1000)
+        assert len(lines) == 1   # 2 s after the last line
+        clock.now += 4
+        progress(610, 1000)
+        assert lines[-1] == "  decoded 610/1,000 images (61%), 100 images/s, 4 s left"
+        clock.now += 1
+        progress(1000, 1000)     # the last one, though only 1 s later
+        assert lines[-1].startswith("  decoded 1,000/1,000 images (100%)") and len(lines) == 3
+        assert progress.finish().startswith("1,000 images in 17.0 s (59 images/s; 141 images/s "
+                                            "after 10 s of start-up")
 
-    quiet = []
-    short = pc.Progress("  checked", echo=quiet.append, every_s=5)
-    short(3, 3)              # done before the first interval: nothing printed
+    with log_lines("pipelines.steps.data") as quiet:
+        short = pc.Progress("  checked", log=step, every_s=5)
+        short(3, 3)              # done before the first interval: nothing printed
     assert quiet == []
 
     written = []             # a log file, not a terminal: whole lines
@@ -142,3 +150,32 @@ def test_progress_lines_every_few_seconds_with_the_rate_after_start_up(monkeypat
     clock.now += 6
     predict.update(40, 2)
     assert "".join(written) == "predict: 42/100 images (42%), 2 unreadable\n"
+
+
+def test_mlflows_evaluate_leaves_the_root_logger_as_it_was(monkeypatch):
+    """mlflow.pytorch's autolog module, imported by `mlflow.models.evaluate` in the register
+    step, calls `logging.basicConfig`: a root handler would print every console line after it
+    a second time (they propagate), on stderr. The root logger is put back."""
+    import logging
+
+    import mlflow
+    import pandas as pd
+
+    from components.tracking.evaluation import log_mlflow_evaluation
+
+    root = logging.getLogger()
+
+    def evaluate(**kwargs):   # what basicConfig does to a root logger without handlers
+        root.addHandler(logging.StreamHandler())
+        root.setLevel(logging.ERROR)
+        return SimpleNamespace(metrics={"mlflow_test_f1_score": 1.0})
+
+    monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: None)
+    monkeypatch.setattr(mlflow, "start_run", lambda run_id: None)
+    monkeypatch.setattr(mlflow.data, "from_pandas", lambda *a, **k: None)
+    monkeypatch.setattr(mlflow.models, "evaluate", evaluate)
+    before = (list(root.handlers), root.level)
+    predictions = pd.DataFrame({"label": ["cat", "dog"], "prediction": ["cat", "cat"]})
+    assert log_mlflow_evaluation("sqlite://", "run", predictions, ["cat", "dog"], None,
+                                 "pets") == {"mlflow_test_f1_score": 1.0}
+    assert (list(root.handlers), root.level) == before

@@ -23,6 +23,7 @@ from components.data import (
 )
 from components.data.copies import distance, group_copies, near_pairs
 from components.data.validate import DecodeTarget
+from tests.conftest import log_lines
 
 CLASSES = ("cat", "dog")
 DEFAULT = DataConfig.near_copy_distance
@@ -207,9 +208,9 @@ def test_the_data_step_prints_and_records_the_copies(planted, tmp_path):
     cfg = load_config(["data=folder", f"data.path={root}", "data.image_size=32",
                        f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path}/art",
                        f"ray.storage_path={tmp_path}/ray"])
-    lines: list[str] = []
-    record = open_record(cfg, None, None, lines.append)
-    manifest = prepare_data(cfg, record, lines.append).manifest
+    with log_lines("pipelines.steps") as lines:
+        record = open_record(cfg, None, None)
+        manifest = prepare_data(cfg, record).manifest
     record.close("FINISHED")
     assert f"  copies: {len(manifest.paths)} images in 80 groups: 30 exact copies, 15 " \
            "near-copies (pHash <= 4 bits), 3 label conflicts (6 files left out); each group " \

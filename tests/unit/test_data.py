@@ -13,7 +13,7 @@ from components.data import (
     write_digits_folder,
 )
 from components.data.split import compute_fingerprint, min_images_per_class
-from tests.conftest import make_image_folder
+from tests.conftest import log_lines, make_image_folder
 
 
 def test_index_ignores_hidden_root_and_non_image_files(image_folder):
@@ -329,9 +329,9 @@ def test_the_pipeline_data_step_uses_split_seed_and_test_path(tmp_path):
 
     def manifest(*extra):
         cfg = load_config([*base, *extra])
-        lines = []
-        record = open_record(cfg, None, None, lines.append)
-        return prepare_data(cfg, record, lines.append).manifest, lines
+        with log_lines("pipelines.steps") as lines:
+            record = open_record(cfg, None, None)
+            return prepare_data(cfg, record).manifest, lines
 
     default, _ = manifest("seed=3")
     seeded, _ = manifest("seed=3", "data.split_seed=0")

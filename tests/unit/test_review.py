@@ -257,7 +257,7 @@ def test_split_datasets_and_source_on_the_parent_run(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config([f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path}/art"])
-    record = open_record(cfg, None, None, lambda line: None)
+    record = open_record(cfg, None, None)
     root = str(tmp_path / "pets")
     manifest = SplitManifest(root, [f"{root}/{c}/{i}.png" for c in ("cat", "dog")
                                     for i in range(5)],
