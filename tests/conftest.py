@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytest_plugins = ["tests.scheduling"]   # how workers share the machine under pytest-xdist
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own stores
 
@@ -75,7 +77,7 @@ def local_ray():
     controller died; without it, the workers of a trial stopped by ASHA keep their CPUs."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True,
+    ray.init(address="local", num_cpus=2, include_dashboard=True,
              configure_logging=False)
     try:
         yield ray

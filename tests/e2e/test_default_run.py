@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import cli_env, stop_group
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timed]
 
 WALL_LIMIT_S = 200
 

@@ -244,6 +244,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+@pytest.mark.timed
 def test_paths_a_client_names_are_refused_alike_and_the_server_keeps_answering(
         server, incoming, tmp_path):
     """Server files named by a client: /etc/passwd, a FIFO (which blocked a worker thread
@@ -277,6 +278,7 @@ def test_paths_a_client_names_are_refused_alike_and_the_server_keeps_answering(
     assert status == 200
 
 
+@pytest.mark.timed
 def test_decompression_bombs_are_row_errors_in_bounded_time_and_memory(server, incoming):
     import time
 
@@ -306,6 +308,7 @@ def test_decompression_bombs_are_row_errors_in_bounded_time_and_memory(server, i
     assert status == 200
 
 
+@pytest.mark.timed
 def test_a_request_over_its_pixel_budget_gets_row_errors_and_the_next_one_is_answered(
         server, incoming):
     """Images each under the per-image limit, together over the request's budget: the rows

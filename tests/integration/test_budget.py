@@ -63,6 +63,7 @@ def _planned_epochs(parent, child, default: int) -> int:
     return int(child.data.params.get("train.epochs", by_family.get(family, default)))
 
 
+@pytest.mark.timed
 def test_the_course_comparison_fits_a_four_minute_budget(tmp_path):
     """The issue's check: 16 trials of the course comparison with search.budget=4m end within
     the budget plus one epoch, exit 0, nothing RUNNING, every trial FINISHED or KILLED with an
@@ -88,6 +89,7 @@ def test_the_course_comparison_fits_a_four_minute_budget(tmp_path):
     assert m["trials_finished"] + m["trials_killed"] == len(children)
 
 
+@pytest.mark.timed
 def test_a_tight_budget_stops_trials_at_an_epoch_boundary_and_starts_no_more(tmp_path):
     """A budget that cannot hold the configured trials: some are not started, a running one
     is stopped at an epoch boundary (KILLED, its epochs intact), the sweep ends within the

@@ -191,6 +191,7 @@ def test_a_huge_space_falls_back_to_pairs_and_still_finds_a_clash(monkeypatch):
         check_space(parse_space(space), _sections(model__name="resnet18"), "random")
 
 
+@pytest.mark.timed
 def test_default_search_is_valid_and_fast():
     import time
 

@@ -114,6 +114,7 @@ def test_mcnemar_is_scipys_exact_binomial_test(b, c):
     assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-9, abs=1e-300)
 
 
+@pytest.mark.timed
 def test_mcnemar_is_fast_at_ten_thousand_each_way_and_says_which_side_it_favours():
     start = time.perf_counter()
     p = mcnemar_exact(10_000, 10_000), mcnemar_exact(9_700, 10_300)

@@ -206,6 +206,7 @@ def test_input_without_image_or_path_is_refused():
     assert row.error[0].startswith("no image")
 
 
+@pytest.mark.timed
 def test_paths_are_read_only_under_an_allowed_root_and_refused_alike(tmp_path, monkeypatch):
     """A client names a server file: missing, outside, a symlink out, a FIFO, a device, a
     folder all get one answer, at once; a regular file under the allowed root is read."""
@@ -276,6 +277,7 @@ print(json.dumps(grown))
 """
 
 
+@pytest.mark.timed
 def test_decoding_is_bounded_per_image(monkeypatch):
     import time
 

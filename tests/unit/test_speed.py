@@ -33,6 +33,9 @@ from tests.conftest import register_untrained_model
 KINDS = {"small": {}, "big": {"model": "resnet18"}}
 
 
+pytestmark = pytest.mark.timed   # latencies against a timing of the test's own
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, dict]:
     """Each kind registered, downloaded and measured once: {kind: {"dir", "speed"}}."""
