@@ -76,25 +76,41 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(3, min(8, (os.cpu_count() or 2) + 1))
 
 
-def _path(config, item) -> str:
-    return Path(str(item.fspath)).relative_to(config.rootpath).as_posix()
+def group_of(nodeid: str) -> str:
+    """What must stay on one worker: the served-pipeline modules together, a fault test alone,
+    any other test with its module."""
+    path = nodeid.split("::")[0]
+    if path in _SERVED:
+        return SERVED_PIPELINE_GROUP
+    return nodeid if path.startswith(_PER_TEST) else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduler with our groups. (Its `--dist loadgroup` marks do nothing with
+    pytest 9.2: xdist 3.8 renames the tests through `item._nodeid`, which pytest 9.2 no longer
+    reads, so every test was scheduled alone and module fixtures ran on every worker.)
+    `_split_scope` is the method xdist's own LoadFileScheduling overrides for the same end."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return Groups(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Each test's xdist group (what must stay on one worker), then the groups in decreasing
-    expected time; the tests of a group keep their order."""
+    """The groups in decreasing expected time (xdist hands them out in this order, with
+    `--no-loadscope-reorder`); the tests of a group keep their order."""
     groups: dict[str, list] = {}
     per_module: dict[str, int] = {}
     for item in items:
-        path = _path(config, item)
-        per_module[path] = per_module.get(path, 0) + 1
-        group = (SERVED_PIPELINE_GROUP if path in _SERVED
-                 else item.nodeid if path.startswith(_PER_TEST) else path)
-        item.add_marker(pytest.mark.xdist_group(group))
-        groups.setdefault(group, []).append(item)
+        per_module[item.nodeid.split("::")[0]] = per_module.get(item.nodeid.split("::")[0], 0) + 1
+        groups.setdefault(group_of(item.nodeid), []).append(item)
 
     def expected(group: str) -> float:
-        path = _path(config, groups[group][0])
+        path = groups[group][0].nodeid.split("::")[0]
         return _SECONDS.get(group, _SECONDS.get(path, 0) / per_module[path])
 
     order = sorted(groups, key=expected, reverse=True)   # stable: ties keep collection order
