@@ -58,6 +58,7 @@ from components.tuning.space import (
     set_params,
     to_tune_space,
 )
+from components.tuning.sweep_state import repair_before_restore
 
 
 @dataclass
@@ -204,17 +205,19 @@ def _result_of(result, shape: TrialShape, run_ids: dict[str, str], axes: list[Ax
 
 
 def build_search_alg(search: SearchConfig, axes: list[Axis], plan: ResourcePlan, seed: int,
-                     name: str = "", seeds: tuple = ()):
+                     name: str = "", seeds: tuple = (), keep_at: str | None = None):
     """The trial generator; both ask the sweep's gate (`components.tuning.gate`) before each
     new trial. `seeds`: (params, best val F1) of trials run before (an extended run's, or a
-    warm start's), told to Optuna before it suggests anything."""
+    warm start's), told to Optuna before it suggests anything; `keep_at`: the experiment
+    folder where Tune's generator keeps a copy of the sweep's state (`sweep_state`)."""
     if search.algorithm == "optuna":
         return GatedLimiter(name, SeededOptuna(seeds, metric="best_val_f1", mode="max",
                                                seed=seed),
                             max_concurrent=plan.concurrent_trials)
     # The generator caps concurrency itself (Tune ignores max_concurrent_trials next to a
     # generator): trials never wait on each other's workers.
-    return GatedVariantGenerator(name, random_state=seed, max_concurrent=plan.concurrent_trials)
+    return GatedVariantGenerator(name, keep_at, random_state=seed,
+                                 max_concurrent=plan.concurrent_trials)
 
 
 def build_trial_scheduler(search: SearchConfig, epochs: int, name: str = "",
@@ -276,6 +279,8 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
     stopper = StopOnRequest(lambda: stop_requested() or gate.halt is not None)
     callbacks = [stopper, gate] + ([TrialRunCloser(target, shape)] if target is not None
                                    else []) + ([progress] if progress is not None else [])
+    if resume:   # a full disk may have torn Tune's state while it was saved
+        repair_before_restore(exp_path)
     if resume and tune.Tuner.can_restore(exp_path):
         # Finished trials keep their results; unfinished and errored ones run again and
         # their Train runs continue from their last checkpoints (same names, same storage).
@@ -366,7 +371,8 @@ def _new_tuner(trainable, job: TrainJob, axes: list[Axis], search: SearchConfig,
             num_samples=num_samples,
             scheduler=scheduler,
             search_alg=build_search_alg(search, axes, plan, seed, experiment_name,
-                                        launch.seeds),
+                                        launch.seeds, storage.join(storage_path,
+                                                                   experiment_name)),
             # A reused actor saves a process start (and torch's imports) per trial. A trial
             # Tune stops ends at its next report, so a trial that trains itself can always
             # reuse; one that drives a Train run cannot with a scheduler that stops trials

@@ -14,7 +14,8 @@ model family, and the rules that stop launching trials once the answer is in.
   KILLED with its history intact.
 - `GatedVariantGenerator` / `GatedLimiter`: Tune's generator and Optuna's concurrency limiter,
   asking the gate before each new trial, and admitting at once only the trials the live
-  cluster holds (`SweepGate.watch_cluster`, `components.tuning.cluster_watch`).
+  cluster holds (`SweepGate.watch_cluster`, `components.tuning.cluster_watch`); the generator
+  also keeps a copy of the sweep's saved state (`components.tuning.sweep_state`).
 
 Tune pickles its scheduler and search algorithm into the experiment state and calls the
 unpickled copies on `Tuner.restore`; they hold only the sweep's name and find the live gate of
@@ -38,6 +39,7 @@ from components.tuning.budget import BudgetPlan, halving_cutoff, rungs
 from components.tuning.cluster_watch import ClusterWatch
 from components.tuning.plan import ResourcePlan
 from components.tuning.space import Axis, resolve_params
+from components.tuning.sweep_state import keep_copy
 
 _GATES: dict[str, SweepGate] = {}
 
@@ -262,11 +264,21 @@ class FamilyHalving(FIFOScheduler):
 
 
 class GatedVariantGenerator(BasicVariantGenerator):
-    """Tune's grid/random generator; a trial the gate refuses is never started."""
+    """Tune's grid/random generator; a trial the gate refuses is never started. With
+    `keep_at` (the sweep's experiment folder), each time Tune saves the sweep's state the
+    generator keeps a copy of it there that a full disk cannot tear
+    (`components.tuning.sweep_state`)."""
 
-    def __init__(self, name: str, **kwargs):
+    def __init__(self, name: str, keep_at: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.gate_name = name
+        self.gate_name, self.keep_at = name, keep_at
+
+    def save_to_dir(self, dirpath, session_str):
+        # Tune wrote the experiment state to `dirpath` just before: the two make one pair.
+        saved = super().save_to_dir(dirpath, session_str)
+        if saved is not False and getattr(self, "keep_at", None):
+            keep_copy(dirpath, session_str, self.keep_at)
+        return saved
 
     def next_trial(self):
         gate = live_gate(self.gate_name)

@@ -16,6 +16,7 @@ from components.config import Config
 from components.data.dataset import load_image
 from components.data.split import SplitManifest
 from components.durations import format_duration, parse_duration
+from components.errors import UserError
 from components.models import build_model
 from components.training.spec import TrainJob
 from components.training.trainer import worker_resources
@@ -97,6 +98,8 @@ def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record, *,
         log.info(f"  trials: {counts}" + ("" if outcome.complete else " (search stopped)"))
         record.log_metrics({"sweep_seconds": time.time() - began})
         if outcome.complete:
+            check_every_trial_ran(gate, launch["count"], len(outcome.trials) - len(earlier),
+                                  log_path)
             record_sweep_end(record, gate, budget, launch["count"], outcome.trials,
                              time.time() - began, resource_plan.concurrent_trials)
             record.log_metrics({f"trials_{k.lower()}": v for k, v in counts.items()})
@@ -270,6 +273,17 @@ def record_sweep_end(record, gate, budget, planned: int, trials, seconds: float,
                         "trials_run": len(ran)})
 
 
+def check_every_trial_ran(gate, planned: int, ran: int, log_path: Path) -> None:
+    """A sweep that ended with planned trials never started, and no rule of the gate that
+    stopped them, lost them (Tune could not read its saved state back and started over):
+    its record would say the grid was searched when it was not. Nothing is registered."""
+    if gate.reason is None and ran < planned:
+        raise TrialsLost(f"the sweep ended with {planned - ran} of its {planned} planned "
+                         f"trial(s) never started and no rule stopped them (Tune's saved "
+                         f"state of the sweep lost them; see {log_path}): nothing was "
+                         f"registered; start the sweep over as a new run")
+
+
 def _trial_cost(cfg: Config, sizes: dict[str, int], resource_plan):
     """With trials side by side, a grid point's expected cost (its model's parameters: the
     grid's models differ far more in time than anything else on it), so the costliest start
@@ -317,6 +331,10 @@ def ray_log_path(cfg: Config, pipeline_id: str) -> Path:
     if not storage.is_uri(cfg.ray.storage_path):
         return Path(cfg.ray.storage_path) / pipeline_id / "ray.log"
     return Path(tempfile.gettempdir()) / "visiontune" / pipeline_id / "ray.log"
+
+
+class TrialsLost(UserError):
+    """The sweep ended without some of its planned trials and nothing decided so."""
 
 
 class SearchStopped(Exception):

@@ -1,18 +1,21 @@
 """A disk that fills under `ray.storage_path` mid-sweep: a real small tmpfs, filled by the test
 while a trial trains. The run stops with one line naming the path and its free space, nothing
 is registered, and once space is made `visiontune run --resume ID` finishes the record, also
-when the fill tore Ray Train's list of a run's checkpoints."""
+when the fill tore Ray Train's list of a run's checkpoints, or Tune's saved state of the
+sweep (its trials and its grid generator's place in the grid)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from components.training.checkpoint import SNAPSHOT_FILE
+from components.tuning.sweep_state import COPY_FILE
 from tests.faults.test_faults import _assert_no_process_left, _pipeline_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -49,11 +52,12 @@ def _fill(folder: Path) -> Path:
     return ballast
 
 
-def test_a_full_disk_under_the_storage_path_stops_in_one_line_and_resume_finishes(
-        workspace, small_disk):
+def _stopped_by_a_full_disk(workspace, small_disk):
+    """The first run, stopped by the disk filling while a trial trains; space made again.
+    Returns (the parent run, the pipeline id, the id of the trial that was training)."""
     run = workspace.start("run", "--config", str(workspace.config),
                           f"ray.storage_path={small_disk}")
-    workspace.wait_for(workspace.a_trial_mid_training, run)
+    training = workspace.wait_for(workspace.a_trial_mid_training, run)
     parent = workspace.parent()
     ballast = _fill(small_disk)
     code = run.wait(timeout=300)
@@ -67,16 +71,63 @@ def test_a_full_disk_under_the_storage_path_stops_in_one_line_and_resume_finishe
     assert workspace.versions() == []
     assert workspace.client().get_run(parent.info.run_id).info.status in ("FAILED", "KILLED")
     _assert_no_process_left(run.pid)
-
     ballast.unlink()
+    return parent, pipeline_id, training.data.tags["visiontune.trial_id"]
+
+
+def test_a_full_disk_under_the_storage_path_stops_in_one_line_and_resume_finishes(
+        workspace, small_disk):
+    parent, pipeline_id, trial_id = _stopped_by_a_full_disk(workspace, small_disk)
     # The fill tears Ray Train's checkpoint list (rewritten in place at each report) in about
     # one run in three here, and Ray then failed the trial at every restart. Tear it as the
-    # fill does, every time, so the resume below always crosses that path.
-    lists = list(small_disk.rglob(SNAPSHOT_FILE))
-    assert lists, sorted(str(p) for p in small_disk.rglob("*"))[:40]
-    lists[0].write_bytes(b"")
+    # fill does, every time, so the resume below always crosses that path: the list of the
+    # trial the fill stopped (under load the first trial may have finished before it, and
+    # a finished trial does not run again).
+    listed = small_disk / pipeline_id / "train" / trial_id / SNAPSHOT_FILE
+    assert listed.is_file(), sorted(str(p) for p in small_disk.rglob("*"))[:40]
+    listed.write_bytes(b"")
     resumed = workspace.run("run", "--resume", pipeline_id)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     workspace.assert_complete(parent.info.run_id)
     assert "checkpoint list was torn" in (small_disk / pipeline_id / "ray.log").read_text()
 
+
+def test_a_full_disk_that_tore_tunes_sweep_state_resumes_every_planned_trial(
+        workspace, small_disk):
+    """Tune copies its saved state over the files under the storage path in place; the fill
+    tore them once (under load): the resume then ran one trial with an empty config and
+    recorded a finished sweep with half its grid missing. Tear both as a full disk does (the
+    generator's state emptied, the trials' state cut mid-JSON): without the copy visiontune
+    keeps, the resume refuses in one line and changes nothing; with it, every planned trial
+    is run, each once, with its own parameters."""
+    parent, pipeline_id, _ = _stopped_by_a_full_disk(workspace, small_disk)
+    exp = small_disk / pipeline_id
+    generator = next(exp.glob("basic-variant-state-*.json"))
+    trials = next(exp.glob("experiment_state-*.json"))
+    generator.write_bytes(b"")
+    trials.write_bytes(trials.read_bytes()[: trials.stat().st_size // 2])
+    torn = {p: p.read_bytes() for p in (generator, trials)}
+    kept = exp / COPY_FILE
+    kept.rename(exp / "aside.zip")
+
+    refused = workspace.run("run", "--resume", pipeline_id)
+    assert refused.returncode == 1, refused.stdout[-4000:]
+    last = refused.stdout.strip().splitlines()[-1]
+    assert last.startswith("visiontune: error: Tune's saved state of the sweep under "), last
+    assert generator.name in last and "no intact copy" in last, last
+    assert "Traceback" not in refused.stdout
+    assert {p: p.read_bytes() for p in torn} == torn
+    assert workspace.versions() == []
+    assert workspace.client().get_run(parent.info.run_id).info.status == "FAILED"
+
+    (exp / "aside.zip").rename(kept)
+    resumed = workspace.run("run", "--resume", pipeline_id)
+    out = resumed.stdout
+    assert resumed.returncode == 0, out[-4000:]
+    assert "Tune's saved state of the sweep was torn" in out, out[-4000:]
+    started = re.findall(r"trial \d/2 \w+ started: (.*)", out)
+    assert started and all(p.strip() for p in started), out[-4000:]
+    assert "sgd_momentum" in "".join(started), out[-4000:]
+    assert "ended because every planned trial ran" in out and "not started" not in out, out
+    workspace.assert_complete(parent.info.run_id)
+    assert (exp / (generator.name + ".torn")).read_bytes() == b""

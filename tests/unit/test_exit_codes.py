@@ -90,6 +90,8 @@ HIERARCHY = {
     ("components.tuning.plan", "ResourceError"): ERROR,
     ("components.evaluation.scoring", "NoUsableTrialError"): ERROR,
     ("pipelines.training", "PipelineFailed"): ERROR,
+    ("components.tuning.sweep_state", "SweepStateTorn"): ERROR,
+    ("pipelines.steps.tune", "TrialsLost"): ERROR,
 }
 
 
