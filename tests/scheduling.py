@@ -30,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -76,10 +77,14 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(3, min(8, (os.cpu_count() or 2) + 1))
 
 
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
 def group_of(nodeid: str) -> str:
     """What must stay on one worker: the served-pipeline modules together, a fault test alone,
     any other test with its module."""
-    path = nodeid.split("::")[0]
+    path = _module(nodeid)
     if path in _SERVED:
         return SERVED_PIPELINE_GROUP
     return nodeid if path.startswith(_PER_TEST) else path
@@ -104,13 +109,12 @@ def pytest_collection_modifyitems(config, items):
     """The groups in decreasing expected time (xdist hands them out in this order, with
     `--no-loadscope-reorder`); the tests of a group keep their order."""
     groups: dict[str, list] = {}
-    per_module: dict[str, int] = {}
     for item in items:
-        per_module[item.nodeid.split("::")[0]] = per_module.get(item.nodeid.split("::")[0], 0) + 1
         groups.setdefault(group_of(item.nodeid), []).append(item)
+    per_module = Counter(_module(item.nodeid) for item in items)
 
     def expected(group: str) -> float:
-        path = groups[group][0].nodeid.split("::")[0]
+        path = _module(groups[group][0].nodeid)
         return _SECONDS.get(group, _SECONDS.get(path, 0) / per_module[path])
 
     order = sorted(groups, key=expected, reverse=True)   # stable: ties keep collection order
