@@ -129,6 +129,13 @@ class BudgetPlan:
     def trials(self) -> int:
         return sum(f.trials for f in self.families)
 
+    @property
+    def wind_down_s(self) -> float:
+        """What the gate keeps back from the deadline for the sweep to end once its trials
+        stop (the last trial torn down, Tune's state saved, Ray shut down): one trial's
+        measured start, the costliest family's."""
+        return max((f.cost.start_s for f in self.families), default=0.0)
+
     def describe(self) -> str:
         per = ", ".join(f.describe() for f in self.families)
         costs = ", ".join(f"{f.family} {f.cost.epoch_s:.1f} s/epoch" for f in self.families)

@@ -105,7 +105,8 @@ class SweepGate(Callback):
                  plan: BudgetPlan | None = None, stop_at_f1: float | None = None,
                  stop_no_improvement: int | None = None):
         self.name, self.shape, self.plan = name, shape, plan
-        self.deadline = deadline          # time.time() at which the budget runs out
+        self.deadline = deadline          # time.time() by which trials end: the budget's end
+                                          # less the plan's wind-down (BudgetPlan.wind_down_s)
         self.stop_at_f1, self.stop_no_improvement = stop_at_f1, stop_no_improvement
         self.reason: str | None = None    # why no new trial starts
         self.by_rule = False              # closed by stop_at_f1 / stop_no_improvement

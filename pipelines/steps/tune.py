@@ -76,7 +76,8 @@ def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record, *,
             record_plan(cfg, resource_plan, record)
             gate = SweepGate(ext.experiment, shape, plan=budget,
                              deadline=None if budget is None else
-                             began + budget_left(cfg, record, resume or ext.number > 0),
+                             began + budget_left(cfg, record, resume or ext.number > 0)
+                             - budget.wind_down_s,
                              stop_at_f1=cfg.search.stop_at_f1,
                              stop_no_improvement=cfg.search.stop_no_improvement)
             seeds = seeds or seeds_of(earlier)

@@ -69,7 +69,21 @@ class Pipeline:
         return self.proc.pid
 
     def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
+        """The exit code; past `timeout`, the command is killed and the test fails with the
+        end of its output and of Ray's log (a hang is then read, not guessed)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_session(self.pid)
+            pytest.fail(f"`{' '.join(map(str, self.proc.args[1:]))}` still ran after "
+                        f"{timeout:.0f} s:\n{self.output()[-3000:]}\n{self._ray_log_tail()}")
+
+    def _ray_log_tail(self) -> str:
+        found = re.search(r"Ray's and Tune's own output: (\S+)", self.output())
+        log = Path(found.group(1)) if found else None
+        if log is None or not log.is_file():
+            return "(no ray.log)"
+        return f"--- the end of {log}:\n{log.read_text(errors='replace')[-4000:]}"
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -106,8 +106,10 @@ def test_a_tight_budget_stops_trials_at_an_epoch_boundary_and_starts_no_more(tmp
     client, parent, children = _record(tmp_path)
     m = parent.data.metrics
     plan = json.loads(parent.data.tags["visiontune.budget.plan"])
-    epoch = plan["families"][0][4]
-    assert m["sweep_seconds"] <= budget + epoch + 5, (m["sweep_seconds"], out[-3000:])
+    epoch, start = plan["families"][0][4:6]
+    # docs/performance.md: within the budget plus, at worst, one epoch and one trial's start
+    assert m["sweep_seconds"] <= budget + epoch + start, (m["sweep_seconds"], plan,
+                                                         out[-3000:])
     assert "budget" in parent.data.tags["visiontune.sweep.ended_because"]
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     for child in children:

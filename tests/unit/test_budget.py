@@ -119,6 +119,16 @@ def test_the_plan_reads_back_as_it_was_saved():
     assert from_json(to_json(plan)) == plan
 
 
+def test_the_deadline_keeps_one_trial_start_back_for_the_sweep_to_end():
+    """The gate's deadline is the budget's end less the costliest family's measured start:
+    what docs/performance.md promises (budget + one epoch + one start) then holds when the
+    wind-down takes up to a start itself."""
+    plan = plan_budget(150, 2, {"cnn": 4, "resnet18": 4}, 6, {"cnn": CNN, "resnet18": RESNET})
+    assert plan.wind_down_s == RESNET.start_s
+    only_cnn = plan_budget(150, 2, {"cnn": 4}, 6, {"cnn": CNN})
+    assert only_cnn.wind_down_s == CNN.start_s
+
+
 def test_the_halving_cutoff_is_numpys_percentile():
     rng = np.random.default_rng(0)
     for eta in (2, 3, 4):
