@@ -5,14 +5,19 @@ Most of the slow tests wait far more than they compute (a server restarted after
 node that must be noticed gone, a process group that must wind down), so a few workers
 overlap those waits. Four rules keep that honest:
 
-- **Timed tests run alone.** A test marked `timed` asserts a wall-clock bound that is only
-  meaningful on an otherwise idle machine (the default run within 200 s, a 4-minute budget,
-  a McNemar test under 1 s). Before such a test starts, every other worker finishes the test
-  it is running and waits; the timed test then has the machine to itself. Writer-preferring
-  file locks in a folder the workers share do this: the other workers take the machine lock
-  shared for each test, a timed test takes it exclusive, and a second "intent" lock stops
-  new shared holders from starving it.
-- **A module stays on one worker** (its module-scoped Ray or server is started once), and the
+- **Timed tests run first, alone.** A test marked `timed` asserts a wall-clock bound that is
+  only meaningful on an otherwise idle machine (the default run within 200 s, a McNemar test
+  under 1 s, the served model's bounded decoding). A module's timed tests form a group of
+  their own, and the timed groups are handed out first. A timed test takes an exclusive file
+  lock in a folder the workers share (held across consecutive timed tests of one worker) and
+  leaves a mark there when it ends; every other test waits until all the marks are there.
+  Since a worker receives its groups in order, it never holds another test before a timed
+  one, so that wait never waits on itself. No timed test waits for a 3-minute fault test to
+  drain, and none runs beside one. (The first version took the lock per test, timed tests
+  wherever they fell: each waited for the other workers' running tests to end while new
+  ones were held back, and those drains left the cores idle for minutes in CI.)
+- **A module stays on one worker** (its module-scoped Ray or server is started once; its
+  timed tests apart, which therefore use no module fixture of its other tests), and the
   modules that share the session-scoped `served_pipeline` (one trained run behind a real
   `mlflow server`) share a worker, so that run is trained once. The fault tests have no
   fixture wider than a test: each of them is handed out on its own.
@@ -28,8 +33,12 @@ applies and the suite runs serially in one process, as before.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import shutil
+import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -81,13 +90,20 @@ def _module(nodeid: str) -> str:
     return nodeid.split("::")[0]
 
 
-def group_of(nodeid: str) -> str:
-    """What must stay on one worker: the served-pipeline modules together, a fault test alone,
-    any other test with its module."""
+def group_of(nodeid: str, timed: bool = False) -> str:
+    """What must stay on one worker: a module's timed tests together (apart from its other
+    tests), the served-pipeline modules together, a fault test alone, any other test with its
+    module."""
     path = _module(nodeid)
+    if timed:
+        return f"{path}::timed"
     if path in _SERVED:
         return SERVED_PIPELINE_GROUP
     return nodeid if path.startswith(_PER_TEST) else path
+
+
+def _timed_file(run: str) -> Path:
+    return _shared_folder(run) / "timed.json"
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -95,64 +111,84 @@ def pytest_xdist_make_scheduler(config, log):
     """xdist's scope scheduler with our groups. (Its `--dist loadgroup` marks do nothing with
     pytest 9.2: xdist 3.8 renames the tests through `item._nodeid`, which pytest 9.2 no longer
     reads, so every test was scheduled alone and module fixtures ran on every worker.)
-    `_split_scope` is the method xdist's own LoadFileScheduling overrides for the same end."""
+    `_split_scope` is the method xdist's own LoadFileScheduling overrides for the same end.
+    The controller sees test ids only: which are timed, the workers wrote when they collected
+    (`timed.json`); it splits once every worker has collected."""
     from xdist.scheduler import LoadScopeScheduling
 
     class Groups(LoadScopeScheduling):
+        timed: set[str] | None = None
+
         def _split_scope(self, nodeid: str) -> str:
-            return group_of(nodeid)
+            if self.timed is None:
+                self.timed = set(json.loads(_timed_file(next(iter(_runs))).read_text()))
+            return group_of(nodeid, nodeid in self.timed)
 
     return Groups(config, log)
 
 
+def _timed(item) -> bool:
+    return item.get_closest_marker("timed") is not None
+
+
+@pytest.hookimpl(trylast=True)   # after `-k`/`-m` have deselected: only what runs counts
 def pytest_collection_modifyitems(config, items):
-    """The groups in decreasing expected time (xdist hands them out in this order, with
-    `--no-loadscope-reorder`); the tests of a group keep their order."""
+    """The timed groups first, then the others, each in decreasing expected time (xdist
+    hands them out in this order, with `--no-loadscope-reorder`): a worker then never holds
+    another test before a timed one, so waiting for the timed tests cannot wait on itself.
+    The tests of a group keep their order."""
+    global _timed_ids
     groups: dict[str, list] = {}
     for item in items:
-        groups.setdefault(group_of(item.nodeid), []).append(item)
+        groups.setdefault(group_of(item.nodeid, _timed(item)), []).append(item)
     per_module = Counter(_module(item.nodeid) for item in items)
 
     def expected(group: str) -> float:
         path = _module(groups[group][0].nodeid)
         return _SECONDS.get(group, _SECONDS.get(path, 0) / per_module[path])
 
-    order = sorted(groups, key=expected, reverse=True)   # stable: ties keep collection order
+    # stable: ties keep collection order
+    order = sorted(groups, key=lambda g: (not g.endswith("::timed"), -expected(g)))
     items[:] = [item for group in order for item in groups[group]]
+    _timed_ids = [item.nodeid for item in items if _timed(item)]
+    if WORKER:   # for the controller's scheduler; every worker writes the same list
+        part = _timed_file(RUN).with_suffix(f".{WORKER}")
+        part.write_text(json.dumps(_timed_ids))
+        part.replace(_timed_file(RUN))
 
 
-class _MachineLock:
-    """The writer-preferring shared/exclusive lock described in the module docstring."""
-
-    def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.intent = open(folder / "machine.intent", "a+")   # noqa: SIM115 (held open)
-        self.machine = open(folder / "machine.lock", "a+")    # noqa: SIM115
-
-    def acquire(self, alone: bool) -> None:
-        if alone:
-            fcntl.flock(self.intent, fcntl.LOCK_EX)
-            fcntl.flock(self.machine, fcntl.LOCK_EX)
-        else:
-            fcntl.flock(self.intent, fcntl.LOCK_SH)
-            fcntl.flock(self.machine, fcntl.LOCK_SH)
-            fcntl.flock(self.intent, fcntl.LOCK_UN)
-
-    def release(self) -> None:
-        fcntl.flock(self.machine, fcntl.LOCK_UN)
-        fcntl.flock(self.intent, fcntl.LOCK_UN)
-
-
-_lock: _MachineLock | None = None
-
-
+_timed_ids: list[str] = []
 _runs: set[str] = set()
+_holding = False          # this worker holds the timed lock (across consecutive timed tests)
+# How long an untimed test waits for the timed ones at most: a worker that crashed mid-test
+# never leaves its mark, and the suite must go on (with a warning) rather than hang.
+TIMED_PHASE_LIMIT_S = 30 * 60
+
+
+def _mark(nodeid: str) -> Path:
+    return _shared_folder(RUN) / "timed-done" / hashlib.sha1(nodeid.encode()).hexdigest()
+
+
+def _wait_for_the_timed_tests() -> None:
+    deadline = time.monotonic() + TIMED_PHASE_LIMIT_S
+    while not all(_mark(nodeid).exists() for nodeid in _timed_ids):
+        if time.monotonic() > deadline:
+            warnings.warn(f"tests/scheduling.py: the timed tests did not all end within "
+                          f"{TIMED_PHASE_LIMIT_S} s; the other tests go on beside them")
+            _timed_ids.clear()
+            return
+        time.sleep(0.5)
+    _timed_ids.clear()   # checked once per worker
 
 
 def pytest_configure(config):
-    global _lock
+    global _lock_file
     if WORKER:
-        _lock = _MachineLock(_shared_folder(RUN))
+        (_shared_folder(RUN) / "timed-done").mkdir(parents=True, exist_ok=True)
+        _lock_file = open(_shared_folder(RUN) / "timed.lock", "a+")   # noqa: SIM115 (held)
+
+
+_lock_file = None
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -170,12 +206,24 @@ def pytest_unconfigure(config):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """Around each test's setup, call and teardown (module fixtures included)."""
-    if _lock is None:
+    """Around each test's setup, call and teardown (module fixtures included): a timed test
+    holds the timed lock and leaves its mark; any other test first waits for every mark."""
+    global _holding
+    if _lock_file is None:
         yield
         return
-    _lock.acquire(alone=item.get_closest_marker("timed") is not None)
+    if not _timed(item):
+        if _timed_ids:
+            _wait_for_the_timed_tests()
+        yield
+        return
+    if not _holding:
+        fcntl.flock(_lock_file, fcntl.LOCK_EX)
+        _holding = True
     try:
         yield
     finally:
-        _lock.release()
+        _mark(item.nodeid).touch()
+        if nextitem is None or not _timed(nextitem):
+            fcntl.flock(_lock_file, fcntl.LOCK_UN)
+            _holding = False

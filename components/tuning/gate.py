@@ -119,6 +119,7 @@ class SweepGate(Callback):
         self.began: dict[str, float] = {}
         self.durations: list[float] = []  # wall seconds of each trial that ended
         self.cluster: ClusterWatch | None = None  # the live nodes, once watched
+        self.trials_ended: float | None = None     # time.time() when Tune had stopped them all
 
     def watch_cluster(self, plan: ResourcePlan) -> None:
         """From now on, admit at once only the trials the live nodes hold (never more than
@@ -194,6 +195,7 @@ class SweepGate(Callback):
             self.close(self.cluster.halt)
 
     def on_experiment_end(self, trials, **info):
+        self.trials_ended = time.time()   # Tune calls this once its trials are torn down
         if self.cluster is not None:
             self.cluster.release()   # nothing of the sweep left waiting for room
 

@@ -97,7 +97,10 @@ def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record, *,
         counts = {s: sum(t.status == s for t in outcome.trials)
                   for s in ("FINISHED", "KILLED", "FAILED")}
         log.info(f"  trials: {counts}" + ("" if outcome.complete else " (search stopped)"))
-        record.log_metrics({"sweep_seconds": time.time() - began})
+        ended = time.time()
+        # after the trials: Tune's state saved, Ray shut down (docs/performance.md)
+        record.log_metrics({"sweep_seconds": ended - began, "sweep_wind_down_seconds":
+                            ended - (gate.trials_ended or ended)})
         if outcome.complete:
             check_every_trial_ran(gate, launch["count"], len(outcome.trials) - len(earlier),
                                   log_path)

@@ -56,6 +56,15 @@ def _exact_history(client, child, planned_epochs: int) -> int:
     return len(steps)
 
 
+def _assert_within(metrics: dict, budget: float, epoch: float, out: str) -> None:
+    """docs/performance.md: the trials end within the budget plus, at worst, one epoch; the
+    sweep's wind-down after them (Tune's state, Ray's shutdown) is recorded apart."""
+    wind_down = metrics["sweep_wind_down_seconds"]
+    assert 0 < wind_down < 30, (wind_down, out[-3000:])
+    assert metrics["sweep_seconds"] - wind_down <= budget + epoch, (
+        metrics["sweep_seconds"], wind_down, out[-3000:])
+
+
 def _planned_epochs(parent, child, default: int) -> int:
     plan = json.loads(parent.data.tags["visiontune.budget.plan"])
     family = child.data.params.get("model.name", "cnn")
@@ -63,20 +72,21 @@ def _planned_epochs(parent, child, default: int) -> int:
     return int(child.data.params.get("train.epochs", by_family.get(family, default)))
 
 
-@pytest.mark.timed
 def test_the_course_comparison_fits_a_four_minute_budget(tmp_path):
     """The issue's check: 16 trials of the course comparison with search.budget=4m end within
-    the budget plus one epoch, exit 0, nothing RUNNING, every trial FINISHED or KILLED with an
-    exact history, one version registered; the plan's estimate and the outcome recorded."""
+    the budget plus one epoch (docs/performance.md), exit 0, nothing
+    RUNNING, every trial FINISHED or KILLED with an exact history, one version registered;
+    the plan's estimate and the outcome recorded. Not `timed`: the gate holds the sweep to
+    the budget with the epoch times it measures, on a busy machine as on an idle one (a busy
+    one runs fewer epochs)."""
     code, out, wall = _run(tmp_path, "--config",
                            str(REPO / "conf/experiment/course_comparison.yaml"),
                            "search.budget=4m")
     assert code == 0, out[-4000:]
     client, parent, children = _record(tmp_path)
     m = parent.data.metrics
-    epoch = max(json.loads(parent.data.tags["visiontune.budget.plan"])["families"],
-                key=lambda f: f[4])[4]
-    assert m["sweep_seconds"] <= 240 + epoch, (m["sweep_seconds"], out[-3000:])
+    epoch = max(f[4] for f in json.loads(parent.data.tags["visiontune.budget.plan"])["families"])
+    _assert_within(m, 240, epoch, out)
     assert m["budget_seconds"] == 240
     assert 0 < m["budget_estimate_seconds"] <= 240
     assert parent.data.tags["visiontune.sweep.ended_because"]
@@ -89,11 +99,11 @@ def test_the_course_comparison_fits_a_four_minute_budget(tmp_path):
     assert m["trials_finished"] + m["trials_killed"] == len(children)
 
 
-@pytest.mark.timed
 def test_a_tight_budget_stops_trials_at_an_epoch_boundary_and_starts_no_more(tmp_path):
     """A budget that cannot hold the configured trials: some are not started, a running one
-    is stopped at an epoch boundary (KILLED, its epochs intact), the sweep ends within the
-    budget plus one epoch, and the best trial that ran is registered."""
+    is stopped at an epoch boundary (KILLED, its epochs intact), the trials end within the
+    budget plus one epoch, and the best trial that ran is registered.
+    Not `timed`, as above."""
     data = make_image_folder(tmp_path / "images", per_class=60, corrupt=False, size=32)
     budget = 45
     code, out, wall = _run(
@@ -106,10 +116,7 @@ def test_a_tight_budget_stops_trials_at_an_epoch_boundary_and_starts_no_more(tmp
     client, parent, children = _record(tmp_path)
     m = parent.data.metrics
     plan = json.loads(parent.data.tags["visiontune.budget.plan"])
-    epoch, start = plan["families"][0][4:6]
-    # docs/performance.md: within the budget plus, at worst, one epoch and one trial's start
-    assert m["sweep_seconds"] <= budget + epoch + start, (m["sweep_seconds"], plan,
-                                                         out[-3000:])
+    _assert_within(m, budget, plan["families"][0][4], out)
     assert "budget" in parent.data.tags["visiontune.sweep.ended_because"]
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     for child in children:
