@@ -220,8 +220,9 @@ def _draw_more(plans: dict[str, FamilyPlan], demand: dict[str, int], draws: int,
 def _within_wall(plans: dict[str, FamilyPlan], wall: float, slots: int,
                  halve: bool) -> dict[str, FamilyPlan]:
     """Slot-seconds that fit can still overrun the wall when one trial is longer than the
-    rest together: shrink the family with the longest trial until the simulated launch fits."""
-    for _ in range(64):
+    rest together: shrink the family with the longest trial until the simulated launch fits
+    (each step takes a strictly smaller shape of a finite list, so this ends)."""
+    while True:
         if simulate(plans.values(), slots)[1] <= wall:
             break
         family = max(plans, key=lambda f: max(plans[f].durations()))

@@ -129,6 +129,19 @@ def test_the_deadline_keeps_one_trial_start_back_for_the_sweep_to_end():
     assert only_cnn.wind_down_s == CNN.start_s
 
 
+def test_one_long_trial_is_cut_to_the_wall_however_many_epochs_it_loses():
+    """A budget of 41 s on 2 CPUs and 300 configured epochs of 0.19 s: one trial, cut to the
+    wall (90% of the budget). The cut used to stop after 64 epochs, which left a 47 s trial
+    that the gate then refused to start: the run ended with no trial at all."""
+    cost = FamilyCost(epoch_s=0.19, start_s=2.0)
+    plan = plan_budget(40.7, 2, {"cnn": 6}, 300, {"cnn": cost}, draws=3, can_draw_more=True)
+    (family,) = plan.families
+    assert family.trials == 1
+    assert cost.start_s + family.epochs * cost.epoch_s <= 40.7 * 0.9
+    assert cost.start_s + (family.epochs + 1) * cost.epoch_s > 40.7 * 0.9   # no more cut
+    assert plan.estimate_s <= 40.7 * 0.9
+
+
 def test_the_halving_cutoff_is_numpys_percentile():
     rng = np.random.default_rng(0)
     for eta in (2, 3, 4):
