@@ -78,10 +78,20 @@ def halt_reason(plan: ResourcePlan, nodes: list[dict[str, float]]) -> str:
             f"one trial needs {plan.one_trial_needs()})")
 
 
+def _this_cluster() -> str:
+    """The connected cluster's GCS address, for Ray's State API: without one it looks for
+    "the" Ray on this host and fails when there are several (two local sweeps at once, or a
+    local Ray beside a `ray start`)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def _train_controllers_alive(job: str) -> bool:
     from ray.util.state import list_actors
 
-    return bool(list_actors(filters=[("job_id", "=", job), ("state", "=", "ALIVE"),
+    return bool(list_actors(address=_this_cluster(),
+                            filters=[("job_id", "=", job), ("state", "=", "ALIVE"),
                                      ("class_name", "=", "TrainController")], timeout=10,
                             raise_on_missing_output=False))
 
@@ -91,7 +101,8 @@ def _remove_waiting_groups(job: str) -> list[str]:
     from ray.util.placement_group import PlacementGroup, remove_placement_group
     from ray.util.state import list_placement_groups
 
-    groups = list_placement_groups(filters=[("creator_job_id", "=", job)], limit=10_000,
+    groups = list_placement_groups(address=_this_cluster(),
+                                   filters=[("creator_job_id", "=", job)], limit=10_000,
                                    timeout=10, raise_on_missing_output=False)
     waiting = [g.placement_group_id for g in groups if g.state in ("PENDING", "RESCHEDULING")]
     for group in waiting:

@@ -143,8 +143,11 @@ class Cluster:
 def two_nodes():
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    env.pop("RAY_ADDRESS", None)
     cluster = Cluster(env)
+    # As on a machine of its own: Ray's State API inside the cluster (Train's placement-group
+    # cleaner) finds "the" Ray of the host through RAY_ADDRESS, else by scanning for GCS
+    # processes, which fails while another test's Ray runs beside this one (pytest-xdist).
+    env["RAY_ADDRESS"] = cluster.address
     try:
         # The dashboard (State API) lets Train V2 free a killed trial's placement groups.
         cluster.start("--head", f"--port={cluster.gcs}", "--include-dashboard=true",
