@@ -206,10 +206,8 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job: TrainJob, resource_plan: 
     folds = max(1, cfg.data.cv_folds)
     if folds > 1:  # a k-fold trial trains every fold and reports once: no halving
         costs = {n: dataclasses.replace(c, epoch_s=c.epoch_s * folds) for n, c in costs.items()}
-    # an extension plans what earlier sweeps of the run left of the (larger) budget, less
-    # what the gate keeps back for the sweep's wind-down (BudgetPlan.wind_down_s)
-    seconds = (budget_left(cfg, record, left is not None) - (time.time() - began)
-               - max(c.start_s for c in costs.values()))
+    # an extension plans what earlier sweeps of the run left of the (larger) budget
+    seconds = budget_left(cfg, record, left is not None) - (time.time() - began)
     budget = b.plan_budget(
         seconds, resource_plan.concurrent_trials, demand, cfg.train.epochs, costs,
         first_rung=cfg.train.epochs if folds > 1 else min(se.grace_period, cfg.train.epochs),

@@ -99,11 +99,15 @@ def test_the_course_comparison_fits_a_four_minute_budget(tmp_path):
     assert m["trials_finished"] + m["trials_killed"] == len(children)
 
 
-def test_a_tight_budget_stops_trials_at_an_epoch_boundary_and_starts_no_more(tmp_path):
-    """A budget that cannot hold the configured trials: some are not started, a running one
-    is stopped at an epoch boundary (KILLED, its epochs intact), the trials end within the
-    budget plus one epoch, and the best trial that ran is registered.
-    Not `timed`, as above."""
+def test_a_tight_budget_holds_the_trials_and_says_when_the_gate_stopped_them(tmp_path):
+    """A tight budget (45 s, most of it spent starting Ray and probing): the plan fills it, the
+    trials end within the budget plus one epoch, every trial FINISHED or KILLED with its
+    epochs intact, and the best trial that ran is registered. Where the probe's estimate was
+    optimistic, the gate acts: trials not started, or one stopped at an epoch boundary, and
+    the run says the budget ended it; otherwise every planned trial ran. Which of the two
+    happens follows the estimate's error on the machine (both were seen on this one; the
+    gate's rule itself is unit-tested in tests/unit/test_budget.py). Not `timed`, as
+    above."""
     data = make_image_folder(tmp_path / "images", per_class=60, corrupt=False, size=32)
     budget = 45
     code, out, wall = _run(
@@ -117,11 +121,13 @@ def test_a_tight_budget_stops_trials_at_an_epoch_boundary_and_starts_no_more(tmp
     m = parent.data.metrics
     plan = json.loads(parent.data.tags["visiontune.budget.plan"])
     _assert_within(m, budget, plan["families"][0][4], out)
-    assert "budget" in parent.data.tags["visiontune.sweep.ended_because"]
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     for child in children:
         _exact_history(client, child, _planned_epochs(parent, child, 40))
-    assert m["trials_stopped_by_budget"] + m["trials_not_started"] >= 1
+    ended = parent.data.tags["visiontune.sweep.ended_because"]
+    gate_acted = m["trials_stopped_by_budget"] + m["trials_not_started"] >= 1
+    assert ("budget" in ended) == gate_acted, (ended, m)
+    assert gate_acted or ended == "every planned trial ran", (ended, out[-3000:])
     assert len(client.search_model_versions("name = 'visiontune-classifier'")) == 1
 
 
