@@ -127,6 +127,15 @@ def pytest_xdist_make_scheduler(config, log):
     return Groups(config, log)
 
 
+_timed_ids: list[str] = []
+_runs: set[str] = set()
+_holding = False          # this worker holds the timed lock (across consecutive timed tests)
+_lock_file = None         # that lock's file, on a pytest-xdist worker
+# How long an untimed test waits for the timed ones at most: a worker that crashed mid-test
+# never leaves its mark, and the suite must go on (with a warning) rather than hang.
+TIMED_PHASE_LIMIT_S = 30 * 60
+
+
 def _timed(item) -> bool:
     return item.get_closest_marker("timed") is not None
 
@@ -137,7 +146,6 @@ def pytest_collection_modifyitems(config, items):
     hands them out in this order, with `--no-loadscope-reorder`): a worker then never holds
     another test before a timed one, so waiting for the timed tests cannot wait on itself.
     The tests of a group keep their order."""
-    global _timed_ids
     groups: dict[str, list] = {}
     for item in items:
         groups.setdefault(group_of(item.nodeid, _timed(item)), []).append(item)
@@ -150,19 +158,11 @@ def pytest_collection_modifyitems(config, items):
     # stable: ties keep collection order
     order = sorted(groups, key=lambda g: (not g.endswith("::timed"), -expected(g)))
     items[:] = [item for group in order for item in groups[group]]
-    _timed_ids = [item.nodeid for item in items if _timed(item)]
+    _timed_ids[:] = [item.nodeid for item in items if _timed(item)]
     if WORKER:   # for the controller's scheduler; every worker writes the same list
         part = _timed_file(RUN).with_suffix(f".{WORKER}")
         part.write_text(json.dumps(_timed_ids))
         part.replace(_timed_file(RUN))
-
-
-_timed_ids: list[str] = []
-_runs: set[str] = set()
-_holding = False          # this worker holds the timed lock (across consecutive timed tests)
-# How long an untimed test waits for the timed ones at most: a worker that crashed mid-test
-# never leaves its mark, and the suite must go on (with a warning) rather than hang.
-TIMED_PHASE_LIMIT_S = 30 * 60
 
 
 def _mark(nodeid: str) -> Path:
@@ -175,10 +175,9 @@ def _wait_for_the_timed_tests() -> None:
         if time.monotonic() > deadline:
             warnings.warn(f"tests/scheduling.py: the timed tests did not all end within "
                           f"{TIMED_PHASE_LIMIT_S} s; the other tests go on beside them")
-            _timed_ids.clear()
-            return
+            break
         time.sleep(0.5)
-    _timed_ids.clear()   # checked once per worker
+    _timed_ids.clear()   # waited for once per worker
 
 
 def pytest_configure(config):
@@ -186,9 +185,6 @@ def pytest_configure(config):
     if WORKER:
         (_shared_folder(RUN) / "timed-done").mkdir(parents=True, exist_ok=True)
         _lock_file = open(_shared_folder(RUN) / "timed.lock", "a+")   # noqa: SIM115 (held)
-
-
-_lock_file = None
 
 
 @pytest.hookimpl(optionalhook=True)

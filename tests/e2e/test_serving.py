@@ -8,6 +8,7 @@ started here runs in its own process group and is stopped, also when a test fail
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -39,21 +40,26 @@ def pipeline(served_pipeline):
 
 @pytest.fixture(scope="module")
 def server(pipeline):
-    """`mlflow models serve` of the champion, in its own process group (uvicorn runs as its
-    child), stopped after the module."""
-    port = free_port()
-    log = pipeline["tmp"] / "serve.log"
-    # The operator allows path rows under one folder (the `incoming` fixture's); by default
-    # the served model reads only image bytes.
-    # A request may decode 60 M pixels in all (the default is 1,000 M): the budget test below
-    # spends it with two images; every other request here is far under it.
+    """`mlflow models serve` of the champion, stopped after the module. The operator allows
+    path rows under one folder (the `incoming` fixture's); by default the served model reads
+    only image bytes."""
     env = {**pipeline["env"], "MLFLOW_TRACKING_URI": pipeline["uri"],
-           "VISIONTUNE_ALLOWED_PATH_ROOTS": str(pipeline["tmp"] / "incoming"),
-           "VISIONTUNE_MAX_REQUEST_PIXELS": "60000000"}
+           "VISIONTUNE_ALLOWED_PATH_ROOTS": str(pipeline["tmp"] / "incoming")}
+    with serving(MODEL, pipeline["tmp"], env) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(model: str, cwd: Path, env: dict):
+    """`mlflow models serve -m models:/MODEL@champion` in its own process group (uvicorn runs
+    as its child), logging to cwd/serve.log: yields its URL once /ping answers, and stops the
+    group after, also when the test fails."""
+    port = free_port()
+    log = cwd / "serve.log"
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{model}@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=pipeline["tmp"], env=env, start_new_session=True, stdout=open(log, "w"),
+        cwd=cwd, env=env, start_new_session=True, stdout=open(log, "w"),
         stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -8,18 +8,17 @@ otherwise idle; a trained pipeline behind it would put a training run in that ph
 
 from __future__ import annotations
 
-import subprocess
+import os
 
 import pytest
 
-from tests.conftest import free_port, register_untrained_model, stop_group, wait_until_ok
+from tests.conftest import register_untrained_model
 from tests.e2e.test_serving import (
-    BIN,
     CLASSES,
-    SERVERS,
     _b64,
     _post,
     _server_peak_rss_mb,
+    serving,
     write_incoming,
 )
 
@@ -44,27 +43,14 @@ def incoming(served):
 
 @pytest.fixture(scope="module")
 def server(served):
-    """`mlflow models serve` of the champion in its own process group, reading path rows only
-    under the `incoming` folder, with 60 M pixels per request (the budget test spends them)."""
-    import os
-
-    port = free_port()
-    log = served["tmp"] / "serve.log"
+    """`mlflow models serve` of the champion, reading path rows only under the `incoming`
+    folder, with 60 M pixels per request (the default is 1,000 M: the budget test spends 60 M
+    with two images)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": served["uri"], "NO_ALBUMENTATIONS_UPDATE": "1",
            "VISIONTUNE_ALLOWED_PATH_ROOTS": str(served["tmp"] / "incoming"),
            "VISIONTUNE_MAX_REQUEST_PIXELS": "60000000"}
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=served["tmp"], env=env, start_new_session=True, stdout=open(log, "w"),
-        stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ok(f"{url}/ping", proc, log, 180)
-        SERVERS[url] = proc
+    with serving(MODEL, served["tmp"], env) as url:
         yield url
-    finally:
-        stop_group(proc)
 
 
 def test_paths_a_client_names_are_refused_alike_and_the_server_keeps_answering(
@@ -72,7 +58,6 @@ def test_paths_a_client_names_are_refused_alike_and_the_server_keeps_answering(
     """Server files named by a client: /etc/passwd, a FIFO (which blocked a worker thread
     forever), a symlink out of the allowed folder, a path that does not exist. One answer for
     all, at once; the allowed folder's own files are read; the server answers after."""
-    import os
     import time
 
     good, _ = incoming
