@@ -67,7 +67,11 @@ start() {
     # The inner shell records its own pid, which setsid has made a session and process group
     # leader, then execs the server in place: the pid file holds the group id. (Single quotes on
     # purpose: $$, $1 and $@ are the inner shell's.)
+    # Without MLflow's server jobs (GenAI features visiontune does not use): no job runner and
+    # no six huey consumers beside the web worker (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in
+    # the environment turns them back on).
     # shellcheck disable=SC2016
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
     setsid bash -c 'echo $$ > "$1"; shift; exec "$@"' _ "$PID_FILE" \
         "$MLFLOW_BIN" server \
         --host "$HOST" --port "$PORT" \

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import free_port, make_image_folder, stop_ray_nodes
+from tests.conftest import MLFLOW_SERVER_ENV, free_port, make_image_folder, stop_ray_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -83,7 +83,8 @@ def servers(tmp_path_factory, s3_server):
              "--backend-store-uri", f"sqlite:///{tmp}/mlflow-server.db",
              "--artifacts-destination", str(tmp / "artifacts"), "--serve-artifacts",
              "--workers", "1"],
-            env=env, start_new_session=True, stdout=open(tmp / "mlflow.log", "w"),
+            env={**env, **MLFLOW_SERVER_ENV}, start_new_session=True,
+            stdout=open(tmp / "mlflow.log", "w"),
             stderr=subprocess.STDOUT)
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 90)
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 60)

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from tests.conftest import (
+    MLFLOW_SERVER_ENV,
     cli_env,
     free_port,
     register_like_the_pipeline,
@@ -84,7 +85,8 @@ class MlflowServer:
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
              "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.tmp}/mlflow.db",
              "--artifacts-destination", str(self.tmp / "artifacts"), "--workers", "1"],
-            cwd=self.tmp, env=cli_env(), start_new_session=True, stdout=open(log, "w"),
+            cwd=self.tmp, env=cli_env(**MLFLOW_SERVER_ENV), start_new_session=True,
+            stdout=open(log, "w"),
             stderr=subprocess.STDOUT)
         wait_until_ok(f"{self.url}/health", self.proc, log, 120)
 

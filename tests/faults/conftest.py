@@ -23,7 +23,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import make_image_folder
+from tests.conftest import MLFLOW_SERVER_ENV, make_image_folder
 
 BIN = Path(sys.executable).parent
 TRIALS, EPOCHS = 2, 6
@@ -265,7 +265,8 @@ def mlflow_server(tmp_path):
                 [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                  "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination",
                  str(artifacts), "--serve-artifacts", "--workers", "1"],
-                start_new_session=True, stdout=open(tmp_path / "mlflow-server.log", "a"),
+                env={**os.environ, **MLFLOW_SERVER_ENV}, start_new_session=True,
+                stdout=open(tmp_path / "mlflow-server.log", "a"),
                 stderr=subprocess.STDOUT)
             deadline = time.time() + 120
             while time.time() < deadline:

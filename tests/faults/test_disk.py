@@ -93,13 +93,15 @@ def test_a_full_disk_under_the_storage_path_stops_in_one_line_and_resume_finishe
 
 
 def test_a_full_disk_that_tore_tunes_sweep_state_resumes_every_planned_trial(
-        workspace, small_disk):
+        workspace_in_trial, small_disk):
     """Tune copies its saved state over the files under the storage path in place; the fill
     tore them once (under load): the resume then ran one trial with an empty config and
     recorded a finished sweep with half its grid missing. Tear both as a full disk does (the
     generator's state emptied, the trials' state cut mid-JSON): without the copy visiontune
     keeps, the resume refuses in one line and changes nothing; with it, every planned trial
-    is run, each once, with its own parameters."""
+    is run, each once, with its own parameters. Tune's state is the same whichever way a trial
+    trains: here each trains in its trial's process (Ray Train's list: the test above)."""
+    workspace = workspace_in_trial
     parent, pipeline_id, _ = _stopped_by_a_full_disk(workspace, small_disk)
     exp = small_disk / pipeline_id
     generator = next(exp.glob("basic-variant-state-*.json"))

@@ -1,7 +1,12 @@
 """A tracking server that goes away during a sweep: a real `mlflow server` killed mid-trial and
 started again on the same port and store. The sweep rides the outage out (the run's processes
 journal what they log, docs/faults.md) and the record read back through MlflowClient is the
-one a sweep without an outage leaves."""
+one a sweep without an outage leaves.
+
+The outage is ridden out by a 2-worker DDP trial (rank 0 journals while its peer waits at the
+next all-reduce); the other cases train each trial in its Tune trial's process. The journal is
+the same code in both (components/tracking/journal.py, opened by training/rank0.py); a run
+without Ray Train's worker groups costs less than half the CPU, and the suite has 2 cores."""
 
 from __future__ import annotations
 
@@ -71,7 +76,8 @@ def test_tracking_server_restarted_60s_later_the_sweep_rides_it_out(workspace, m
 
 
 def test_driver_sigkilled_during_an_outage_then_resume_sends_the_journal_first(
-        workspace, mlflow_server):
+        workspace_in_trial, mlflow_server):
+    workspace = workspace_in_trial
     run, parent, pipeline_id = _server_killed_mid_training(workspace, mlflow_server)
     deadline = time.time() + 120
     while len(_journal(workspace, pipeline_id)) < 2 and time.time() < deadline:
@@ -90,7 +96,8 @@ def test_driver_sigkilled_during_an_outage_then_resume_sends_the_journal_first(
 
 
 def test_an_outage_longer_than_the_grace_stops_the_sweep_and_resume_sends_the_journal(
-        workspace, mlflow_server):
+        workspace_in_trial, mlflow_server):
+    workspace = workspace_in_trial
     run, parent, pipeline_id = _server_killed_mid_training(workspace, mlflow_server,
                                                            "tracking.outage_grace_s=20")
     killed = time.time()
@@ -110,10 +117,12 @@ def test_an_outage_longer_than_the_grace_stops_the_sweep_and_resume_sends_the_jo
         parent.info.run_id)[0].info.run_id))
 
 
-def test_ctrl_c_during_an_outage_then_resume_once_the_server_is_back(workspace, mlflow_server):
+def test_ctrl_c_during_an_outage_then_resume_once_the_server_is_back(workspace_in_trial,
+                                                                    mlflow_server):
     """Ctrl-C to the process group while the server is away: the command stops as it does
     with a server (exit 130, one line, nothing registered); what it could not record goes to
     the journal, and `--resume ID` sends it first and finishes the record."""
+    workspace = workspace_in_trial
     run, parent, pipeline_id = _server_killed_mid_training(workspace, mlflow_server)
     deadline = time.time() + 60
     while "tracking server unreachable since" not in run.output() and time.time() < deadline:

@@ -1,10 +1,11 @@
 """A soak: one sweep that meets many faults. While it runs, a random trial process is
 SIGKILLed every so often (a bounded number of times) and the tracking server is killed once
 and started again on the same port and store after `outage_s`. Afterwards the record is checked
-through MlflowClient as the fault suite does, and the time the faults cost is measured against
-the same sweep without faults, run first in the same test.
+through MlflowClient as the fault suite does. The full version also measures the time the
+faults cost against the same sweep without faults, run first in the same test.
 
-CI runs the short version (6 trials x 8 epochs, a kill every 10-20 s up to 2, a 20 s outage).
+CI runs the short version (6 trials x 8 epochs, a kill every 10-20 s up to 2, a 20 s outage;
+no sweep without faults: the time lost is a measurement, not a check).
 The full one (12 trials x 12 epochs, a kill every 20-40 s up to 6, a 60 s outage;
 docs/faults.md has its numbers) is
 
@@ -120,10 +121,13 @@ def test_soak_many_kills_and_a_server_restart_leave_an_exact_record(
     config = _soak_config(ws, size)
     trials = 2 * len(size["lrs"]) * len(size["dropouts"])
 
-    began = time.time()
-    calm = ws.run("run", "--config", config, "registry.model_name=soak-baseline", timeout=1200)
-    assert calm.returncode == 0, calm.stdout[-3000:]
-    baseline_s = time.time() - began
+    baseline_s = None
+    if mode == "full":   # the time lost is a measurement (docs/faults.md), not a check
+        began = time.time()
+        calm = ws.run("run", "--config", config, "registry.model_name=soak-baseline",
+                      timeout=1200)
+        assert calm.returncode == 0, calm.stdout[-3000:]
+        baseline_s = time.time() - began
 
     run = ws.start("run", "--config", config)
     began = time.time()
@@ -145,5 +149,6 @@ def test_soak_many_kills_and_a_server_restart_leave_an_exact_record(
         "mode": mode, "trials": trials, "epochs": size["epochs"], "kills": len(faults.killed),
         "killed_at_s": [round(t) for t in faults.killed],
         "outage_s": round(faults.outage[1] - faults.outage[0]), "statuses": statuses,
-        "baseline_s": round(baseline_s), "soak_s": round(soak_s),
-        "time_lost_s": round(soak_s - baseline_s)}))
+        "soak_s": round(soak_s),
+        **({} if baseline_s is None else {"baseline_s": round(baseline_s),
+                                          "time_lost_s": round(soak_s - baseline_s)})}))

@@ -56,13 +56,23 @@ def _exact_history(client, child, planned_epochs: int) -> int:
     return len(steps)
 
 
-def _assert_within(metrics: dict, budget: float, epoch: float, out: str) -> None:
-    """docs/performance.md: the trials end within the budget plus, at worst, one epoch; the
-    sweep's wind-down after them (Tune's state, Ray's shutdown) is recorded apart."""
+def _longest_epoch(tmp: Path) -> float:
+    """The longest epoch any trial took, as Tune recorded it (`time_this_iter_s` in each
+    trial's result.json): on a busy machine an epoch takes longer than the probe measured."""
+    return max((json.loads(line)["time_this_iter_s"]
+                for f in (tmp / "ray_results").rglob("result.json")
+                for line in f.read_text().splitlines() if line.strip()), default=0.0)
+
+
+def _assert_within(metrics: dict, budget: float, epoch: float, out: str, tmp: Path) -> None:
+    """docs/performance.md: the trials end within the budget plus, at worst, one epoch (the
+    plan's estimate of one, or the longest one the trials actually took); the sweep's
+    wind-down after them (Tune's state, Ray's shutdown) is recorded apart."""
     wind_down = metrics["sweep_wind_down_seconds"]
     assert 0 < wind_down < 30, (wind_down, out[-3000:])
+    epoch = max(epoch, _longest_epoch(tmp))
     assert metrics["sweep_seconds"] - wind_down <= budget + epoch, (
-        metrics["sweep_seconds"], wind_down, out[-3000:])
+        metrics["sweep_seconds"], wind_down, epoch, out[-3000:])
 
 
 def _planned_epochs(parent, child, default: int) -> int:
@@ -86,7 +96,7 @@ def test_the_course_comparison_fits_a_four_minute_budget(tmp_path):
     client, parent, children = _record(tmp_path)
     m = parent.data.metrics
     epoch = max(f[4] for f in json.loads(parent.data.tags["visiontune.budget.plan"])["families"])
-    _assert_within(m, 240, epoch, out)
+    _assert_within(m, 240, epoch, out, tmp_path)
     assert m["budget_seconds"] == 240
     assert 0 < m["budget_estimate_seconds"] <= 240
     assert parent.data.tags["visiontune.sweep.ended_because"]
@@ -120,7 +130,7 @@ def test_a_tight_budget_holds_the_trials_and_says_when_the_gate_stopped_them(tmp
     client, parent, children = _record(tmp_path)
     m = parent.data.metrics
     plan = json.loads(parent.data.tags["visiontune.budget.plan"])
-    _assert_within(m, budget, plan["families"][0][4], out)
+    _assert_within(m, budget, plan["families"][0][4], out, tmp_path)
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     for child in children:
         _exact_history(client, child, _planned_epochs(parent, child, 40))
