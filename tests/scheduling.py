@@ -51,21 +51,22 @@ SERVED_PIPELINE_GROUP = "served_pipeline"
 _SERVED = ("tests/e2e/test_serving.py", "tests/e2e/test_security.py", "tests/e2e/test_ui.py")
 # Folders whose tests have no fixture wider than a test: each test may go to any worker.
 _PER_TEST = ("tests/faults/",)
-# Seconds each module took under `pytest -n 3` on 2 cores (2026-12-05, the sum of its tests'
-# times; a module not named here takes under a minute). Only the order uses them.
+# Seconds each module took under `pytest -n 3` on 2 cores (2026-12-06 at 868af98, the sum of
+# its tests' times; a module not named here takes under a minute). Only the order uses them.
 _SECONDS = {
-    "tests/faults/test_faults.py": 1022, "tests/faults/test_outage.py": 567,
-    "tests/integration/test_bad_inputs.py": 450, "tests/faults/test_nodes.py": 411,
-    "tests/integration/test_budget.py": 386, "tests/e2e/test_cluster.py": 241,
-    "tests/integration/test_promotion.py": 240, "tests/integration/test_decoded_once.py": 184,
-    "tests/integration/test_installed.py": 179, "tests/e2e/test_promote.py": 177,
-    "tests/faults/test_disk.py": 128, "tests/integration/test_ddp_worker.py": 127,
-    "tests/e2e/test_default_run.py": 124, "tests/faults/test_soak.py": 115,
-    "tests/integration/test_search_features.py": 107,
-    "tests/integration/test_review_search.py": 107, "tests/faults/test_extend.py": 107,
-    "tests/e2e/test_serve_follow.py": 105, "tests/e2e/test_batch_predict.py": 87,
-    "tests/integration/test_object_storage.py": 81, "tests/integration/test_pipeline.py": 79,
-    SERVED_PIPELINE_GROUP: 121,   # its one trained run, then serving, security and the UI
+    "tests/faults/test_faults.py": 1450, "tests/faults/test_outage.py": 1056,
+    "tests/faults/test_nodes.py": 773, "tests/e2e/test_cluster.py": 575,
+    "tests/integration/test_budget.py": 547, "tests/e2e/test_promote.py": 421,
+    "tests/faults/test_disk.py": 402, "tests/faults/test_soak.py": 296,
+    "tests/e2e/test_serve_follow.py": 275, "tests/integration/test_object_storage.py": 274,
+    "tests/integration/test_bad_inputs.py": 251, "tests/e2e/test_batch_predict.py": 245,
+    "tests/integration/test_decoded_once.py": 191,
+    "tests/integration/test_review_search.py": 186, "tests/faults/test_extend.py": 185,
+    "tests/integration/test_search_features.py": 163,
+    "tests/integration/test_installed.py": 152, "tests/e2e/test_default_run.py": 146,
+    "tests/integration/test_promotion.py": 137, "tests/integration/test_ddp_worker.py": 129,
+    "tests/integration/test_pipeline.py": 121,
+    SERVED_PIPELINE_GROUP: 298,   # its one trained run, then serving, security and the UI
 }
 
 if WORKER:
