@@ -2,9 +2,10 @@
 model family, and the rules that stop launching trials once the answer is in.
 
 - `SweepGate` (a Tune callback) decides whether a new trial may start: not past the deadline,
-  nor when the trial could not reach its first comparison before it; not once a trial reached
-  `search.stop_at_f1`; not after `search.stop_no_improvement` finished trials in a row that did
-  not beat the best. Running trials always go on (to the deadline).
+  nor when the trial could not reach its first comparison before it (a new sweep's first
+  trial: its first epoch); not once a trial reached `search.stop_at_f1`; not after
+  `search.stop_no_improvement` finished trials in a row that did not beat the best. Running
+  trials always go on (to the deadline).
 - `FamilyHalving` (a Tune scheduler) compares a trial only with trials of its own family at
   the same epoch (asynchronous successive halving, one set of rungs per family: ResNet-18
   from scratch learns later than the small CNN, and Tune's ASHA, comparing them with each
@@ -103,10 +104,14 @@ class SweepGate(Callback):
 
     def __init__(self, name: str, shape: TrialShape, *, deadline: float | None = None,
                  plan: BudgetPlan | None = None, stop_at_f1: float | None = None,
-                 stop_no_improvement: int | None = None):
+                 stop_no_improvement: int | None = None, first_needs_one_epoch: bool = True):
         self.name, self.shape, self.plan = name, shape, plan
         self.deadline = deadline          # time.time() by which trials end: the budget's end
                                           # less the plan's wind-down (BudgetPlan.wind_down_s)
+        # A sweep with no trial yet (not a resume or an extension, whose earlier trials have
+        # checkpoints) admits its first trial when one epoch fits, not its first rung: with
+        # none, nothing could be registered (the deadline still stops it at an epoch boundary).
+        self.first_needs_one_epoch = first_needs_one_epoch
         self.stop_at_f1, self.stop_no_improvement = stop_at_f1, stop_no_improvement
         self.reason: str | None = None    # why no new trial starts
         self.by_rule = False              # closed by stop_at_f1 / stop_no_improvement
@@ -153,6 +158,8 @@ class SweepGate(Callback):
             start = planned.cost.start_s if planned else 0.0
             rungs = self.shape.rungs_of(config)
             first = rungs[0] if rungs else self.shape.epochs_of(config)
+            if self.first_needs_one_epoch and self.started == 0:
+                first = 1
             needs = start + first * self._epoch_s(family)
             if time.time() + needs > self.deadline:
                 self.close("the budget is spent" if time.time() >= self.deadline else

@@ -79,7 +79,8 @@ def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record, *,
                              began + budget_left(cfg, record, resume or ext.number > 0)
                              - budget.wind_down_s,
                              stop_at_f1=cfg.search.stop_at_f1,
-                             stop_no_improvement=cfg.search.stop_no_improvement)
+                             stop_no_improvement=cfg.search.stop_no_improvement,
+                             first_needs_one_epoch=not (resume or ext.number > 0))
             seeds = seeds or seeds_of(earlier)
             log.info(search_line(cfg, budget, len(seeds)))
             progress = ConsoleProgress(console.status, plan.axes, plan.base, shape,

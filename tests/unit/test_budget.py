@@ -212,6 +212,25 @@ def test_the_gate_admits_a_trial_only_when_its_first_rung_fits():
     assert "first 6 epoch(s)" in gate.reason
 
 
+def test_the_first_trial_of_a_sweep_needs_one_epoch_to_fit_not_its_first_rung():
+    """Seen under load: the probe and Ray's start took 32 of 45 s, the plan's one trial (24
+    epochs, no halving) no longer fit whole, and the sweep ran no trial at all ("no trial
+    produced a checkpoint"). The first trial is admitted when one epoch fits; the deadline
+    then stops it at an epoch boundary."""
+    shape = _shape({"cnn": (24, 24)})
+    gate = SweepGate("t", shape, deadline=time.time() + 13)
+    gate.epoch_s["cnn"] = 0.6                                       # 24 epochs: 14.4 s
+    assert gate.admits({"grid_point": {"model.name": "cnn"}})       # 1 epoch fits
+    assert not gate.admits({"grid_point": {"model.name": "cnn"}})   # a second: its rung
+    assert "first 24 epoch(s)" in gate.reason
+    resumed = SweepGate("t", shape, deadline=time.time() + 13, first_needs_one_epoch=False)
+    resumed.epoch_s["cnn"] = 0.6
+    assert not resumed.admits({"grid_point": {"model.name": "cnn"}})  # earlier trials exist
+    spent = SweepGate("t", shape, deadline=time.time() + 0.3)
+    spent.epoch_s["cnn"] = 0.6
+    assert not spent.admits({"grid_point": {"model.name": "cnn"}})    # not even one epoch
+
+
 def test_stop_at_f1_and_stop_no_improvement_close_the_gate_with_the_reason():
     gate = SweepGate("t", _shape(), stop_at_f1=0.95)
     gate.on_trial_result(0, [], _trial("a", "cnn"), {"val_f1": 0.94})
