@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Every `mlflow server` a test starts: without MLflow's server jobs (a job runner and six huey
+# Every `mlflow server` a test starts: without MLflow's server jobs (a job runner and seven huey
 # consumers for its GenAI features, none of which visiontune uses; infra/mlflow/Dockerfile
-# turns them off too). With them a server costs 30 CPU-seconds to start instead of 7.
+# turns them off too). With them a server costs 25 CPU-seconds to start instead of 6
+# (benchmarks/mlflow_server_start.py).
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 pytest_plugins = ["tests.scheduling"]   # how workers share the machine under pytest-xdist

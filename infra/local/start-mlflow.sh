@@ -68,7 +68,7 @@ start() {
     # leader, then execs the server in place: the pid file holds the group id. (Single quotes on
     # purpose: $$, $1 and $@ are the inner shell's.)
     # Without MLflow's server jobs (GenAI features visiontune does not use): no job runner and
-    # no six huey consumers beside the web worker (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in
+    # no seven huey consumers beside the web worker (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in
     # the environment turns them back on).
     # shellcheck disable=SC2016
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
