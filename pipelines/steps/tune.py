@@ -74,13 +74,13 @@ def tune_trials(cfg: Config, plan: SearchPlan, data: PreparedData, record, *,
             job = dataclasses.replace(job, train=dataclasses.replace(
                 job.train, num_workers=resource_plan.workers_per_trial))
             record_plan(cfg, resource_plan, record)
+            again = resume or ext.number > 0   # earlier attempts spent budget, left checkpoints
             gate = SweepGate(ext.experiment, shape, plan=budget,
                              deadline=None if budget is None else
-                             began + budget_left(cfg, record, resume or ext.number > 0)
-                             - budget.wind_down_s,
+                             began + budget_left(cfg, record, again) - budget.wind_down_s,
                              stop_at_f1=cfg.search.stop_at_f1,
                              stop_no_improvement=cfg.search.stop_no_improvement,
-                             first_needs_one_epoch=not (resume or ext.number > 0))
+                             first_needs_one_epoch=not again)
             seeds = seeds or seeds_of(earlier)
             log.info(search_line(cfg, budget, len(seeds)))
             progress = ConsoleProgress(console.status, plan.axes, plan.base, shape,

@@ -3,9 +3,9 @@ started again on the same port and store. The sweep rides the outage out (the ru
 journal what they log, docs/faults.md) and the record read back through MlflowClient is the
 one a sweep without an outage leaves.
 
-The outage is ridden out by a 2-worker DDP trial (rank 0 journals while its peer waits at the
-next all-reduce); the other cases train each trial in its Tune trial's process. The journal is
-the same code in both (components/tracking/journal.py, opened by training/rank0.py); a run
+The outage that is ridden out meets 2-worker DDP trials (rank 0 of each worker group
+journals); the other cases train each trial in its Tune trial's process. The journal is the
+same code in both (components/tracking/journal.py, opened by training/rank0.py); a run
 without Ray Train's worker groups costs less than half the CPU, and the suite has 2 cores."""
 
 from __future__ import annotations
