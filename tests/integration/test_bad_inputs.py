@@ -116,9 +116,28 @@ def _run_case(ws, case_id: str, argv: list[str]) -> dict:
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "VISIONTUNE_DEBUG"):
         env.pop(key, None)
     started = time.time()
-    p = subprocess.run([str(BIN / "visiontune"), *[fill(a) for a in argv]], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=300)
-    return {"proc": p, "took": time.time() - started, "cwd": cwd, "fill": fill}
+    with open(cwd / "stdout", "w+") as out, open(cwd / "stderr", "w+") as err:
+        proc = subprocess.Popen([str(BIN / "visiontune"), *[fill(a) for a in argv]], cwd=cwd,
+                                env=env, stdout=out, stderr=err)
+        cpu = _wait_cpu(proc, timeout=300)
+        out.seek(0), err.seek(0)
+        p = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    return {"proc": p, "took": time.time() - started, "cpu": cpu, "cwd": cwd, "fill": fill}
+
+
+def _wait_cpu(proc: subprocess.Popen, timeout: float) -> float:
+    """Wait for the command; the CPU-seconds it and the processes it reaped used (os.wait4's
+    rusage), which, unlike its wall time, do not grow when other tests load the machine."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"`{' '.join(proc.args[1:])}` still ran after {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +163,13 @@ def test_bad_input_is_one_line_without_traceback(outcomes, case_id, expected, co
             and not line.startswith("visiontune: warning:")]
     assert len(ours) == 1, p.stderr[-3000:]
     assert expected in ours[0], ours[0]
-    assert o["took"] < 90, f"{o['took']:.0f}s"
+    # Bounded by what it costs, not by the clock: under the suite's load a 10-CPU-second
+    # mistake took 118 s of wall time. The most any case costs on an idle 2-core machine is
+    # about 12 CPU-seconds (the data mistakes: torch, Ray and MLflow imported, the store
+    # created). The wall bound is for a command that waits (a retry loop, a hang), not one
+    # that computes.
+    assert o["cpu"] < 30, f"{o['cpu']:.1f} CPU-seconds"
+    assert o["took"] < 240, f"{o['took']:.0f}s"
     db = o["cwd"] / "mlflow.db"
     if db.exists():
         assert MlflowClient(f"sqlite:///{db}").search_model_versions() == []

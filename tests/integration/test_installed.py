@@ -1,8 +1,9 @@
 """Installed as users install it, not as a checkout: a wheel of the project, or `pip install .`
 of a clone (not editable), in a fresh virtualenv gives a working `visiontune` in an empty
-folder, conf/ included (it ships as data files, found under <prefix>/share/visiontune/conf),
-and the quick experiment named as the README tells an installed user to name it
-(`--config quick`) runs end to end.
+folder, conf/ included (it ships as data files, found under <prefix>/share/visiontune/conf).
+The wheel imports every module of the checkout from the install; after `pip install .` (the
+same build, installed: what infra/Dockerfile does) the quick experiment named as the README
+tells an installed user to name it (`--config quick`) runs end to end.
 
 The fresh virtualenv gets the project's dependencies (torch, Ray, MLflow: gigabytes) from this
 one's site-packages through a path file instead of a new download; the project itself comes
@@ -53,11 +54,9 @@ def _package(how: str, tmp_path: Path) -> str:
     return str(clone)
 
 
-@pytest.mark.slow
-@pytest.mark.integration
-@pytest.mark.parametrize("how", ["wheel", "folder"])
-def test_installed_in_a_fresh_venv_runs_the_quick_experiment_from_an_empty_folder(how,
-                                                                                tmp_path):
+def _installed(how: str, tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A fresh virtualenv with the project installed `how`, checked to be the installed copy
+    (code and conf/): (its python, an empty folder to run in, the environment to run with)."""
     package = _package(how, tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
@@ -81,7 +80,37 @@ def test_installed_in_a_fresh_venv_runs_the_quick_experiment_from_an_empty_folde
                            env=env, capture_output=True, text=True, check=True).stdout.split()
     assert where[0].startswith(new_site), where        # the wheel's code, not the checkout's
     assert where[1] == str(venv / "share" / "visiontune" / "conf"), where
+    bad = subprocess.run([str(venv / "bin" / "visiontune"), "run", "--config", "nosuch"],
+                         cwd=empty, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "config file not found" in bad.stderr + bad.stdout
+    assert "Traceback" not in bad.stderr
+    return py, empty, env
 
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_wheel_installs_every_module_and_the_conf_files(tmp_path):
+    """The wheel (`pip wheel .`) ships every module of the checkout: each imports from the
+    fresh virtualenv. (It is the build `pip install .` makes and installs: the quick
+    experiment runs once, from the folder install below.)"""
+    py, empty, env = _installed("wheel", tmp_path)
+    modules = sorted(".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(
+        ".__init__") for pkg in ("components", "pipelines") for f in (ROOT / pkg).rglob("*.py"))
+    imported = subprocess.run(
+        [str(py), "-c", "import importlib, sys\nfor m in sys.argv[1:]: "
+         "print(importlib.import_module(m).__file__)", *modules],
+        cwd=empty, env=env, capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    files = imported.stdout.split()
+    assert len(files) == len(modules) and all(not f.startswith(str(ROOT)) for f in files), files
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_installed_in_a_fresh_venv_runs_the_quick_experiment_from_an_empty_folder(tmp_path):
+    """`pip install .` of a clone (what infra/Dockerfile does), then the quick experiment."""
+    py, empty, env = _installed("folder", tmp_path)
+    venv = py.parent.parent
     # Its own session: whatever it starts (a local Ray) is ended with it, also on a failure.
     proc = subprocess.Popen([str(venv / "bin" / "visiontune"), "run", "--config", "quick",
                              "train.epochs=1", "ray.num_cpus=2"], cwd=empty, env=env,
@@ -96,7 +125,3 @@ def test_installed_in_a_fresh_venv_runs_the_quick_experiment_from_an_empty_folde
     assert proc.returncode == 0, (out[-3000:], err[-3000:])
     assert "registered: models:/visiontune-classifier/1" in out
     assert (empty / "mlflow.db").is_file() and (empty / "ray_results").is_dir()
-    bad = subprocess.run([str(venv / "bin" / "visiontune"), "run", "--config", "nosuch"],
-                         cwd=empty, env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "config file not found" in bad.stderr + bad.stdout
-    assert "Traceback" not in bad.stderr
