@@ -240,14 +240,23 @@ def test_a_node_lost_mid_trial_the_sweep_finishes_on_the_head(two_nodes, tmp_pat
         run = ws.start("run", "--config", str(ws.config), f"ray.address={two_nodes.address}",
                        _grid(grid), "search.max_concurrent_trials=2", *slower)
 
+        print(f"worker node {worker_id}, head {head.node_id()}")
+        seen: list = []
+
         def a_trial_in_its_first_epochs_on_the_worker_node():
+            # Any epoch that leaves two to train on the head (a CI run under load never saw
+            # the worker node's trial within epochs 1-2, and the sweep ended untouched). What
+            # the trials looked like is printed as it changes: shown if the wait fails.
             parent = ws.parent()
-            for kid in ws.children(parent.info.run_id) if parent else []:
-                if kid.info.status == "RUNNING" and \
-                        kid.data.tags.get("visiontune.node_id") == worker_id and \
-                        1 <= len(ws.epochs_logged(kid.info.run_id)) <= 2:
-                    return kid
-            return None
+            kids = [(k, k.data.tags.get("visiontune.node_id", "-"),
+                     len(ws.epochs_logged(k.info.run_id)))
+                    for k in (ws.children(parent.info.run_id) if parent else [])]
+            state = sorted((k.info.run_name, k.info.status, node[:8], n) for k, node, n in kids)
+            if not seen or state != seen[-1]:
+                seen.append(state)
+                print(f"{time.strftime('%X')} {state}")
+            return next((k for k, node, n in kids if k.info.status == "RUNNING"
+                         and node == worker_id and 1 <= n <= EPOCHS - 2), None)
 
         kid = ws.wait_for(a_trial_in_its_first_epochs_on_the_worker_node, run)
         lost = worker.training()
