@@ -58,7 +58,7 @@ from components.tuning.space import (
     set_params,
     to_tune_space,
 )
-from components.tuning.sweep_state import any_checkpoint, repair_before_restore
+from components.tuning.sweep_state import repair_before_restore
 
 
 @dataclass
@@ -283,12 +283,9 @@ def run_search(job: TrainJob, axes: list[Axis], search: SearchConfig, *, plan: R
         repair_before_restore(exp_path)
     if resume and tune.Tuner.can_restore(exp_path):
         # Finished trials keep their results; unfinished and errored ones run again and
-        # their Train runs continue from their last checkpoints (same names, same storage),
-        # unless what is left of a budget would not hold a restart and an epoch (the gate).
+        # their Train runs continue from their last checkpoints (same names, same storage).
         # The restored run config's SweepCallbacks call this process's callbacks.
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable,
-                                   resume_unfinished=gate.restart_fits(
-                                       lambda: any_checkpoint(exp_path)),
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         tuner = _new_tuner(trainable, job, axes, search, plan, storage_path, experiment_name,

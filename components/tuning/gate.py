@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ray.tune import Callback
@@ -172,24 +171,6 @@ class SweepGate(Callback):
             return False
         self.started += 1
         return True
-
-    def restart_fits(self, checkpointed: Callable[[], bool] = lambda: True) -> bool:
-        """On `--resume`: may the trials its interruption left unfinished start again? Not
-        when the budget's time left would not hold a trial's start and one epoch of any
-        planned family: restarted, each would end its first epoch past the budget. They keep
-        their checkpoints and end KILLED (stopped by the budget), as at an epoch boundary.
-        Unless no trial has a checkpoint yet (`checkpointed()` false): then, as for a new
-        sweep's first trial, one epoch past the budget is the only way to a result."""
-        if self.deadline is None or self.plan is None or not self.plan.families:
-            return True
-        needs = min(f.cost.start_s + self._epoch_s(f.family) for f in self.plan.families)
-        left = self.deadline - time.time()
-        if needs <= left or not checkpointed():
-            return True
-        self.close("the budget is spent" if left <= 0 else
-                   f"the budget's {format_duration(left)} left would not hold restarting a "
-                   f"paused trial and one epoch ({format_duration(needs)})")
-        return False
 
     def past_deadline(self, trial, result: dict) -> bool:
         """Stop this trial now, at an epoch boundary, because its next epoch would end after

@@ -30,7 +30,6 @@ import zipfile
 
 from components import storage
 from components.errors import UserError
-from components.training.checkpoint import BEST_MODEL_FILE
 
 log = logging.getLogger(__name__)               # the console's lines (pipelines/console.py)
 ray_log = logging.getLogger("ray.visiontune")   # ray.log, not the console
@@ -154,9 +153,3 @@ def repair_before_restore(experiment_path: str) -> bool:
              f"{time.strftime('%H:%M:%S', time.localtime(saved))} (the torn files are kept "
              f"as *{TORN_SUFFIX})")
     return True
-
-
-def any_checkpoint(experiment_path: str) -> bool:
-    """Whether any trial of the sweep saved a checkpoint: a trial that trains itself saves
-    under its trial folder, a Train run's rank 0 under train/."""
-    return any(f.endswith("/" + BEST_MODEL_FILE) for f in storage.list_files(experiment_path))

@@ -226,8 +226,8 @@ def test_ctrl_c_of_a_budgeted_sweep_then_resume_keeps_the_plan_and_what_is_left(
     """`--resume` of a sweep planned to `search.budget` trains the plan it made (no second
     probe) and only what is left of the budget (docs/performance.md): the first attempt's
     sweep seconds, and the resume's until its trials ended (its wind-down after them is
-    recorded apart), add up to the budget plus one epoch at most. A paused trial restarts
-    only when a start and one epoch fit in what is left (`SweepGate.restart_fits`)."""
+    recorded apart), add up to the budget plus one epoch at most (when the interruption
+    leaves room for a restart: docs/tests.md, "How long")."""
     ws, budget = workspace_in_trial, 90
     run = ws.start("run", "--config", str(ws.config), f"search.budget={budget}s")
     ws.wait_for(ws.a_trial_mid_training, run)

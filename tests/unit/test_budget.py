@@ -11,7 +11,6 @@ import pytest
 from components.config import Config, ConfigError, SearchConfig, from_dict
 from components.durations import parse_duration
 from components.tuning.budget import (
-    BudgetPlan,
     FamilyCost,
     FamilyPlan,
     from_json,
@@ -230,29 +229,6 @@ def test_the_first_trial_of_a_sweep_needs_one_epoch_to_fit_not_its_first_rung():
     spent = SweepGate("t", shape, deadline=time.time() + 0.3)
     spent.epoch_s["cnn"] = 0.6
     assert not spent.admits({"grid_point": {"model.name": "cnn"}})    # not even one epoch
-
-
-def test_a_resume_restarts_paused_trials_only_when_a_start_and_one_epoch_fit():
-    """Seen under load: a Ctrl-C 74 s into a 90 s budget, and the resume restarted the paused
-    trial with 16 s left: its start and first epoch took 58 s, the attempts 131 s in all. The
-    gate now lets Tune restore the paused trials unrun (their checkpoints kept) when no
-    family's start and one epoch fit in what is left; the measured epoch counts once known."""
-    plan = BudgetPlan(240.0, 2, 2, (FamilyPlan("cnn", 4, 6, 1, CNN),           # 2.5 + 3 s
-                                    FamilyPlan("resnet18", 2, 3, 1, RESNET)),  # 3 + 18 s
-                      estimate_s=200.0)
-    fits = SweepGate("t", _shape(), plan=plan, deadline=time.time() + 6.0)
-    assert fits.restart_fits() and fits.reason is None     # cnn's 5.5 s fit
-    tight = SweepGate("t", _shape(), plan=plan, deadline=time.time() + 5.0)
-    assert not tight.restart_fits()
-    assert tight.reason.startswith("the budget's ") and "restarting a paused trial" in \
-        tight.reason, tight.reason
-    assert not tight.admits({"grid_point": {"model.name": "cnn"}})   # and nothing new starts
-    measured = SweepGate("t", _shape(), plan=plan, deadline=time.time() + 6.0)
-    measured.epoch_s["cnn"] = 4.0                          # this run's epochs are slower
-    assert not measured.restart_fits()
-    spent = SweepGate("t", _shape(), plan=plan, deadline=time.time() - 1.0)
-    assert not spent.restart_fits() and spent.reason == "the budget is spent"
-    assert SweepGate("t", _shape()).restart_fits()         # no budget: always
 
 
 def test_stop_at_f1_and_stop_no_improvement_close_the_gate_with_the_reason():
