@@ -89,11 +89,10 @@ def test_a_full_disk_under_the_storage_path_stops_in_one_line_and_resume_finishe
     resumed = workspace.run("run", "--resume", pipeline_id)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     workspace.assert_complete(parent.info.run_id)
-    # The resume crossed the torn list: visiontune moved it aside (`.torn`, for a
-    # post-mortem) and continued from the newest checkpoint that reads back. (The console line
-    # it prints comes from the trial's process through Ray's log streaming; a CI run under
-    # load once finished without it in ray.log, so the file is what is checked.)
+    # The resume crossed the torn list: visiontune moved it aside (`.torn`, for a post-mortem)
+    # and continued from the newest checkpoint that reads back, and said so.
     assert (listed.parent / (SNAPSHOT_FILE + ".torn")).read_bytes() == b""
+    assert "checkpoint list was torn" in (small_disk / pipeline_id / "ray.log").read_text()
 
 
 def test_a_full_disk_that_tore_tunes_sweep_state_resumes_every_planned_trial(

@@ -86,6 +86,12 @@ def test_sigkill_of_the_trial_process_that_trains_is_retried_from_its_checkpoint
     assert len(trials) == 1, trials
     os.kill(trials[0], signal.SIGKILL)
     assert run.wait(timeout=600) == 0, run.output()[-4000:]
+    # the trial processes end with the command (within the grace every process here gets:
+    # under load one was seen still exiting the instant the command returned)
+    deadline = time.time() + 30
+    while _trial_processes(run.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _trial_processes(run.pid) == []
     parent = ws.client().get_run(kid.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
     assert ws.client().get_run(kid.info.run_id).info.status == "FINISHED"
@@ -224,10 +230,10 @@ def test_a_second_ctrl_c_stops_at_once(workspace):
 def test_ctrl_c_of_a_budgeted_sweep_then_resume_keeps_the_plan_and_what_is_left(
         workspace_in_trial):
     """`--resume` of a sweep planned to `search.budget` trains the plan it made (no second
-    probe) and only what is left of the budget (docs/performance.md): the first attempt's
-    sweep seconds, and the resume's until its trials ended (its wind-down after them is
-    recorded apart), add up to the budget plus one epoch at most (when the interruption
-    leaves room for a restart: docs/tests.md, "How long")."""
+    probe) and only what is left of the budget: the attempts' sweep seconds add up to the
+    budget plus one epoch at most. (Fails when the interruption leaves less than a restart
+    and one epoch: `--resume` then restarts the paused trials anyway, an open gap in
+    docs/tests.md, "How long".)"""
     ws, budget = workspace_in_trial, 90
     run = ws.start("run", "--config", str(ws.config), f"search.budget={budget}s")
     ws.wait_for(ws.a_trial_mid_training, run)
@@ -245,12 +251,11 @@ def test_ctrl_c_of_a_budgeted_sweep_then_resume_keeps_the_plan_and_what_is_left(
     assert "(the run's plan, kept on resume)" in resumed.stdout
     record = ws.client().get_run(parent.info.run_id)
     assert record.data.tags["visiontune.budget.plan"] == plan
-    spent, wind_down = ([m.value for m in ws.client().get_metric_history(parent.info.run_id,
-                                                                         key)]
-                        for key in ("sweep_seconds", "sweep_wind_down_seconds"))
-    assert len(spent) == len(wind_down) == 2
+    spent = [m.value for m in ws.client().get_metric_history(parent.info.run_id,
+                                                             "sweep_seconds")]
+    assert len(spent) == 2
     epoch = json.loads(plan)["families"][0][4]
-    assert spent[0] + spent[1] - wind_down[1] <= budget + epoch + 5, (spent, wind_down)
+    assert sum(spent) <= budget + epoch + 5, spent
     assert record.info.status == "FINISHED"
     ws.assert_nothing_running(parent.info.run_id)
     assert len(ws.versions()) == 1
