@@ -125,6 +125,8 @@ class SweepGate(Callback):
         self.durations: list[float] = []  # wall seconds of each trial that ended
         self.cluster: ClusterWatch | None = None  # the live nodes, once watched
         self.trials_ended: float | None = None     # time.time() when Tune had stopped them all
+        self.loop_began: float | None = None       # time.time() of Tune's first step
+        self.first_result: float | None = None     # ... and of the sweep's first epoch result
 
     def watch_cluster(self, plan: ResourcePlan) -> None:
         """From now on, admit at once only the trials the live nodes hold (never more than
@@ -187,6 +189,8 @@ class SweepGate(Callback):
         return True
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.first_result is None and "val_f1" in result:
+            self.first_result = time.time()
         if "time_this_iter_s" in result and "val_f1" in result:
             self.epoch_s[self.shape.family(trial.config)] = float(result["time_this_iter_s"])
         f1 = result.get("val_f1")
@@ -195,6 +199,8 @@ class SweepGate(Callback):
                        f"{self.stop_at_f1:g}", by_rule=True)
 
     def on_step_begin(self, iteration, trials, **info):
+        if self.loop_began is None:
+            self.loop_began = time.time()
         if self.cluster is None:
             return
         self.cluster.check()

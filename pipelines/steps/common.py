@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ import yaml
 
 from components import storage
 from components.config import Config, ConfigError, to_dict
+from components.models import build_model
 from components.models.transfer import pretrained_weights_file
 from components.names import new_id
 from components.tracking import Journal, PipelineRecord, Tracker
@@ -127,3 +129,16 @@ def plan_search(cfg: Config) -> SearchPlan:
     # Checkpoints go there from every trial: a missing bucket or credentials fail here, once.
     storage.check_writable(cfg.ray.storage_path)
     return SearchPlan(axes, base, num_trials)
+
+
+def model_sizes(cfg: Config, plan: SearchPlan) -> dict[str, int]:
+    """The parameter count of each model the sweep trains (`model.name` and its searched
+    values) by name, as built for this data: what the plan weighs data parallelism against."""
+    names = {cfg.model.name}
+    for axis in plan.axes:
+        if axis.key == "model.name":
+            names.update(axis.args if axis.kind in ("grid", "choice") else ())
+    classes = 10  # the head's size barely moves the count; the data is not indexed yet here
+    return {n: sum(p.numel() for p in build_model(dataclasses.replace(cfg.model, name=n),
+                                                  classes, cfg.data.channels).parameters())
+            for n in sorted(names)}

@@ -325,3 +325,57 @@ def test_asked_for_halving_stays_on_under_a_budget():
     assert all(not f.rungs() for f in roomy.families)
     shape = TrialShape.of(axes, sections, 6, roomy, True, 1, 2)
     assert shape.rungs_of({"grid_point": {"model.name": "resnet18"}}) == [1, 2, 4]
+
+
+def _record_with(budget: str, spent: list[float], restarts: list[float]):
+    """A parent run's record as `tune_budget` reads it: its config's budget, the attempts'
+    `sweep_seconds` and the restarts they measured, in the order they were logged."""
+    history = {"sweep_seconds": spent, "sweep_restart_seconds": restarts}
+
+    def metric_history(run_id, key):
+        return [SimpleNamespace(value=v, timestamp=1000 + i, step=0)
+                for i, v in enumerate(history.get(key, []))]
+    cfg = from_dict(Config, {"search": {"budget": budget}}) if budget else Config()
+    return cfg, SimpleNamespace(run_id="r", tracker=SimpleNamespace(
+        metric_history=metric_history))
+
+
+@pytest.mark.parametrize("budget,spent,restarts,restarted", [
+    ("90s", [84.0], [31.0], False),        # 6 s left, a restart took 31 s: keep, as CI saw
+    ("90s", [30.0], [24.0], True),         # 60 s left holds it
+    ("90s", [30.0, 20.0], [24.0, 45.0], False),   # the latest measure decides: 40 s < 45 s
+    ("90s", [30.0, 20.0], [50.0, 12.0], True),
+    ("90s", [30.0], [], True),             # no trial reported an epoch: nothing to keep
+    ("90s", [95.0], [10.0], False),        # spent beyond the budget: nothing left
+    (None, [84.0], [31.0], True),          # no budget: every resume restarts
+])
+def test_a_resume_restarts_paused_trials_only_when_the_budget_left_holds_a_restart(
+        budget, spent, restarts, restarted):
+    """The rule docs/performance.md states, written out: left = budget - sum(sweep_seconds);
+    restart when no restart was measured or left >= the last measured restart."""
+    from pipelines.steps.tune_budget import no_room_to_restart
+
+    cfg, record = _record_with(budget, spent, restarts)
+    why = no_room_to_restart(cfg, record)
+    assert (why is None) == restarted, why
+    if not restarted:
+        left = max(0.0, parse_duration(budget) - sum(spent))
+        assert why.startswith(f"the budget's {int(round(left))} s left would not hold a "
+                              f"restart of the paused trials ({int(round(restarts[-1]))} s"), why
+
+
+def test_an_attempt_measures_its_restart_from_ray_to_its_first_epoch_and_its_wind_down():
+    """sweep_restart_seconds = starting Ray + Tune's loop to the first epoch result + the
+    time from the trials' end to the attempt's end; none when no trial reported."""
+    from pipelines.steps.tune_budget import restart_seconds
+
+    gate = SweepGate("s", TrialShape([], {}, 3))
+    gate.on_step_begin(0, [])
+    assert restart_seconds(gate, 4.0, time.time()) is None
+    began = gate.loop_began
+    gate.on_trial_result(0, [], SimpleNamespace(config={}), {"val_f1": 0.5, "epoch": 1})
+    gate.on_experiment_end([])
+    ended = gate.trials_ended + 2.5
+    expected = 4.0 + (gate.first_result - began) + 2.5
+    assert restart_seconds(gate, 4.0, ended) == pytest.approx(expected)
+    assert gate.first_result >= began
