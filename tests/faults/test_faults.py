@@ -109,9 +109,19 @@ def test_sigkill_of_the_trial_process_that_trains_is_retried_from_its_checkpoint
 def test_sigkill_of_one_train_worker_mid_trial(workspace):
     """The worker group restarts from the last checkpoint: the trial finishes, and its
     val_f1 history has every epoch exactly once. (One trial is enough here.)"""
+    # Twice the suite's epochs: under CI load one trial of 6 finished between two polls of
+    # the store, before the test saw it mid-training.
+    epochs = 2 * EPOCHS
     run = workspace.start("run", "--config", str(workspace.config),
-                          "search.space.train.optimizer={grid: [adam]}")
-    kid = workspace.wait_for(workspace.a_trial_mid_training, run)
+                          "search.space.train.optimizer={grid: [adam]}", f"train.epochs={epochs}")
+
+    def the_trial_mid_training():
+        parent = workspace.parent()
+        return next((k for k in (workspace.children(parent.info.run_id) if parent else [])
+                     if k.info.status == "RUNNING"
+                     and 1 <= len(workspace.epochs_logged(k.info.run_id)) <= epochs - 3), None)
+
+    kid = workspace.wait_for(the_trial_mid_training, run)
     workers = _train_workers(run.pid)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
@@ -119,7 +129,7 @@ def test_sigkill_of_one_train_worker_mid_trial(workspace):
     parent = workspace.client().get_run(kid.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
     assert workspace.client().get_run(kid.info.run_id).info.status == "FINISHED"
-    assert workspace.epochs_logged(kid.info.run_id) == list(range(1, EPOCHS + 1))
+    assert workspace.epochs_logged(kid.info.run_id) == list(range(1, epochs + 1))
     assert [v.run_id for v in workspace.versions()] == [parent.info.run_id]
     _assert_no_process_left(run.pid)
 
