@@ -102,10 +102,11 @@ def plan_budget_of(cfg: Config, plan: SearchPlan, job: TrainJob, resource_plan: 
     return budget
 
 
-def kept_plan(record) -> BudgetPlan:
+def kept_plan(record, say: bool = True) -> BudgetPlan:
     """The plan the run made (its parent run's tag), said on the console."""
     budget = b.from_json(json.loads(record.run().data.tags[BUDGET_TAG]))
-    log.info("  " + budget.describe().split("\n")[0] + " (the run's plan, kept on resume)")
+    if say:
+        log.info("  " + budget.describe().split("\n")[0] + " (the run's plan, kept on resume)")
     return budget
 
 
@@ -186,7 +187,8 @@ def no_room_to_restart(cfg: Config, record) -> str | None:
 
 def kept_without_restart(cfg: Config, job: TrainJob, plan: SearchPlan, record,
                          target: TrackingTarget, experiment: str, why: str,
-                         earlier: list, left: dict | None):
+                         earlier: list, left: dict | None,
+                         ) -> tuple[SearchOutcome, SweepGate, BudgetPlan, int] | None:
     """The sweep `experiment` as its interruption left it, read from Tune's saved state (no
     Ray, nothing trains): (the outcome, after an extension's `earlier` trials; the closed
     gate; the plan; the trials planned), or None when Tune saved no state of it. A trial that
@@ -195,7 +197,7 @@ def kept_without_restart(cfg: Config, job: TrainJob, plan: SearchPlan, record,
     repair_before_restore(exp_path)   # a full disk may have torn Tune's state while it was saved
     if not tune.Tuner.can_restore(exp_path):
         return None
-    budget = kept_plan(record)
+    budget = kept_plan(record, say=False)
     shape = TrialShape.of(plan.axes, plan.base, cfg.train.epochs, budget,
                           cfg.search.scheduler == "asha", cfg.search.grace_period,
                           cfg.search.reduction_factor, len(job.val_rows[0]))
@@ -206,6 +208,7 @@ def kept_without_restart(cfg: Config, job: TrainJob, plan: SearchPlan, record,
     for t in trials:   # a run the interruption could not close (a driver SIGKILLed)
         target.tracker.close_trial_run(target.experiment_id, target.parent_run_id,
                                        t.trial_id, t.status)
+    kept_plan(record)
     gate = SweepGate(experiment, shape, plan=budget)
     gate.close(why)
     gate.budget_stopped = sum(t.status == "KILLED" for t in trials)
