@@ -83,8 +83,6 @@ def recover_torn_run(storage_path: str, name: str) -> tuple[bool, str | None]:
     moved aside (`.torn`, kept for a post-mortem) and the run's newest checkpoint whose files
     all read back is returned for the worker to continue from (None: start over). An intact or
     absent list returns (False, None): Ray restores as usual."""
-    import pyarrow.fs as pafs
-
     run_dir = storage.join(storage_path, name)
     snapshot = storage.join(run_dir, SNAPSHOT_FILE)
     if storage.file_type(snapshot) != "file":
@@ -96,11 +94,17 @@ def recover_torn_run(storage_path: str, name: str) -> tuple[bool, str | None]:
         pass
     fs, path = storage.resolve(snapshot)
     fs.move(path, path + ".torn")
+    return True, newest_intact(run_dir)
+
+
+def newest_intact(run_dir: str) -> str | None:
+    """The newest `checkpoint_*` folder under `run_dir` (a Train run's or a Tune trial's)
+    whose files all read back, named the way `run_dir` is; None when there is none."""
+    import pyarrow.fs as pafs
+
     fs, run_path = storage.resolve(run_dir)
     dirs = sorted((i.base_name for i in fs.get_file_info(pafs.FileSelector(run_path))
                    if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
                   reverse=True)
-    for d in dirs:
-        if _intact(storage.join(run_dir, d)):
-            return True, storage.join(run_dir, d)
-    return True, None
+    return next((storage.join(run_dir, d) for d in dirs if _intact(storage.join(run_dir, d))),
+                None)

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickletools
+import posixpath
 import time
 import zipfile
 
@@ -126,7 +127,57 @@ def _kept_copy(experiment_path: str) -> tuple[dict[str, bytes], float] | None:
 def repair_before_restore(experiment_path: str) -> bool:
     """Before `Tuner.restore`: False when every state file reads back; else the torn ones are
     moved aside, the kept copy is put in place and a console line says so (True). Raises
-    `SweepStateTorn` when the copy cannot replace every torn file."""
+    `SweepStateTorn` when the copy cannot replace every torn file. Either way, a checkpoint
+    the state names and Tune deleted since is put back (`put_back_deleted_checkpoints`)."""
+    torn = _repair_torn(experiment_path)
+    put_back_deleted_checkpoints(experiment_path)
+    return torn
+
+
+def put_back_deleted_checkpoints(experiment_path: str) -> list[str]:
+    """Tune keeps one checkpoint per trial (`num_to_keep=1`) and deletes the one before as
+    soon as a trial reports the next, but saves its state of the sweep only every few
+    seconds (and a torn state is replaced by an older copy): a driver killed in between
+    leaves a state naming a deleted checkpoint, and Tune then fails that trial at every
+    restore ("does not exist on storage anymore"; seen in CI after a SIGKILL of the driver).
+    Each such checkpoint is put back as a copy of its trial's newest intact one (a trial
+    whose last epoch is in it reports once more and ends). Returns the ones put back."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from components.training.checkpoint import newest_intact
+
+    if not state_files(experiment_path):
+        return []
+    fs_exp, exp = storage.resolve(experiment_path)
+    try:
+        grid = tune.ResultGrid(tune.ExperimentAnalysis(exp, storage_filesystem=fs_exp))
+        named = [grid[i].checkpoint for i in range(len(grid))]
+    except Exception as e:   # Tune's restore reads it again and says what is wrong
+        ray_log.warning(f"visiontune: the sweep's checkpoints were not checked: {e}")
+        return []
+    put_back = []
+    for checkpoint in named:
+        if checkpoint is None or checkpoint.filesystem.get_file_info(checkpoint.path).type \
+                != pafs.FileType.NotFound:
+            continue
+        newest = newest_intact(storage.uri_in(experiment_path,
+                                              posixpath.dirname(checkpoint.path)))
+        if newest is None:
+            continue   # nothing to continue from: Tune's own error stands
+        fs, src = storage.resolve(newest)
+        fs.create_dir(checkpoint.path, recursive=True)
+        pafs.copy_files(src, checkpoint.path, source_filesystem=fs,
+                        destination_filesystem=fs)
+        put_back.append(checkpoint.path)
+        log.info(f"  {posixpath.basename(checkpoint.path)} of "
+                 f"{posixpath.basename(posixpath.dirname(checkpoint.path))} was deleted after "
+                 f"Tune last saved the sweep (its driver killed mid-sweep?): put back as a "
+                 f"copy of {posixpath.basename(newest)}")
+    return put_back
+
+
+def _repair_torn(experiment_path: str) -> bool:
     torn = torn_files(experiment_path)
     if not torn:
         return False
