@@ -44,6 +44,7 @@ from pipelines.steps.tune_budget import (
     record_sweep_end,
     restart_seconds,
     stop_rules,
+    trial_shape,
 )
 
 log = logging.getLogger(__name__)   # the console's lines (pipelines/console.py)
@@ -110,9 +111,7 @@ def _sweep(cfg: Config, plan: SearchPlan, data: PreparedData, record, job: Train
         ray_s = time.time() - ray_began
         resource_plan = plan_resources(cfg, plan, resources, sizes, plan.num_trials)
         budget = plan_budget_of(cfg, plan, job, resource_plan, record, began, resume, left)
-        shape = TrialShape.of(plan.axes, plan.base, cfg.train.epochs, budget,
-                              cfg.search.scheduler == "asha", cfg.search.grace_period,
-                              cfg.search.reduction_factor, len(job.val_rows[0]))
+        shape = trial_shape(cfg, plan, job, budget)
         launch = launched_trials(cfg, plan, budget, shape, left)
         if launch["count"] != plan.num_trials:
             resource_plan = plan_resources(cfg, plan, resources, sizes, launch["count"])
@@ -152,9 +151,9 @@ def _record_sweep(record, swept: Swept, began: float) -> None:
     log.info(f"  trials: {counts}" + ("" if swept.outcome.complete else " (search stopped)"))
     ended = time.time()
     # after the trials: Tune's state saved, Ray shut down (docs/performance.md)
-    record.log_metrics({"sweep_seconds": ended - began, "sweep_wind_down_seconds":
-                        ended - (gate.trials_ended or ended)})
-    restart = restart_seconds(gate, swept.ray_s, ended)
+    wind_down = ended - (gate.trials_ended or ended)
+    record.log_metrics({"sweep_seconds": ended - began, "sweep_wind_down_seconds": wind_down})
+    restart = restart_seconds(gate, swept.ray_s, wind_down)
     if restart is not None:
         record.log_metrics({RESTART_METRIC: restart})
     if not swept.outcome.complete:

@@ -161,12 +161,20 @@ def record_sweep_end(record, gate, budget, planned: int, trials, seconds: float,
                         "trials_run": len(ran)})
 
 
-def restart_seconds(gate: SweepGate, ray_s: float, ended: float) -> float | None:
+def trial_shape(cfg: Config, plan: SearchPlan, job: TrainJob,
+                budget: BudgetPlan | None) -> TrialShape:
+    """Each trial's family and epochs as the sweep's plan (or the config) gives them."""
+    return TrialShape.of(plan.axes, plan.base, cfg.train.epochs, budget,
+                         cfg.search.scheduler == "asha", cfg.search.grace_period,
+                         cfg.search.reduction_factor, len(job.val_rows[0]))
+
+
+def restart_seconds(gate: SweepGate, ray_s: float, wind_down_s: float) -> float | None:
     """What this attempt took to get a trial to its first epoch result, plus its wind-down
     (module docstring); None when no trial reported an epoch."""
     if gate.first_result is None or gate.loop_began is None:
         return None
-    return ray_s + (gate.first_result - gate.loop_began) + (ended - (gate.trials_ended or ended))
+    return ray_s + (gate.first_result - gate.loop_began) + wind_down_s
 
 
 def no_room_to_restart(cfg: Config, record) -> str | None:
@@ -198,9 +206,7 @@ def kept_without_restart(cfg: Config, job: TrainJob, plan: SearchPlan, record,
     if not tune.Tuner.can_restore(exp_path):
         return None
     budget = kept_plan(record, say=False)
-    shape = TrialShape.of(plan.axes, plan.base, cfg.train.epochs, budget,
-                          cfg.search.scheduler == "asha", cfg.search.grace_period,
-                          cfg.search.reduction_factor, len(job.val_rows[0]))
+    shape = trial_shape(cfg, plan, job, budget)
     trials = [t for t in earlier_trials(job, plan.axes, cfg.ray.storage_path, (experiment,),
                                         shape, target) if t.run_id or t.epochs]
     if not any(t.epochs for t in trials):

@@ -175,18 +175,19 @@ class Workspace:
                 if value:
                     return value
             time.sleep(poll)
-        pytest.fail(f"timed out waiting for {what.__name__}:\n{pipeline.output()[-3000:]}")
+        name = getattr(what, "__name__", None) or what.func.__name__   # a functools.partial
+        pytest.fail(f"timed out waiting for {name}:\n{pipeline.output()[-3000:]}")
 
     def first_trial_finished(self):
         parent = self.parent()
         kids = self.children(parent.info.run_id) if parent else []
         return parent if any(k.info.status == "FINISHED" for k in kids) else None
 
-    def a_trial_mid_training(self):
+    def a_trial_mid_training(self, epochs: int = EPOCHS):
         parent = self.parent()
         for kid in self.children(parent.info.run_id) if parent else []:
             if kid.info.status == "RUNNING" and 1 <= len(self.epochs_logged(kid.info.run_id)) \
-                    <= EPOCHS - 3:  # leaves a few seconds to inject the fault mid-trial
+                    <= epochs - 3:  # leaves a few seconds to inject the fault mid-trial
                 return kid
         return None
 

@@ -10,6 +10,7 @@ in both modes) use `workspace`, the rest `workspace_in_trial`."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -114,14 +115,7 @@ def test_sigkill_of_one_train_worker_mid_trial(workspace):
     epochs = 2 * EPOCHS
     run = workspace.start("run", "--config", str(workspace.config),
                           "search.space.train.optimizer={grid: [adam]}", f"train.epochs={epochs}")
-
-    def the_trial_mid_training():
-        parent = workspace.parent()
-        return next((k for k in (workspace.children(parent.info.run_id) if parent else [])
-                     if k.info.status == "RUNNING"
-                     and 1 <= len(workspace.epochs_logged(k.info.run_id)) <= epochs - 3), None)
-
-    kid = workspace.wait_for(the_trial_mid_training, run)
+    kid = workspace.wait_for(functools.partial(workspace.a_trial_mid_training, epochs), run)
     workers = _train_workers(run.pid)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)

@@ -241,7 +241,7 @@ def test_a_node_lost_mid_trial_the_sweep_finishes_on_the_head(two_nodes, tmp_pat
                        _grid(grid), "search.max_concurrent_trials=2", *slower)
 
         print(f"worker node {worker_id}, head {head.node_id()}")
-        seen: list = []
+        states: list = []
 
         def a_trial_in_its_first_epochs_on_the_worker_node():
             # Any epoch that leaves two to train on the head (a CI run under load never saw
@@ -252,8 +252,8 @@ def test_a_node_lost_mid_trial_the_sweep_finishes_on_the_head(two_nodes, tmp_pat
                      len(ws.epochs_logged(k.info.run_id)))
                     for k in (ws.children(parent.info.run_id) if parent else [])]
             state = sorted((k.info.run_name, k.info.status, node[:8], n) for k, node, n in kids)
-            if not seen or state != seen[-1]:
-                seen.append(state)
+            if not states or state != states[-1]:
+                states.append(state)
                 print(f"{time.strftime('%X')} {state}")
             return next((k for k, node, n in kids if k.info.status == "RUNNING"
                          and node == worker_id and 1 <= n <= EPOCHS - 2), None)
