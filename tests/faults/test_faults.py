@@ -189,6 +189,37 @@ def test_sigkill_of_the_driver_then_resume(workspace):
     workspace.assert_complete(parent.info.run_id)
 
 
+def test_sigkill_of_the_driver_after_tune_deleted_the_checkpoint_its_state_names(
+        workspace_in_trial):
+    """Tune keeps one checkpoint per trial, deletes the older one as soon as the next is
+    registered and saves its state of the sweep every few seconds: a driver killed in between
+    leaves a state naming a deleted checkpoint (seen in CI; Tune then failed the trial at
+    every restore). The kill is real; the race's outcome is made certain by moving the
+    trial's checkpoint to the next index, as Tune's next report and deletion would have.
+    `--resume ID` puts the named checkpoint back and finishes the record."""
+    ws = workspace_in_trial
+    run = ws.start("run", "--config", str(ws.config))
+    kid = ws.wait_for(ws.a_trial_mid_training, run)
+    parent = ws.parent()
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait(timeout=30)
+    deadline = time.time() + 30   # no trial process writes a checkpoint any more
+    while _trial_processes(run.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _trial_processes(run.pid) == []
+    pipeline_id = parent.data.tags["visiontune.pipeline_id"]
+    [trial_dir] = (ws.root / "ray_results" / pipeline_id).glob(
+        f"vt_trial_{kid.data.tags['visiontune.trial_id']}_*")
+    newest = sorted(trial_dir.glob("checkpoint_*"))[-1]
+    newest.rename(newest.with_name(f"checkpoint_{int(newest.name.split('_')[1]) + 1:06d}"))
+
+    resumed = ws.run("run", "--resume", pipeline_id)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "was deleted after Tune last saved the sweep" in resumed.stdout, \
+        resumed.stdout[-4000:]
+    ws.assert_complete(parent.info.run_id)
+
+
 def test_tracking_server_killed_mid_run_then_resume(workspace_in_trial, mlflow_server):
     """With tracking.outage_grace_s=0, a lost server stops the sweep at once (the outage is
     ridden out otherwise: test_outage.py). The driver watches the server, so how a trial
