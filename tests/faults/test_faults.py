@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -189,17 +190,42 @@ def test_sigkill_of_the_driver_then_resume(workspace):
     workspace.assert_complete(parent.info.run_id)
 
 
+def _checkpoint_the_state_names(experiment: Path, trial_id: str) -> Path | None:
+    """The checkpoint Tune's last saved state of the sweep names for a trial (the newest one it
+    had registered then: `checkpoint_dir_name` of the trial's last result), read from the JSON
+    Tune wrote, not through Tune."""
+    for state_file in experiment.glob("experiment_state-*.json"):
+        for trial, runtime in json.loads(state_file.read_text())["trial_data"]:
+            trial, runtime = json.loads(trial), json.loads(runtime)
+            if trial["trial_id"] != trial_id:
+                continue
+            name = (runtime.get("last_result") or {}).get("checkpoint_dir_name")
+            return experiment / trial["relative_logdir"] / name if name else None
+    return None
+
+
 def test_sigkill_of_the_driver_after_tune_deleted_the_checkpoint_its_state_names(
         workspace_in_trial):
     """Tune keeps one checkpoint per trial, deletes the older one as soon as the next is
-    registered and saves its state of the sweep every few seconds: a driver killed in between
+    registered and saves its state of the sweep every 10 s or more: a driver killed in between
     leaves a state naming a deleted checkpoint (seen in CI; Tune then failed the trial at
-    every restore). The kill is real; the race's outcome is made certain by moving the
-    trial's checkpoint to the next index, as Tune's next report and deletion would have.
+    every restore). The kill is real. Tune saves its state every second here
+    (TUNE_GLOBAL_CHECKPOINT_S) so that the state names a checkpoint of a trial still training
+    when the driver dies; the race's outcome is then made certain by moving the checkpoint the
+    state names to the next index, as Tune's next report and deletion would have (in CI the
+    state had named none yet, and the test proved nothing).
     `--resume ID` puts the named checkpoint back and finishes the record."""
     ws = workspace_in_trial
+    ws.env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
     run = ws.start("run", "--config", str(ws.config))
-    kid = ws.wait_for(ws.a_trial_mid_training, run)
+
+    def named_mid_training():
+        kid = ws.a_trial_mid_training()
+        experiment = ws.root / "ray_results" / ws.parent().data.tags["visiontune.pipeline_id"]
+        named = _checkpoint_the_state_names(experiment, kid.data.tags["visiontune.trial_id"])
+        return (kid, experiment) if named is not None and named.is_dir() else None
+
+    kid, experiment = ws.wait_for(named_mid_training, run)
     parent = ws.parent()
     os.kill(run.pid, signal.SIGKILL)
     run.wait(timeout=30)
@@ -207,16 +233,16 @@ def test_sigkill_of_the_driver_after_tune_deleted_the_checkpoint_its_state_names
     while _trial_processes(run.pid) and time.time() < deadline:
         time.sleep(0.5)
     assert _trial_processes(run.pid) == []
-    pipeline_id = parent.data.tags["visiontune.pipeline_id"]
-    [trial_dir] = (ws.root / "ray_results" / pipeline_id).glob(
-        f"vt_trial_{kid.data.tags['visiontune.trial_id']}_*")
-    newest = sorted(trial_dir.glob("checkpoint_*"))[-1]
-    newest.rename(newest.with_name(f"checkpoint_{int(newest.name.split('_')[1]) + 1:06d}"))
+    named = _checkpoint_the_state_names(experiment, kid.data.tags["visiontune.trial_id"])
+    assert named is not None
+    if named.is_dir():   # else the race happened for real
+        newest = sorted(named.parent.glob("checkpoint_*"))[-1]
+        named.rename(named.with_name(f"checkpoint_{int(newest.name.split('_')[1]) + 1:06d}"))
 
-    resumed = ws.run("run", "--resume", pipeline_id)
+    resumed = ws.run("run", "--resume", parent.data.tags["visiontune.pipeline_id"])
     assert resumed.returncode == 0, resumed.stdout[-4000:]
-    assert "was deleted after Tune last saved the sweep" in resumed.stdout, \
-        resumed.stdout[-4000:]
+    assert f"{named.name} of {named.parent.name} was deleted after Tune last saved the sweep" \
+        in resumed.stdout, resumed.stdout[-4000:]
     ws.assert_complete(parent.info.run_id)
 
 
