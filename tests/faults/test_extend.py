@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 
 import pytest
 
@@ -55,7 +54,6 @@ def test_ctrl_c_of_an_extension_then_resume_finishes_it(workspace_in_trial):
     assert len(ws.versions()) == 1               # nothing registered from the attempt
     _assert_no_process_left(ext.pid)
 
-    started = time.time()
     resumed = ws.run("run", "--resume", pipeline_id)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert "tune-x1" in resumed.stdout, resumed.stdout[-4000:]
@@ -71,4 +69,3 @@ def test_ctrl_c_of_an_extension_then_resume_finishes_it(workspace_in_trial):
     for run_id, epochs in before.items():        # the first sweep's trials as they were
         assert ws.epochs_logged(run_id) == epochs
     assert 1 <= len(ws.versions()) <= 2
-    assert time.time() - started < 300

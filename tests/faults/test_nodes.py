@@ -326,7 +326,7 @@ def test_no_room_for_one_trial_stops_the_sweep_then_resume_finishes_it(two_nodes
         assert _until(lambda: not head.training(), 30), head.training()
 
         two_nodes.join()
-        resumed = ws.run("run", "--resume", pipeline_id, timeout=300)
+        resumed = ws.run("run", "--resume", pipeline_id)
         assert resumed.returncode == 0, resumed.stdout[-4000:]
         assert "the cluster" not in resumed.stdout
         assert ws.parent().info.run_id == parent.info.run_id

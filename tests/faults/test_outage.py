@@ -18,7 +18,11 @@ import time
 import pytest
 
 from tests.faults.conftest import EPOCHS
-from tests.faults.test_faults import _assert_no_process_left, _pipeline_id
+from tests.faults.test_faults import (
+    _assert_no_process_left,
+    _pipeline_id,
+    _until_no_trial_process,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 OUTAGE_S = 60
@@ -85,6 +89,7 @@ def test_driver_sigkilled_during_an_outage_then_resume_sends_the_journal_first(
     assert _journal(workspace, pipeline_id), run.output()[-3000:]
     os.kill(run.pid, signal.SIGKILL)   # the driver dies, and its local Ray with it
     run.wait(timeout=30)
+    _until_no_trial_process(run.pid)   # none journals an epoch behind the resume
     mlflow_server.start()
     assert workspace.versions() == []
 
@@ -124,9 +129,10 @@ def test_ctrl_c_during_an_outage_then_resume_once_the_server_is_back(workspace_i
     the journal, and `--resume ID` sends it first and finishes the record."""
     workspace = workspace_in_trial
     run, parent, pipeline_id = _server_killed_mid_training(workspace, mlflow_server)
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while "tracking server unreachable since" not in run.output() and time.time() < deadline:
         time.sleep(0.5)
+    assert "tracking server unreachable since" in run.output(), run.output()[-3000:]
     os.killpg(run.pid, signal.SIGINT)
     assert run.wait(timeout=180) == 130, run.output()[-4000:]
     last = run.output().strip().splitlines()[-1]

@@ -85,6 +85,12 @@ class Faults:
                 self.killed.append(time.time() - self.started)
 
     def _take_server_away(self):
+        # Counted from the sweep's first trial process: before its run is in the record the
+        # command does not ride out an outage (it cannot start without its server), and under
+        # load its start-up alone can take `outage_at_s`.
+        while not _trial_processes(self.pid):
+            if self.done.wait(0.5):
+                return
         if self.done.wait(self.size["outage_at_s"]):
             return
         down = time.time()
