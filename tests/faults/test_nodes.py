@@ -331,3 +331,66 @@ def test_no_room_for_one_trial_stops_the_sweep_then_resume_finishes_it(two_nodes
         assert "the cluster" not in resumed.stdout
         assert ws.parent().info.run_id == parent.info.run_id
         _assert_complete(ws, parent.info.run_id, ["adam"])
+
+
+# A driver on the cluster: a stand-in for a Train controller on the worker node reserves the
+# head's CPUs for its workers, as a trial's controller does when the head has them free; the
+# test kills the worker node (a line on stdin says so) before any worker started.
+ORPHAN_DRIVER = """
+import sys, time
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from components.tuning.cluster_watch import remove_orphaned_groups
+
+head, worker = sys.argv[1], sys.argv[2]
+ray.init(address="auto", log_to_driver=False)
+on_head = {"bundle_label_selector": [{"ray.io/node-id": head}] * 2}
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def reserve(self):
+        group = placement_group([{"CPU": 1}] * 2, **on_head)
+        ray.get(group.ready(), timeout=60)
+        return group.id.hex()
+
+controller = Controller.options(
+    scheduling_strategy=NodeAffinitySchedulingStrategy(worker, soft=False)).remote()
+print("reserved", ray.get(controller.reserve.remote(), timeout=120), flush=True)
+sys.stdin.readline()
+mine = placement_group([{"CPU": 1}] * 2, **on_head)
+print("held", not mine.wait(20), flush=True)
+deadline, removed = time.time() + 120, []
+while not removed and time.time() < deadline:   # until the GCS has the controller dead
+    removed = remove_orphaned_groups()
+    time.sleep(0.5)
+print("removed", " ".join(removed), flush=True)
+print("back", mine.wait(60), flush=True)
+"""
+
+
+def test_the_group_a_controller_lost_with_its_node_reserved_on_the_head_is_freed(two_nodes,
+                                                                                  tmp_path):
+    """Seen in a CI-like run of the lost-node test: a trial's Train controller, on the node
+    that was lost, had reserved the head's 2 CPUs for its workers and died before they
+    started; Train's own cleaner did not know the group yet, Ray keeps a group until its job
+    ends, and both retried trials waited for those CPUs until they failed. The sweep's watch
+    now removes a group whose creator is dead (`remove_orphaned_groups`)."""
+    head, worker = two_nodes.nodes
+    driver = subprocess.Popen(
+        [str(BIN / "python"), "-c", ORPHAN_DRIVER, head.node_id(), worker.node_id()],
+        cwd=Path(__file__).parents[2], env={**two_nodes.env, "RAY_AUTH_MODE": "token"},
+        start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "driver.log", "w"), text=True)
+    try:
+        said = driver.stdout.readline().split()
+        assert said[:1] == ["reserved"], (tmp_path / "driver.log").read_text()[-3000:]
+        worker.kill()
+        driver.stdin.write("killed\n")
+        driver.stdin.flush()
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        kill_session(driver.pid)
+    assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    ours = [line for line in out.splitlines() if line.split(" ")[0] in ("held", "removed", "back")]
+    assert ours == ["held True", f"removed {said[1]}", "back True"], out   # Ray's lines besides
