@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     log_to_console()   # the components' lines (they log them) on the console, as printed
-    from pipelines.interrupt import Interrupted
+    from pipelines.interrupt import Interrupted, interrupted
 
     try:
         return COMMANDS[args.command](args)
@@ -264,24 +264,30 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"{e.label}: {first_line(e, None)}", debug)
         return e.exit_code
     except Interrupted as e:
-        pipeline_id = getattr(e, "pipeline_id", None)
-        if getattr(e, "extension", False):
-            _report(f"interrupted by {e}: the extension of run {pipeline_id} stopped and "
-                    "registered nothing; the run keeps its finished sweep and version; "
-                    f"continue the extension with: visiontune run --resume {pipeline_id}",
-                    debug)
-            return e.exit_code
-        _report(f"interrupted by {e}" + (
-            f": run {pipeline_id} is recorded as KILLED, nothing was registered; continue it "
-            f"with: visiontune run --resume {pipeline_id}" if pipeline_id else ""), debug)
-        return e.exit_code
+        return _report_interrupted(e, debug)
     except KeyboardInterrupt:
         _report("interrupted", debug)
         return 130
     except Exception as e:   # a bug, or a failure nobody named: its type says which
+        if (stop := interrupted(e)) is not None:   # a signal that C code wrapped
+            return _report_interrupted(stop, debug)
         _report(f"error: {type(e).__name__}: {first_line(e, None)} (run with --debug or "
                 f"{DEBUG_ENV}=1 for the traceback)", debug)
         return EXIT_ERROR
+
+
+def _report_interrupted(e, debug: bool) -> int:
+    """The one line of a command a signal stopped, and its exit code (130 for SIGINT)."""
+    pipeline_id = getattr(e, "pipeline_id", None)
+    if getattr(e, "extension", False):
+        _report(f"interrupted by {e}: the extension of run {pipeline_id} stopped and "
+                "registered nothing; the run keeps its finished sweep and version; "
+                f"continue the extension with: visiontune run --resume {pipeline_id}", debug)
+        return e.exit_code
+    _report(f"interrupted by {e}" + (
+        f": run {pipeline_id} is recorded as KILLED, nothing was registered; continue it "
+        f"with: visiontune run --resume {pipeline_id}" if pipeline_id else ""), debug)
+    return e.exit_code
 
 
 def _report(text: str, debug: bool) -> None:

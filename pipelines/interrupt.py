@@ -37,6 +37,16 @@ class Interrupted(BaseException):
         return EXIT_CODES.get(self.signum, 128 + self.signum)
 
 
+def interrupted(e: BaseException) -> Interrupted | None:
+    """The `Interrupted` that `e` is, or that C code wrapped: a second Ctrl-C whose handler
+    raised while Ray's compiled code ran (`CoreWorker.wait`, in Tune's loop as it winds down)
+    reaches Python as a SystemError ("returned a result with an exception set") caused by it.
+    Seen in a CI-like run: such a run ended FAILED, exit 1, instead of KILLED, exit 130."""
+    while e is not None and not isinstance(e, Interrupted):
+        e = e.__cause__ if isinstance(e, SystemError) else None
+    return e
+
+
 class SignalGuard:
     """Installed for the whole run (main thread only); `mode` says what a first signal does."""
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from components.config import Config
 from components.errors import UserError
 from components.ui_links import review_links  # noqa: F401  (re-exported: the CLI, tests)
-from pipelines.interrupt import Interrupted, SignalGuard
+from pipelines.interrupt import SignalGuard, interrupted
 
 if TYPE_CHECKING:   # the steps import torch, Ray and MLflow: imported where a run begins
     from components.tracking import PipelineRecord
@@ -114,14 +114,13 @@ def run_training_pipeline(cfg: Config, *, resume: str | None = None,
                     raise
             guard.raise_if_requested()
             _evaluate_and_register(cfg, plan, data, trials, record, ext, guard)
-        except Interrupted as e:
-            with guard.deferring():
-                _close(record, "KILLED", ext)
-            e.pipeline_id, e.extension = record.pipeline_id, bool(ext and ext.number)
-            raise
         except BaseException as e:
+            stop = interrupted(e)
             with guard.deferring():
-                _close(record, "FAILED", ext)
+                _close(record, "FAILED" if stop is None else "KILLED", ext)
+            if stop is not None:
+                stop.pipeline_id, stop.extension = record.pipeline_id, bool(ext and ext.number)
+                raise stop
             failure = _failure(e, cfg, record.pipeline_id)
             if failure is e:
                 raise

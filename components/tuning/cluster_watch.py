@@ -14,11 +14,6 @@ Tune's loop, through the sweep's gate, `components.tuning.gate`):
   sweep stops (`halt`: the pipeline stops it as it stops on Ctrl-C, state saved, every
   unfinished trial resumable), to be continued with `visiontune run --resume ID` once the
   cluster has room.
-- while the sweep runs, a placement group whose creator, a Ray Train controller, has died is
-  removed (`remove_orphaned_groups`): Ray keeps a group until its job ends, and Train's own
-  cleaner knows a group only once its worker group has started; a controller lost with its
-  node while its workers were starting left its group holding the CPUs of a node that
-  remained, and every trial retried there then waited for them until it failed.
 - when the sweep ends, however it ends, the placement groups its job left waiting are removed
   (`release_waiting_groups`): a Train run stopped while its worker group waited for room
   leaves one behind that would take the cluster's next free CPUs forever.
@@ -26,7 +21,6 @@ Tune's loop, through the sweep's gate, `components.tuning.gate`):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -116,42 +110,6 @@ def _remove_waiting_groups(job: str) -> list[str]:
     return waiting
 
 
-def remove_orphaned_groups() -> list[str]:
-    """Remove the placement groups of this driver's job whose creator was an actor that has
-    died (a Train controller, lost with its node or killed), and return their ids. The
-    sweep's own groups (Tune's, one per trial) are created by the driver, not an actor, and
-    stay. Ray's public API does not say which actor created a group, so its GCS table is
-    read as Ray's own `ray.util.placement_group_table` reads it; if that ever fails, nothing is
-    removed (said in ray.log), as before."""
-    import ray
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    if not ray.is_initialized():   # Ray's calls below would start a local Ray
-        return []
-    try:
-        job = ray.get_runtime_context().get_job_id()
-        table = [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in
-                 ray._private.state.state._connect_and_get_accessor().get_placement_group_table()]
-    except Exception as e:   # the GCS busy, or Ray's table changed
-        ray_log.warning("could not read the placement groups of this sweep: %s", e)
-        return []
-    removed = []
-    for group in table:
-        if group.creator_job_id.hex() != job or group.is_detached \
-                or group.state == gcs_pb2.PlacementGroupTableData.REMOVED \
-                or ray.ActorID(group.creator_actor_id).is_nil() or not group.creator_actor_dead:
-            continue
-        group_id = ray.PlacementGroupID(group.placement_group_id)
-        with contextlib.suppress(Exception):   # Train's cleaner may have removed it meanwhile
-            remove_placement_group(PlacementGroup(group_id))
-            removed.append(group_id.hex())
-    if removed:
-        ray_log.warning("removed %d placement group(s) whose creator (a Ray Train controller) "
-                        "died: %s", len(removed), removed)
-    return removed
-
-
 def release_waiting_groups(wait_s: float = 30.0, quiet_s: float = 4.0) -> int:
     """Remove the placement groups this driver's job still has waiting (PENDING, or
     RESCHEDULING after a lost node) once its sweep is over, and say how many.
@@ -197,9 +155,8 @@ class ClusterWatch:
                  nodes: Callable[[], list[dict[str, float]]] = node_resources,
                  poll_s: float = POLL_S, grace_s: float = GRACE_S,
                  clock: Callable[[], float] = time.monotonic,
-                 release: Callable[[], int] = release_waiting_groups,
-                 reclaim: Callable[[], list[str]] = remove_orphaned_groups):
-        self.plan, self.release, self._reclaim = plan, release, reclaim
+                 release: Callable[[], int] = release_waiting_groups):
+        self.plan, self.release = plan, release
         self.at_once = plan.concurrent_trials
         self.halt: str | None = None
         self._read, self._poll_s, self._grace_s, self._clock = nodes, poll_s, grace_s, clock
@@ -216,7 +173,6 @@ class ClusterWatch:
             nodes = self._read()
         except Exception:  # the GCS busy or restarting: the next poll tells
             return
-        self._reclaim()
         self.update(nodes, now)
 
     def update(self, nodes: list[dict[str, float]], now: float) -> None:

@@ -78,11 +78,7 @@ def test_on_the_nodes_it_was_made_for_a_plan_keeps_its_trials_at_once(cpus, tria
 
 class _Cluster:
     def __init__(self, nodes):
-        self.nodes, self.now, self.reads, self.reclaims = nodes, 0.0, 0, 0
-
-    def reclaim(self) -> list[str]:
-        self.reclaims += 1
-        return []
+        self.nodes, self.now, self.reads = nodes, 0.0, 0
 
     def read(self):
         self.reads += 1
@@ -103,7 +99,7 @@ def lines():
 
 def _watch(plan, cluster: _Cluster, grace_s: float = 10.0) -> ClusterWatch:
     return ClusterWatch(plan, nodes=cluster.read, poll_s=2.0, grace_s=grace_s,
-                        clock=cluster.clock, reclaim=cluster.reclaim)
+                        clock=cluster.clock)
 
 
 def test_a_lost_node_lowers_the_trials_at_once_with_one_line_and_room_raises_them_again(lines):
@@ -159,19 +155,6 @@ def test_a_failed_read_changes_nothing(lines):
     for cluster.now in (0.0, 2.0, 4.0, 40.0):
         watch.check()
     assert (watch.at_once, watch.halt, lines) == (2, None, [])
-
-
-def test_each_poll_that_reads_the_nodes_looks_for_groups_of_dead_controllers(lines):
-    plan = _ddp(2, _nodes(2, 2))
-    cluster = _Cluster(_nodes(2, 2))
-    watch = _watch(plan, cluster)
-    for cluster.now in (0.0, 1.0, 2.0, 3.9, 4.0):
-        watch.check()
-    assert (cluster.reads, cluster.reclaims) == (3, 3)
-    cluster.nodes = ConnectionError("GCS busy")   # no read, no reclaim: the next poll tells
-    cluster.now = 6.0
-    watch.check()
-    assert (cluster.reads, cluster.reclaims) == (4, 3)
 
 
 def test_the_lines_name_what_was_lost():
